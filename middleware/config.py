@@ -1,0 +1,202 @@
+"""One configuration model for the library, the CLI and the server.
+
+Values come from (highest first): explicit keyword arguments, environment variables
+`SHOPSEARCH_*` (nested with `__`, e.g. `SHOPSEARCH_OPENSEARCH__URL`), a TOML/YAML file named
+by `SHOPSEARCH_CONFIG` or passed to `Settings.from_file`, then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_EMBEDDER = "BAAI/bge-large-zh-v1.5"
+DEFAULT_RERANKER = "BAAI/bge-reranker-v2-m3"
+
+
+def default_model_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "shopsearch" / "models"
+
+
+class FusionSettings(BaseModel):
+    method: Literal["rrf", "minmax"] = "rrf"
+    rrf_k: int = Field(60, ge=1)
+    # min-max weighted sum: final = bm25_weight * norm(bm25) + knn_weight * norm(knn)
+    bm25_weight: float = Field(0.3, ge=0)
+    knn_weight: float = Field(0.7, ge=0)
+
+
+class BusinessSettings(BaseModel):
+    """final = w_relevance·relevance + w_sales·log1p(sales)/log1p(max sales) + w_stock·in_stock.
+
+    Defaults keep relevance dominant: sales and stock can reorder near-ties only.
+    """
+
+    w_relevance: float = Field(1.0, ge=0)
+    w_sales: float = Field(0.1, ge=0)
+    w_stock: float = Field(0.05, ge=0)
+    out_of_stock: Literal["demote", "filter"] = "demote"
+
+
+class OpenSearchSettings(BaseModel):
+    url: list[str] = Field(default_factory=lambda: ["http://localhost:9200"])
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    verify_certs: bool = True
+    ca_certs: Path | None = None
+    timeout_s: float = Field(10.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    index_prefix: str = "products"  # versioned indexes products-v<N>, aliases products / products-write
+    read_alias: str | None = None
+    write_alias: str | None = None
+    # retrieval: "client" fuses two queries in the middleware; "hybrid" uses a search pipeline
+    retrieval: Literal["client", "hybrid"] = "client"
+    hybrid_normalization: Literal["min_max", "l2", "z_score", "rrf"] = "min_max"
+    search_pipeline: str = "shopsearch-hybrid"
+    word_analyzer: Literal["auto", "smartcn", "ik_smart", "standard"] = "auto"
+    hnsw_m: int = Field(16, ge=2)
+    hnsw_ef_construction: int = Field(128, ge=2)
+    hnsw_ef_search: int = Field(100, ge=2)
+    vector_compression: Literal["none", "fp16"] = "none"
+    vector_mode: Literal["in_memory", "on_disk"] = "in_memory"
+    shards: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=0)
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _split_urls(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [u.strip() for u in v.split(",") if u.strip()]
+        return v
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    index_name: str = "products"  # index name the proxy answers for with the embedded backend
+    allowed_indices: list[str] = Field(default_factory=lambda: ["products*"])
+    enable_writes: bool = False  # product upsert/delete endpoints and proxy write routes
+    upstream_url: str | None = None  # OpenSearch to pass non-text queries through to
+    upstream_verify_certs: bool = True
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_query_chars: int = Field(512, ge=1)  # longer queries are truncated for the models
+    max_size: int = Field(100, ge=1)
+    max_from: int = Field(1000, ge=0)
+    max_queue: int = Field(64, ge=1)  # pending requests before answering 429
+    batch_max_size: int = Field(32, ge=1)
+    batch_max_wait_ms: float = Field(3.0, ge=0)
+    embedding_cache_size: int = Field(10_000, ge=0)
+    rerank_cache_size: int = Field(100_000, ge=0)
+    cache_ttl_s: float = Field(600.0, gt=0)
+
+
+def _split_csv(v: Any) -> Any:
+    if isinstance(v, str):
+        return [s.strip() for s in v.split(",") if s.strip()]
+    return v
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SHOPSEARCH_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    # storage
+    backend: Literal["embedded", "opensearch"] = "embedded"
+    data_dir: Path = Path("./shopsearch-data")
+    opensearch: OpenSearchSettings = Field(default_factory=OpenSearchSettings)
+
+    # models: a hub id, a local directory, or "none" to disable the stage
+    embedder: str = DEFAULT_EMBEDDER
+    embedder_runtime: Literal["onnx", "torch"] = "onnx"
+    embedder_precision: Literal["auto", "fp32", "fp16", "int8"] = "fp32"
+    query_instruction: str | None = None  # None: the model's own default (BGE zh: 为这个句子…)
+    reranker: str = DEFAULT_RERANKER
+    reranker_precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"  # auto: fp16 on CUDA, int8 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model_cache_dir: Path = Field(default_factory=default_model_cache)
+    max_length: int = Field(512, ge=8)
+    batch_size: int = Field(32, ge=1)
+    threads: int | None = Field(None, ge=1)  # onnxruntime intra-op threads; None = core count
+
+    # query pipeline
+    retrieve_n: int = Field(100, ge=1)
+    rerank_k: int | None = Field(None, ge=0)  # None: 100 with a GPU, 20 on CPU
+    deadline_ms: float = Field(2000.0, gt=0)
+    fusion: FusionSettings = Field(default_factory=FusionSettings)
+    business: BusinessSettings = Field(default_factory=BusinessSettings)
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get("SHOPSEARCH_CONFIG")
+        if path:
+            sources.append(_file_source(settings_cls, Path(path)))
+        return tuple(sources)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> Settings:
+        """Settings from a TOML or YAML file; environment variables and overrides still win."""
+        path = Path(path)
+        file_source = _file_source(cls, path)
+        values = file_source()
+        # env must beat the file: build from the file, then let env + overrides replace keys
+        env_only = cls(**overrides)
+        merged = _deep_merge(values, env_only.model_dump(exclude_unset=True))
+        return cls.model_validate(merged)
+
+    @property
+    def embedder_enabled(self) -> bool:
+        return self.embedder.strip().lower() not in {"", "none", "off"}
+
+    @property
+    def reranker_enabled(self) -> bool:
+        return self.reranker.strip().lower() not in {"", "none", "off"}
+
+
+def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    if not path.is_file():
+        raise FileNotFoundError(f"configuration file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    if suffix in {".yaml", ".yml"}:
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    raise ValueError(f"configuration file must be .toml, .yaml or .yml: {path}")
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

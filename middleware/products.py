@@ -1,0 +1,230 @@
+"""The records every stage passes around: Product, Filters, SignalUpdate, Candidate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+def _product_id(value: Any) -> str:
+    # ints are accepted (many catalogs use numeric ids) and stringified; bools are not ids
+    if isinstance(value, bool):
+        raise ValueError("id must be a string or an integer, not a boolean")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if not isinstance(value, str):
+        raise ValueError(f"id must be a string or an integer, got {type(value).__name__}")
+    value = value.strip()
+    if not value:
+        raise ValueError("id must not be empty")
+    if len(value) > 512:
+        raise ValueError("id must be at most 512 characters")
+    return value
+
+
+def _finite(value: Any) -> Any:
+    # lax numeric strings ("89.00") pass through to pydantic; NaN/inf never do
+    if isinstance(value, str):
+        value = value.strip()
+        if value.lower() in {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "-infinity"}:
+            raise ValueError("must be a finite number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+def _count(value: Any) -> Any:
+    value = _finite(value)
+    # "12.0" and 12.0 are whole numbers; "12.5" is not a count
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+        if not number.is_integer():
+            raise ValueError("must be a whole number, not a fraction")
+        return int(number)
+    return value
+
+
+ProductId = Annotated[str, BeforeValidator(_product_id)]
+Price = Annotated[NonNegativeFloat, BeforeValidator(_finite)]
+Count = Annotated[NonNegativeInt, BeforeValidator(_count)]
+
+
+class Product(BaseModel):
+    """One catalog item. Unknown keys are ignored; bad values raise naming the field."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True, allow_inf_nan=False)
+
+    id: ProductId
+    title: str = Field(min_length=1, max_length=2000)
+    description: str | None = None
+    brand: str | None = None
+    category: list[str] = Field(default_factory=list)
+    price: Price | None = None
+    sales: Count = 0
+    stock: Count | None = None  # None: stock not tracked, treated as in stock
+    attributes: dict[str, Any] = Field(default_factory=dict)
+    url: str | None = None
+    image: str | None = None
+
+    @field_validator("category", mode="before")
+    @classmethod
+    def _category_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value.strip()] if value.strip() else []
+        return value
+
+    @field_validator("description", "brand", "url", "image", mode="before")
+    @classmethod
+    def _optional_text(cls, value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):  # empty CSV/Parquet cells
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @model_validator(mode="after")
+    def _empty_to_none(self) -> Product:
+        for name in ("description", "brand", "url", "image"):
+            if getattr(self, name) == "":
+                object.__setattr__(self, name, None)
+        return self
+
+    @property
+    def in_stock(self) -> bool:
+        return self.stock is None or self.stock > 0
+
+    def embedding_text(self) -> str:
+        """The text the embedder sees for this product: title, then description."""
+        if self.description:
+            return f"{self.title}\n{self.description}"
+        return self.title
+
+    def search_text(self) -> str:
+        """Everything BM25 indexes besides the title."""
+        parts = [self.description or "", self.brand or "", " ".join(self.category)]
+        return " ".join(p for p in parts if p)
+
+    def content_hash(self) -> str:
+        """Changes when anything but the business signals changes (the rerank-cache version)."""
+        payload = self.model_dump(exclude={"sales", "stock", "price"})
+        raw = json.dumps(payload, ensure_ascii=False, sort_keys=True, default=str)
+        return hashlib.sha1(raw.encode("utf-8")).hexdigest()[:16]
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line naming each bad field: `price: Input should be greater than or equal to 0`."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "row"
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+class SignalUpdate(BaseModel):
+    """A change to business signals only: never touches text or vectors."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    id: ProductId
+    price: Price | None = None
+    sales: Count | None = None
+    stock: Count | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> SignalUpdate:
+        if self.price is None and self.sales is None and self.stock is None:
+            raise ValueError("a signal update needs at least one of price, sales, stock")
+        return self
+
+
+class Filters(BaseModel):
+    """Restrictions applied inside both retrievals (never after them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    category: list[str] | None = None  # any of
+    brand: list[str] | None = None  # any of
+    price_min: Price | None = None
+    price_max: Price | None = None
+    in_stock: bool | None = None  # True: only stock > 0 (or untracked)
+    ids: list[str] | None = None
+
+    @field_validator("category", "brand", "ids", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [value]
+        return value
+
+    @model_validator(mode="after")
+    def _range(self) -> Filters:
+        if self.price_min is not None and self.price_max is not None and self.price_min > self.price_max:
+            raise ValueError("price_min must not exceed price_max")
+        return self
+
+    def is_empty(self) -> bool:
+        return not any(v is not None for v in self.model_dump().values())
+
+    def matches(self, product: Product) -> bool:
+        """Reference semantics every backend must agree with."""
+        if self.category is not None and not set(self.category) & set(product.category):
+            return False
+        if self.brand is not None and product.brand not in self.brand:
+            return False
+        if self.price_min is not None and (product.price is None or product.price < self.price_min):
+            return False
+        if self.price_max is not None and (product.price is None or product.price > self.price_max):
+            return False
+        if self.in_stock and not product.in_stock:
+            return False
+        return not (self.ids is not None and product.id not in self.ids)
+
+
+@dataclass
+class Candidate:
+    """A product on its way through the pipeline, with one score per stage reached."""
+
+    id: str
+    product: Product | None = None
+    bm25: float | None = None
+    knn: float | None = None
+    fused: float | None = None
+    rerank: float | None = None
+    business: float | None = None
+    final: float | None = None
+    ranks: dict[str, int] = field(default_factory=dict)  # 1-based rank in each retrieval
+
+    def scores(self) -> dict[str, float | None]:
+        return {
+            "bm25": self.bm25,
+            "knn": self.knn,
+            "fused": self.fused,
+            "rerank": self.rerank,
+            "business": self.business,
+            "final": self.final,
+        }
