@@ -57,3 +57,17 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class HybridBackend(Protocol):
+    """A backend that can also fuse BM25 and kNN itself (OpenSearch's hybrid query + search pipeline)."""
+
+    @property
+    def fuses_server_side(self) -> bool:
+        """True when configured to fuse on the server; the pipeline then calls hybrid()."""
+        ...
+
+    def hybrid(self, text: str, vector: np.ndarray, filters: Filters | None, n: int) -> list[Candidate]:
+        """Fused top-n: Candidate.fused set (bm25/knn may be None)."""
+        ...

@@ -1,0 +1,76 @@
+"""Combine ranked lists from several retrievals into one: pure functions over Candidates.
+
+Both functions take `{name: candidates}` where each list is in that retrieval's rank order and
+the candidate's score for it is `getattr(candidate, name)` (e.g. "bm25", "knn"). They return new
+merged Candidates sorted by `fused` descending, ties broken by id so results are deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from middleware.products import Candidate
+
+
+def _merge(lists: Mapping[str, Sequence[Candidate]]) -> dict[str, Candidate]:
+    merged: dict[str, Candidate] = {}
+    for name, candidates in lists.items():
+        for rank, cand in enumerate(candidates, start=1):
+            target = merged.get(cand.id)
+            if target is None:
+                target = Candidate(id=cand.id, product=cand.product)
+                merged[cand.id] = target
+            elif target.product is None:
+                target.product = cand.product
+            setattr(target, name, getattr(cand, name))
+            # a list may repeat an id (bad upstream): keep its best rank only
+            target.ranks.setdefault(name, rank)
+    return merged
+
+
+def _ordered(merged: dict[str, Candidate]) -> list[Candidate]:
+    return sorted(merged.values(), key=lambda c: (-(c.fused or 0.0), c.id))
+
+
+def rrf(lists: Mapping[str, Sequence[Candidate]], k: int = 60) -> list[Candidate]:
+    """Reciprocal rank fusion: fused = Σ 1 / (k + rank). Scale-free, so BM25 and cosine mix safely."""
+    if k < 1:
+        raise ValueError("rrf k must be >= 1")
+    merged = _merge(lists)
+    for cand in merged.values():
+        cand.fused = sum(1.0 / (k + rank) for rank in cand.ranks.values())
+    return _ordered(merged)
+
+
+def minmax(
+    lists: Mapping[str, Sequence[Candidate]], weights: Mapping[str, float] | None = None
+) -> list[Candidate]:
+    """Weighted sum of per-list min-max normalised scores; a candidate absent from a list gets 0 there.
+
+    A list whose scores are all equal normalises to 1 for every member (they are all its best),
+    so a single-candidate list still counts fully.
+    """
+    weights = dict(weights or {})
+    merged = _merge(lists)
+    for name, candidates in lists.items():
+        weight = weights.get(name, 1.0)
+        if weight < 0:
+            raise ValueError(f"fusion weight for {name!r} must be >= 0")
+        scores = [getattr(c, name) for c in candidates if getattr(c, name) is not None]
+        if not scores:
+            continue
+        low, high = min(scores), max(scores)
+        span = high - low
+        seen: set[str] = set()
+        for cand in candidates:
+            raw = getattr(cand, name)
+            if raw is None or cand.id in seen:
+                continue
+            seen.add(cand.id)
+            norm = 1.0 if span <= 0 else (raw - low) / span
+            target = merged[cand.id]
+            target.fused = (target.fused or 0.0) + weight * norm
+    for cand in merged.values():
+        if cand.fused is None:
+            cand.fused = 0.0
+    return _ordered(merged)

@@ -1,0 +1,97 @@
+"""Retrieval stage: embed the query, run BM25 and kNN in parallel, degrade instead of failing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from middleware.backends.base import Backend, BackendError, HybridBackend
+from middleware.budget import Deadline, Stopwatch
+from middleware.products import Candidate, Filters
+
+log = logging.getLogger(__name__)
+
+
+class QueryEncoder(Protocol):
+    def encode_queries(self, texts: list[str]) -> np.ndarray: ...
+
+
+@dataclass
+class Retrieved:
+    lists: dict[str, list[Candidate]] = field(default_factory=dict)  # "bm25" / "knn"
+    fused: list[Candidate] | None = None  # set when the backend fused server-side
+    degraded: list[str] = field(default_factory=list)
+
+
+class RetrievalFailed(BackendError):
+    """No retrieval answered: nothing to rank."""
+
+
+def retrieve(
+    *,
+    backend: Backend,
+    encoder: QueryEncoder | None,
+    text: str,
+    filters: Filters | None,
+    n: int,
+    use_bm25: bool,
+    use_knn: bool,
+    deadline: Deadline,
+    executor: Executor,
+    watch: Stopwatch,
+) -> Retrieved:
+    out = Retrieved()
+    started = time.perf_counter()
+    bm25_future = executor.submit(backend.bm25, text, filters, n) if use_bm25 else None
+
+    vector = None
+    if use_knn:
+        if encoder is None:
+            raise ValueError("vector retrieval needs an embedder (SHOPSEARCH_EMBEDDER is 'none')")
+        t = time.perf_counter()
+        try:
+            vector = deadline.wait(executor.submit(encoder.encode_queries, [text]))[0]
+        except Exception as err:  # model failure or budget spent: BM25 alone still answers
+            log.warning("query embedding failed: %s", err)
+            out.degraded.append("embed")
+        watch.record("embed", t)
+
+    if vector is not None and isinstance(backend, HybridBackend) and backend.fuses_server_side and use_bm25:
+        _collect(out, "hybrid", executor.submit(backend.hybrid, text, vector, filters, n), deadline)
+        if "hybrid" not in out.degraded:
+            assert bm25_future is not None
+            bm25_future.cancel()
+            watch.record("retrieve", started)
+            return out
+        # server-side fusion failed: "hybrid" stays degraded, the two plain queries below answer
+
+    knn_future = executor.submit(backend.knn, vector, filters, n) if vector is not None else None
+    if bm25_future is not None:
+        _collect(out, "bm25", bm25_future, deadline)
+    if knn_future is not None:
+        _collect(out, "knn", knn_future, deadline)
+    elif use_knn and "embed" in out.degraded:
+        out.degraded.append("knn")
+    watch.record("retrieve", started)
+
+    if not out.lists and out.fused is None:
+        raise RetrievalFailed("no retrieval answered: " + ", ".join(out.degraded))
+    return out
+
+
+def _collect(out: Retrieved, name: str, future: Future, deadline: Deadline) -> None:
+    try:
+        result = deadline.wait(future)
+    except Exception as err:
+        log.warning("%s retrieval failed: %s", name, err)
+        out.degraded.append(name)
+        return
+    if name == "hybrid":
+        out.fused = result
+    else:
+        out.lists[name] = result
