@@ -75,6 +75,12 @@ class OpenSearchSettings(BaseModel):
     vector_mode: Literal["in_memory", "on_disk"] = "in_memory"
     shards: int = Field(1, ge=1)
     replicas: int = Field(1, ge=0)
+    refresh_interval: str = "1s"  # restored after a bulk build (which runs with -1)
+    # "false": writes become visible on the next refresh; "wait_for": each write call waits for it
+    write_refresh: Literal["false", "wait_for", "true"] = "false"
+    bulk_chunk_size: int = Field(500, ge=1)
+    bulk_max_retries: int = Field(5, ge=0)  # per chunk, on 429 (rejected: queue full)
+    bulk_initial_backoff_s: float = Field(2.0, gt=0)  # doubles on each 429 retry
 
     @field_validator("url", mode="before")
     @classmethod
