@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
+    NoDecode,
     SettingsConfigDict,
     TomlConfigSettingsSource,
     YamlConfigSettingsSource,
@@ -50,7 +51,7 @@ class BusinessSettings(BaseModel):
 
 
 class OpenSearchSettings(BaseModel):
-    url: list[str] = Field(default_factory=lambda: ["http://localhost:9200"])
+    url: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["http://localhost:9200"])
     username: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = None
