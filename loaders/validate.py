@@ -1,0 +1,90 @@
+"""Row validation through the Product / SignalUpdate models, and the dead-letter file for rejects."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import BaseModel, ValidationError
+
+from loaders.sources import SourceRow
+from middleware.products import Product, SignalUpdate, describe_validation_error
+
+
+@dataclass(slots=True)
+class Rejection:
+    line: int
+    raw: Any
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"line": self.line, "raw": self.raw, "reason": self.reason}
+
+
+def _validate(row: SourceRow, model: type[BaseModel]) -> Any:
+    if row.data is None:
+        return Rejection(row.line, row.raw, row.error or "unreadable row")
+    try:
+        return model.model_validate(row.data)
+    except ValidationError as err:
+        return Rejection(row.line, row.raw, describe_validation_error(err))
+    except (TypeError, ValueError, RecursionError) as err:  # odd Parquet values pydantic cannot judge
+        return Rejection(row.line, row.raw, f"invalid row: {err}")
+
+
+def validate_product(row: SourceRow) -> Product | Rejection:
+    return _validate(row, Product)
+
+
+def validate_signal(row: SourceRow) -> SignalUpdate | Rejection:
+    return _validate(row, SignalUpdate)
+
+
+def _json_safe(value: Any) -> Any:
+    """Strict JSON for any raw row: NaN/inf (Parquet, CSV) become strings, other odd types str()."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class DeadLetters:
+    """Rejected rows as JSONL `{"line", "raw", "reason"}`. The file is created on the first reject only.
+
+    Appends (a resumed run continues the file its first attempt started) and flushes per batch, so the
+    file is complete for every batch that was committed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+        self._file: IO[str] | None = None
+
+    def write(self, rejections: list[Rejection]) -> None:
+        if not rejections:
+            return
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        for rejection in rejections:
+            record = _json_safe(rejection.to_dict())
+            self._file.write(json.dumps(record, ensure_ascii=False, default=str, allow_nan=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.count += len(rejections)
+
+    @property
+    def written(self) -> bool:
+        return self._file is not None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
