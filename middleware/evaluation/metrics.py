@@ -37,9 +37,7 @@ def gain(score: float, mapping: str) -> float:
     try:
         fn = GAIN_MAPPINGS[mapping]
     except KeyError:
-        raise ValueError(
-            f"unknown gain mapping {mapping!r}; choose one of {', '.join(GAIN_MAPPINGS)}"
-        ) from None
+        raise ValueError(f"unknown gain mapping {mapping!r}; choose one of {', '.join(GAIN_MAPPINGS)}") from None
     return max(0.0, fn(score))
 
 

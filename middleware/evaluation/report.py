@@ -43,16 +43,12 @@ def format_table(results: dict[str, Any], metrics: Sequence[str] = TABLE_METRICS
             )
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = [
-        "  ".join(
-            h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True))
-        )
+        "  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))
     ]
     lines.append("  ".join("-" * w for w in widths))
     for r in rows:
         lines.append(
-            "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
+            "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
         )
     return "\n".join(lines)
 
@@ -70,6 +66,13 @@ def format_summary(results: dict[str, Any]) -> str:
         "",
         format_table(results),
     ]
+    for mode, cells in results.get("results", {}).items():
+        for pool, cell in cells.items():
+            if cell.get("failed_queries") or cell.get("degraded_queries"):
+                out.append(
+                    f"warning: {mode} on {pool}: {cell.get('failed_queries', 0)} failed, "
+                    f"{cell.get('degraded_queries', 0)} degraded searches {cell.get('first_error') or ''}".rstrip()
+                )
     skipped = results.get("skipped_modes", {})
     if skipped:
         out.append("")
@@ -92,15 +95,13 @@ def write_json(results: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(
-        json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8"
-    )
+    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
 
 
 def plot(results: dict[str, Any], path: str | Path, metrics: Sequence[str] = CHART_METRICS) -> Path:
-    """Grouped bars: one panel per pool, one group per metric, one bar per mode."""
+    """One panel per pool (grouped bars: metric groups, one bar per mode), then median latency."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a display
@@ -113,30 +114,41 @@ def plot(results: dict[str, Any], path: str | Path, metrics: Sequence[str] = CHA
     if not pools:
         raise ValueError("no results to plot")
     modes = list(results["results"])
-    fig, axes = plt.subplots(1, max(1, len(pools)), figsize=(6.5 * max(1, len(pools)), 4.8), squeeze=False)
-    width = 0.8 / max(1, len(modes))
-    for ax, pool in zip(axes[0], pools, strict=True):
+    colors = plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(1, len(pools) + 1, figsize=(5.2 * len(pools) + 3.6, 4.8), squeeze=False)
+    width = 0.84 / max(1, len(modes))
+    label_bars = len(modes) <= 4  # value labels stay legible only on a few bars per group
+    for ax, pool in zip(axes[0], pools, strict=False):
         for i, mode in enumerate(modes):
             cell = results["results"][mode].get(pool, {})
             values = [cell.get(m, float("nan")) for m in metrics]
             xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(metrics))]
-            label = mode
-            latency = cell.get("latency_ms", {}).get("median")
-            if latency is not None:
-                label = f"{mode} ({latency:.1f} ms)"
-            bars = ax.bar(xs, values, width, label=label)
-            ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+            bars = ax.bar(xs, values, width, label=mode, color=colors[i % len(colors)])
+            if label_bars:
+                ax.bar_label(bars, fmt="%.3f", fontsize=6, padding=1)
         ax.set_xticks(range(len(metrics)), metrics)
-        ax.set_ylim(0, 1.05)
-        ax.set_title(
-            f"{results['dataset']['name']}: {pool} pool ({results['pools'][pool]['documents']} docs)"
-        )
-        ax.set_ylabel("score")
+        ax.set_ylim(0, 1.0)
+        ax.set_title(f"{pool} pool ({results['pools'][pool]['documents']:,} docs)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, title="mode (median latency)", title_fontsize=7, loc="upper left")
-    evaluated = results.get("queries", {}).get("evaluated")
-    fig.suptitle(f"{evaluated} queries; relevant: score >= {results['settings']['relevant_min']}", fontsize=9)
-    fig.tight_layout()
+    # latency: median per query, one group per pool
+    lat_ax = axes[0][-1]
+    for i, mode in enumerate(modes):
+        xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(pools))]
+        values = [results["results"][mode].get(p, {}).get("latency_ms", {}).get("median", 0.0) for p in pools]
+        lat_ax.bar(xs, values, width, color=colors[i % len(colors)])
+    lat_ax.set_xticks(range(len(pools)), pools)
+    lat_ax.set_yscale("log")
+    lat_ax.set_title("median latency per query (ms, log)", fontsize=10)
+    lat_ax.grid(axis="y", alpha=0.3, which="both")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(modes), 6), fontsize=8, frameon=False)
+    q = results.get("queries", {})
+    fig.suptitle(
+        f"{results['dataset']['name']} ({results['dataset']['split']}): {q.get('evaluated')} queries, "
+        f"relevant = score >= {results['settings']['relevant_min']}, gain {results['settings']['gain']}",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

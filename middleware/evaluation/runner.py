@@ -1,0 +1,504 @@
+"""One evaluation run: index the corpus per pool, search every query in every mode, score, time.
+
+Every product mode goes through the product's own `Pipeline` over an `EmbeddedBackend` holding the
+BEIR documents as Products (id=_id, title=title, description=text), so the figures are what users get.
+`bm25s-peer` is the outside reference: the `bm25s` library with its defaults over the same tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import re
+import shutil
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from middleware.evaluation.data import BeirDataset, sample_queries
+from middleware.evaluation.metrics import DEPTH, METRIC_NAMES, RunEvaluation, evaluable_queries, evaluate_run
+from middleware.evaluation.pools import POOL_NAMES, Pool, build_pool
+from middleware.evaluation.significance import compare
+
+log = logging.getLogger(__name__)
+
+# mode -> the SearchRequest fields that select it (everything else: the run's settings)
+PIPELINE_MODES: dict[str, dict[str, Any]] = {
+    "bm25": {"retrieval": "bm25", "rerank": False, "business_enabled": False},
+    "bm25-jieba": {"retrieval": "bm25", "rerank": False, "business_enabled": False},
+    "bm25-cjk": {"retrieval": "bm25", "rerank": False, "business_enabled": False},
+    "vector": {"retrieval": "vector", "rerank": False, "business_enabled": False},
+    "hybrid-rrf": {"retrieval": "hybrid", "fusion": "rrf", "rerank": False, "business_enabled": False},
+    "hybrid-minmax": {"retrieval": "hybrid", "fusion": "minmax", "rerank": False, "business_enabled": False},
+    "hybrid+rerank": {"retrieval": "hybrid", "rerank": True, "business_enabled": False},
+    "hybrid+rerank+business": {"retrieval": "hybrid", "rerank": True, "business_enabled": True},
+}
+# lexical analyses of the embedded backend (query-time weights of its two FTS5 indexes);
+# "default" is the store exactly as `open_backend` opens it for users
+# Single-analysis variants use combine="max": dividing one analysis's scores by its best match keeps
+# its ranking exactly, and with "sum" the embedded store (07ef895) fails a one-analysis query
+# ("unable to use function bm25 in the requested context": SQLite flattens the lone subquery into
+# the GROUP BY).
+ANALYSES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "jieba": {"words_weight": 1.0, "cjk_weight": 0.0, "combine": "max"},
+    "cjk": {"words_weight": 0.0, "cjk_weight": 1.0, "combine": "max"},
+}
+MODE_ANALYSIS: dict[str, str] = {"bm25-jieba": "jieba", "bm25-cjk": "cjk"}
+# bm25s with its defaults over the tokens of the same analyses (the default: both, combined as ours)
+PEER_MODES: dict[str, str] = {"bm25s-peer": "default", "bm25s-jieba": "jieba", "bm25s-cjk": "cjk"}
+ALL_MODES: tuple[str, ...] = (*PIPELINE_MODES, *PEER_MODES)
+NEEDS_EMBEDDER = {"vector", "hybrid-rrf", "hybrid-minmax", "hybrid+rerank", "hybrid+rerank+business"}
+NEEDS_RERANKER = {"hybrid+rerank", "hybrid+rerank+business"}
+EVAL_DEADLINE_MS = 600_000.0  # a loaded machine must not turn slow stages into "degraded" results
+
+
+@dataclass
+class EvalConfig:
+    modes: Sequence[str] = ("bm25", "bm25s-peer")
+    pools: Sequence[str] = POOL_NAMES
+    embedder: str | None = None  # path or name understood by middleware.models; None: no vector modes
+    reranker: str | None = None
+    max_queries: int | None = None
+    seed: int = 0
+    gain: str = "score-1"
+    relevant_min: float = 1.0
+    workdir: Path = Path("./eval-work")
+    retrieve_n: int = DEPTH
+    rerank_k: int | None = None  # None: the pipeline's default (20 on CPU, 100 on GPU)
+    rerank_fusion: str = "rrf"  # the fusion under the rerank modes
+    bm25_weight: float = 0.3
+    knn_weight: float = 0.7
+    compare_metrics: Sequence[str] = ("ndcg@10", "recall@10")
+    n_resamples: int = 10_000
+    embedder_runtime: str | None = None  # None: the Settings default
+    embedder_precision: str | None = None
+    reranker_precision: str | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.modes if m not in ALL_MODES]
+        if unknown:
+            raise ValueError(f"unknown mode(s): {', '.join(unknown)}; choose from {', '.join(ALL_MODES)}")
+        if not self.modes:
+            raise ValueError("no modes to evaluate")
+        bad_pools = [p for p in self.pools if p not in POOL_NAMES]
+        if bad_pools or not self.pools:
+            raise ValueError(f"pools must be among {', '.join(POOL_NAMES)}, got {', '.join(self.pools)}")
+        bad_metrics = [m for m in self.compare_metrics if m not in METRIC_NAMES]
+        if bad_metrics:
+            raise ValueError(f"unknown metric(s) to compare: {', '.join(bad_metrics)}")
+        if self.retrieve_n < DEPTH:
+            raise ValueError(f"retrieve_n must be at least {DEPTH} (recall@{DEPTH} needs that many results)")
+
+
+@dataclass
+class ModeRun:
+    """Rankings and timings of one mode on one pool."""
+
+    rankings: dict[str, list[str]] = field(default_factory=dict)
+    latency_ms: list[float] = field(default_factory=list)
+    stage_ms: dict[str, list[float]] = field(default_factory=dict)
+    degraded: int = 0
+    errors: int = 0  # searches that raised (scored as empty rankings)
+    first_error: str | None = None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "model"
+
+
+def _analysis_version() -> str:
+    """Changes when the lexical analysis or the embedded store changes: part of the index cache key."""
+    import middleware.backends.embedded as embedded
+    import middleware.text as text
+
+    digest = hashlib.sha1()
+    for module in (text, embedded):
+        digest.update(inspect.getsource(module).encode("utf-8"))
+    return digest.hexdigest()[:10]
+
+
+def analysis_weights(analysis: str) -> tuple[dict[str, float], str]:
+    """({"words": w, "cjk": w}, combine) of an analysis variant, defaults from the embedded backend."""
+    from middleware.backends import embedded
+
+    weights = {"words": embedded.DEFAULT_WORDS_WEIGHT, "cjk": embedded.DEFAULT_CJK_WEIGHT}
+    override = ANALYSES[analysis]
+    if override:  # one analysis alone: its ranking does not depend on how analyses combine
+        return {"words": override["words_weight"], "cjk": override["cjk_weight"]}, "sum"
+    return weights, embedded.DEFAULT_COMBINE
+
+
+class PeerBM25:
+    """bm25s (defaults: Lucene BM25, k1=1.5, b=0.75) over each analysis our backend indexes.
+
+    Our store keeps one FTS5 index per analysis (jieba words; CJK unigrams + bigrams) and combines
+    their BM25 scores with weights ("sum", or "max": each scaled by its best match); the peer does the
+    same with one bm25s index per analysis, over the very tokens `middleware.text` gives the store.
+    Not mirrored: our title-over-body column weight (bm25s has no fields), so the peer sees one bag.
+    """
+
+    def __init__(self, doc_ids: Sequence[str], texts: Sequence[str], analysis: str) -> None:
+        import bm25s
+
+        from middleware.text import cjk_tokens, jieba_tokens
+
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
+        tokenizers = {"words": jieba_tokens, "cjk": cjk_tokens}
+        self.weights, self.combine = analysis_weights(analysis)
+        self.tokenizers = {name: tokenizers[name] for name, w in self.weights.items() if w > 0}
+        self.doc_ids = np.asarray(doc_ids)
+        self.by_id = np.argsort(self.doc_ids, kind="stable")  # ties: id ascending
+        self.indexes = {}
+        for name, tokenize in self.tokenizers.items():
+            index = bm25s.BM25()
+            index.index([tokenize(t) for t in texts], show_progress=False)
+            self.indexes[name] = index
+
+    def search(self, query: str, k: int) -> list[str]:
+        total = np.zeros(len(self.doc_ids), dtype=np.float64)
+        for name, tokenize in self.tokenizers.items():
+            tokens = list(dict.fromkeys(tokenize(query)))  # as our store: each query term once
+            scores = self.indexes[name].get_scores(tokens).astype(np.float64)
+            if self.combine == "max" and scores.max() > 0:
+                scores = scores / scores.max()
+            total += self.weights[name] * scores
+        order = self.by_id[np.argsort(-total[self.by_id], kind="stable")][:k]
+        return [str(self.doc_ids[i]) for i in order if total[i] > 0]  # matches only, as FTS5
+
+
+class Evaluation:
+    def __init__(self, dataset: BeirDataset, config: EvalConfig) -> None:
+        self.dataset = dataset
+        self.config = config
+        self.skipped_modes: dict[str, str] = {}
+        self.notes: list[str] = list(dataset.notes)
+        self.embedder: Any = None
+        self.reranker: Any = None
+
+    # ---------------------------------------------------------------- models
+    def _settings(self, **overrides: Any) -> Any:
+        from middleware.config import FusionSettings, Settings
+
+        cfg = self.config
+        values: dict[str, Any] = {
+            "backend": "embedded",
+            "data_dir": cfg.workdir,
+            "embedder": cfg.embedder or "none",
+            "reranker": cfg.reranker or "none",
+            "retrieve_n": cfg.retrieve_n,
+            "rerank_k": cfg.rerank_k,
+            "deadline_ms": EVAL_DEADLINE_MS,
+            "fusion": FusionSettings(method=cfg.rerank_fusion, bm25_weight=cfg.bm25_weight, knn_weight=cfg.knn_weight),
+            "threads": cfg.threads,
+        }
+        for key, value in (
+            ("embedder_runtime", cfg.embedder_runtime),
+            ("embedder_precision", cfg.embedder_precision),
+            ("reranker_precision", cfg.reranker_precision),
+        ):
+            if value is not None:
+                values[key] = value
+        values.update(overrides)
+        return Settings(**values)
+
+    def _load_models(self) -> None:
+        modes = set(self.config.modes)
+        if not modes & NEEDS_EMBEDDER:
+            return  # lexical modes only: no model code needed
+        from middleware.models import ModelLoadError, load_embedder, load_reranker
+
+        settings = self._settings()
+        if modes & NEEDS_EMBEDDER:
+            if not self.config.embedder:
+                self._skip(NEEDS_EMBEDDER, "no embedder given (--embedder)")
+            else:
+                try:
+                    self.embedder = load_embedder(settings)
+                except ModelLoadError as err:
+                    self._skip(NEEDS_EMBEDDER, f"embedder not available: {err}")
+        if modes & NEEDS_RERANKER and self.embedder is not None:
+            if not self.config.reranker:
+                self._skip(NEEDS_RERANKER, "no reranker given (--reranker)")
+            else:
+                try:
+                    self.reranker = load_reranker(settings)
+                except ModelLoadError as err:
+                    self._skip(NEEDS_RERANKER, f"reranker not available: {err}")
+
+    def _skip(self, modes: set[str], reason: str) -> None:
+        for mode in self.config.modes:
+            if mode in modes and mode not in self.skipped_modes:
+                self.skipped_modes[mode] = reason
+
+    @property
+    def active_modes(self) -> list[str]:
+        return [m for m in self.config.modes if m not in self.skipped_modes]
+
+    # ---------------------------------------------------------------- corpus vectors + indexes
+    def _document_vectors(self) -> np.ndarray | None:
+        """Embeddings of every corpus document (Product.embedding_text), cached on disk."""
+        if self.embedder is None:
+            return None
+        ids = list(self.dataset.corpus)
+        key = f"{self.dataset.fingerprint[:16]}-{_slug(self.embedder.model_id)}"
+        cache = self.config.workdir / "vectors" / f"{key}.npy"
+        if cache.is_file():
+            vectors = np.load(cache)
+            if vectors.shape == (len(ids), self.embedder.dim):
+                log.info("document vectors from cache %s", cache)
+                return vectors
+        texts = [self.dataset.corpus[i].to_product().embedding_text() for i in ids]
+        started = time.perf_counter()
+        chunks = []
+        step = 4096
+        for start in range(0, len(texts), step):
+            chunks.append(np.asarray(self.embedder.encode_documents(texts[start : start + step]), np.float32))
+            log.info("embedded %d/%d documents", min(start + step, len(texts)), len(texts))
+        vectors = np.concatenate(chunks) if chunks else np.zeros((0, self.embedder.dim), np.float32)
+        self.notes.append(
+            f"embedded {len(texts)} documents in {time.perf_counter() - started:.1f} s ({self.embedder.model_id})"
+        )
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npy")
+        np.save(tmp, vectors)
+        tmp.replace(cache)
+        return vectors
+
+    def _open_index(self, pool: Pool, vectors: np.ndarray | None) -> tuple[Path, int | None]:
+        """An embedded store holding exactly the pool's documents; reused when already built."""
+        from middleware.backends.embedded import EmbeddedBackend
+
+        model = _slug(self.embedder.model_id) if self.embedder is not None else "lexical"
+        key = f"{self.dataset.fingerprint[:12]}-{pool.fingerprint}-{model}-{_analysis_version()}"
+        path = self.config.workdir / "indexes" / key
+        marker = path / "eval-index.json"
+        dim = self.embedder.dim if self.embedder is not None else None
+        if marker.is_file():
+            backend = EmbeddedBackend(path, dim=dim)
+            count = backend.count()
+            backend.close()
+            if count == len(pool):
+                log.info("index for the %s pool from cache %s", pool.name, path)
+                return path, dim
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        backend = EmbeddedBackend(path, dim=dim)
+        row_of = {doc_id: row for row, doc_id in enumerate(self.dataset.corpus)}
+        started = time.perf_counter()
+        batch = 2000
+        for start in range(0, len(pool.doc_ids), batch):
+            ids = pool.doc_ids[start : start + batch]
+            products = [self.dataset.corpus[i].to_product() for i in ids]
+            batch_vectors = vectors[[row_of[i] for i in ids]] if vectors is not None else None
+            backend.upsert(products, batch_vectors)
+        seconds = time.perf_counter() - started
+        marker.write_text(json.dumps({"documents": len(pool), "seconds": round(seconds, 1)}), encoding="utf-8")
+        backend.close()
+        self.notes.append(f"indexed the {pool.name} pool ({len(pool)} documents) in {seconds:.1f} s")
+        return path, dim
+
+    # ---------------------------------------------------------------- searching
+    def _run_pipeline_mode(self, pipeline: Any, mode: str, query_ids: list[str]) -> ModeRun:
+        from middleware.schema import SearchRequest
+
+        cfg = self.config
+        fields = dict(PIPELINE_MODES[mode])
+        if mode == "hybrid-minmax":
+            fields.update(bm25_weight=cfg.bm25_weight, knn_weight=cfg.knn_weight)
+        run = ModeRun()
+
+        def request(text: str) -> Any:
+            return SearchRequest(
+                query=text, size=DEPTH, retrieve_n=cfg.retrieve_n, deadline_ms=EVAL_DEADLINE_MS, **fields
+            )
+
+        with contextlib.suppress(Exception):  # warm-up (first-call costs); failures show below
+            pipeline.search(request(self.dataset.queries[query_ids[0]]))
+        for qid in query_ids:
+            req = request(self.dataset.queries[qid])
+            started = time.perf_counter()
+            try:
+                response = pipeline.search(req)
+            except Exception as err:  # counted and reported: the query scores as an empty ranking
+                run.errors += 1
+                run.first_error = run.first_error or f"query {qid}: {type(err).__name__}: {err}"
+                run.rankings[qid] = []
+                continue
+            run.latency_ms.append((time.perf_counter() - started) * 1000.0)
+            run.rankings[qid] = [hit.id for hit in response.hits]
+            for stage, ms in response.timings_ms.items():
+                run.stage_ms.setdefault(stage, []).append(ms)
+            if response.degraded:
+                run.degraded += 1
+        return run
+
+    def _run_peer(self, peer: PeerBM25, query_ids: list[str]) -> ModeRun:
+        run = ModeRun()
+        for qid in query_ids:
+            started = time.perf_counter()
+            run.rankings[qid] = peer.search(self.dataset.queries[qid], DEPTH)
+            run.latency_ms.append((time.perf_counter() - started) * 1000.0)
+        return run
+
+    # ---------------------------------------------------------------- the whole run
+    def run(self) -> dict[str, Any]:
+        from middleware.pipeline import Pipeline
+
+        cfg = self.config
+        ds = self.dataset
+        started = time.perf_counter()
+        judged = ds.judged_query_ids()
+        selected = sample_queries(judged, cfg.max_queries, cfg.seed)
+        query_ids, skipped = evaluable_queries(selected, ds.qrels, cfg.relevant_min)
+        if not query_ids:
+            raise ValueError(f"no query has a judged document with score >= {cfg.relevant_min}")
+        self._load_models()
+        if not self.active_modes:
+            reasons = "; ".join(f"{m}: {r}" for m, r in self.skipped_modes.items())
+            raise ValueError(f"no mode can run: {reasons}")
+        pools = [build_pool(name, ds.corpus, ds.qrels, query_ids) for name in cfg.pools]
+        pipeline_modes = [m for m in self.active_modes if m in PIPELINE_MODES]
+        vectors = self._document_vectors() if pipeline_modes else None
+
+        evaluations: dict[str, dict[str, RunEvaluation]] = {}
+        results: dict[str, dict[str, Any]] = {m: {} for m in self.active_modes}
+        for pool in pools:
+            runs: dict[str, ModeRun] = {}
+            if pipeline_modes:
+                from middleware.backends.embedded import EmbeddedBackend
+
+                path, dim = self._open_index(pool, vectors)
+                for analysis in dict.fromkeys(MODE_ANALYSIS.get(m, "default") for m in pipeline_modes):
+                    backend = EmbeddedBackend(path, dim=dim, **ANALYSES[analysis])
+                    pipeline = Pipeline(self._settings(), backend, self.embedder, self.reranker)
+                    try:
+                        for mode in pipeline_modes:
+                            if MODE_ANALYSIS.get(mode, "default") != analysis:
+                                continue
+                            t = time.perf_counter()
+                            runs[mode] = self._run_pipeline_mode(pipeline, mode, query_ids)
+                            log.info("%s pool, %s: %.1f s", pool.name, mode, time.perf_counter() - t)
+                    finally:
+                        pipeline.close()  # closes the backend too
+            peer_modes = [m for m in self.active_modes if m in PEER_MODES]
+            if peer_modes:
+                products = [ds.corpus[i].to_product() for i in pool.doc_ids]
+                # the fields our BM25 indexes: the title and Product.search_text()
+                texts = [f"{p.title} {p.search_text()}" for p in products]
+                for mode in peer_modes:
+                    peer = PeerBM25(pool.doc_ids, texts, PEER_MODES[mode])
+                    runs[mode] = self._run_peer(peer, query_ids)
+            for mode in self.active_modes:
+                ev = evaluate_run(
+                    runs[mode].rankings,
+                    ds.qrels,
+                    query_ids,
+                    relevant_min=cfg.relevant_min,
+                    gain_mapping=cfg.gain,
+                )
+                evaluations.setdefault(mode, {})[pool.name] = ev
+                results[mode][pool.name] = _summarise(ev, runs[mode])
+
+        significance = self._significance(evaluations, [p.name for p in pools])
+        return {
+            "dataset": {
+                "name": ds.name,
+                "split": ds.split,
+                "documents": len(ds.corpus),
+                "judged_queries": len(judged),
+                "fingerprint": ds.fingerprint,
+            },
+            "settings": {
+                **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                "modes": list(cfg.modes),
+                "pools": list(cfg.pools),
+                "compare_metrics": list(cfg.compare_metrics),
+                "embedder_id": getattr(self.embedder, "model_id", None),
+                "reranker_id": getattr(self.reranker, "model_id", None),
+                "analysis_default": dict(zip(("weights", "combine"), analysis_weights("default"), strict=True)),
+                "peer": "bm25s defaults (lucene, k1=1.5, b=0.75), one index per analysis, same tokens",
+                "deadline_ms": EVAL_DEADLINE_MS,
+            },
+            "queries": {
+                "selected": len(selected),
+                "selection": f"seeded sample of {cfg.max_queries} (seed {cfg.seed})"
+                if cfg.max_queries is not None and cfg.max_queries < len(judged)
+                else "all judged queries",
+                "evaluated": len(query_ids),
+                "skipped_no_relevant": len(skipped),
+                "skipped_rule": f"queries without a judged document scored >= {cfg.relevant_min} are skipped",
+            },
+            "pools": {p.name: {"documents": len(p)} for p in pools},
+            "results": results,
+            "skipped_modes": dict(self.skipped_modes),
+            "significance": significance,
+            "notes": self.notes,
+            "elapsed_s": round(time.perf_counter() - started, 1),
+            "_evaluations": evaluations,  # per-query arrays; removed before writing JSON
+        }
+
+    def _significance(self, evaluations: dict[str, dict[str, RunEvaluation]], pools: list[str]) -> list[dict[str, Any]]:
+        """Every other mode against the first mode evaluated, per pool and compared metric."""
+        modes = self.active_modes
+        if len(modes) < 2:
+            return []
+        base = modes[0]
+        out = []
+        for pool in pools:
+            for mode in modes[1:]:
+                for metric in self.config.compare_metrics:
+                    result = compare(
+                        metric,
+                        mode,
+                        evaluations[mode][pool].per_query[metric],
+                        base,
+                        evaluations[base][pool].per_query[metric],
+                        n_resamples=self.config.n_resamples,
+                        seed=self.config.seed,
+                    )
+                    out.append({"pool": pool, **result.to_dict()})
+        return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def _summarise(ev: RunEvaluation, run: ModeRun) -> dict[str, Any]:
+    cell: dict[str, Any] = {m: round(v, 6) for m, v in ev.means.items()}
+    cell["queries"] = len(ev.query_ids)
+    if run.latency_ms:
+        cell["latency_ms"] = {
+            "median": round(statistics.median(run.latency_ms), 3),
+            "p95": round(_percentile(run.latency_ms, 95), 3),
+            "mean": round(statistics.fmean(run.latency_ms), 3),
+        }
+    if run.stage_ms:
+        cell["stage_ms_median"] = {s: round(statistics.median(v), 3) for s, v in sorted(run.stage_ms.items())}
+    cell["degraded_queries"] = run.degraded
+    cell["failed_queries"] = run.errors
+    if run.first_error:
+        cell["first_error"] = run.first_error
+    return cell
+
+
+def per_query_document(evaluations: dict[str, dict[str, RunEvaluation]]) -> dict[str, Any]:
+    """Per-query values for later significance checks: results[mode][pool] = {query_ids, metric: [...]}."""
+    return {
+        mode: {
+            pool: {"query_ids": ev.query_ids, **{m: [round(x, 6) for x in v.tolist()] for m, v in ev.per_query.items()}}
+            for pool, ev in pools.items()
+        }
+        for mode, pools in evaluations.items()
+    }
