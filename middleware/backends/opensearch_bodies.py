@@ -1,0 +1,459 @@
+"""Pure builders for every request body the OpenSearch backend sends.
+
+No client, no I/O: each function returns plain JSON-able dicts, so the contract tests can check every body
+against the official OpenSearch API specification (see `opensearch_spec.py`), and `index_templates/*.json`
+are these same bodies rendered for the default settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from middleware.config import FusionSettings, OpenSearchSettings
+from middleware.products import Filters, Product, SignalUpdate
+
+VECTOR_FIELD = "vector"
+# text fields analysed twice: words (smartcn / IK / standard) + a `cjk` bigram sub-field
+TEXT_FIELDS: tuple[str, ...] = ("title", "description", "brand", "category")
+KEYWORD_SUBFIELD_FIELDS: tuple[str, ...] = ("brand", "category")
+FIELD_BOOSTS: dict[str, float] = {"title": 3.0, "description": 1.0, "brand": 1.0, "category": 1.0}
+WORD_ANALYZERS: tuple[str, ...] = ("smartcn", "ik_smart", "standard")  # "auto" tries them in this order
+TEMPLATE_VERSION = 1  # bump when a template body changes: `init` compares it with what the cluster holds
+OWNER_META = {"owner": "shopsearch", "template_version": TEMPLATE_VERSION}
+
+
+# ---------------------------------------------------------------- names
+
+
+def read_alias(cfg: OpenSearchSettings) -> str:
+    return cfg.read_alias or cfg.index_prefix
+
+
+def write_alias(cfg: OpenSearchSettings) -> str:
+    return cfg.write_alias or f"{cfg.index_prefix}-write"
+
+
+def index_name(cfg: OpenSearchSettings, version: int) -> str:
+    return f"{cfg.index_prefix}-v{version}"
+
+
+def index_pattern(cfg: OpenSearchSettings) -> str:
+    return f"{cfg.index_prefix}-v*"
+
+
+def component_template_names(cfg: OpenSearchSettings, *, with_vector: bool) -> list[str]:
+    base = f"{cfg.index_prefix}-shopsearch"
+    names = [f"{base}-settings", f"{base}-text"]
+    if with_vector:
+        names.append(f"{base}-vector")
+    return names
+
+
+def index_template_name(cfg: OpenSearchSettings) -> str:
+    return f"{cfg.index_prefix}-shopsearch"
+
+
+# ---------------------------------------------------------------- templates and index
+
+
+def index_settings(cfg: OpenSearchSettings, *, with_vector: bool, bulk_load: bool = False) -> dict[str, Any]:
+    """Index settings. `bulk_load`: no refresh, no replicas (a full build; restored afterwards)."""
+    index: dict[str, Any] = {
+        "number_of_shards": cfg.shards,
+        "number_of_replicas": 0 if bulk_load else cfg.replicas,
+        "refresh_interval": "-1" if bulk_load else cfg.refresh_interval,
+    }
+    if with_vector:
+        index["knn"] = True
+    return {"index": index}
+
+
+def restore_settings(cfg: OpenSearchSettings) -> dict[str, Any]:
+    """Settings put back after a bulk load (the dynamic ones only)."""
+    return {"index": {"number_of_replicas": cfg.replicas, "refresh_interval": cfg.refresh_interval}}
+
+
+def _text_field(word_analyzer: str, *, keyword: bool) -> dict[str, Any]:
+    fields: dict[str, Any] = {"cjk": {"type": "text", "analyzer": "cjk"}}
+    if keyword:
+        fields["keyword"] = {"type": "keyword", "ignore_above": 256}
+    return {"type": "text", "analyzer": word_analyzer, "fields": fields}
+
+
+def text_mappings(word_analyzer: str) -> dict[str, Any]:
+    """Everything but the vector: the Product JSON, indexed for BM25 and filters."""
+    properties: dict[str, Any] = {"id": {"type": "keyword"}}
+    for name in TEXT_FIELDS:
+        properties[name] = _text_field(word_analyzer, keyword=name in KEYWORD_SUBFIELD_FIELDS)
+    properties.update(
+        {
+            "price": {"type": "double"},
+            "sales": {"type": "long"},
+            "stock": {"type": "long"},
+            # stored in _source for the Product, not indexed: free-form per catalog
+            "attributes": {"type": "object", "enabled": False},
+            "url": {"type": "keyword", "index": False, "doc_values": False},
+            "image": {"type": "keyword", "index": False, "doc_values": False},
+            "content_hash": {"type": "keyword", "index": False},
+        }
+    )
+    return {
+        # strict: a misspelled field is a write error, never a silent new mapping
+        "dynamic": "strict",
+        "_meta": dict(OWNER_META),
+        "properties": properties,
+    }
+
+
+def vector_field(cfg: OpenSearchSettings, dim: int) -> dict[str, Any]:
+    """knn_vector: HNSW on faiss, inner product (vectors are L2-normalised by the embedder)."""
+    if dim < 1:
+        raise ValueError(f"vector dimension must be positive, got {dim}")
+    if cfg.vector_compression == "fp16" and cfg.vector_mode == "on_disk":
+        raise ValueError(
+            "opensearch.vector_compression=fp16 and vector_mode=on_disk cannot be combined: "
+            "on_disk chooses its own quantisation; pick one"
+        )
+    parameters: dict[str, Any] = {
+        "m": cfg.hnsw_m,
+        "ef_construction": cfg.hnsw_ef_construction,
+        "ef_search": cfg.hnsw_ef_search,
+    }
+    if cfg.vector_compression == "fp16":
+        parameters["encoder"] = {"name": "sq", "parameters": {"type": "fp16"}}
+    field: dict[str, Any] = {
+        "type": "knn_vector",
+        "dimension": dim,
+        "space_type": "innerproduct",
+        "method": {"name": "hnsw", "engine": "faiss", "parameters": parameters},
+    }
+    if cfg.vector_mode == "on_disk":
+        field["mode"] = "on_disk"
+    return field
+
+
+def vector_mappings(cfg: OpenSearchSettings, dim: int) -> dict[str, Any]:
+    return {
+        # vectors are for search only: never send them back with hits
+        "_source": {"excludes": [VECTOR_FIELD]},
+        "properties": {VECTOR_FIELD: vector_field(cfg, dim)},
+    }
+
+
+def mappings(cfg: OpenSearchSettings, dim: int | None, word_analyzer: str) -> dict[str, Any]:
+    body = text_mappings(word_analyzer)
+    if dim:
+        vector = vector_mappings(cfg, dim)
+        body["_source"] = vector["_source"]
+        body["properties"] = {**body["properties"], **vector["properties"]}
+    return body
+
+
+def component_templates(cfg: OpenSearchSettings, dim: int | None, word_analyzer: str) -> dict[str, dict[str, Any]]:
+    """name -> PUT _component_template body (settings, text mapping, and the vector when dim is set)."""
+    names = component_template_names(cfg, with_vector=bool(dim))
+    bodies: dict[str, dict[str, Any]] = {
+        names[0]: {
+            "template": {"settings": index_settings(cfg, with_vector=bool(dim))},
+            "version": TEMPLATE_VERSION,
+            "_meta": dict(OWNER_META),
+        },
+        names[1]: {
+            "template": {"mappings": text_mappings(word_analyzer)},
+            "version": TEMPLATE_VERSION,
+            "_meta": dict(OWNER_META),
+        },
+    }
+    if dim:
+        bodies[names[2]] = {
+            "template": {"mappings": vector_mappings(cfg, dim)},
+            "version": TEMPLATE_VERSION,
+            "_meta": dict(OWNER_META),
+        }
+    return bodies
+
+
+def index_template(cfg: OpenSearchSettings, *, with_vector: bool) -> dict[str, Any]:
+    """PUT _index_template body: every `<prefix>-v*` index gets the component templates."""
+    return {
+        "index_patterns": [index_pattern(cfg)],
+        "composed_of": component_template_names(cfg, with_vector=with_vector),
+        "priority": 200,
+        "version": TEMPLATE_VERSION,
+        "_meta": dict(OWNER_META),
+    }
+
+
+def create_index(
+    cfg: OpenSearchSettings,
+    dim: int | None,
+    word_analyzer: str,
+    *,
+    bulk_load: bool = False,
+    aliases: bool = False,
+) -> dict[str, Any]:
+    """PUT <index> body, complete on its own (it does not rely on the templates being installed).
+
+    `aliases`: attach the read and write aliases at creation (the very first index only; a rebuild
+    swaps them with `alias_swap`).
+    """
+    body: dict[str, Any] = {
+        "settings": index_settings(cfg, with_vector=bool(dim), bulk_load=bulk_load),
+        "mappings": mappings(cfg, dim, word_analyzer),
+    }
+    if aliases:
+        body["aliases"] = {read_alias(cfg): {}, write_alias(cfg): {"is_write_index": True}}
+    return body
+
+
+def normalized_weights(fusion: FusionSettings) -> list[float]:
+    """[bm25, knn] weights summing to 1 (the normalization processor requires it)."""
+    total = fusion.bm25_weight + fusion.knn_weight
+    if total <= 0:
+        return [0.5, 0.5]
+    return [round(fusion.bm25_weight / total, 6), round(1.0 - round(fusion.bm25_weight / total, 6), 6)]
+
+
+def search_pipeline(cfg: OpenSearchSettings, fusion: FusionSettings) -> dict[str, Any]:
+    """PUT _search/pipeline body for the hybrid query: sub-query order is [bm25, knn]."""
+    if cfg.hybrid_normalization == "rrf":
+        processor: dict[str, Any] = {
+            "score-ranker-processor": {"combination": {"technique": "rrf", "rank_constant": fusion.rrf_k}}
+        }
+    else:
+        processor = {
+            "normalization-processor": {
+                "normalization": {"technique": cfg.hybrid_normalization},
+                "combination": {
+                    "technique": "arithmetic_mean",
+                    "parameters": {"weights": normalized_weights(fusion)},
+                },
+            }
+        }
+    return {
+        "description": f"shopsearch hybrid retrieval ({cfg.hybrid_normalization}); bm25 first, knn second",
+        "phase_results_processors": [processor],
+    }
+
+
+def analyze(analyzer: str, text: str) -> dict[str, Any]:
+    """POST _analyze body: used at startup to see which word analyzer the cluster has."""
+    return {"analyzer": analyzer, "text": text}
+
+
+# ---------------------------------------------------------------- queries
+
+
+def filter_clauses(filters: Filters | None) -> list[dict[str, Any]]:
+    """Filters as bool.filter clauses; same semantics as `Filters.matches`."""
+    if filters is None:
+        return []
+    clauses: list[dict[str, Any]] = []
+    if filters.category is not None:
+        clauses.append({"terms": {"category.keyword": list(filters.category)}})
+    if filters.brand is not None:
+        clauses.append({"terms": {"brand.keyword": list(filters.brand)}})
+    if filters.price_min is not None or filters.price_max is not None:
+        bounds: dict[str, float] = {}
+        if filters.price_min is not None:
+            bounds["gte"] = filters.price_min
+        if filters.price_max is not None:
+            bounds["lte"] = filters.price_max
+        clauses.append({"range": {"price": bounds}})
+    if filters.in_stock:
+        # stock not tracked (field absent) counts as in stock
+        clauses.append(
+            {
+                "bool": {
+                    "should": [
+                        {"range": {"stock": {"gt": 0}}},
+                        {"bool": {"must_not": [{"exists": {"field": "stock"}}]}},
+                    ],
+                    "minimum_should_match": 1,
+                }
+            }
+        )
+    if filters.ids is not None:
+        clauses.append({"terms": {"id": list(filters.ids)}})
+    return clauses
+
+
+def bm25_fields() -> list[str]:
+    """Each text field twice: its words and its CJK bigrams, same boost."""
+    fields = []
+    for name, boost in FIELD_BOOSTS.items():
+        suffix = "" if boost == 1.0 else f"^{boost:g}"
+        fields += [f"{name}{suffix}", f"{name}.cjk{suffix}"]
+    return fields
+
+
+def bm25_clause(text: str, filters: Filters | None) -> dict[str, Any]:
+    """The lexical query: words and bigram sub-fields summed (most_fields), filters in bool.filter."""
+    query: dict[str, Any] = {
+        "bool": {
+            "must": [{"multi_match": {"query": text, "fields": bm25_fields(), "type": "most_fields"}}],
+        }
+    }
+    clauses = filter_clauses(filters)
+    if clauses:
+        query["bool"]["filter"] = clauses
+    return query
+
+
+def _source_spec() -> dict[str, Any]:
+    return {"excludes": [VECTOR_FIELD]}
+
+
+def bm25_search(text: str, filters: Filters | None, n: int) -> dict[str, Any]:
+    return {
+        "size": n,
+        "query": bm25_clause(text, filters),
+        "_source": _source_spec(),
+        "track_total_hits": False,
+    }
+
+
+def _vector_list(vector: np.ndarray | Sequence[float]) -> list[float]:
+    arr = np.asarray(vector, dtype=np.float32).reshape(-1)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("query vector contains NaN or infinite values")
+    return [float(x) for x in arr]
+
+
+def knn_clause(vector: np.ndarray | Sequence[float], filters: Filters | None, k: int, ef_search: int) -> dict[str, Any]:
+    """k-NN with the filters INSIDE the clause (efficient filtering), not as a post-filter."""
+    inner: dict[str, Any] = {
+        "vector": _vector_list(vector),
+        "k": k,
+        # ef_search below k would cap recall: never search a smaller beam than asked for
+        "method_parameters": {"ef_search": max(ef_search, k)},
+    }
+    clauses = filter_clauses(filters)
+    if clauses:
+        inner["filter"] = {"bool": {"filter": clauses}}
+    return {"knn": {VECTOR_FIELD: inner}}
+
+
+def knn_search(vector: np.ndarray | Sequence[float], filters: Filters | None, n: int, ef_search: int) -> dict[str, Any]:
+    return {
+        "size": n,
+        "query": knn_clause(vector, filters, n, ef_search),
+        "_source": _source_spec(),
+        "track_total_hits": False,
+    }
+
+
+def hybrid_search(
+    text: str,
+    vector: np.ndarray | Sequence[float],
+    filters: Filters | None,
+    n: int,
+    ef_search: int,
+) -> dict[str, Any]:
+    """One hybrid query (bm25 then knn), normalised and combined by the search pipeline."""
+    return {
+        "size": n,
+        "query": {
+            "hybrid": {
+                "queries": [bm25_clause(text, filters), knn_clause(vector, filters, n, ef_search)],
+                "pagination_depth": n,
+            }
+        },
+        "_source": _source_spec(),
+    }
+
+
+def scan_all() -> dict[str, Any]:
+    """Every document id, in index order (the cheapest scroll order), no source."""
+    return {"query": {"match_all": {}}, "_source": False, "sort": ["_doc"]}
+
+
+def exists_query(field_name: str) -> dict[str, Any]:
+    """_count body: documents having a field (e.g. how many carry a vector)."""
+    return {"query": {"exists": {"field": field_name}}}
+
+
+def ids_search(ids: Sequence[str]) -> dict[str, Any]:
+    """mget body: products by id, vectors left out."""
+    return {"ids": list(ids)}
+
+
+# ---------------------------------------------------------------- documents and bulk
+
+
+def document(product: Product, vector: np.ndarray | Sequence[float] | None) -> dict[str, Any]:
+    """The indexed document: the Product JSON (the source of truth for reads) + hash + vector."""
+    doc = product.model_dump(mode="json")
+    doc["content_hash"] = product.content_hash()
+    if vector is not None:
+        doc[VECTOR_FIELD] = _vector_list(vector)
+    return doc
+
+
+BulkPair = tuple[dict[str, Any], dict[str, Any] | None]
+
+
+def bulk_index_actions(
+    index: str,
+    products: Sequence[Product],
+    vectors: np.ndarray | None,
+    *,
+    require_alias: bool,
+) -> Iterable[BulkPair]:
+    """(action line, source line) pairs for `_bulk` index operations."""
+    if vectors is not None and len(vectors) != len(products):
+        raise ValueError(f"got {len(products)} products but {len(vectors)} vectors")
+    for i, product in enumerate(products):
+        meta: dict[str, Any] = {"_index": index, "_id": product.id}
+        if require_alias:
+            meta["require_alias"] = True
+        yield {"index": meta}, document(product, None if vectors is None else vectors[i])
+
+
+def signal_doc(update: SignalUpdate) -> dict[str, Any]:
+    """The partial document of a signal update: only the fields it sets."""
+    return update.model_dump(exclude={"id"}, exclude_none=True)
+
+
+def partial_update(update: SignalUpdate) -> dict[str, Any]:
+    """POST <index>/_update/<id> body."""
+    return {"doc": signal_doc(update)}
+
+
+def bulk_update_actions(index: str, updates: Sequence[SignalUpdate], *, require_alias: bool) -> Iterable[BulkPair]:
+    for update in updates:
+        meta: dict[str, Any] = {"_index": index, "_id": update.id, "retry_on_conflict": 3}
+        if require_alias:
+            meta["require_alias"] = True
+        yield {"update": meta}, partial_update(update)
+
+
+def bulk_delete_actions(index: str, ids: Sequence[str]) -> Iterable[BulkPair]:
+    for product_id in ids:
+        yield {"delete": {"_index": index, "_id": product_id}}, None
+
+
+def alias_swap(
+    read: str,
+    write: str,
+    new_index: str,
+    *,
+    old_read: Sequence[str] = (),
+    old_write: Sequence[str] = (),
+) -> dict[str, Any]:
+    """POST _aliases body: both aliases move to the new index in ONE atomic call.
+
+    `old_read` / `old_write`: the indexes holding each alias now (removing an alias an index does not
+    hold fails the whole call, so each list is exact).
+    """
+    actions: list[dict[str, Any]] = []
+    for old in old_read:
+        actions.append({"remove": {"index": old, "alias": read}})
+    for old in old_write:
+        actions.append({"remove": {"index": old, "alias": write}})
+    actions.append({"add": {"index": new_index, "alias": read}})
+    actions.append({"add": {"index": new_index, "alias": write, "is_write_index": True}})
+    return {"actions": actions}
