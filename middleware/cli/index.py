@@ -1,0 +1,420 @@
+"""`shopsearch index`, `update-signals`, `delete` and `stats`: the catalog loader's command line."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from middleware.cli import EXIT_OK, EXIT_USAGE, CliError, load_settings
+from middleware.config import Settings
+
+EXIT_REJECTED = 3  # some rows were rejected (or not found); every valid row was applied
+
+EXIT_CODES = """\
+exit codes:
+  0  every row was indexed (or applied)
+  3  some rows were rejected (see the dead-letter file) or, for update-signals, named unknown ids;
+     every valid row was indexed
+  1  fatal: backend unreachable, model missing, source unreadable mid-way; the reason is on stderr.
+     Committed batches stay committed: run again with --resume to continue
+  2  usage error: bad option, missing file, unknown format or encoding
+"""
+
+INDEX_EPILOG = (
+    """\
+Sources: JSONL, CSV (with a header row) or Parquet, by extension or --format; FILE "-" reads stdin.
+Rows that fail validation go to the dead-letter file as {"line", "raw", "reason"}; blank lines are
+skipped; a later row with an id seen before updates that product. Products whose content is
+unchanged are neither re-embedded nor rewritten (price/sales/stock changes are applied in place),
+and texts embedded before are read from <data_dir>/cache/embeddings.sqlite.
+
+--resume continues after the last committed batch of a run that crashed or was killed (the
+checkpoint lives in <data_dir>/checkpoints/). Re-running a whole file is always safe: products are
+upserted by id.
+
+--prune deletes stored products whose id is not in FILE, treating FILE as a full catalog snapshot.
+It runs only after the whole file was read and indexed, and is refused when any row was rejected:
+a malformed row's product would otherwise be deleted though it is still on sale. Fix the rows, or
+pass --force-prune to prune anyway.
+
+"""
+    + EXIT_CODES
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "index",
+        help="load a catalog (JSONL, CSV, Parquet) into the store",
+        description="Validate, embed and upsert a product catalog.",
+        epilog=INDEX_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("file", metavar="FILE", help='catalog path, or "-" for stdin')
+    _source_flags(p)
+    p.add_argument("--embedder", help="hub id, local directory, or none for BM25 only (env SHOPSEARCH_EMBEDDER)")
+    p.add_argument("--batch-size", type=int, default=512, help="rows per embed + write batch (default 512)")
+    p.add_argument("--resume", action="store_true", help="continue after the last committed batch of FILE")
+    p.add_argument("--prune", action="store_true", help="delete stored products absent from FILE (a snapshot)")
+    p.add_argument("--force-prune", action="store_true", help="prune even when rows were rejected")
+    p.add_argument("--no-embedding-cache", action="store_true", help="embed every changed text afresh")
+    _output_flags(p)
+    p.set_defaults(func=run_index)
+
+    s = subparsers.add_parser(
+        "update-signals",
+        help="apply price/sales/stock changes by id (no re-embedding)",
+        description="Apply price, sales and stock changes by product id. Text and vectors are never touched. "
+        "Rows need an id and at least one of price, sales, stock; rows for unknown ids go to the "
+        "dead-letter file.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("file", metavar="FILE", help='changes file, or "-" for stdin')
+    _source_flags(s)
+    s.add_argument("--batch-size", type=int, default=1000, help="updates per write (default 1000)")
+    _output_flags(s)
+    s.set_defaults(func=run_update_signals)
+
+    d = subparsers.add_parser(
+        "delete",
+        help="delete products by id",
+        epilog="exit codes: 0 done (ids not in the store are counted, not errors); 1 fatal; 2 usage",
+    )
+    d.add_argument("--ids", help="comma-separated product ids")
+    d.add_argument("--ids-file", help='file with one id per line ("-" for stdin)')
+    d.add_argument("--json", action="store_true", help="print the result as JSON")
+    d.set_defaults(func=run_delete)
+
+    t = subparsers.add_parser("stats", help="products, vectors, size on disk, models, last indexing run")
+    t.add_argument("--json", action="store_true", help="print as JSON")
+    t.set_defaults(func=run_stats)
+
+
+def _source_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=["jsonl", "csv", "parquet"], help="default: from the file extension")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of JSONL/CSV, e.g. gbk (default utf-8)")
+    p.add_argument(
+        "--map",
+        metavar="FIELD=COLUMN,...",
+        help="take product fields from differently named columns, e.g. title=name,sales=sold_count",
+    )
+    p.add_argument("--dead-letter", metavar="PATH", help="rejected rows (default <data_dir>/dead-letters/<time>.jsonl)")
+
+
+def _output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report", metavar="PATH", help="also write the run summary as JSON here")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--progress-every", type=float, default=10.0, metavar="S", help="log interval off a terminal")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def loader_dir(settings: Settings) -> Path:
+    """Loader bookkeeping (model meta, last run) beside the store, outside the backend's own files."""
+    return Path(settings.data_dir) / "loader"
+
+
+def embedding_cache_path(settings: Settings) -> Path:
+    return Path(settings.data_dir) / "cache" / "embeddings.sqlite"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _open_backend(settings: Settings, dim: int | None):  # -> Backend
+    from middleware.backends import BackendError, open_backend
+
+    try:
+        return open_backend(settings, dim=dim)
+    except BackendError as err:
+        raise CliError(f"backend unavailable: {err}") from None
+    except ValueError as err:  # e.g. a dimension mismatch with the stored vectors
+        raise CliError(str(err)) from None
+
+
+def _load_embedder(settings: Settings):  # -> Embedder | None
+    if not settings.embedder_enabled:
+        return None
+    from middleware.models import ModelLoadError, load_embedder
+
+    try:
+        return load_embedder(settings)
+    except ModelLoadError as err:
+        raise CliError(str(err)) from None
+
+
+def _rows(args: argparse.Namespace, fields: Any):
+    from loaders.sources import SourceError, detect_format, parse_mapping, read_rows
+
+    try:
+        fmt = detect_format(args.file, args.format)
+        mapping = parse_mapping(args.map, fields)
+    except SourceError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    if args.file != "-" and not os.path.isfile(args.file):
+        raise CliError(f"no such file: {args.file}", EXIT_USAGE)
+    import codecs
+
+    try:
+        codecs.lookup(args.encoding)
+    except LookupError:
+        raise CliError(f"unknown encoding {args.encoding!r}", EXIT_USAGE) from None
+    if args.batch_size < 1:
+        raise CliError("--batch-size must be at least 1", EXIT_USAGE)
+    return read_rows(args.file, fmt, encoding=args.encoding, mapping=mapping)
+
+
+def _dead_letter_path(args: argparse.Namespace, settings: Settings, previous: str | None = None) -> Path:
+    if args.dead_letter:
+        return Path(args.dead_letter)
+    if previous:
+        return Path(previous)  # a resumed run continues its first attempt's file
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    return Path(settings.data_dir) / "dead-letters" / f"{stamp}-{os.getpid()}.jsonl"
+
+
+def _finish(args: argparse.Namespace, settings: Settings, summary: Any) -> None:
+    from loaders.checkpoint import atomic_write_json
+
+    record = summary.to_dict()
+    atomic_write_json(loader_dir(settings) / "last-run.json", record)
+    if args.report:
+        try:
+            atomic_write_json(Path(args.report), record)
+        except OSError as err:
+            print(f"shopsearch: cannot write --report {args.report}: {err}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(record, ensure_ascii=False, indent=2))
+    else:
+        for line in summary.lines():
+            print(line)
+    if summary.prune_refused:
+        print(f"shopsearch: prune refused: {summary.prune_refused}", file=sys.stderr)
+
+
+def _run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Expected failures in the middle of a run → CliError (one line on stderr, no traceback)."""
+    from loaders.sources import SourceError
+    from middleware.backends import BackendError
+    from middleware.models import ModelLoadError
+
+    try:
+        return fn(*args, **kwargs)
+    except SourceError as err:
+        raise CliError(f"{err} (committed batches are kept; fix the file and use --resume)") from None
+    except BackendError as err:
+        raise CliError(f"backend failed: {err} (committed batches are kept; use --resume)") from None
+    except ModelLoadError as err:
+        raise CliError(str(err)) from None
+    except OSError as err:
+        raise CliError(f"I/O error: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from loaders.checkpoint import Checkpoint, atomic_write_json
+    from loaders.embed_cache import EmbeddingCache
+    from loaders.pipeline import index_rows
+    from loaders.report import Progress, Summary
+    from loaders.validate import DeadLetters
+    from middleware.products import Product
+
+    settings = load_settings(args, embedder=args.embedder)
+    if args.force_prune and not args.prune:
+        raise CliError("--force-prune needs --prune", EXIT_USAGE)
+    if args.resume and args.file == "-":
+        raise CliError("--resume needs a file: stdin cannot be re-read", EXIT_USAGE)
+    rows = _rows(args, Product.model_fields)
+
+    embedder = _load_embedder(settings)
+    model_id = embedder.model_id if embedder is not None else "none"
+    dim = embedder.dim if embedder is not None else None
+    backend = _open_backend(settings, dim)
+    cache = None
+    dead_letters = None
+    try:
+        meta_path = loader_dir(settings) / "index-meta.json"
+        meta = _read_json(meta_path) or {}
+        if meta.get("embedder") not in (None, model_id) and backend.count() > 0:
+            raise CliError(
+                f"{settings.data_dir} was indexed with embedder {meta['embedder']!r}, not {model_id!r}: vectors of "
+                "different models cannot be mixed; use the same SHOPSEARCH_EMBEDDER or a new --data-dir"
+            )
+        atomic_write_json(meta_path, {"embedder": model_id, "dim": dim, "backend": settings.backend})
+
+        checkpoint = Checkpoint(Path(settings.data_dir) / "checkpoints", args.file) if args.file != "-" else None
+        state = checkpoint.load() if (checkpoint is not None and args.resume) else None
+        if args.resume and state is None:
+            print(f"shopsearch: no checkpoint for {args.file}: indexing from the start", file=sys.stderr)
+        dead_letters = DeadLetters(_dead_letter_path(args, settings, (state or {}).get("dead_letter_path")))
+        if embedder is not None and not args.no_embedding_cache:
+            cache = EmbeddingCache(embedding_cache_path(settings), model_id, embedder.dim)
+        summary = _run_guarded(
+            index_rows,
+            rows,
+            backend,
+            embedder,
+            dead_letters=dead_letters,
+            cache=cache,
+            checkpoint=checkpoint,
+            resume_state=state,
+            prune=args.prune,
+            force_prune=args.force_prune,
+            batch_size=args.batch_size,
+            progress=Progress("indexing", every_s=args.progress_every, enabled=not args.quiet),
+            summary=Summary(command="index", source=args.file),
+        )
+    finally:
+        if dead_letters is not None:
+            dead_letters.close()
+        if cache is not None:
+            cache.close()
+        backend.close()
+    _finish(args, settings, summary)
+    return EXIT_REJECTED if summary.rejected else EXIT_OK
+
+
+def run_update_signals(args: argparse.Namespace) -> int:
+    from loaders.pipeline import apply_signal_rows
+    from loaders.report import Progress, Summary
+    from loaders.validate import DeadLetters
+    from middleware.products import SignalUpdate
+
+    settings = load_settings(args)
+    rows = _rows(args, SignalUpdate.model_fields)
+    meta = _read_json(loader_dir(settings) / "index-meta.json") or {}
+    backend = _open_backend(settings, meta.get("dim"))
+    dead_letters = DeadLetters(_dead_letter_path(args, settings))
+    try:
+        summary = _run_guarded(
+            apply_signal_rows,
+            rows,
+            backend,
+            dead_letters=dead_letters,
+            batch_size=args.batch_size,
+            progress=Progress("updating", every_s=args.progress_every, enabled=not args.quiet),
+            summary=Summary(command="update-signals", source=args.file),
+        )
+    finally:
+        dead_letters.close()
+        backend.close()
+    _finish(args, settings, summary)
+    return EXIT_REJECTED if (summary.rejected or summary.not_found) else EXIT_OK
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    ids: list[str] = []
+    if args.ids:
+        ids.extend(i.strip() for i in args.ids.split(",") if i.strip())
+    if args.ids_file:
+        try:
+            if args.ids_file == "-":
+                lines = sys.stdin.read().splitlines()
+            else:
+                lines = Path(args.ids_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise CliError(f"cannot read --ids-file {args.ids_file}: {err}", EXIT_USAGE) from None
+        ids.extend(line.strip() for line in lines if line.strip())
+    if not args.ids and not args.ids_file:
+        raise CliError("delete needs --ids a,b,c or --ids-file FILE", EXIT_USAGE)
+    ids = list(dict.fromkeys(ids))
+    meta = _read_json(loader_dir(settings) / "index-meta.json") or {}
+    backend = _open_backend(settings, meta.get("dim"))
+    deleted = 0
+    try:
+        for i in range(0, len(ids), 1000):
+            deleted += _run_guarded(backend.delete, ids[i : i + 1000])
+    finally:
+        backend.close()
+    result = {"requested": len(ids), "deleted": deleted, "not_found": len(ids) - deleted}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"deleted {deleted} of {len(ids)} ids ({len(ids) - deleted} not in the store)")
+    return EXIT_OK
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):  # a file removed while walking
+                total += (Path(root) / name).stat().st_size
+    return total
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    data_dir = Path(settings.data_dir)
+    if settings.backend == "embedded" and not data_dir.is_dir():
+        raise CliError(f"no store at {data_dir}: run `shopsearch index FILE` first (or pass --data-dir)")
+    meta = _read_json(loader_dir(settings) / "index-meta.json") or {}
+    backend = _open_backend(settings, meta.get("dim"))
+    try:
+        backend_stats = _run_guarded(backend.stats)
+    finally:
+        backend.close()
+    cache_path = embedding_cache_path(settings)
+    result: dict[str, Any] = {
+        "backend": settings.backend,
+        "data_dir": str(data_dir),
+        "products": backend_stats.get("products"),
+        "vectors": backend_stats.get("vectors"),
+        "dim": backend_stats.get("dim") or meta.get("dim"),
+        "bytes_on_disk": backend_stats.get("bytes_on_disk"),
+        "data_dir_bytes": _dir_bytes(data_dir) if data_dir.is_dir() else 0,
+        "embedder": meta.get("embedder"),
+        "reranker": settings.reranker if settings.reranker_enabled else None,
+        "embedding_cache_bytes": cache_path.stat().st_size if cache_path.exists() else 0,
+        "last_run": _read_json(loader_dir(settings) / "last-run.json"),
+        "backend_stats": backend_stats,
+    }
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=2, default=str))
+        return EXIT_OK
+    print(f"backend      {result['backend']} ({data_dir})")
+    print(f"products     {result['products']}")
+    print(f"vectors      {result['vectors']} × {result['dim']}-d")
+    print(f"index size   {_human(result['bytes_on_disk'])} (data dir {_human(result['data_dir_bytes'])})")
+    print(f"embedder     {result['embedder'] or '-'}  (dim {result['dim']})")
+    print(f"reranker     {result['reranker'] or '-'} (configured)")
+    print(f"emb. cache   {_human(result['embedding_cache_bytes'])}")
+    last = result["last_run"]
+    if last:
+        print(
+            f"last run     {last.get('command')} {last.get('source')} at {last.get('started_at')}: "
+            f"read {last.get('read')}, indexed {last.get('indexed')}, updated {last.get('updated')}, "
+            f"unchanged {last.get('unchanged')}, rejected {last.get('rejected')}, deleted {last.get('deleted')}, "
+            f"{last.get('seconds')} s, {last.get('docs_per_second')} docs/s"
+        )
+    else:
+        print("last run     -")
+    return EXIT_OK
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
