@@ -1,0 +1,274 @@
+"""REST API for storefront backends: /v1/search, /v1/rerank, /v1/embed, products, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+from middleware.products import Product, SignalUpdate
+from middleware.schema import SearchRequest, SearchResponse
+from middleware.server.app import ServiceState, get_state
+from middleware.server.errors import ApiError
+from middleware.server.limits import capped_deadline_ms, check_paging
+from middleware.server.metrics import CONTENT_TYPE_LATEST
+
+router = APIRouter()
+MAX_TEXT_CHARS = 10_000  # SearchRequest's bound; longer text is cut, never refused
+
+
+class SearchBody(SearchRequest):
+    """SearchRequest as the API accepts it: a query of any length (cut to server.max_query_chars)."""
+
+    query: str = Field(min_length=1, description="user text; longer than server.max_query_chars is truncated")
+
+
+def _prepare(state: ServiceState, body: SearchBody) -> SearchRequest:
+    settings = state.settings
+    check_paging(settings.server, body.size, body.from_)
+    return body.model_copy(
+        update={
+            "query": body.query[: min(MAX_TEXT_CHARS, settings.server.max_query_chars)],
+            "deadline_ms": capped_deadline_ms(settings, body.deadline_ms),
+        }
+    )
+
+
+@router.post("/v1/search", response_model=SearchResponse, tags=["search"])
+async def search(body: SearchBody, request: Request) -> SearchResponse:
+    """Hybrid retrieval → fusion → rerank → business score. `degraded` lists stages skipped."""
+    state = get_state(request)
+    return await state.search(_prepare(state, body))
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankBody(BaseModel):
+    """Shaped like the TEI / Cohere rerank APIs."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(min_length=1)
+    documents: list[str | RerankDocument] = Field(min_length=1)
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = False
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankResponse(BaseModel):
+    model: str
+    results: list[RerankResult]
+
+
+async def _bounded(state: ServiceState, fn: Any, *args: Any) -> Any:
+    """Admitted blocking work that answers within the default deadline, or 504."""
+    timeout_s = state.settings.deadline_ms / 1000.0
+    try:
+        return await asyncio.wait_for(state.admitted(fn, *args), timeout=timeout_s)
+    except TimeoutError:
+        state.metrics.degraded.labels("timeout").inc()
+        raise ApiError(504, f"no answer within the deadline ({state.settings.deadline_ms:.0f} ms)") from None
+
+
+@router.post("/v1/rerank", response_model=RerankResponse, tags=["models"])
+async def rerank(body: RerankBody, request: Request) -> RerankResponse:
+    """Score documents against a query with the cross-encoder (0–1, higher is more relevant)."""
+    state = get_state(request)
+    if state.reranker is None:
+        raise ApiError(503, "the reranker is disabled (SHOPSEARCH_RERANKER=none)")
+    limit = state.settings.server.max_rerank_documents
+    if len(body.documents) > limit:
+        raise ApiError(400, f"at most {limit} documents (server.max_rerank_documents)", param="documents")
+    texts = body.texts()
+    query = body.query[: state.settings.server.max_query_chars]
+    scores = await _bounded(state, state.reranker.score, query, texts)
+    order = sorted(range(len(texts)), key=lambda i: (-float(scores[i]), i))
+    if body.top_n is not None:
+        order = order[: body.top_n]
+    return RerankResponse(
+        model=state.reranker.model_id,
+        results=[
+            RerankResult(
+                index=i,
+                relevance_score=float(scores[i]),
+                document=RerankDocument(text=texts[i]) if body.return_documents else None,
+            )
+            for i in order
+        ],
+    )
+
+
+class EmbedBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    input: str | list[str] = Field(
+        validation_alias=AliasChoices("input", "inputs"), description="one text or a list (alias: inputs)"
+    )
+    kind: Literal["query", "document"] = "query"
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value: str | list[str]) -> str | list[str]:
+        if (isinstance(value, str) and not value) or (isinstance(value, list) and not value):
+            raise ValueError("must not be empty")
+        return value
+
+
+class Embedding(BaseModel):
+    index: int
+    embedding: list[float]
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dim: int
+    data: list[Embedding]
+
+
+@router.post("/v1/embed", response_model=EmbedResponse, tags=["models"])
+async def embed(body: EmbedBody, request: Request) -> EmbedResponse:
+    """Embeddings (L2-normalised). `kind: query` adds the model's query instruction."""
+    state = get_state(request)
+    if state.embedder is None:
+        raise ApiError(503, "the embedder is disabled (SHOPSEARCH_EMBEDDER=none)")
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    limit = state.settings.server.max_embed_inputs
+    if len(texts) > limit:
+        raise ApiError(400, f"at most {limit} texts (server.max_embed_inputs)", param="input")
+    cut = state.settings.server.max_query_chars if body.kind == "query" else MAX_TEXT_CHARS
+    texts = [t[:cut] for t in texts]
+    fn = state.embedder.encode_queries if body.kind == "query" else state.embedder.encode_documents
+    vectors = np.asarray(await _bounded(state, fn, texts), dtype=np.float32)
+    return EmbedResponse(
+        model=state.embedder.model_id,
+        dim=int(vectors.shape[1]) if vectors.ndim == 2 else 0,
+        data=[Embedding(index=i, embedding=v.tolist()) for i, v in enumerate(vectors)],
+    )
+
+
+# ------------------------------------------------------------------------------------------ products
+
+
+def _writes_enabled(state: ServiceState) -> None:
+    if not state.settings.server.enable_writes:
+        raise ApiError(403, "product writes are disabled (server.enable_writes)", os_type="security_exception")
+
+
+class ProductsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    products: list[Product] = Field(min_length=1, max_length=10_000)
+
+
+class DeleteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ids: list[str] = Field(min_length=1, max_length=10_000)
+
+
+class SignalsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    updates: list[SignalUpdate] = Field(min_length=1, max_length=100_000)
+
+
+@router.get("/v1/products/{product_id}", tags=["products"])
+async def get_product(product_id: str, request: Request) -> dict[str, Any]:
+    state = get_state(request)
+    found = await state.admitted(state.base.backend.get, [product_id])
+    if not found:
+        raise ApiError(404, f"no product with id {product_id[:200]!r}", param="product_id", location="path")
+    return found[0].model_dump(mode="json")
+
+
+@router.post("/v1/products", tags=["products"])
+async def upsert_products(body: ProductsBody, request: Request) -> dict[str, Any]:
+    """Insert or replace products (text changes re-embed them). Off unless server.enable_writes."""
+    state = get_state(request)
+    _writes_enabled(state)
+
+    def write() -> int:
+        vectors = None
+        if state.embedder is not None:
+            vectors = state.embedder.encode_documents([p.embedding_text() for p in body.products])
+        state.base.backend.upsert(body.products, vectors)
+        return len(body.products)
+
+    return {"upserted": await state.admitted(write)}
+
+
+@router.post("/v1/products/delete", tags=["products"])
+async def delete_products(body: DeleteBody, request: Request) -> dict[str, Any]:
+    state = get_state(request)
+    _writes_enabled(state)
+    return {"deleted": await state.admitted(state.base.backend.delete, body.ids)}
+
+
+@router.delete("/v1/products/{product_id}", tags=["products"])
+async def delete_product(product_id: str, request: Request) -> dict[str, Any]:
+    state = get_state(request)
+    _writes_enabled(state)
+    deleted = await state.admitted(state.base.backend.delete, [product_id])
+    if not deleted:
+        raise ApiError(404, f"no product with id {product_id[:200]!r}", param="product_id", location="path")
+    return {"deleted": deleted}
+
+
+@router.post("/v1/signals", tags=["products"])
+async def update_signals(body: SignalsBody, request: Request) -> dict[str, Any]:
+    """Price / sales / stock changes: no re-embedding, no rerank-cache change."""
+    state = get_state(request)
+    _writes_enabled(state)
+    missing = await state.admitted(state.base.backend.update_signals, body.updates)
+    return {"updated": len(body.updates) - len(missing), "not_found": missing}
+
+
+# -------------------------------------------------------------------------------------- operations
+
+
+@router.get("/healthz", tags=["operations"])
+async def healthz() -> dict[str, str]:
+    """The process answers (liveness)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["operations"])
+async def readyz(request: Request) -> JSONResponse:
+    """Models loaded and backend reachable (readiness): 200, else 503 naming what is missing."""
+    state = getattr(request.app.state, "service", None)
+    if state is None:
+        return JSONResponse({"ready": False, "checks": {"startup": "loading"}}, status_code=503)
+    settings = state.settings
+    checks: dict[str, str] = {}
+    if settings.embedder_enabled:
+        checks["embedder"] = "ok" if state.embedder is not None else "not loaded"
+    if settings.reranker_enabled:
+        checks["reranker"] = "ok" if state.reranker is not None else "not loaded"
+    try:
+        count = await asyncio.wait_for(state.run(state.base.backend.count), timeout=2.0)
+        checks["backend"] = "ok"
+        checks["products"] = str(count)
+    except TimeoutError:
+        checks["backend"] = "no answer within 2 s"
+    except Exception as err:  # readiness reports, it never raises
+        from middleware.server.errors import redact
+
+        checks["backend"] = f"unreachable: {redact(str(err))[:200]}"
+    ready = all(v == "ok" for k, v in checks.items() if k != "products")
+    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", tags=["operations"])
+async def metrics(request: Request) -> Response:
+    state = get_state(request)
+    state.metrics.in_flight.set(state.limiter.in_flight)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,332 @@
+"""The FastAPI app: `create_app(settings, pipeline=None)`.
+
+One process serves three faces over one pipeline:
+- /v1/… — the REST API for storefront backends (api.py), OpenAPI docs at /v1/docs;
+- everything else OpenSearch-shaped — the drop-in proxy (proxy.py);
+- /healthz, /readyz, /metrics.
+
+The models are wrapped once per app: query embeddings and rerank pairs from concurrent requests go
+through caches and shared batches (batching.py). Searches run in a thread pool, never on the event loop,
+and at most `server.max_queue` at once: the next one gets 429 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from middleware import __version__
+from middleware.backends.base import BackendError
+from middleware.config import Settings
+from middleware.pipeline import Pipeline
+from middleware.schema import SearchRequest, SearchResponse
+from middleware.server.auth import ApiKeyChecker, load_api_keys
+from middleware.server.batching import BatchingEmbedder, BatchingReranker
+from middleware.server.caches import LruTtlCache
+from middleware.server.errors import ApiError, opensearch_error, redact, render, route_group, v1_error
+from middleware.server.limits import InflightLimiter, queue_full
+from middleware.server.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ServiceState:
+    """Everything a request handler needs, built once per app."""
+
+    def __init__(self, settings: Settings, base: Pipeline, *, owns_pipeline: bool) -> None:
+        srv = settings.server
+        self.settings = settings
+        self.base = base
+        self.owns_pipeline = owns_pipeline
+        self.metrics = ServiceMetrics()
+        self.limiter = InflightLimiter(srv.max_queue)
+        self.embedder: BatchingEmbedder | None = None
+        self.reranker: BatchingReranker | None = None
+        if base.embedder is not None:
+            self.embedder = BatchingEmbedder(
+                base.embedder,
+                cache=LruTtlCache("embedding", srv.embedding_cache_size, srv.cache_ttl_s, self.metrics.observe_cache),
+                batching=srv.batching_enabled,
+                max_batch_size=srv.batch_max_size,
+                max_wait_ms=srv.batch_max_wait_ms,
+                on_batch=self.metrics.observe_batch,
+            )
+        if base.reranker is not None:
+            self.reranker = BatchingReranker(
+                base.reranker,
+                cache=LruTtlCache("rerank", srv.rerank_cache_size, srv.cache_ttl_s, self.metrics.observe_cache),
+                batching=srv.batching_enabled,
+                max_batch_size=srv.batch_max_size,
+                max_wait_ms=srv.batch_max_wait_ms,
+                on_batch=self.metrics.observe_batch,
+            )
+        self.pipeline = Pipeline(settings, base.backend, self.embedder, self.reranker)
+        self.pipeline.default_rerank_k = base.default_rerank_k
+        # A search holds a stage thread while its embedding or rerank pairs wait for a shared batch, so
+        # the library's 8 stage threads would cap batches at 8 requests: give every admitted search room.
+        self.pipeline._executor.shutdown(wait=False)
+        self.pipeline._executor = ThreadPoolExecutor(
+            max_workers=3 * srv.max_queue + 4, thread_name_prefix="shopsearch-stage"
+        )
+        self.executor = ThreadPoolExecutor(max_workers=srv.max_queue + 4, thread_name_prefix="shopsearch-req")
+        from middleware.server.proxy import Upstream
+
+        self.upstream = Upstream.from_settings(settings)
+        self.started = time.time()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def admitted(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking work if a slot is free, else 429 at once."""
+        if not self.limiter.try_acquire():
+            self.metrics.rejected.labels("queue_full").inc()
+            raise queue_full()
+        self.metrics.in_flight.inc()
+        try:
+            return await self.run(fn, *args)
+        finally:
+            self.limiter.release()
+            self.metrics.in_flight.dec()
+
+    async def search(self, req: SearchRequest) -> SearchResponse:
+        try:
+            resp = await self.admitted(self.pipeline.search, req)
+        except BackendError as err:
+            self.metrics.rejected.labels("backend_unavailable").inc()
+            raise ApiError(
+                503,
+                f"search backend unavailable: {redact(str(err))}",
+                os_type="unavailable_exception",
+                headers={"Retry-After": "1"},
+            ) from None
+        except ValueError as err:  # a request the configuration cannot answer (e.g. vector without embedder)
+            raise ApiError(400, str(err)) from None
+        self.metrics.observe_search(resp.timings_ms, resp.degraded)
+        return resp
+
+    async def close(self) -> None:
+        for model in (self.embedder, self.reranker):
+            if model is not None:
+                model.close()
+        self.pipeline._executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.upstream is not None:
+            await self.upstream.aclose()
+        if self.owns_pipeline:
+            self.base.close()
+
+
+def get_state(request: Request) -> ServiceState:
+    state = getattr(request.app.state, "service", None)
+    if state is None:
+        raise ApiError(503, "service is starting: models and backend not loaded yet")
+    return state
+
+
+def _metric_route(path: str, method: str) -> str:
+    """A bounded label for a path (never the raw path: index names and ids are unbounded)."""
+    group = route_group(path)
+    if group != "proxy":
+        return path if group != "v1" or path.count("/") <= 2 else "/".join(path.split("/")[:3])
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        return "info"
+    for part in parts:
+        if part.startswith("_"):
+            return part
+    return "index"
+
+
+class ServiceMiddleware:
+    """Auth, body size limit and request metrics, before any route runs (pure ASGI: cheap)."""
+
+    def __init__(self, app: ASGIApp, get: Callable[[], ServiceState | None], settings: Settings) -> None:
+        self.app = app
+        self.get = get
+        self.settings = settings
+        self.auth = ApiKeyChecker(load_api_keys(settings.server))  # checked even before models load
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.get()
+        path: str = scope["path"]
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_recording(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, send_recording, state, path)
+        finally:
+            if state is not None:
+                label = _metric_route(path, scope["method"])
+                state.metrics.requests.labels(label, scope["method"], str(status["code"])).inc()
+                state.metrics.request_seconds.labels(label).observe(time.perf_counter() - started)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, state: ServiceState | None, path: str) -> None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if route_group(path) != "health" and not self.auth.allows(headers):
+            if state is not None:
+                state.metrics.rejected.labels("unauthorized").inc()
+            err = ApiError(
+                401,
+                "missing or invalid API key (Authorization: ApiKey <key> or x-api-key)",
+                os_type="security_exception",
+                headers={"WWW-Authenticate": 'ApiKey, Basic realm="shopsearch"'},
+            )
+            await render(path, err)(scope, receive, send)
+            return
+        limit = self.settings.server.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await self._too_large(scope, receive, send, path, state, limit)
+            return
+        # read the body here, bounded, so chunked uploads cannot exceed the limit either
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await self._too_large(scope, receive, send, path, state, limit)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _too_large(
+        scope: Scope, receive: Receive, send: Send, path: str, state: ServiceState | None, limit: int
+    ) -> None:
+        if state is not None:
+            state.metrics.rejected.labels("body_too_large").inc()
+        err = ApiError(413, f"request body exceeds server.max_body_bytes ({limit} bytes)")
+        await render(path, err)(scope, receive, send)
+
+
+def _validation_response(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    parts = []
+    detail = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ())]
+        field = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path") else loc) or "body"
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{field}: {msg}")
+        detail.append({"loc": loc, "msg": msg, "type": e.get("type", "value_error")})
+    message = "; ".join(parts) or "invalid request"
+    if route_group(request.url.path) == "proxy":
+        return opensearch_error(400, "illegal_argument_exception", message)
+    first = detail[0]["loc"] if detail else []
+    body: dict[str, Any] = {"message": message, "detail": detail}
+    if first:
+        body["param"] = ".".join(first[1:]) if first[0] in ("body", "query", "path") else ".".join(first)
+    return JSONResponse(body, status_code=422)
+
+
+def _install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return render(request.url.path, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(request, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:
+            message = "the body is not valid JSON (or is nested too deeply)"
+        headers = dict(exc.headers) if exc.headers else None
+        if route_group(request.url.path) == "proxy":
+            return opensearch_error(exc.status_code, "illegal_argument_exception", message, headers)
+        return v1_error(exc.status_code, message, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # the traceback goes to the log; the client learns nothing about internals
+        log.error("unhandled error on %s %s: %s", request.method, request.url.path, redact(repr(exc)))
+        message = "internal error; the service log has the details"
+        if route_group(request.url.path) == "proxy":
+            return opensearch_error(500, "internal_server_error", message)
+        return v1_error(500, message)
+
+
+def create_app(settings: Settings | None = None, pipeline: Pipeline | None = None) -> FastAPI:
+    """The service. Without `pipeline`, models and backend load at startup from `settings`.
+
+    A pipeline passed in stays the caller's (not closed on shutdown); `settings` governs the service.
+    """
+    settings = settings or Settings()
+    holder: dict[str, ServiceState | None] = {"state": None}
+
+    def install(state: ServiceState) -> None:
+        holder["state"] = state
+        app.state.service = state
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if holder["state"] is None:
+            base = await asyncio.to_thread(Pipeline.from_settings, settings)
+            install(ServiceState(settings, base, owns_pipeline=True))
+        try:
+            yield
+        finally:
+            state = holder["state"]
+            if state is not None:
+                await state.close()
+
+    app = FastAPI(
+        title="shopsearch",
+        version=__version__,
+        description="Semantic product search: REST API (/v1) and an OpenSearch-compatible proxy.",
+        docs_url="/v1/docs",
+        redoc_url=None,
+        openapi_url="/v1/openapi.json",
+        lifespan=lifespan,
+    )
+    app.state.service = None
+    if pipeline is not None:
+        install(ServiceState(settings, pipeline, owns_pipeline=False))
+
+    _install_handlers(app)
+    from middleware.server import api, proxy
+
+    app.include_router(api.router)
+    app.include_router(proxy.router)  # last: its routes are OpenSearch's path patterns
+    app.add_middleware(ServiceMiddleware, get=lambda: holder["state"], settings=settings)
+    return app

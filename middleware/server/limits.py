@@ -1,0 +1,60 @@
+"""Request limits: body size, paging bounds, deadline cap, and the bound on searches in flight."""
+
+from __future__ import annotations
+
+from middleware.config import ServerSettings, Settings
+from middleware.server.errors import ApiError
+
+RETRY_AFTER_S = "1"
+
+
+class BodyTooLarge(ApiError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413,
+            f"request body exceeds server.max_body_bytes ({limit} bytes)",
+            os_type="content_too_long_exception",
+        )
+
+
+def check_paging(server: ServerSettings, size: int, from_: int, location: str = "body") -> None:
+    if size > server.max_size:
+        raise ApiError(400, f"must be at most {server.max_size} (server.max_size)", param="size", location=location)
+    if from_ > server.max_from:
+        raise ApiError(400, f"must be at most {server.max_from} (server.max_from)", param="from", location=location)
+
+
+def capped_deadline_ms(settings: Settings, requested: float | None) -> float:
+    """The request's own deadline, never above server.max_deadline_ms; the default otherwise."""
+    if requested is None:
+        return min(settings.deadline_ms, settings.server.max_deadline_ms)
+    return min(requested, settings.server.max_deadline_ms)
+
+
+class InflightLimiter:
+    """At most `capacity` searches at once; the next one is refused at once (429), never queued.
+
+    Used from the event loop only, so a plain counter is enough.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_flight = 0
+
+    def try_acquire(self) -> bool:
+        if self.in_flight >= self.capacity:
+            return False
+        self.in_flight += 1
+        return True
+
+    def release(self) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+
+
+def queue_full() -> ApiError:
+    return ApiError(
+        429,
+        "too many searches in flight (server.max_queue); retry shortly",
+        os_type="rejected_execution_exception",
+        headers={"Retry-After": RETRY_AFTER_S},
+    )

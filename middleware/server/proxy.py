@@ -1,0 +1,484 @@
+"""The drop-in OpenSearch proxy: an existing OpenSearch client points here instead of the cluster.
+
+- `/{index}/_search` with user text (match, multi_match, query_string, …) runs the shopsearch pipeline and
+  answers in OpenSearch's response shape; other searches go to the upstream cluster unchanged
+  (`server.upstream_url`; with the OpenSearch backend, its cluster), or get 400 without one.
+- With the embedded backend the service answers `/`, `_count`, `_doc`, `_mget`, `_cluster/health`,
+  `_cat/indices` itself for `server.index_name`; otherwise read-only requests pass through.
+- Index names are checked against `server.allowed_indices`; write and admin endpoints are refused (403)
+  unless `server.enable_writes`; scripts are refused unless `server.allow_scripts`.
+Errors use OpenSearch's shape: {"error": {"root_cause", "type", "reason"}, "status"}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import ssl
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from middleware import __version__
+from middleware.config import Settings
+from middleware.schema import SearchResponse
+from middleware.server.app import ServiceState, get_state
+from middleware.server.errors import ApiError, redact
+from middleware.server.limits import capped_deadline_ms
+from middleware.server.translate import (
+    Translated,
+    Unsupported,
+    json_depth_ok,
+    names_local_index,
+    parse_index_expression,
+    parse_source,
+    refuse_scripts,
+    search_response,
+    translate_search,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter(include_in_schema=False)
+
+# an OpenSearch 2.x version: clients check `version.distribution` and accept 1.x–3.x numbers
+COMPAT_VERSION = "2.19.1"
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length",
+               "content-encoding", "proxy-authenticate", "proxy-authorization"}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ upstream
+
+
+class Upstream:
+    """The OpenSearch cluster behind the proxy, for requests the pipeline does not answer.
+
+    Client credentials are never forwarded (they are ours); the cluster's own credentials come from
+    the `opensearch` settings. TLS certificates are verified unless server.upstream_verify_certs is off.
+    """
+
+    def __init__(self, base_url: str, client: httpx.AsyncClient) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.client = client
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Upstream | None:
+        url = settings.server.upstream_url
+        if url is None and settings.backend == "opensearch" and settings.opensearch.url:
+            url = settings.opensearch.url[0]
+        if not url:
+            return None
+        os_cfg = settings.opensearch
+        verify: bool | ssl.SSLContext = settings.server.upstream_verify_certs
+        if verify and os_cfg.ca_certs is not None:
+            verify = ssl.create_default_context(cafile=str(os_cfg.ca_certs))
+        headers: dict[str, str] = {}
+        auth: httpx.BasicAuth | None = None
+        password = os_cfg.password.get_secret_value() if os_cfg.password is not None else None
+        if password is None and os_cfg.password_file is not None:
+            password = os_cfg.password_file.read_text(encoding="utf-8").strip()
+        api_key = os_cfg.api_key.get_secret_value() if os_cfg.api_key is not None else None
+        if api_key is None and os_cfg.api_key_file is not None:
+            api_key = os_cfg.api_key_file.read_text(encoding="utf-8").strip()
+        if api_key:
+            headers["authorization"] = f"ApiKey {api_key}"
+        elif os_cfg.username and password is not None:
+            auth = httpx.BasicAuth(os_cfg.username, password)
+        client = httpx.AsyncClient(
+            base_url=url.rstrip("/"),
+            verify=verify,
+            timeout=settings.server.upstream_timeout_s,
+            headers=headers,
+            auth=auth,
+            follow_redirects=False,
+        )
+        return cls(url, client)
+
+    async def forward(
+        self,
+        state: ServiceState,
+        method: str,
+        path: str,
+        params: list[tuple[str, str]],
+        body: bytes | None,
+        headers: Mapping[str, str],
+    ) -> Response:
+        """The upstream's answer as is, or 503/504 in OpenSearch's error shape."""
+        sent = {k: v for k, v in headers.items() if k.lower() in {"content-type", "accept", "x-opaque-id"}}
+        try:
+            resp = await self.client.request(method, path, params=params, content=body or None, headers=sent)
+        except httpx.TimeoutException:
+            state.metrics.passthrough.labels("timeout").inc()
+            raise ApiError(504, "the upstream OpenSearch did not answer in time", os_type="timeout_exception") from None
+        except httpx.HTTPError as err:
+            state.metrics.passthrough.labels("unreachable").inc()
+            raise ApiError(
+                503,
+                f"the upstream OpenSearch is unreachable: {redact(type(err).__name__)}",
+                os_type="unavailable_exception",
+                headers={"Retry-After": "1"},
+            ) from None
+        state.metrics.passthrough.labels(str(resp.status_code // 100) + "xx").inc()
+        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
+        out_headers["x-shopsearch-passthrough"] = "1"
+        return Response(content=resp.content, status_code=resp.status_code, headers=out_headers)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+async def _json_body(request: Request) -> tuple[bytes, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return raw, None
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply", os_type="parse_exception") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"the body is not valid JSON: {str(err)[:200]}", os_type="parse_exception") from None
+    if not json_depth_ok(body):
+        raise ApiError(400, "the body is nested too deeply", os_type="parse_exception")
+    return raw, body
+
+
+def _params(request: Request) -> dict[str, str]:
+    return dict(request.query_params)
+
+
+def _answers_locally(state: ServiceState) -> bool:
+    return state.settings.backend == "embedded"
+
+
+def _local_names(state: ServiceState, names: list[str]) -> bool:
+    local = state.settings.server.index_name
+    if _answers_locally(state):
+        return names_local_index(names, local)
+    return names == [local]
+
+
+def _index_path(names: list[str], *rest: str) -> str:
+    parts = [",".join(names), *rest]
+    return "/" + "/".join(quote(p, safe=",*") for p in parts)
+
+
+async def _forward_or(
+    state: ServiceState, request: Request, path: str, raw: bytes | None, missing: ApiError
+) -> Response:
+    if state.upstream is None:
+        raise missing
+    return await state.upstream.forward(
+        state, request.method, path, list(request.query_params.multi_items()), raw, request.headers
+    )
+
+
+def _no_index(names: list[str]) -> ApiError:
+    return ApiError(404, f"no such index [{','.join(names)}]", os_type="index_not_found_exception")
+
+
+def _cluster_uuid(state: ServiceState) -> str:
+    return hashlib.sha1(str(state.settings.data_dir.resolve()).encode()).hexdigest()[:22]
+
+
+# -------------------------------------------------------------------------------------------- routes
+
+
+@router.api_route("/", methods=["GET", "HEAD"])
+async def info(request: Request) -> Response:
+    state = get_state(request)
+    if not _answers_locally(state):
+        return await _forward_or(state, request, "/", None, ApiError(404, "no upstream"))
+    return JSONResponse(
+        {
+            "name": "shopsearch",
+            "cluster_name": "shopsearch",
+            "cluster_uuid": _cluster_uuid(state),
+            "version": {
+                "distribution": "opensearch",
+                "number": COMPAT_VERSION,
+                "build_type": "shopsearch",
+                "build_hash": "shopsearch-" + __version__,
+                "build_date": "2025-01-01T00:00:00.000000Z",
+                "build_snapshot": False,
+                "lucene_version": "9.12.1",
+                "minimum_wire_compatibility_version": "7.10.0",
+                "minimum_index_compatibility_version": "7.0.0",
+            },
+            "tagline": "The OpenSearch Project: https://opensearch.org/",
+            "shopsearch": {"version": __version__, "backend": state.settings.backend},
+        }
+    )
+
+
+@router.api_route("/_search", methods=["GET", "POST"])
+async def search_everything(request: Request) -> Response:
+    raise ApiError(403, "searching every index is not allowed: name an index in the path", os_type="security_exception")
+
+
+@router.api_route("/{index}/_search", methods=["GET", "POST"])
+async def search(index: str, request: Request) -> Response:
+    started = time.perf_counter()
+    state = get_state(request)
+    server = state.settings.server
+    names = parse_index_expression(index, server)
+    raw, body = await _json_body(request)
+    if body is not None and not isinstance(body, dict):
+        raise ApiError(400, "the search body must be a JSON object", os_type="parse_exception")
+    params = _params(request)
+    refuse_scripts(body, server)
+    try:
+        translated = translate_search(
+            body, params, server, default_deadline_ms=capped_deadline_ms(state.settings, None)
+        )
+    except Unsupported as why:
+        missing = ApiError(
+            400,
+            f"{why}; shopsearch answers searches with user text itself and passes others to an upstream "
+            "OpenSearch (server.upstream_url), which is not configured",
+        )
+        return await _forward_or(state, request, _index_path(names, "_search"), raw, missing)
+    if not _local_names(state, names):
+        return await _forward_or(state, request, _index_path(names, "_search"), raw, _no_index(names))
+
+    req = translated.request
+    req = req.model_copy(update={"deadline_ms": capped_deadline_ms(state.settings, req.deadline_ms)})
+    resp: SearchResponse | None = None
+    if not translated.matches_nothing:
+        resp = await state.search(req)
+    return _search_answer(state, resp, translated, index=server.index_name, started=started)
+
+
+def _search_answer(
+    state: ServiceState, resp: SearchResponse | None, translated: Translated, *, index: str, started: float
+) -> JSONResponse:
+    took_ms = (time.perf_counter() - started) * 1000.0
+    retrieve_n = translated.request.retrieve_n or state.settings.retrieve_n
+    body = search_response(resp, translated, index=index, took_ms=took_ms, retrieve_n=retrieve_n)
+    headers: dict[str, str] = {}
+    if resp is not None:
+        body["timed_out"] = bool(resp.degraded)  # part of the work was skipped: an incomplete answer
+        if resp.degraded:
+            headers["x-shopsearch-degraded"] = ",".join(resp.degraded)
+        headers["server-timing"] = ", ".join(f"{k};dur={v:.3f}" for k, v in resp.timings_ms.items())
+    return JSONResponse(body, headers=headers)
+
+
+@router.api_route("/{index}/_count", methods=["GET", "POST"])
+async def count(index: str, request: Request) -> Response:
+    state = get_state(request)
+    names = parse_index_expression(index, state.settings.server)
+    raw, body = await _json_body(request)
+    refuse_scripts(body, state.settings.server)
+    path = _index_path(names, "_count")
+    if not (_answers_locally(state) and _local_names(state, names)):
+        return await _forward_or(state, request, path, raw, _no_index(names))
+    plain = isinstance(body, dict) and set(body) <= {"query"} and body.get("query") in (None, {"match_all": {}})
+    counts_everything = "q" not in request.query_params and (body is None or plain)
+    if not counts_everything:
+        missing = ApiError(400, "the embedded backend counts every product only (match_all)", param="query")
+        return await _forward_or(state, request, path, raw, missing)
+    total = await state.admitted(state.base.backend.count)
+    return JSONResponse({"count": total, "_shards": {"total": 1, "successful": 1, "skipped": 0, "failed": 0}})
+
+
+def _doc_answer(index: str, doc_id: str, product: dict[str, Any] | None, source_filter: Any) -> dict:
+    if product is None:
+        return {"_index": index, "_id": doc_id, "found": False}
+    out: dict[str, Any] = {"_index": index, "_id": doc_id, "_version": 1, "_seq_no": 0, "_primary_term": 1}
+    out["found"] = True
+    source = source_filter.apply(product)
+    if source is not None:
+        out["_source"] = source
+    return out
+
+
+@router.api_route("/{index}/_doc/{doc_id}", methods=["GET", "HEAD"])
+async def get_doc(index: str, doc_id: str, request: Request) -> Response:
+    state = get_state(request)
+    names = parse_index_expression(index, state.settings.server)
+    if len(names) != 1 or "*" in names[0]:
+        raise ApiError(400, "a document is read from one index", param="index")
+    if not (_answers_locally(state) and _local_names(state, names)):
+        return await _forward_or(state, request, _index_path(names, "_doc", doc_id), None, _no_index(names))
+    source = parse_source(None, _params(request))
+    found = await state.admitted(state.base.backend.get, [doc_id])
+    product = found[0].model_dump(mode="json") if found else None
+    body = _doc_answer(state.settings.server.index_name, doc_id, product, source)
+    return JSONResponse(body, status_code=200 if found else 404)
+
+
+@router.api_route("/{index}/_source/{doc_id}", methods=["GET", "HEAD"])
+async def get_source(index: str, doc_id: str, request: Request) -> Response:
+    state = get_state(request)
+    names = parse_index_expression(index, state.settings.server)
+    if not (_answers_locally(state) and _local_names(state, names)):
+        return await _forward_or(state, request, _index_path(names, "_source", doc_id), None, _no_index(names))
+    found = await state.admitted(state.base.backend.get, [doc_id])
+    if not found:
+        raise ApiError(404, f"document [{doc_id[:200]}] not found", os_type="resource_not_found_exception")
+    source = parse_source(None, _params(request)).apply(found[0].model_dump(mode="json"))
+    return JSONResponse(source or {})
+
+
+@router.api_route("/_mget", methods=["GET", "POST"])
+async def mget_any(request: Request) -> Response:
+    return await _mget(request, None)
+
+
+@router.api_route("/{index}/_mget", methods=["GET", "POST"])
+async def mget_index(index: str, request: Request) -> Response:
+    return await _mget(request, index)
+
+
+async def _mget(request: Request, index: str | None) -> Response:
+    state = get_state(request)
+    server = state.settings.server
+    raw, body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "an mget body is an object with docs or ids", param="body")
+    default = parse_index_expression(index, server) if index is not None else None
+    wanted: list[tuple[str | None, str]] = []
+    if isinstance(body.get("ids"), list):
+        wanted = [(index, str(i)) for i in body["ids"]]
+    elif isinstance(body.get("docs"), list):
+        for i, doc in enumerate(body["docs"]):
+            if not isinstance(doc, dict) or "_id" not in doc:
+                raise ApiError(400, "each doc needs an _id", param=f"docs[{i}]")
+            wanted.append((doc.get("_index", index), str(doc["_id"])))
+    else:
+        raise ApiError(400, "an mget body needs docs or ids", param="body")
+    if not wanted:
+        raise ApiError(400, "no documents asked for", param="docs")
+    for i, (name, _) in enumerate(wanted):
+        if name is None:
+            raise ApiError(400, "no index named for the document", param=f"docs[{i}]._index")
+        parse_index_expression(name, server)
+    local = _answers_locally(state) and all(_local_names(state, [n or ""]) for n, _ in wanted)
+    if not local:
+        path = "/_mget" if default is None else _index_path(default, "_mget")
+        return await _forward_or(state, request, path, raw, _no_index([n or "" for n, _ in wanted]))
+    source = parse_source(body.get("_source"), _params(request))
+    ids = [doc_id for _, doc_id in wanted]
+    products = {p.id: p.model_dump(mode="json") for p in await state.admitted(state.base.backend.get, ids)}
+    docs = [_doc_answer(server.index_name, doc_id, products.get(doc_id), source) for doc_id in ids]
+    return JSONResponse({"docs": docs})
+
+
+@router.api_route("/_cluster/health", methods=["GET"])
+async def cluster_health(request: Request) -> Response:
+    return await _health(request, None)
+
+
+@router.api_route("/_cluster/health/{index}", methods=["GET"])
+async def cluster_health_index(index: str, request: Request) -> Response:
+    return await _health(request, index)
+
+
+async def _health(request: Request, index: str | None) -> Response:
+    state = get_state(request)
+    names = parse_index_expression(index, state.settings.server) if index is not None else None
+    if not _answers_locally(state) or (names is not None and not _local_names(state, names)):
+        path = "/_cluster/health" + ("" if names is None else "/" + quote(",".join(names), safe=",*"))
+        return await _forward_or(state, request, path, None, _no_index(names or []))
+    return JSONResponse(
+        {
+            "cluster_name": "shopsearch",
+            "status": "green",
+            "timed_out": False,
+            "number_of_nodes": 1,
+            "number_of_data_nodes": 1,
+            "discovered_master": True,
+            "discovered_cluster_manager": True,
+            "active_primary_shards": 1,
+            "active_shards": 1,
+            "relocating_shards": 0,
+            "initializing_shards": 0,
+            "unassigned_shards": 0,
+            "delayed_unassigned_shards": 0,
+            "number_of_pending_tasks": 0,
+            "number_of_in_flight_fetch": 0,
+            "task_max_waiting_in_queue_millis": 0,
+            "active_shards_percent_as_number": 100.0,
+        }
+    )
+
+
+@router.api_route("/_cat/{what:path}", methods=["GET"])
+async def cat(what: str, request: Request) -> Response:
+    state = get_state(request)
+    parts = [p for p in what.split("/") if p]
+    if not _answers_locally(state) or not parts or parts[0] != "indices":
+        if parts and parts[0] not in {"indices", "count", "health", "aliases", "shards", "nodes", "segments"}:
+            raise ApiError(403, f"_cat/{parts[0][:50]} is not a read endpoint the proxy serves")
+        path = "/_cat/" + "/".join(quote(p, safe=",*") for p in parts)
+        return await _forward_or(state, request, path, None, ApiError(404, "only _cat/indices is answered here"))
+    if len(parts) > 2:
+        raise ApiError(400, "_cat/indices takes one index expression", param="index")
+    if len(parts) == 2:
+        names = parse_index_expression(parts[1], state.settings.server)
+        if not _local_names(state, names):
+            raise _no_index(names)
+    stats = await state.admitted(state.base.backend.stats)
+    total = await state.admitted(state.base.backend.count)
+    size = str(stats.get("size_bytes", stats.get("bytes", 0))) if isinstance(stats, dict) else "0"
+    row = {
+        "health": "green",
+        "status": "open",
+        "index": state.settings.server.index_name,
+        "uuid": _cluster_uuid(state),
+        "pri": "1",
+        "rep": "0",
+        "docs.count": str(total),
+        "docs.deleted": "0",
+        "store.size": size,
+        "pri.store.size": size,
+    }
+    if request.query_params.get("format") == "json":
+        return JSONResponse([row])
+    line = " ".join(row.values())
+    if request.query_params.get("v") in ("", "true"):
+        line = " ".join(row.keys()) + "\n" + line
+    return PlainTextResponse(line + "\n")
+
+
+@router.api_route("/{index}", methods=["GET", "HEAD"])
+async def index_info(index: str, request: Request) -> Response:
+    state = get_state(request)
+    names = parse_index_expression(index, state.settings.server)
+    if not (_answers_locally(state) and _local_names(state, names)):
+        return await _forward_or(state, request, _index_path(names), None, _no_index(names))
+    name = state.settings.server.index_name
+    return JSONResponse({name: {"aliases": {}, "mappings": {}, "settings": {"index": {"number_of_shards": "1"}}}})
+
+
+@router.api_route("/{path:path}", methods=ALL_METHODS)
+async def everything_else(path: str, request: Request) -> Response:
+    """Write and admin endpoints: refused unless server.enable_writes, then passed to the upstream."""
+    state = get_state(request)
+    server = state.settings.server
+    shown = f"{request.method} /{path[:200]}"
+    if not server.enable_writes:
+        raise ApiError(
+            403,
+            f"write and admin endpoints are refused by the shopsearch proxy: {shown} (server.enable_writes)",
+            os_type="security_exception",
+        )
+    segments = [s for s in path.split("/") if s]
+    if any(s in {".", ".."} for s in segments):
+        raise ApiError(400, "path segments . and .. are not allowed", param="path")
+    if segments and not segments[0].startswith("_"):
+        parse_index_expression(segments[0], server)
+    raw, body = await _json_body(request)
+    refuse_scripts(body, server)
+    upstream_path = "/" + "/".join(quote(s, safe=",*") for s in segments)
+    missing = ApiError(400, f"{shown}: no upstream OpenSearch configured (server.upstream_url)")
+    return await _forward_or(state, request, upstream_path, raw, missing)
