@@ -128,6 +128,7 @@ def index_rows(
         summary.resumed_from_line = resume_line
         summary.resumed_rows_skipped = summary.read
         dead_letters.count = summary.rejected
+        dead_letters.drop_after(resume_line)
     committed_line = resume_line
     seen = _SeenIds() if prune else None
 

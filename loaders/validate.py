@@ -55,6 +55,13 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _record_line(record: str) -> int:
+    try:
+        return int(json.loads(record)["line"])
+    except (ValueError, KeyError, TypeError):
+        return 0  # an unreadable record is kept rather than lost
+
+
 class DeadLetters:
     """Rejected rows as JSONL `{"line", "raw", "reason"}`. The file is created on the first reject only.
 
@@ -79,6 +86,23 @@ class DeadLetters:
         self._file.flush()
         os.fsync(self._file.fileno())
         self.count += len(rejections)
+
+    def drop_after(self, line: int) -> None:
+        """Forget records past `line`: a resumed run re-reads those rows and rejects them again.
+
+        A killed attempt may have written a batch's rejects without checkpointing it; keeping them
+        would list those rows twice.
+        """
+        if self._file is not None or not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8") as f:
+            kept = [r for r in f if r.strip() and _record_line(r) <= line]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     @property
     def written(self) -> bool:

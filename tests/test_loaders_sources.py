@@ -223,3 +223,15 @@ def test_checkpoint_is_atomic_and_keyed_by_file_identity(tmp_path: Path) -> None
     atomic_write_json(tmp_path / "a.json", {"x": 1})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
     assert os.listdir(tmp_path).count("a.json") == 1
+
+
+def test_dead_letters_drop_records_past_the_resume_line(tmp_path: Path) -> None:
+    path = tmp_path / "dl.jsonl"
+    letters = DeadLetters(path)
+    letters.write([Rejection(3, "a", "x"), Rejection(9, "b", "y"), Rejection(12, "c", "z")])
+    letters.close()
+    resumed = DeadLetters(path)
+    resumed.drop_after(9)
+    resumed.write([Rejection(12, "c", "z")])
+    resumed.close()
+    assert [json.loads(line)["line"] for line in path.read_text().splitlines()] == [3, 9, 12]
