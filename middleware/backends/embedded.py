@@ -190,7 +190,7 @@ def _filter_sql(filters: Filters | None, alias: str = "p") -> tuple[str, list[An
     if filters.ids is not None:
         clauses.append(f"{alias}.id IN (SELECT value FROM json_each(?))")
         params.append(json.dumps(filters.ids, ensure_ascii=False))
-    return " AND ".join(clauses), params
+    return " AND ".join(clauses) or "1", params  # in_stock=False alone restricts nothing
 
 
 class EmbeddedBackend:

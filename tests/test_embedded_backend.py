@@ -1,0 +1,530 @@
+"""The embedded backend (SQLite FTS5 + faiss) against brute force over `Filters.matches`."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from middleware.backends import Backend, BackendError
+from middleware.backends.embedded import DB_NAME, FAISS_NAME, EmbeddedBackend
+from middleware.products import Filters, Product, SignalUpdate
+
+DIM = 16
+WORDS = ["手表", "珐琅", "礼盒", "女士", "机械", "运动", "蓝牙", "耳机", "连衣裙", "口红", "Apple", "Casio", "pro", "18K"]
+BRANDS = ["Omega", "Casio", "DW", "Apple", None]
+CATEGORIES = ["手表", "礼物", "服饰", "数码", "美妆"]
+
+
+def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    v = rng.normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def random_catalog(seed: int, n: int) -> tuple[list[Product], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    products = []
+    for i in range(n):
+        title = "".join(rng.choice(WORDS, size=int(rng.integers(2, 5))))
+        products.append(
+            Product(
+                id=f"p{i}",
+                title=title,
+                description="".join(rng.choice(WORDS, size=2)) if rng.random() < 0.5 else None,
+                brand=BRANDS[int(rng.integers(len(BRANDS)))],
+                category=list(rng.choice(CATEGORIES, size=int(rng.integers(0, 3)), replace=False)),
+                price=None if rng.random() < 0.1 else float(rng.integers(0, 1000)),
+                stock=None if rng.random() < 0.3 else int(rng.integers(0, 3)),
+                sales=int(rng.integers(0, 500)),
+            )
+        )
+    return products, unit(rng, n)
+
+
+def random_filters(rng: np.random.Generator, ids: list[str]) -> Filters:
+    kwargs: dict = {}
+    if rng.random() < 0.4:
+        kwargs["category"] = list(rng.choice(CATEGORIES, size=int(rng.integers(1, 3)), replace=False))
+    if rng.random() < 0.4:
+        kwargs["brand"] = list(rng.choice([b for b in BRANDS if b], size=int(rng.integers(1, 3)), replace=False))
+    if rng.random() < 0.4:
+        lo = float(rng.integers(0, 600))
+        kwargs["price_min"], kwargs["price_max"] = lo, lo + float(rng.integers(0, 500))
+    if rng.random() < 0.4:
+        kwargs["in_stock"] = bool(rng.random() < 0.8)
+    if rng.random() < 0.2:
+        kwargs["ids"] = list(rng.choice(ids, size=20, replace=False))
+    return Filters(**kwargs)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[EmbeddedBackend]:
+    with EmbeddedBackend(tmp_path / "data") as backend:
+        yield backend
+
+
+@pytest.fixture(scope="module")
+def catalog() -> tuple[list[Product], np.ndarray]:
+    return random_catalog(seed=7, n=240)
+
+
+def brute_force_knn(products: list[Product], vectors: np.ndarray, query: np.ndarray, f: Filters | None, n: int):
+    keep = [i for i, p in enumerate(products) if f is None or f.matches(p)]
+    scores = vectors[keep] @ query
+    order = np.lexsort((np.array(keep), -scores))[:n]  # ties by insertion order (= rowid)
+    return [products[keep[i]].id for i in order], [float(scores[i]) for i in order]
+
+
+# ---------------------------------------------------------------------------------------- basics
+
+
+def test_implements_the_backend_protocol(store: EmbeddedBackend) -> None:
+    assert isinstance(store, Backend)
+
+
+def test_upsert_get_count_iter_and_hashes(store: EmbeddedBackend, catalog) -> None:
+    products, vectors = catalog
+    store.upsert(products, vectors)
+    assert store.count() == len(products)
+    assert list(store.iter_ids()) == [p.id for p in products]
+    assert store.get(["p3", "missing", "p1"]) == [products[3], products[1]]
+    assert store.content_hashes(["p0", "nope"]) == {"p0": products[0].content_hash()}
+    stats = store.stats()
+    assert stats["products"] == stats["vectors"] == len(products)
+    assert stats["dim"] == DIM and stats["index_type"] == "flat" and stats["bytes_on_disk"] > 0
+
+
+def test_upsert_replaces_text_vector_and_signals(store: EmbeddedBackend) -> None:
+    rng = np.random.default_rng(1)
+    store.upsert([Product(id=1, title="珐琅手表", price=10), Product(id=2, title="蓝牙耳机")], unit(rng, 2))
+    new_vector = unit(rng, 1)
+    store.upsert([Product(id=1, title="运动连衣裙", price=20, stock=0)], new_vector)
+    assert store.count() == 2
+    assert store.get(["1"])[0].title == "运动连衣裙" and store.get(["1"])[0].price == 20
+    assert [c.id for c in store.bm25("珐琅", None, 10)] == []
+    assert [c.id for c in store.bm25("连衣裙", None, 10)] == ["1"]
+    top = store.knn(new_vector[0], None, 1)[0]
+    assert top.id == "1" and top.knn == pytest.approx(1.0, abs=1e-5)
+    assert store.stats()["index_vectors"] == 2  # the old vector is gone from the flat index
+
+
+def test_duplicate_id_in_one_batch_is_one_product_last_wins(store: EmbeddedBackend) -> None:
+    vectors = unit(np.random.default_rng(2), 3)
+    store.upsert([Product(id="a", title="口红"), Product(id="b", title="耳机"), Product(id="a", title="手表")], vectors)
+    assert store.count() == 2
+    assert store.get(["a"])[0].title == "手表"
+    hits = store.knn(vectors[2], None, 5)
+    assert hits[0].id == "a" and hits[0].knn == pytest.approx(1.0, abs=1e-5)
+    assert [c.id for c in store.knn(vectors[0], None, 5)].count("a") == 1
+
+
+def test_delete_removes_from_both_retrievals(store: EmbeddedBackend, catalog) -> None:
+    products, vectors = catalog
+    store.upsert(products[:20], vectors[:20])
+    assert store.delete(["p0", "p1", "missing", "p0"]) == 2
+    assert store.count() == 18 and store.get(["p0", "p1"]) == []
+    assert store.knn(vectors[0], None, 1)[0].id != "p0"
+    for word in WORDS:
+        assert not {"p0", "p1"} & {c.id for c in store.bm25(word, None, 100)}
+    assert store.delete([]) == 0
+
+
+def test_upsert_without_vectors_is_bm25_only_and_drops_an_old_vector(store: EmbeddedBackend) -> None:
+    store.upsert([Product(id="x", title="珐琅手表")], None)
+    assert store.knn(np.ones(DIM, np.float32), None, 5) == []  # no vectors at all yet
+    vectors = unit(np.random.default_rng(3), 2)
+    store.upsert([Product(id="y", title="耳机"), Product(id="z", title="口红")], vectors)
+    store.upsert([Product(id="y", title="蓝牙耳机")], None)  # new text, no vector computed for it
+    assert [c.id for c in store.knn(vectors[0], None, 5)] == ["z"]
+    assert store.stats()["vectors"] == 1 and store.count() == 3
+
+
+def test_dimension_is_fixed_and_mismatches_are_clear(tmp_path: Path) -> None:
+    with EmbeddedBackend(tmp_path) as store:
+        store.upsert([Product(id=1, title="手表")], unit(np.random.default_rng(0), 1, 8))
+        with pytest.raises(ValueError, match="dimension mismatch"):
+            store.upsert([Product(id=2, title="手表")], unit(np.random.default_rng(0), 1, 4))
+        with pytest.raises(ValueError, match="shape"):
+            store.upsert([Product(id=2, title="手表")], unit(np.random.default_rng(0), 2, 8))
+        with pytest.raises(ValueError, match="NaN"):
+            store.upsert([Product(id=2, title="手表")], np.full((1, 8), np.nan, np.float32))
+        with pytest.raises(ValueError, match="dimensions"):
+            store.knn(np.ones(4, np.float32), None, 3)
+        assert store.count() == 1
+    with pytest.raises(ValueError, match="8-d vectors but 16-d"):
+        EmbeddedBackend(tmp_path, dim=16)
+    EmbeddedBackend(tmp_path, dim=8).close()
+
+
+def test_dim_given_at_open_is_checked_at_first_upsert(tmp_path: Path) -> None:
+    with EmbeddedBackend(tmp_path, dim=8) as store, pytest.raises(ValueError, match="8-d"):
+        store.upsert([Product(id=1, title="手表")], unit(np.random.default_rng(0), 1, 4))
+
+
+def test_closed_backend_and_bad_directory_raise_backend_error(tmp_path: Path) -> None:
+    store = EmbeddedBackend(tmp_path / "a")
+    store.close()
+    store.close()  # idempotent
+    with pytest.raises(BackendError, match="closed"):
+        store.bm25("手表", None, 5)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / DB_NAME).write_bytes(b"this is not a database" * 100)
+    with pytest.raises(BackendError, match="not a usable shopsearch database|cannot open"):
+        EmbeddedBackend(tmp_path / "b")
+
+
+# ---------------------------------------------------------------------------------------- filters
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw_exact", "hnsw_selector"])
+def test_filters_inside_knn_equal_brute_force(tmp_path: Path, catalog, kind: str) -> None:
+    products, vectors = catalog
+    options = {
+        "flat": {},
+        "hnsw_exact": {"hnsw_threshold": 100},  # filtered subsets searched exactly from SQLite
+        "hnsw_selector": {"hnsw_threshold": 100, "exact_max": 0, "hnsw_ef_search": 256},
+    }[kind]
+    rng = np.random.default_rng(11)
+    with EmbeddedBackend(tmp_path, **options) as store:
+        store.upsert(products, vectors)
+        assert store.stats()["index_type"] == ("flat" if kind == "flat" else "hnsw")
+        for _ in range(40):
+            f = random_filters(rng, [p.id for p in products])
+            query = unit(rng, 1)[0]
+            want_ids, want_scores = brute_force_knn(products, vectors, query, f, 10)
+            got = store.knn(query, f, 10)
+            assert all(f.matches(c.product) for c in got)
+            assert [c.ranks["knn"] for c in got] == list(range(1, len(got) + 1))
+            if kind == "hnsw_selector":  # approximate: a filtered HNSW walk may miss a neighbour
+                assert len(set(want_ids) & {c.id for c in got}) >= 0.8 * len(want_ids)
+            else:
+                assert [c.id for c in got] == want_ids
+                assert [c.knn for c in got] == pytest.approx(want_scores, abs=1e-5)
+
+
+def test_filters_inside_bm25_give_the_true_top_n(store: EmbeddedBackend, catalog) -> None:
+    """Filtered top-n = the unfiltered full ranking restricted to matching products, cut at n."""
+    products, vectors = catalog
+    store.upsert(products, vectors)
+    rng = np.random.default_rng(12)
+    checked = 0
+    for _ in range(40):
+        f = random_filters(rng, [p.id for p in products])
+        query = " ".join(rng.choice(WORDS, size=2))
+        full = store.bm25(query, None, len(products))
+        want = [c.id for c in full if f.matches(c.product)][:5]
+        got = store.bm25(query, f, 5)
+        assert [c.id for c in got] == want
+        assert all(f.matches(c.product) for c in got)
+        checked += bool(want)
+    assert checked > 20  # the check is not vacuous
+
+
+def test_bm25_scores_are_higher_is_better_with_ranks(store: EmbeddedBackend) -> None:
+    store.upsert(
+        [Product(id=1, title="珐琅"), Product(id=2, title="珐琅手表珐琅"), Product(id=3, title="连衣裙")]
+        + [Product(id=10 + i, title=f"其他商品{i}") for i in range(10)],
+        None,
+    )
+    hits = store.bm25("珐琅手表", None, 10)
+    assert [c.id for c in hits] == ["2", "1"]
+    assert hits[0].bm25 > hits[1].bm25 > 0
+    assert [c.ranks for c in hits] == [{"bm25": 1}, {"bm25": 2}]
+    assert hits[0].product is not None and hits[0].product.title == "珐琅手表珐琅"
+
+
+def test_title_weighs_more_than_description(store: EmbeddedBackend) -> None:
+    store.upsert(
+        [Product(id="body", title="礼物套装", description="珐琅"), Product(id="title", title="珐琅", description="礼物套装")]
+        + [Product(id=f"f{i}", title=f"其他{i}") for i in range(5)],
+        None,
+    )
+    assert [c.id for c in store.bm25("珐琅", None, 5)] == ["title", "body"]
+
+
+def test_ties_are_ordered_by_insertion(store: EmbeddedBackend) -> None:
+    same = unit(np.random.default_rng(4), 1)
+    store.upsert([Product(id=f"t{i}", title="同款手表") for i in range(5)], np.repeat(same, 5, axis=0))
+    store.upsert([Product(id="other", title="口红")], unit(np.random.default_rng(5), 1))
+    expected = [f"t{i}" for i in range(5)]
+    assert [c.id for c in store.bm25("手表", None, 10)] == expected
+    assert [c.id for c in store.knn(same[0], None, 5)] == expected
+
+
+# ---------------------------------------------------------------------------------------- signals
+
+
+def _text_and_vector_state(data_dir: Path) -> tuple[list, list, list, list]:
+    conn = sqlite3.connect(data_dir / DB_NAME)
+    try:
+        vectors = conn.execute("SELECT id, vector FROM products ORDER BY pk").fetchall()
+        text = conn.execute("SELECT * FROM product_text ORDER BY pk").fetchall()
+        words = conn.execute("SELECT rowid, * FROM fts_words('手表') ORDER BY rowid").fetchall()
+        conn.execute("CREATE VIRTUAL TABLE temp.v USING fts5vocab(main, fts_cjk, 'instance')")
+        cjk = conn.execute("SELECT * FROM temp.v ORDER BY doc, col, offset").fetchall()
+    finally:
+        conn.close()
+    return vectors, text, words, cjk
+
+
+def test_update_signals_touches_neither_text_nor_vectors(tmp_path: Path, catalog) -> None:
+    products, vectors = catalog
+    data = tmp_path / "data"
+    with EmbeddedBackend(data) as store:
+        store.upsert(products, vectors)
+        store.flush()
+        before = _text_and_vector_state(data)
+        faiss_file = data / FAISS_NAME
+        faiss_stat, faiss_bytes = faiss_file.stat(), faiss_file.read_bytes()
+        generation = store.stats()["generation"]
+
+        missing = store.update_signals(
+            [
+                SignalUpdate(id="p0", stock=0, sales=12345),
+                SignalUpdate(id="p1", price="89.00"),
+                SignalUpdate(id="ghost", sales=1),
+            ]
+        )
+        assert missing == ["ghost"]
+        p0, p1 = store.get(["p0", "p1"])
+        assert (p0.stock, p0.sales, p0.price) == (0, 12345, products[0].price)
+        assert (p1.price, p1.stock, p1.sales) == (89.0, products[1].stock, products[1].sales)
+        assert store.content_hashes(["p0"]) == {"p0": products[0].content_hash()}
+        # filters read the new signals
+        assert "p0" not in {c.id for c in store.knn(vectors[0], Filters(in_stock=True), 300)}
+        assert store.knn(vectors[1], Filters(price_min=89, price_max=89), 1)[0].id == "p1"
+        assert store.stats()["generation"] == generation
+    assert _text_and_vector_state(data) == before
+    assert faiss_file.read_bytes() == faiss_bytes
+    assert faiss_file.stat().st_mtime_ns == faiss_stat.st_mtime_ns  # not rewritten, even on close
+
+
+def test_update_signals_rejects_non_updates(store: EmbeddedBackend) -> None:
+    with pytest.raises(TypeError, match=r"updates\[0\]"):
+        store.update_signals([{"id": "x", "sales": 1}])  # type: ignore[list-item]
+
+
+# ---------------------------------------------------------------------------------------- persistence
+
+
+def _snapshot(store: EmbeddedBackend, queries: np.ndarray) -> list:
+    out = []
+    for i, q in enumerate(queries):
+        text = WORDS[i % len(WORDS)]
+        out.append([(c.id, round(c.knn, 5)) for c in store.knn(q, None, 10)])
+        out.append([(c.id, round(c.knn, 5)) for c in store.knn(q, Filters(brand=["Casio", "DW"]), 10)])
+        out.append([(c.id, round(c.bm25, 5)) for c in store.bm25(text, Filters(in_stock=True), 10)])
+    return out
+
+
+@pytest.mark.parametrize("hnsw_threshold", [50_000, 100])
+def test_reopen_keeps_everything(tmp_path: Path, catalog, hnsw_threshold: int) -> None:
+    products, vectors = catalog
+    queries = unit(np.random.default_rng(20), 5)
+    with EmbeddedBackend(tmp_path, hnsw_threshold=hnsw_threshold) as store:
+        store.upsert(products, vectors)
+        store.delete(["p5"])
+        store.upsert([products[6].model_copy(update={"title": "新标题手表"})], vectors[6:7])
+        store.update_signals([SignalUpdate(id="p7", stock=0)])
+        before, stats = _snapshot(store, queries), store.stats()
+    with EmbeddedBackend(tmp_path, hnsw_threshold=hnsw_threshold) as store:
+        assert _snapshot(store, queries) == before
+        reopened = store.stats()
+        assert reopened.pop("bytes_on_disk") > 0 and stats.pop("bytes_on_disk") > 0  # the WAL is checkpointed
+        assert reopened == stats
+        assert store.get(["p6"])[0].title == "新标题手表" and store.get(["p7"])[0].stock == 0
+
+
+def _faiss_generation(path: Path) -> int:
+    return struct.unpack("<16sQQ", path.read_bytes()[:32])[1]
+
+
+def test_missing_faiss_file_is_rebuilt_with_identical_results(tmp_path: Path, catalog) -> None:
+    products, vectors = catalog
+    queries = unit(np.random.default_rng(21), 5)
+    with EmbeddedBackend(tmp_path) as store:
+        store.upsert(products, vectors)
+        before = _snapshot(store, queries)
+    (tmp_path / FAISS_NAME).unlink()
+    with EmbeddedBackend(tmp_path) as store:
+        assert (tmp_path / FAISS_NAME).exists()  # rebuilt and saved on open
+        assert _snapshot(store, queries) == before
+
+
+def test_corrupt_faiss_file_is_rebuilt(tmp_path: Path, catalog) -> None:
+    products, vectors = catalog
+    queries = unit(np.random.default_rng(22), 3)
+    with EmbeddedBackend(tmp_path) as store:
+        store.upsert(products, vectors)
+        before = _snapshot(store, queries)
+    path = tmp_path / FAISS_NAME
+    path.write_bytes(path.read_bytes()[:32] + b"garbage" * 50)
+    with EmbeddedBackend(tmp_path) as store:
+        assert _snapshot(store, queries) == before
+
+
+@pytest.mark.parametrize("hnsw_threshold", [50_000, 100])
+def test_crash_between_commit_and_faiss_save_is_caught_up_on_open(
+    tmp_path: Path, catalog, hnsw_threshold: int
+) -> None:
+    """Copying the directory while the store is open, after committed but unsaved vector changes,
+    is the state a crash leaves: SQLite ahead of vectors.faiss."""
+    products, vectors = catalog
+    queries = unit(np.random.default_rng(23), 5)
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+    lazy = {"save_interval_s": 1e9, "save_every": 10**9, "hnsw_threshold": hnsw_threshold}
+    with EmbeddedBackend(live, **lazy) as store:
+        store.upsert(products[:150], vectors[:150])
+    store = EmbeddedBackend(live, **lazy)
+    try:
+        store.upsert(products[150:], vectors[150:])
+        store.delete(["p1", "p2"])
+        store.upsert([products[3].model_copy(update={"title": "换了标题"})], unit(np.random.default_rng(9), 1))
+        saved_generation = _faiss_generation(live / FAISS_NAME)
+        assert store.stats()["generation"] > saved_generation  # the save really was deferred
+        shutil.copytree(live, crashed)
+        expected = _snapshot(store, queries)
+    finally:
+        store.close()
+    with EmbeddedBackend(crashed, hnsw_threshold=hnsw_threshold) as recovered:
+        assert _snapshot(recovered, queries) == expected
+        assert _faiss_generation(crashed / FAISS_NAME) == recovered.stats()["generation"]
+        assert recovered.count() == len(products) - 2
+
+
+def test_index_switches_to_hnsw_above_threshold_and_excludes_dead_vectors(tmp_path: Path, catalog) -> None:
+    products, vectors = catalog
+    with EmbeddedBackend(tmp_path, hnsw_threshold=100) as store:
+        store.upsert(products[:60], vectors[:60])
+        assert store.stats()["index_type"] == "flat"
+        store.upsert(products[60:], vectors[60:])
+        assert store.stats()["index_type"] == "hnsw"
+        replacement = unit(np.random.default_rng(30), 1)
+        store.upsert([products[0]], replacement)  # p0's old vector stays in the graph, dead
+        store.delete(["p1"])
+        assert store.stats()["index_dead"] == 2
+        assert [c.id for c in store.knn(vectors[0], None, 240)].count("p0") == 1
+        assert "p1" not in {c.id for c in store.knn(vectors[1], None, 240)}
+        assert store.knn(replacement[0], None, 1)[0].id == "p0"
+        got = [c.id for c in store.knn(vectors[5], None, 10)]
+        want, _ = brute_force_knn(products[2:], vectors[2:], vectors[5], None, 10)
+        assert len(set(got) & set(want)) >= 9
+
+
+# ---------------------------------------------------------------------------------------- queries
+
+
+HOSTILE = [
+    '"',
+    '""',
+    '"手表',
+    "AND",
+    "OR",
+    "NOT",
+    "手表 AND",
+    "AND 手表 OR NOT",
+    "*",
+    "手*",
+    "NEAR(",
+    "NEAR(手表 耳机, 2)",
+    "-",
+    "-手表",
+    ":",
+    "title:手表",
+    "words_title : 手表",
+    "^",
+    "^手表",
+    "{words_title}: x",
+    "(",
+    ")",
+    "((()))",
+    "+",
+    "'",
+    "\\",
+    "\x00",
+    "手表\x00耳机",
+    "😀🎁",
+    " ",
+    "",
+    "a" * 5000,
+    "手表 " * 2000,
+    "ＡＮＤ",
+    "\u202e\u200d",
+    "%_",
+    "'; DROP TABLE products; --",
+]
+
+
+@pytest.mark.parametrize("query", HOSTILE)
+def test_hostile_queries_never_raise(store: EmbeddedBackend, catalog, query: str) -> None:
+    products, vectors = catalog
+    store.upsert(products[:30], vectors[:30])
+    for f in (None, Filters(in_stock=True), Filters(brand=["Casio"], category="手表")):
+        hits = store.bm25(query, f, 10)
+        assert all(c.bm25 is not None for c in hits)
+    assert store.count() == 30
+
+
+def test_hostile_filter_values_are_data(store: EmbeddedBackend) -> None:
+    store.upsert([Product(id="a'b", title="手表", brand='"); DROP', category=["x]y"])], None)
+    f = Filters(brand=['"); DROP'], category=["x]y"], ids=["a'b"])
+    assert [c.id for c in store.bm25("手表", f, 5)] == ["a'b"]
+    assert store.bm25("手表", Filters(brand=[]), 5) == []
+
+
+def test_bigrams_recall_what_word_segmentation_misses(tmp_path: Path) -> None:
+    catalog = [
+        Product(id="enamel", title="小众设计师珐琅手表"),
+        Product(id="plate", title="景泰蓝珐琅彩瓷盘"),
+        Product(id="dress", title="法式复古连衣裙"),
+        Product(id="casio", title="卡西欧运动电子表"),
+        Product(id="band", title="华为智能运动手环"),
+    ]
+    with EmbeddedBackend(tmp_path / "both") as store:
+        store.upsert(catalog, None)
+        assert store.bm25("珐琅表", None, 3)[0].id == "enamel"
+        # jieba cuts the title into 小/众/设计师… but the query into 小众/小众表: only bigrams meet
+        assert store.bm25("小众表", None, 3)[0].id == "enamel"
+    with EmbeddedBackend(tmp_path / "words", cjk_weight=0.0) as words_only:
+        words_only.upsert(catalog, None)
+        assert "enamel" not in {c.id for c in words_only.bm25("小众表", None, 5)}
+
+
+def test_concurrent_reads_during_writes(tmp_path: Path, catalog) -> None:
+    products, vectors = catalog
+    errors: list[BaseException] = []
+    with EmbeddedBackend(tmp_path) as store:
+        store.upsert(products[:100], vectors[:100])
+        stop = threading.Event()
+
+        def read(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            try:
+                while not stop.is_set():
+                    for c in store.knn(unit(rng, 1)[0], Filters(in_stock=True), 5):
+                        assert c.product is not None and c.product.in_stock
+                    store.bm25(str(rng.choice(WORDS)), None, 5)
+                    store.get(["p1", "p150"])
+            except BaseException as exc:
+                errors.append(exc)
+
+        readers = [threading.Thread(target=read, args=(s,)) for s in range(3)]
+        for t in readers:
+            t.start()
+        try:
+            for start in range(100, len(products), 20):
+                store.upsert(products[start : start + 20], vectors[start : start + 20])
+                store.update_signals([SignalUpdate(id=f"p{start}", sales=start)])
+                store.delete([f"p{start - 50}"])
+        finally:
+            stop.set()
+            for t in readers:
+                t.join()
+        assert not errors, errors
+        assert store.count() == len(products) - 7
