@@ -120,6 +120,7 @@ def run_eval(args: argparse.Namespace) -> int:
     except ValueError as err:  # nothing to evaluate (no evaluable query, no runnable mode)
         raise CliError(str(err), EXIT_FATAL) from None
     evaluations = results.pop("_evaluations")
+    results.pop("_rankings")
     print(format_summary(results))
     try:
         if args.output:

@@ -302,6 +302,8 @@ class Evaluation:
             products = [self.dataset.corpus[i].to_product() for i in ids]
             batch_vectors = vectors[[row_of[i] for i in ids]] if vectors is not None else None
             backend.upsert(products, batch_vectors)
+            if (start // batch) % 10 == 9:
+                log.info("%s pool: indexed %d/%d documents", pool.name, start + len(ids), len(pool))
         seconds = time.perf_counter() - started
         marker.write_text(json.dumps({"documents": len(pool), "seconds": round(seconds, 1)}), encoding="utf-8")
         backend.close()
@@ -372,6 +374,7 @@ class Evaluation:
         vectors = self._document_vectors() if pipeline_modes else None
 
         evaluations: dict[str, dict[str, RunEvaluation]] = {}
+        rankings: dict[str, dict[str, dict[str, list[str]]]] = {}
         results: dict[str, dict[str, Any]] = {m: {} for m in self.active_modes}
         for pool in pools:
             runs: dict[str, ModeRun] = {}
@@ -408,6 +411,7 @@ class Evaluation:
                     gain_mapping=cfg.gain,
                 )
                 evaluations.setdefault(mode, {})[pool.name] = ev
+                rankings.setdefault(mode, {})[pool.name] = runs[mode].rankings
                 results[mode][pool.name] = _summarise(ev, runs[mode])
 
         significance = self._significance(evaluations, [p.name for p in pools])
@@ -445,13 +449,18 @@ class Evaluation:
             "significance": significance,
             "notes": self.notes,
             "elapsed_s": round(time.perf_counter() - started, 1),
-            "_evaluations": evaluations,  # per-query arrays; removed before writing JSON
+            # not JSON: per-query arrays and rankings, for callers (the CLI pops them)
+            "_evaluations": evaluations,
+            "_rankings": rankings,
         }
 
     def _significance(self, evaluations: dict[str, dict[str, RunEvaluation]], pools: list[str]) -> list[dict[str, Any]]:
         """Every other mode against the first mode evaluated, per pool and compared metric."""
         modes = self.active_modes
         if len(modes) < 2:
+            return []
+        if len(evaluations[modes[0]][pools[0]].query_ids) < 2:
+            self.notes.append("paired tests skipped: they need at least two evaluated queries")
             return []
         base = modes[0]
         out = []
