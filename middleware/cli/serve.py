@@ -1,0 +1,76 @@
+"""`shopsearch serve`: the REST API and the OpenSearch-compatible proxy (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import socket
+
+from middleware.cli import EXIT_OK, EXIT_USAGE, CliError, load_settings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve the REST API (/v1) and the OpenSearch-compatible proxy",
+        description="Serve /v1/search, /v1/rerank, /v1/embed, the OpenSearch proxy routes, /healthz, "
+        "/readyz and /metrics. OpenAPI docs at /v1/docs.",
+    )
+    p.add_argument("--host", help="address to bind (env SHOPSEARCH_SERVER__HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (env SHOPSEARCH_SERVER__PORT, default 8080)")
+    p.add_argument("--embedder", help="hub id, local directory, or none (env SHOPSEARCH_EMBEDDER)")
+    p.add_argument("--reranker", help="hub id, local directory, or none (env SHOPSEARCH_RERANKER)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run_serve)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail with one line before loading models when the address cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise CliError(f"cannot listen on {host}:{port}: the port is in use (--port)", EXIT_USAGE) from None
+            raise CliError(f"cannot listen on {host}:{port}: {err.strerror} (--host/--port)", EXIT_USAGE) from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, object] = {"embedder": args.embedder, "reranker": args.reranker}
+    settings = load_settings(args, **overrides)
+    server = settings.server
+    updates = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise CliError(f"--port {args.port}: expected 1-65535", EXIT_USAGE)
+    if updates:
+        settings = settings.model_copy(update={"server": server.model_copy(update=updates)})
+        server = settings.server
+    _check_port(server.host, server.port)
+
+    import uvicorn
+
+    from middleware.backends.base import BackendError
+    from middleware.models import ModelLoadError
+    from middleware.pipeline import Pipeline
+    from middleware.server.app import create_app
+    from middleware.server.auth import ApiKeyError
+
+    try:
+        pipeline = Pipeline.from_settings(settings)
+    except ModelLoadError as err:
+        raise CliError(str(err)) from None
+    except BackendError as err:
+        raise CliError(f"backend unavailable: {err}") from None
+    try:
+        app = create_app(settings, pipeline)
+    except ApiKeyError as err:
+        pipeline.close()
+        raise CliError(str(err), EXIT_USAGE) from None
+    print(f"shopsearch: serving on http://{server.host}:{server.port} (docs at /v1/docs)", flush=True)
+    try:
+        uvicorn.run(app, host=server.host, port=server.port, log_level=args.log_level, access_log=False)
+    finally:
+        pipeline.close()
+    return EXIT_OK
