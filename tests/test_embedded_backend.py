@@ -17,7 +17,22 @@ from middleware.backends.embedded import DB_NAME, FAISS_NAME, EmbeddedBackend
 from middleware.products import Filters, Product, SignalUpdate
 
 DIM = 16
-WORDS = ["手表", "珐琅", "礼盒", "女士", "机械", "运动", "蓝牙", "耳机", "连衣裙", "口红", "Apple", "Casio", "pro", "18K"]
+WORDS = [
+    "手表",
+    "珐琅",
+    "礼盒",
+    "女士",
+    "机械",
+    "运动",
+    "蓝牙",
+    "耳机",
+    "连衣裙",
+    "口红",
+    "Apple",
+    "Casio",
+    "pro",
+    "18K",
+]
 BRANDS = ["Omega", "Casio", "DW", "Apple", None]
 CATEGORIES = ["手表", "礼物", "服饰", "数码", "美妆"]
 
@@ -175,7 +190,7 @@ def test_closed_backend_and_bad_directory_raise_backend_error(tmp_path: Path) ->
         store.bm25("手表", None, 5)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / DB_NAME).write_bytes(b"this is not a database" * 100)
-    with pytest.raises(BackendError, match="not a usable shopsearch database|cannot open"):
+    with pytest.raises(BackendError, match=r"not a usable shopsearch database|cannot open"):
         EmbeddedBackend(tmp_path / "b")
 
 
@@ -241,7 +256,10 @@ def test_bm25_scores_are_higher_is_better_with_ranks(store: EmbeddedBackend) -> 
 
 def test_title_weighs_more_than_description(store: EmbeddedBackend) -> None:
     store.upsert(
-        [Product(id="body", title="礼物套装", description="珐琅"), Product(id="title", title="珐琅", description="礼物套装")]
+        [
+            Product(id="body", title="礼物套装", description="珐琅"),
+            Product(id="title", title="珐琅", description="礼物套装"),
+        ]
         + [Product(id=f"f{i}", title=f"其他{i}") for i in range(5)],
         None,
     )
@@ -370,9 +388,7 @@ def test_corrupt_faiss_file_is_rebuilt(tmp_path: Path, catalog) -> None:
 
 
 @pytest.mark.parametrize("hnsw_threshold", [50_000, 100])
-def test_crash_between_commit_and_faiss_save_is_caught_up_on_open(
-    tmp_path: Path, catalog, hnsw_threshold: int
-) -> None:
+def test_crash_between_commit_and_faiss_save_is_caught_up_on_open(tmp_path: Path, catalog, hnsw_threshold: int) -> None:
     """Copying the directory while the store is open, after committed but unsaved vector changes,
     is the state a crash leaves: SQLite ahead of vectors.faiss."""
     products, vectors = catalog

@@ -53,8 +53,10 @@ def test_no_tokens_from_blank_or_punctuation(analyse, blank: str) -> None:
 
 
 _ALPHABET = st.sampled_from(
-    list("abcXYZ09 .-_'+#:\"*()，。！手表珐琅小众设计师カナ한국éüÅ１２ＡＢ\u0301\u093f\u094d")
-    + ["हिन्दी", "3.5", "don't", "c++", "e.g.", "..", "_x_"]
+    [
+        *"abcXYZ09 .-_'+#:\"*()，。！手表珐琅小众设计师カナ한국éüÅ１２ＡＢ\u0301\u093f\u094d",
+        *["हिन्दी", "3.5", "don't", "c++", "e.g.", "..", "_x_"],
+    ]
 )
 
 

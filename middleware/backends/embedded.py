@@ -273,6 +273,7 @@ class EmbeddedBackend:
         self._index_kind: str | None = None
         self._index_generation = -1
         self._dead: set[int] = set()
+        self._dead_selector: tuple[faiss.IDSelectorBatch, faiss.IDSelectorNot] | None = None
         self._unsaved = 0
         self._last_save = time.monotonic()
         self._load_or_rebuild_index()
@@ -367,7 +368,7 @@ class EmbeddedBackend:
                     index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), ids)
                 self._index, self._index_kind = index, kind
             conn.rollback()
-        self._dead = set()
+        self._dead, self._dead_selector = set(), None
         self._index_generation = generation
         self._unsaved = 1  # differs from the file (or there is no file yet)
 
@@ -416,7 +417,7 @@ class EmbeddedBackend:
         if kind == "hnsw":
             faiss.downcast_index(index.index).hnsw.efSearch = self.hnsw_ef_search
         self._index, self._index_kind, self._index_generation = index, kind, generation
-        self._dead = faiss_ids - sql_ids
+        self._dead, self._dead_selector = faiss_ids - sql_ids, None
         self._unsaved = 0
         return True
 
@@ -464,6 +465,7 @@ class EmbeddedBackend:
                         self._index.remove_ids(faiss.IDSelectorBatch(np.asarray(removed, dtype=np.int64)))
                     else:
                         self._dead.update(removed)
+                        self._dead_selector = None
                 if added_ids:
                     assert added is not None
                     self._index.add_with_ids(added, np.asarray(added_ids, dtype=np.int64))
@@ -477,8 +479,7 @@ class EmbeddedBackend:
 
     def _current_index(self) -> None:
         """Make sure the in-memory index reflects SQLite (caller holds the faiss write lock)."""
-        generation = self._meta_int("generation") or 0
-        if self._index_generation != generation:
+        if self._index_generation != (self._meta_int_read("generation") or 0):
             self._rebuild_index()
 
     # ------------------------------------------------------------------ writes
@@ -773,16 +774,24 @@ class EmbeddedBackend:
         else:
             k = min(n, live)
             if self._index_kind == "hnsw":
-                sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self._dead, dtype=np.int64)))
-                params = faiss.SearchParametersHNSW(
-                    sel=sel if self._dead else None, efSearch=max(self.hnsw_ef_search, k)
-                )
+                params = faiss.SearchParametersHNSW(efSearch=max(self.hnsw_ef_search, k))
+                if self._dead:
+                    params.sel = self._exclude_dead()
         if k <= 0:
             return []
         scores, ids = index.search(query, k, params=params)
         hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
         hits.sort(key=lambda h: (-h[1], h[0]))
         return hits
+
+    def _exclude_dead(self) -> faiss.IDSelectorNot:
+        """A selector of every id but the dead ones, cached until the dead set changes."""
+        cached = self._dead_selector
+        if cached is None:
+            # keep the inner selector referenced: IDSelectorNot does not own it
+            inner = faiss.IDSelectorBatch(np.fromiter(self._dead, dtype=np.int64, count=len(self._dead)))
+            cached = self._dead_selector = (inner, faiss.IDSelectorNot(inner))
+        return cached[1]
 
     def _exact_over(
         self, conn: sqlite3.Connection, query: np.ndarray, allowed: np.ndarray, k: int
@@ -859,7 +868,7 @@ class EmbeddedBackend:
         """Save the vector index now if it has unsaved changes."""
         self._check_open()
         with self._faiss_lock.write():
-            if self._unsaved and self._index_generation == (self._meta_int("generation") or 0):
+            if self._unsaved and self._index_generation == (self._meta_int_read("generation") or 0):
                 self._save_index()
 
     def close(self) -> None:
