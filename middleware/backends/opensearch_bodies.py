@@ -136,19 +136,16 @@ def vector_field(cfg: OpenSearchSettings, dim: int) -> dict[str, Any]:
 
 
 def vector_mappings(cfg: OpenSearchSettings, dim: int) -> dict[str, Any]:
-    return {
-        # vectors are for search only: never send them back with hits
-        "_source": {"excludes": [VECTOR_FIELD]},
-        "properties": {VECTOR_FIELD: vector_field(cfg, dim)},
-    }
+    # The vector stays in the stored _source: a partial `_update` rebuilds the document from _source,
+    # so a mapping-level `_source.excludes` would silently drop the vector on every signal update
+    # (the osmem suite caught this). Reads leave it out instead (`_source.excludes` per request).
+    return {"properties": {VECTOR_FIELD: vector_field(cfg, dim)}}
 
 
 def mappings(cfg: OpenSearchSettings, dim: int | None, word_analyzer: str) -> dict[str, Any]:
     body = text_mappings(word_analyzer)
     if dim:
-        vector = vector_mappings(cfg, dim)
-        body["_source"] = vector["_source"]
-        body["properties"] = {**body["properties"], **vector["properties"]}
+        body["properties"] = {**body["properties"], **vector_mappings(cfg, dim)["properties"]}
     return body
 
 
