@@ -1,0 +1,102 @@
+"""Tokenisation into length-sorted, per-batch padded arrays, safe to share between threads.
+
+We keep private copies of the fast tokenizer's Rust backend whose truncation/padding settings are
+fixed once here and never changed afterwards: Hugging Face tokenizers mutate those settings on
+every call, which makes concurrent calls on one tokenizer fail ("Already borrowed").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+from middleware.models.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class TokenizedBatch:
+    """One padded batch: `indices` are positions in the caller's input list."""
+
+    indices: np.ndarray  # int64 (batch,)
+    input_ids: np.ndarray  # int64 (batch, seq)
+    attention_mask: np.ndarray  # int64 (batch, seq)
+    token_type_ids: np.ndarray  # int64 (batch, seq)
+
+    def feeds(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        arrays = {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "token_type_ids": self.token_type_ids,
+        }
+        return {name: arrays[name] for name in names}
+
+
+class TextTokenizer:
+    def __init__(self, model_dir: Path, *, max_length: int, model_name: str, kind: str) -> None:
+        try:
+            from transformers import AutoTokenizer
+
+            hf_tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        except Exception as err:
+            raise ModelLoadError(f"cannot load the {kind} '{model_name}': its tokenizer did not load ({err})") from None
+        if not getattr(hf_tokenizer, "is_fast", False):
+            raise ModelLoadError(f"cannot load the {kind} '{model_name}': it has no fast (Rust) tokenizer")
+        serialized = hf_tokenizer.backend_tokenizer.to_str()
+        self.max_length = max_length
+        self.pad_id = int(hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else 0)
+        self._single = Tokenizer.from_str(serialized)
+        self._single.no_padding()
+        self._single.enable_truncation(max_length)
+        self._raw = Tokenizer.from_str(serialized)
+        self._raw.no_padding()
+        self._raw.no_truncation()
+        self.pair_special_tokens = self._raw.num_special_tokens_to_add(is_pair=True)
+
+    def encode_texts(self, texts: Sequence[str]) -> list[Encoding]:
+        """Single texts with special tokens, truncated to max_length."""
+        return self._single.encode_batch(list(texts), add_special_tokens=True)
+
+    def encode_pairs(self, query: str, docs: Sequence[str], *, query_max_length: int) -> list[Encoding]:
+        """(query, doc) pairs truncated as FlagEmbedding's reranker does: the query alone is cut to
+        `query_max_length` tokens, then only the document is cut so the pair fits max_length."""
+        query_encoding = self._raw.encode(query, add_special_tokens=False)
+        query_encoding.truncate(query_max_length)
+        doc_budget = max(self.max_length - len(query_encoding.ids) - self.pair_special_tokens, 0)
+        doc_encodings = self._raw.encode_batch(list(docs), add_special_tokens=False)
+        pairs = []
+        for doc_encoding in doc_encodings:
+            doc_encoding.truncate(doc_budget)
+            pairs.append(self._raw.post_process(query_encoding, doc_encoding, add_special_tokens=True))
+        return pairs
+
+    def batches(self, encodings: Sequence[Encoding], batch_size: int) -> Iterator[TokenizedBatch]:
+        """Longest first, each batch padded to its own longest member (not to max_length)."""
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        order = np.argsort(-lengths, kind="stable")
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
+            width = int(lengths[indices].max())
+            input_ids = np.full((len(indices), width), self.pad_id, dtype=np.int64)
+            attention_mask = np.zeros((len(indices), width), dtype=np.int64)
+            token_type_ids = np.zeros((len(indices), width), dtype=np.int64)
+            for row, index in enumerate(indices):
+                encoding = encodings[index]
+                n = len(encoding.ids)
+                input_ids[row, :n] = encoding.ids
+                attention_mask[row, :n] = 1
+                token_type_ids[row, :n] = encoding.type_ids
+            yield TokenizedBatch(indices, input_ids, attention_mask, token_type_ids)
+
+
+def check_texts(texts: object, parameter: str) -> list[str]:
+    """A list of strings, or a TypeError naming the parameter (a bare str is a common slip)."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"{parameter} must be a list of strings, got {type(texts).__name__}")
+    for position, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{parameter}[{position}] must be a string, got {type(text).__name__}")
+    return list(texts)
