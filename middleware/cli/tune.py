@@ -1,0 +1,307 @@
+"""`shopsearch tune …`: training pairs, hard negatives, teacher scores, embedder/reranker fine-tuning.
+
+Needs the `tune` extra (sentence-transformers, datasets, accelerate) for the two train commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from middleware.cli import EXIT_OK, EXIT_USAGE, CliError, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    tune = subparsers.add_parser("tune", help="fine-tune the embedder/reranker on your own judgments")
+    sub = tune.add_subparsers(dest="tune_command", metavar="STEP")
+    tune.set_defaults(func=lambda args: _usage(tune))
+
+    p = sub.add_parser("make-pairs", help="query→positives pairs from a BEIR folder, split by query")
+    p.add_argument("data_dir", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels-<split>.tsv)")
+    p.add_argument("--output-dir", required=True, help="writes train.jsonl, dev.jsonl, id lists, beir/")
+    p.add_argument("--split", default="train", help="qrels split to read (default train)")
+    p.add_argument("--threshold", type=float, default=1.0, help="score ≥ this is a positive (homedepot: 2.5)")
+    p.add_argument("--dev-fraction", type=float, default=0.1, help="share of queries held out (default 0.1)")
+    p.add_argument("--label-min", type=float, help="grade mapped to label 0 (default: lowest in qrels)")
+    p.add_argument("--label-max", type=float, help="grade mapped to label 1 (default: highest in qrels)")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=run_make_pairs)
+
+    p = sub.add_parser("mine-negatives", help="add hard negatives found with the current embedder")
+    p.add_argument("--input", required=True, help='pairs JSONL: {"query", "pos": [...]} a line')
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--corpus", help="BEIR corpus.jsonl to embed and search (in-memory faiss)")
+    source.add_argument("--index", action="store_true", help="search the live store (configured backend)")
+    p.add_argument("--output", required=True, help="output JSONL (FlagEmbedding format)")
+    p.add_argument("--range", default="2-200", help="1-based ranks A-B to sample from (default 2-200)")
+    p.add_argument("--negatives", type=int, default=10, help="negatives per query (default 10)")
+    p.add_argument("--dup-threshold", type=float, default=0.98, help="cosine to a positive ≥ this: duplicate")
+    p.add_argument("--no-dup-cosine", action="store_true", help="near-duplicates by normalised text only")
+    p.add_argument("--margin", type=float, help="skip candidates with cosine > lowest positive − margin")
+    p.add_argument("--max-records", type=int, help="seeded subsample of the input records")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--embedder", help="embedder (default: the configured SHOPSEARCH_EMBEDDER)")
+    p.add_argument("--query-instruction", help="override the embedder's query instruction")
+    p.set_defaults(func=run_mine)
+
+    p = sub.add_parser("teacher-scores", help="add the reranker's raw logits as pos_scores/neg_scores")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--reranker", help="reranker (default: the configured SHOPSEARCH_RERANKER)")
+    p.add_argument("--sigmoid", action="store_true", help="also store probabilities as pos_probs/neg_probs")
+    p.set_defaults(func=run_teacher)
+
+    p = sub.add_parser("train-embedder", help="contrastive (+ KD) fine-tuning of the bi-encoder")
+    _train_flags(p, default_base="sentence-transformers/all-MiniLM-L6-v2")
+    p.add_argument("--group-size", type=int, default=8, help="1 positive + N-1 negatives (default 8)")
+    p.add_argument("--temperature", type=float, default=0.02)
+    p.add_argument("--query-instruction", help="prefix for queries only (default: the base's own)")
+    p.add_argument("--pooling", choices=["cls", "mean"], help="for plain transformers bases (default cls)")
+    p.add_argument("--kd", choices=["auto", "on", "off", "only"], default="auto",
+                   help="distil teacher scores: auto = when every record has them (default)")  # fmt: skip
+    p.add_argument("--kd-weight", type=float, default=1.0)
+    p.add_argument("--teacher-temperature", type=float, default=1.0)
+    p.add_argument("--cached", action="store_true", help="CachedMNRL: big batches, bounded memory")
+    p.add_argument("--mini-batch-size", type=int, default=32, help="with --cached")
+    p.add_argument("--max-pos-per-query", type=int, default=1, help="groups per query (one per positive)")
+    p.set_defaults(func=run_train_embedder)
+
+    p = sub.add_parser("train-reranker", help="fine-tune a cross-encoder (BCE, binary or graded labels)")
+    _train_flags(p, default_base="BAAI/bge-reranker-v2-m3")
+    p.add_argument("--labels", choices=["auto", "binary", "graded"], default="auto")
+    p.add_argument("--negatives-per-query", type=int, default=7)
+    p.add_argument("--pos-weight", type=float, help="BCE positive weight (default #neg/#pos)")
+    p.set_defaults(func=run_train_reranker)
+
+
+def _train_flags(p: argparse.ArgumentParser, *, default_base: str) -> None:
+    p.add_argument("--input", required=True, help="pairs JSONL with negatives (mine-negatives output)")
+    p.add_argument("--output-dir", required=True, help="where the trained model is saved")
+    p.add_argument("--base", default=default_base, help=f"base model (default {default_base})")
+    p.add_argument("--max-steps", type=int, help="stop after N optimiser steps (default: --epochs)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-5, help="learning rate")
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--max-length", type=int, help="tokens per text (default 128 embedder, 256 reranker)")
+    p.add_argument("--max-records", type=int, help="seeded subsample of the input records")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--fp16", action="store_true", help="mixed precision (CUDA GPU only)")
+    p.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps")
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT/checkpoints")
+    p.add_argument("--seed", type=int, default=42)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+def _read(path: str) -> list[dict[str, Any]]:
+    from middleware.tuning.data import TuningDataError, read_pairs
+
+    try:
+        return read_pairs(path)
+    except TuningDataError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+
+
+def _print_summary(payload: dict[str, Any]) -> None:
+    print(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
+
+
+# ------------------------------------------------------------------------------------------ handlers
+
+
+def run_make_pairs(args: argparse.Namespace) -> int:
+    from middleware.tuning.data import TuningDataError, build_pairs, write_pairs_build
+
+    try:
+        build, _corpus, queries, qrels = build_pairs(
+            args.data_dir,
+            split=args.split,
+            threshold=args.threshold,
+            dev_fraction=args.dev_fraction,
+            seed=args.seed,
+            label_min=args.label_min,
+            label_max=args.label_max,
+        )
+        summary = write_pairs_build(build, args.output_dir, args.data_dir, queries, qrels, split=args.split)
+    except TuningDataError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    _print_summary(summary)
+    return EXIT_OK
+
+
+def _load_embedder(args: argparse.Namespace) -> Any:
+    from middleware.models import ModelLoadError, load_embedder
+
+    overrides: dict[str, Any] = {"embedder": args.embedder}
+    if args.query_instruction is not None:
+        overrides["query_instruction"] = args.query_instruction
+    settings = load_settings(args, **overrides)
+    if not settings.embedder_enabled:
+        raise CliError("mining needs an embedder: set --embedder or SHOPSEARCH_EMBEDDER", EXIT_USAGE)
+    try:
+        return settings, load_embedder(settings)
+    except ModelLoadError as err:
+        raise CliError(str(err)) from None
+
+
+def run_mine(args: argparse.Namespace) -> int:
+    from middleware.tuning.common import subsample
+    from middleware.tuning.data import TuningDataError, load_corpus, write_jsonl
+    from middleware.tuning.negatives import CorpusSearcher, IndexSearcher, MiningConfig, mine_negatives, parse_range
+
+    try:
+        config = MiningConfig(
+            rank_range=parse_range(args.range),
+            negatives=args.negatives,
+            seed=args.seed,
+            dup_threshold=None if args.no_dup_cosine else args.dup_threshold,
+            margin=args.margin,
+        )
+        records = subsample(_read(args.input), args.max_records, args.seed)
+        corpus = load_corpus(args.corpus) if args.corpus else None
+    except TuningDataError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    settings, embedder = _load_embedder(args)
+    if corpus is not None:
+        log.info("embedding %d corpus documents", len(corpus))
+        searcher: Any = CorpusSearcher(corpus, embedder)
+        backend = None
+    else:
+        from middleware.backends import open_backend
+        from middleware.backends.base import BackendError
+
+        try:
+            backend = open_backend(settings, dim=embedder.dim)
+        except BackendError as err:
+            raise CliError(str(err)) from None
+        searcher = IndexSearcher(backend, embedder)
+    try:
+        mined, stats = mine_negatives(records, embedder, searcher, config)
+    finally:
+        if backend is not None:
+            backend.close()
+    write_jsonl(args.output, mined)
+    _print_summary(
+        {
+            "output": args.output,
+            "records": stats.records,
+            "negatives": stats.negatives,
+            "records_short_of_negatives": stats.short,
+            "excluded": stats.excluded,
+            "range": list(config.rank_range),
+            "seed": config.seed,
+        }
+    )
+    return EXIT_OK
+
+
+def run_teacher(args: argparse.Namespace) -> int:
+    from middleware.models import ModelLoadError, load_reranker
+    from middleware.tuning.data import write_jsonl
+    from middleware.tuning.teacher import add_teacher_scores
+
+    records = _read(args.input)
+    settings = load_settings(args, reranker=args.reranker)
+    if not settings.reranker_enabled:
+        raise CliError("teacher scores need a reranker: set --reranker or SHOPSEARCH_RERANKER", EXIT_USAGE)
+    try:
+        reranker = load_reranker(settings)
+    except ModelLoadError as err:
+        raise CliError(str(err)) from None
+    scored = add_teacher_scores(records, reranker, sigmoid=args.sigmoid)
+    write_jsonl(args.output, scored)
+    n_pairs = sum(len(r["pos_scores"]) + len(r["neg_scores"]) for r in scored)
+    _print_summary({"output": args.output, "records": len(scored), "pairs_scored": n_pairs, "raw_logits": True})
+    return EXIT_OK
+
+
+def _common_train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    for flag in ("max_steps", "batch_size", "save_steps", "logging_steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CliError(f"--{flag.replace('_', '-')} must be ≥ 1, got {value}", EXIT_USAGE)
+    kwargs: dict[str, Any] = {
+        "base": args.base,
+        "max_steps": args.max_steps,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.lr,
+        "warmup_ratio": args.warmup_ratio,
+        "max_records": args.max_records,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "fp16": args.fp16,
+        "save_steps": args.save_steps,
+        "logging_steps": args.logging_steps,
+        "resume": args.resume,
+        "seed": args.seed,
+    }
+    if args.max_length is not None:
+        kwargs["max_length"] = args.max_length
+    return kwargs
+
+
+def _train(args: argparse.Namespace, kind: str) -> int:
+    from middleware.tuning.common import TrainingSetupError
+
+    records = _read(args.input)
+    try:
+        if kind == "embedder":
+            from middleware.tuning.train_embedder import EmbedderTrainConfig, train_embedder
+
+            config: Any = EmbedderTrainConfig(
+                **_common_train_kwargs(args),
+                group_size=args.group_size,
+                temperature=args.temperature,
+                query_instruction=args.query_instruction,
+                pooling=args.pooling,
+                kd=args.kd,
+                kd_weight=args.kd_weight,
+                teacher_temperature=args.teacher_temperature,
+                cached=args.cached,
+                mini_batch_size=args.mini_batch_size,
+                max_pos_per_query=args.max_pos_per_query,
+            )
+            result = train_embedder(records, args.output_dir, config)
+        else:
+            from middleware.tuning.train_reranker import RerankerTrainConfig, train_reranker
+
+            config = RerankerTrainConfig(
+                **_common_train_kwargs(args),
+                labels=args.labels,
+                negatives_per_query=args.negatives_per_query,
+                pos_weight=args.pos_weight,
+            )
+            result = train_reranker(records, args.output_dir, config)
+    except TrainingSetupError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    losses = result.losses
+    _print_summary(
+        {
+            "output_dir": str(Path(result.output_dir)),
+            "steps": result.steps,
+            "examples": result.rows,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "notes": result.notes,
+        }
+    )
+    return EXIT_OK
+
+
+def run_train_embedder(args: argparse.Namespace) -> int:
+    return _train(args, "embedder")
+
+
+def run_train_reranker(args: argparse.Namespace) -> int:
+    return _train(args, "reranker")

@@ -1,0 +1,181 @@
+"""Cross-encoder fine-tuning on sentence-transformers' CrossEncoderTrainer (binary cross-entropy).
+
+Examples are (query, document, label) pairs: positives (label 1, or their graded label in [0, 1]),
+judged-but-not-relevant documents (their graded label, in graded mode), and hard negatives (0).
+The saved directory is a plain `…ForSequenceClassification` checkpoint with one logit, which the
+middleware's Reranker loads and exports to ONNX like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from middleware.tuning.common import (
+    TrainingSetupError,
+    TrainResult,
+    check_precision,
+    loss_history,
+    resolve_base,
+    resume_argument,
+    subsample,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+LabelMode = Literal["auto", "binary", "graded"]
+
+
+@dataclass
+class RerankerTrainConfig:
+    base: str = "BAAI/bge-reranker-v2-m3"
+    max_steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 32  # pairs per step
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    labels: LabelMode = "auto"  # auto: graded when records carry pos_labels
+    negatives_per_query: int = 7
+    pos_weight: float | None = None  # None: #negative / #positive examples (BCE class balance)
+    max_length: int = 256
+    max_records: int | None = None
+    gradient_checkpointing: bool = False
+    fp16: bool = False
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    resume: bool = False
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise TrainingSetupError("--batch-size and --max-steps must be ≥ 1")
+        if self.negatives_per_query < 0:
+            raise TrainingSetupError(f"--negatives-per-query must be ≥ 0, got {self.negatives_per_query}")
+        if self.pos_weight is not None and self.pos_weight <= 0:
+            raise TrainingSetupError(f"--pos-weight must be > 0, got {self.pos_weight}")
+
+
+def build_pairs(
+    records: Sequence[dict[str, Any]], *, graded: bool, negatives_per_query: int, seed: int
+) -> dict[str, list[Any]]:
+    """Columns query, document, label (floats in [0, 1])."""
+    columns: dict[str, list[Any]] = {"query": [], "document": [], "label": []}
+
+    def add(query: str, doc: str, label: float) -> None:
+        columns["query"].append(query)
+        columns["document"].append(doc)
+        columns["label"].append(float(label))
+
+    for index, record in enumerate(records):
+        query = record["query"]
+        pos_labels = record.get("pos_labels") if graded else None
+        for i, doc in enumerate(record["pos"]):
+            add(query, doc, pos_labels[i] if pos_labels else 1.0)
+        if graded:
+            for doc, label in zip(record.get("judged") or [], record.get("judged_labels") or [], strict=False):
+                add(query, doc, label)
+        negs = list(record.get("neg") or [])
+        rng = random.Random(f"{seed}:{index}")
+        for doc in rng.sample(negs, min(len(negs), negatives_per_query)):
+            add(query, doc, 0.0)
+    return columns
+
+
+def load_cross_encoder(base: str, *, max_length: int) -> Any:
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    path = resolve_base(base, "reranker")
+    # a bi-encoder checkpoint (e.g. all-MiniLM-L6-v2) gets a fresh one-logit classification head
+    return CrossEncoder(
+        str(path),
+        num_labels=1,
+        max_length=max_length,
+        device="cpu" if not torch.cuda.is_available() else None,
+    )
+
+
+def train_reranker(
+    records: Sequence[dict[str, Any]], output_dir: str | Path, config: RerankerTrainConfig
+) -> TrainResult:
+    from datasets import Dataset
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+
+    check_precision(config.fp16)
+    output_dir = Path(output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    resume_from = resume_argument(config.resume, checkpoint_dir)
+
+    records = subsample(records, config.max_records, config.seed)
+    has_grades = all("pos_labels" in r for r in records)
+    if config.labels == "graded" and not has_grades:
+        raise TrainingSetupError("--labels graded: every record needs pos_labels (from `shopsearch tune make-pairs`)")
+    graded = config.labels == "graded" or (config.labels == "auto" and has_grades)
+    columns = build_pairs(records, graded=graded, negatives_per_query=config.negatives_per_query, seed=config.seed)
+    labels = columns["label"]
+    n_pos = sum(1 for x in labels if x >= 0.5)
+    n_neg = len(labels) - n_pos
+    if not n_pos or not n_neg:
+        raise TrainingSetupError(
+            f"training pairs need both classes: {n_pos} positive, {n_neg} negative "
+            "(mine negatives first: `shopsearch tune mine-negatives`)"
+        )
+    pos_weight = config.pos_weight if config.pos_weight is not None else n_neg / n_pos
+    dataset = Dataset.from_dict(columns)
+
+    model = load_cross_encoder(config.base, max_length=config.max_length)
+    loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(pos_weight))
+    args = CrossEncoderTrainingArguments(
+        output_dir=str(checkpoint_dir),
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_ratio=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        fp16=config.fp16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=not log.isEnabledFor(logging.INFO),
+    )
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+    trainer.train(resume_from_checkpoint=resume_from)
+    model.save_pretrained(str(output_dir))
+    result = TrainResult(
+        output_dir=output_dir,
+        steps=int(trainer.state.global_step),
+        losses=loss_history(trainer.state.log_history),
+        rows=len(dataset),
+    )
+    write_manifest(
+        output_dir,
+        {
+            "kind": "reranker",
+            "config": asdict(config),
+            "labels": "graded" if graded else "binary",
+            "pos_weight": pos_weight,
+            "records": len(records),
+            "pairs": len(dataset),
+            "positive_pairs": n_pos,
+            "negative_pairs": n_neg,
+            "steps": result.steps,
+            "losses": result.losses,
+        },
+    )
+    return result
