@@ -74,21 +74,30 @@ def metrics(ranked: list[str], judged: dict[str, int]) -> tuple[float, float, fl
     return dcg / idcg if idcg else 0.0, r10, r100, mrr
 
 
-def rank(
-    words: dict[str, float], cjk: dict[str, float], pk: dict[str, int], combine: str, ww: float, wc: float
-) -> list[str]:
-    """Top 100 under one combination; ties by rowid, as the backend orders them."""
-    ids = list(words.keys() | cjk.keys()) if wc and ww else list(words if ww else cjk)
-    if not ids:
-        return []
-    w = np.array([words.get(i, 0.0) for i in ids]) if ww else 0.0
-    c = np.array([cjk.get(i, 0.0) for i in ids]) if wc else 0.0
-    if combine == "max":
-        w = w / max(words.values()) if ww and words else w
-        c = c / max(cjk.values()) if wc and cjk else c
-    score = ww * w + wc * c
-    order = np.lexsort((np.array([pk[i] for i in ids]), -np.broadcast_to(score, (len(ids),))))[:100]
-    return [ids[i] for i in order]
+class QueryScores:
+    """One query's per-analysis scores over the union of matches, as arrays (ranked per config)."""
+
+    def __init__(self, words: dict[str, float], cjk: dict[str, float], pk: dict[str, int]) -> None:
+        self.ids = list(words.keys() | cjk.keys())
+        self.pks = np.array([pk[i] for i in self.ids], dtype=np.int64)
+        self.in_words = np.array([i in words for i in self.ids], dtype=bool)
+        self.in_cjk = np.array([i in cjk for i in self.ids], dtype=bool)
+        self.words = np.array([words.get(i, 0.0) for i in self.ids])
+        self.cjk = np.array([cjk.get(i, 0.0) for i in self.ids])
+
+    def rank(self, combine: str, ww: float, wc: float, n: int = 100) -> list[str]:
+        """Top n under one combination; ties by rowid, as the backend orders them."""
+        if not self.ids:
+            return []
+        words, cjk = self.words, self.cjk
+        if combine == "max":
+            words = words / words.max() if self.in_words.any() else words
+            cjk = cjk / cjk.max() if self.in_cjk.any() else cjk
+        score = ww * words + wc * cjk
+        matched = (self.in_words if ww else False) | (self.in_cjk if wc else False)
+        idx = np.flatnonzero(matched)
+        order = idx[np.lexsort((self.pks[idx], -score[idx]))][:n]
+        return [self.ids[i] for i in order]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,10 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         sums = {name: np.zeros(4) for name, *_ in CONFIGS}
         t0 = time.perf_counter()
         for n, qid in enumerate(evaluated, start=1):
-            scores = backend.bm25_analysis_scores(queries[qid])
+            scores = QueryScores(**backend.bm25_analysis_scores(queries[qid]), pk=pk)
             for name, combine, ww, wc in CONFIGS:
-                ranked = rank(scores["words"], scores["cjk"], pk, combine, ww, wc)
-                sums[name] += metrics(ranked, qrels[qid])
+                sums[name] += metrics(scores.rank(combine, ww, wc), qrels[qid])
             if n % 2000 == 0:
                 print(f"  {n}/{len(evaluated)} queries, {time.perf_counter() - t0:.0f} s", flush=True)
         eval_s = time.perf_counter() - t0
@@ -141,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             sql_top = [c.id for c in backend.bm25(queries[qid], None, 10)]
             latencies.append(time.perf_counter() - t)
-            scores = backend.bm25_analysis_scores(queries[qid])
-            agree += sql_top == rank(scores["words"], scores["cjk"], pk, *best[1:])[:10]
+            scores = QueryScores(**backend.bm25_analysis_scores(queries[qid]), pk=pk)
+            agree += sql_top == scores.rank(*best[1:], n=10)
 
     print(f"\n{'analysis':<12} {'nDCG@10':>8} {'R@10':>7} {'R@100':>7} {'MRR@10':>7}")
     for name, *_ in CONFIGS:
