@@ -1,0 +1,488 @@
+"""The HTTP service in process (TestClient): every endpoint, proxy shape, degradation, auth, limits.
+
+Embedded store with the demo catalog and tiny random-init models: rankings carry no meaning, so the
+tests check plumbing, shapes, filters, paging and failure handling, never relevance.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from middleware.products import Filters
+from middleware.server.batching import BatchingEmbedder, BatchingReranker
+from tests.test_server_support import (
+    FailingReranker,
+    KnnFailingBackend,
+    SlowReranker,
+    UnreachableBackend,
+    fill_store,
+    make_app,
+    make_settings,
+    server_models,
+    server_store,
+)
+
+__all__ = ["server_models", "server_store"]  # fixtures, imported for pytest
+
+QUERY = "适合送女友的轻奢小众手表"
+
+
+@pytest.fixture(scope="module")
+def client(server_store, server_models):
+    with TestClient(make_app(server_store, *server_models)) as c:
+        yield c
+
+
+def text_search(q: str = QUERY, **extra) -> dict:
+    return {"query": {"match": {"title": q}}, **extra}
+
+
+# ------------------------------------------------------------------------------------------ /v1
+
+
+def test_health_ready_and_docs(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert ready.json()["checks"]["products"] == "28"
+    assert client.get("/v1/openapi.json").json()["paths"]["/v1/search"]["post"]
+    assert client.get("/v1/docs").status_code == 200
+
+
+def test_v1_search_answers_with_timings_and_no_degradation(client):
+    r = client.post("/v1/search", json={"query": QUERY, "size": 5, "explain": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["hits"]) == 5 and body["degraded"] == [] and body["reranked"] == 10
+    assert {"embed", "retrieve", "fuse", "rerank", "business"} <= set(body["timings_ms"])
+    assert body["hits"][0]["explain"]["rerank"] is not None
+
+
+def test_v1_search_filters_and_paging(client):
+    filters = {"category": ["手表"], "price_max": 5000}
+    full = client.post("/v1/search", json={"query": QUERY, "size": 10, "filters": filters}).json()
+    f = Filters(**filters)
+    ids = [h["id"] for h in full["hits"]]
+    assert ids and all(f.matches(_product(h["product"])) for h in full["hits"])
+    page2 = client.post("/v1/search", json={"query": QUERY, "size": 3, "from": 3, "filters": filters}).json()
+    assert [h["id"] for h in page2["hits"]] == ids[3:6]
+
+
+def _product(d: dict):
+    from middleware.products import Product
+
+    return Product(**d)
+
+
+@pytest.mark.parametrize(("body", "param"), [({"size": 101}, "size"), ({"from": 5000}, "from")])
+def test_v1_paging_limits_name_the_parameter(client, body, param):
+    r = client.post("/v1/search", json={"query": "x", **body})
+    assert r.status_code == 400 and r.json()["param"] == param and param in r.json()["message"]
+
+
+def test_v1_validation_errors_name_the_field(client):
+    r = client.post("/v1/search", json={"query": "x", "filters": {"price_min": -3}})
+    assert r.status_code == 422
+    assert r.json()["param"] == "filters.price_min" and "filters.price_min" in r.json()["message"]
+    r = client.post("/v1/search", json={"query": "x", "colour": "red"})
+    assert r.status_code == 422 and "colour" in r.json()["message"]
+
+
+def test_v1_long_query_is_truncated_not_rejected(client):
+    r = client.post("/v1/search", json={"query": "手表" * 10_000, "size": 3})
+    assert r.status_code == 200 and len(r.json()["hits"]) == 3
+
+
+def test_v1_rerank_matches_the_model_and_is_shaped_like_cohere(client, server_models):
+    docs = ["小众设计师珐琅手表", "无线蓝牙耳机", {"text": "保温杯 316 不锈钢"}]
+    r = client.post("/v1/rerank", json={"query": QUERY, "documents": docs, "top_n": 2, "return_documents": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    direct = server_models[1].score(QUERY, ["小众设计师珐琅手表", "无线蓝牙耳机", "保温杯 316 不锈钢"])
+    assert len(body["results"]) == 2
+    best = int(np.argmax(direct))
+    assert body["results"][0]["index"] == best
+    assert body["results"][0]["relevance_score"] == pytest.approx(float(direct[best]), abs=1e-5)
+    assert body["results"][0]["document"]["text"]
+    assert client.post("/v1/rerank", json={"query": "x", "documents": []}).status_code == 422
+
+
+def test_v1_embed_matches_the_model(client, server_models):
+    r = client.post("/v1/embed", json={"inputs": ["手表", "耳机"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    direct = server_models[0].encode_queries(["手表", "耳机"])
+    assert body["dim"] == direct.shape[1] and len(body["data"]) == 2
+    np.testing.assert_allclose(np.array(body["data"][1]["embedding"]), direct[1], atol=1e-5)
+    doc = client.post("/v1/embed", json={"input": "手表", "kind": "document"}).json()
+    np.testing.assert_allclose(doc["data"][0]["embedding"], server_models[0].encode_documents(["手表"])[0], atol=1e-5)
+
+
+def test_product_writes_are_refused_unless_enabled(client):
+    for method, path, body in [
+        ("POST", "/v1/products", {"products": [{"id": "n1", "title": "新品"}]}),
+        ("POST", "/v1/products/delete", {"ids": ["w01"]}),
+        ("DELETE", "/v1/products/w01", None),
+        ("POST", "/v1/signals", {"updates": [{"id": "w01", "stock": 0}]}),
+    ]:
+        r = client.request(method, path, json=body)
+        assert r.status_code == 403, (path, r.text)
+        assert "enable_writes" in r.json()["message"]
+    assert client.get("/v1/products/w01").json()["id"] == "w01"
+    assert client.get("/v1/products/nope").status_code == 404
+
+
+def test_product_writes_when_enabled(server_models, tmp_path):
+    store = fill_store(tmp_path / "store", server_models[0])
+    try:
+        app = make_app(store, *server_models, enable_writes=True)
+        with TestClient(app) as c:
+            new = {"id": "n1", "title": "全新 机械键盘 青轴", "brand": "Acme", "price": 199, "stock": 5}
+            assert c.post("/v1/products", json={"products": [new]}).json() == {"upserted": 1}
+            assert c.get("/v1/products/n1").json()["brand"] == "Acme"
+            r = c.post("/v1/signals", json={"updates": [{"id": "n1", "stock": 0}, {"id": "zz", "sales": 1}]})
+            assert r.json() == {"updated": 1, "not_found": ["zz"]}
+            assert c.get("/v1/products/n1").json()["stock"] == 0
+            assert c.delete("/v1/products/n1").json() == {"deleted": 1}
+            assert c.get("/v1/products/n1").status_code == 404
+            bad = c.post("/v1/products", json={"products": [{"id": "n2", "title": "x", "price": -1}]})
+            assert bad.status_code == 422 and "products.0.price" in bad.json()["message"]
+    finally:
+        store.close()
+
+
+def test_metrics_page(client):
+    client.post("/v1/search", json={"query": "蓝牙耳机", "size": 3})
+    client.post("/v1/search", json={"query": "蓝牙耳机", "size": 3})  # cache hits now
+    text = client.get("/metrics").text
+    for name in (
+        "shopsearch_requests_total",
+        "shopsearch_stage_seconds_bucket",
+        "shopsearch_batch_size_bucket",
+        "shopsearch_cache_lookups_total",
+        "shopsearch_request_seconds",
+    ):
+        assert name in text
+    assert 'shopsearch_cache_lookups_total{cache="embedding",result="hit"}' in text
+    assert 'shopsearch_cache_lookups_total{cache="rerank",result="hit"}' in text
+    assert 'stage="rerank"' in text
+
+
+# ------------------------------------------------------------------------------------------ proxy
+
+
+def test_info_looks_like_opensearch(client):
+    info = client.get("/").json()
+    assert info["version"]["distribution"] == "opensearch" and info["version"]["number"].startswith("2.")
+    assert client.head("/").status_code == 200
+
+
+def test_proxy_search_response_shape(client):
+    r = client.post("/products/_search", json=text_search(size=4))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"took", "timed_out", "_shards", "hits"}
+    assert body["timed_out"] is False and isinstance(body["took"], int)
+    assert body["hits"]["total"]["relation"] in {"eq", "gte"} and body["hits"]["total"]["value"] >= 4
+    hits = body["hits"]["hits"]
+    assert len(hits) == 4 and body["hits"]["max_score"] == hits[0]["_score"]
+    assert all(h["_index"] == "products" and h["_source"]["id"] == h["_id"] for h in hits)
+    assert "x-shopsearch-degraded" not in r.headers and "rerank;dur=" in r.headers["server-timing"]
+
+
+def test_proxy_filters_paging_and_source(client):
+    body = {
+        "query": {
+            "bool": {
+                "must": [{"multi_match": {"query": QUERY, "fields": ["title", "description"]}}],
+                "filter": [{"term": {"category.keyword": "手表"}}, {"range": {"price": {"lte": 5000}}}],
+            }
+        },
+        "size": 6,
+        "_source": ["title", "price", "category"],
+    }
+    first = client.post("/products/_search", json=body).json()["hits"]["hits"]
+    assert first and all(h["_source"]["price"] <= 5000 and "手表" in h["_source"]["category"] for h in first)
+    assert all(set(h["_source"]) <= {"title", "price", "category"} for h in first)
+    second = client.post("/products/_search", json={**body, "from": 2, "size": 3}).json()["hits"]["hits"]
+    assert [h["_id"] for h in second] == [h["_id"] for h in first[2:5]]
+    nosource = client.post("/products/_search", json={**body, "_source": False}).json()["hits"]["hits"]
+    assert all("_source" not in h for h in nosource)
+    uri = client.get("/products/_search", params={"q": "手表", "size": 2}).json()
+    assert len(uri["hits"]["hits"]) == 2
+
+
+def test_proxy_contradictory_filters_give_no_hits(client):
+    body = {
+        "query": {
+            "bool": {"must": {"match": {"t": "手表"}}, "filter": [{"term": {"brand": "A"}}, {"term": {"brand": "B"}}]}
+        }
+    }
+    r = client.post("/products/_search", json=body).json()
+    assert r["hits"]["total"] == {"value": 0, "relation": "eq"} and r["hits"]["hits"] == []
+
+
+def test_proxy_refuses_what_it_cannot_answer_without_an_upstream(client):
+    r = client.post(
+        "/products/_search", json={"query": {"match_all": {}}, "aggs": {"b": {"terms": {"field": "brand"}}}}
+    )
+    assert r.status_code == 400
+    err = r.json()
+    assert err["status"] == 400 and err["error"]["type"] == "illegal_argument_exception"
+    assert "upstream" in err["error"]["reason"] and err["error"]["root_cause"][0]["reason"]
+    r = client.post("/products/_search", json=text_search(size=500))
+    assert r.status_code == 400 and "[size]" in r.json()["error"]["reason"]
+
+
+def test_proxy_refuses_scripts(client):
+    body = {"query": {"script_score": {"query": {"match": {"title": "x"}}, "script": {"source": "Math.random()"}}}}
+    r = client.post("/products/_search", json=body)
+    assert r.status_code == 400 and "run code on the cluster" in r.json()["error"]["reason"]
+
+
+def test_count_doc_mget_health_cat(client):
+    assert client.get("/products/_count").json()["count"] == 28
+    assert client.post("/products/_count", json={"query": {"match_all": {}}}).json()["count"] == 28
+    doc = client.get("/products/_doc/w01").json()
+    assert doc["found"] is True and doc["_id"] == "w01" and doc["_source"]["brand"] == "Maison Lune"
+    assert client.get("/products/_doc/w01", params={"_source_includes": "title"}).json()["_source"].keys() == {"title"}
+    missing = client.get("/products/_doc/nope")
+    assert missing.status_code == 404 and missing.json()["found"] is False
+    assert client.get("/products/_source/w01").json()["id"] == "w01"
+    m = client.post("/products/_mget", json={"ids": ["w01", "nope", "w02"]}).json()["docs"]
+    assert [d["found"] for d in m] == [True, False, True]
+    m = client.post("/_mget", json={"docs": [{"_index": "products", "_id": "w03"}]}).json()["docs"]
+    assert m[0]["_source"]["id"] == "w03"
+    assert client.get("/_cluster/health").json()["status"] == "green"
+    assert client.get("/_cat/indices", params={"format": "json"}).json()[0]["docs.count"] == "28"
+    assert client.get("/_cat/indices").text.startswith("green open products ")
+    assert client.head("/products").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("DELETE", "/products"),
+        ("PUT", "/products"),
+        ("POST", "/_bulk"),
+        ("POST", "/products/_bulk"),
+        ("PUT", "/products/_doc/w01"),
+        ("POST", "/products/_doc"),
+        ("DELETE", "/products/_doc/w01"),
+        ("POST", "/products/_update/w01"),
+        ("POST", "/products/_update_by_query"),
+        ("POST", "/products/_delete_by_query"),
+        ("POST", "/_reindex"),
+        ("PUT", "/_cluster/settings"),
+        ("PUT", "/_snapshot/repo"),
+        ("GET", "/_snapshot/repo/_all"),
+        ("PUT", "/_plugins/_security/api/internalusers/admin"),
+        ("GET", "/_plugins/_security/api/internalusers"),
+        ("POST", "/_security/user/x"),
+        ("PUT", "/_scripts/evil"),
+        ("POST", "/products/_close"),
+        ("PUT", "/_ingest/pipeline/p"),
+        ("PUT", "/_template/t"),
+        ("POST", "/_nodes/reload_secure_settings"),
+        ("PUT", "/products/_mapping"),
+        ("POST", "/products/_search/template"),
+    ],
+)
+def test_write_and_admin_routes_are_refused(client, method, path):
+    r = client.request(method, path, json={})
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["type"] == "security_exception" and r.json()["status"] == 403
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/secret/_search", 403),
+        ("/_all/_search", 403),
+        ("/_search", 403),
+        ("/products,secret/_search", 403),
+        ("/%2e%2e/_search", 400),
+        ("/products%2F..%2Fsecret/_search", 403),
+        ("/PRODUCTS/_search", 400),
+        ("/secret/_doc/1", 403),
+        ("/products-v2/_doc/1", 404),
+    ],
+)
+def test_index_names_cannot_escape_the_allowed_set(client, path, status):
+    r = client.post(path, json=text_search()) if path.endswith("_search") else client.get(path)
+    assert r.status_code == status, r.text
+    assert "error" in r.json()
+
+
+# ----------------------------------------------------------------------------------- degradation
+
+
+def test_failing_reranker_degrades_to_the_fused_order(server_store, server_models):
+    app = make_app(server_store, server_models[0], FailingReranker(server_models[1]))
+    with TestClient(app) as c:
+        r = c.post("/v1/search", json={"query": QUERY, "size": 5})
+        assert r.status_code == 200 and r.json()["degraded"] == ["rerank"] and len(r.json()["hits"]) == 5
+        p = c.post("/products/_search", json=text_search())
+        assert p.status_code == 200 and p.headers["x-shopsearch-degraded"] == "rerank"
+        assert p.json()["timed_out"] is True and p.json()["hits"]["hits"]
+        assert 'shopsearch_degraded_total{stage="rerank"}' in c.get("/metrics").text
+
+
+def test_slow_reranker_misses_the_deadline_and_the_answer_still_comes_in_time(server_store, server_models):
+    app = make_app(server_store, server_models[0], SlowReranker(server_models[1], delay_s=1.5))
+    with TestClient(app) as c:
+        started = time.perf_counter()
+        r = c.post("/v1/search", json={"query": QUERY, "size": 5, "deadline_ms": 300})
+        elapsed = time.perf_counter() - started
+        assert r.status_code == 200 and r.json()["degraded"] == ["rerank"]
+        assert elapsed < 1.4  # the reranker's 1.5 s were not waited for
+        p = c.post("/products/_search", json=text_search(timeout="300ms"))
+        assert p.headers["x-shopsearch-degraded"] == "rerank"
+
+
+def test_deadline_override_is_capped(server_store, server_models):
+    app = make_app(server_store, server_models[0], SlowReranker(server_models[1], delay_s=1.0), max_deadline_ms=200)
+    with TestClient(app) as c:
+        started = time.perf_counter()
+        r = c.post("/v1/search", json={"query": QUERY, "deadline_ms": 60_000})
+        assert r.json()["degraded"] == ["rerank"] and time.perf_counter() - started < 0.95
+
+
+def test_failing_knn_answers_from_bm25(server_store, server_models):
+    app = make_app(KnnFailingBackend(server_store), *server_models)
+    with TestClient(app) as c:
+        r = c.post("/v1/search", json={"query": QUERY, "size": 5, "explain": True}).json()
+        assert r["degraded"] == ["knn"] and r["hits"]
+        assert all(h["explain"]["knn"] is None for h in r["hits"])
+        p = c.post("/products/_search", json=text_search())
+        assert p.headers["x-shopsearch-degraded"] == "knn"
+
+
+def test_unreachable_backend_is_503_with_a_clear_body_and_no_secrets(server_store, server_models):
+    app = make_app(UnreachableBackend(server_store), *server_models)
+    with TestClient(app) as c:
+        r = c.post("/v1/search", json={"query": QUERY})
+        assert r.status_code == 503 and "backend unavailable" in r.json()["message"]
+        assert "hunter2" not in r.text and r.headers["retry-after"] == "1"
+        p = c.post("/products/_search", json=text_search())
+        assert p.status_code == 503 and p.json()["error"]["type"] == "unavailable_exception"
+        assert "hunter2" not in p.text
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["backend"].startswith("unreachable")
+        assert "hunter2" not in ready.text
+
+
+class _ExplodingGet(UnreachableBackend):
+    def _boom(self, *args, **kwargs):
+        raise KeyError("internal detail /etc/shopsearch/secret.toml")
+
+    get = _boom  # type: ignore[assignment]
+
+
+def test_unhandled_errors_are_500_json_without_internals(server_store, server_models):
+    app = make_app(_ExplodingGet(server_store), *server_models)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for path in ("/v1/products/w01", "/products/_doc/w01"):
+            r = c.get(path)
+            assert r.status_code == 500 and r.headers["content-type"].startswith("application/json")
+            assert "secret" not in r.text and "Traceback" not in r.text
+
+
+# ------------------------------------------------------------------------------------------- auth
+
+
+def test_api_keys(server_store, server_models, tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# storefront\nkey-from-file\n")
+    settings = make_settings(api_keys=["s3cret-key"], api_keys_file=str(keys_file))
+    app = make_app(server_store, *server_models, settings=settings)
+    with TestClient(app) as c:
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+        for method, path in [("POST", "/v1/search"), ("GET", "/metrics"), ("GET", "/"), ("POST", "/products/_search"),
+                             ("GET", "/v1/openapi.json"), ("DELETE", "/products"), ("GET", "/nope/x/y")]:  # fmt: skip
+            r = c.request(method, path, json={"query": "x"})
+            assert r.status_code == 401, (path, r.status_code)
+            assert "s3cret" not in r.text
+        assert c.get("/", headers={"Authorization": "ApiKey wrong"}).status_code == 401
+        assert c.get("/", headers={"Authorization": "ApiKey s3cret-key"}).status_code == 200
+        assert c.get("/", headers={"x-api-key": "key-from-file"}).status_code == 200
+        basic = base64.b64encode(b"storefront:s3cret-key").decode()
+        assert c.get("/", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+        r = c.post("/products/_search", json=text_search(), headers={"x-api-key": "nope"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "security_exception"
+
+
+# ----------------------------------------------------------------------------------------- limits
+
+
+def test_body_size_limit(server_store, server_models):
+    app = make_app(server_store, *server_models, max_body_bytes=2048)
+    with TestClient(app) as c:
+        big = {"query": "手表", "filters": {"ids": [f"id-{i}" for i in range(1000)]}}
+        r = c.post("/v1/search", json=big)
+        assert r.status_code == 413 and "max_body_bytes" in r.json()["message"]
+        r = c.post("/products/_search", json={"query": {"match": {"title": "x" * 5000}}})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "content_too_long_exception"
+
+        def chunks():  # no content-length: counted while reading
+            for _ in range(10):
+                yield b" " * 500
+
+        r = c.post("/products/_search", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+
+
+def test_malformed_bodies_are_400_not_500(client):
+    deep = "[" * 100_000 + "]" * 100_000
+    for path in ("/products/_search", "/v1/search"):
+        for raw in (deep.encode(), b'{"query": "\xff\xfe"}', b"{not json", b'{"query": {"match": {"t": "\x00"}}'):
+            r = client.post(path, content=raw, headers={"content-type": "application/json"})
+            assert 400 <= r.status_code < 500, (path, raw[:20], r.status_code)
+
+
+def test_control_characters_and_long_text_are_handled(client):
+    r = client.post("/products/_search", json=text_search(q="手表\x00\x1f\u202e" + "表" * 10_000))
+    assert r.status_code == 200
+
+
+# ----------------------------------------------------------------------------------------- batching
+
+
+def test_shared_rerank_batches_score_like_the_model(server_models):
+    _, reranker = server_models
+    wrapped = BatchingReranker(reranker, batching=True, max_batch_size=64, max_wait_ms=30)
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        jobs = [("手表 女", ["小众设计师珐琅手表", "机械键盘"]), ("耳机", ["无线蓝牙耳机 降噪", "保温杯", "手表"])]
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda job: wrapped.score(*job), jobs))
+        for (query, docs), scores in zip(jobs, got, strict=True):
+            np.testing.assert_allclose(scores, reranker.score(query, docs), atol=1e-5)
+    finally:
+        wrapped.close()
+
+
+def test_batching_embedder_matches_the_model(server_models):
+    embedder, _ = server_models
+    wrapped = BatchingEmbedder(embedder, batching=True, max_batch_size=8, max_wait_ms=5)
+    try:
+        np.testing.assert_allclose(
+            wrapped.encode_queries(["手表", "耳机", "手表"]),
+            embedder.encode_queries(["手表", "耳机", "手表"]),
+            atol=1e-5,
+        )
+    finally:
+        wrapped.close()
+
+
+def test_json_bodies_round_trip(client):
+    # the proxy re-serialises our hits; make sure the body is plain JSON (no NaN etc.)
+    raw = client.post("/products/_search", json=text_search()).content
+    json.loads(raw, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
