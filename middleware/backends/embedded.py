@@ -251,23 +251,6 @@ class EmbeddedBackend:
         self._all_connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
 
-        self._writer = self._connect(readonly=False)
-        try:
-            self._writer.executescript(_SCHEMA)
-            self._init_meta()
-        except sqlite3.DatabaseError as exc:
-            self._close_connections()
-            raise BackendError(f"{self._db_path} is not a usable shopsearch database: {exc}") from exc
-
-        stored_dim = self._meta_int("dim")
-        if dim is not None and stored_dim is not None and dim != stored_dim:
-            self._close_connections()
-            raise ValueError(
-                f"dim mismatch: {self.data_dir} holds {stored_dim}-d vectors but {dim}-d were asked for "
-                "(a different embedder?); index into a new data directory"
-            )
-        self._dim: int | None = stored_dim
-
         # faiss state, guarded by _faiss_lock
         self._index: faiss.Index | None = None
         self._index_kind: str | None = None
@@ -276,13 +259,35 @@ class EmbeddedBackend:
         self._dead_selector: tuple[faiss.IDSelectorBatch, faiss.IDSelectorNot] | None = None
         self._unsaved = 0
         self._last_save = time.monotonic()
-        self._load_or_rebuild_index()
+        self._dim: int | None = None
+
+        try:
+            self._writer = self._connect(readonly=False)
+            try:
+                self._writer.executescript(_SCHEMA)
+                self._init_meta()
+            except sqlite3.DatabaseError as exc:
+                raise BackendError(f"{self._db_path} is not a usable shopsearch database: {exc}") from exc
+            stored_dim = self._meta_int("dim")
+            if dim is not None and stored_dim is not None and dim != stored_dim:
+                raise ValueError(
+                    f"dim mismatch: {self.data_dir} holds {stored_dim}-d vectors but {dim}-d were asked for "
+                    "(a different embedder?); index into a new data directory"
+                )
+            self._dim = stored_dim
+            self._load_or_rebuild_index()
+        except BaseException:
+            self._close_connections()
+            raise
 
     # ------------------------------------------------------------------ connections and meta
 
     def _connect(self, *, readonly: bool) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(self._db_path, check_same_thread=False, isolation_level=None, timeout=30)
+        except sqlite3.Error as exc:
+            raise BackendError(f"cannot open {self._db_path}: {exc}") from exc
+        try:
             conn.execute("PRAGMA busy_timeout = 30000")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
@@ -290,8 +295,11 @@ class EmbeddedBackend:
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             if readonly:
                 conn.execute("PRAGMA query_only = 1")
-        except sqlite3.DatabaseError as exc:
-            raise BackendError(f"cannot open {self._db_path}: {exc}") from exc
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise BackendError(f"cannot open {self._db_path}: {exc}") from exc
+            raise
         with self._connections_lock:
             self._all_connections.append(conn)
         return conn
