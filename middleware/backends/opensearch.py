@@ -472,6 +472,11 @@ class OpenSearchBackend:
         body = bodies.knn_search(vector, filters, n, self.cfg.hnsw_ef_search)
         return candidates_from_hits(self._search(body, "knn search"), "knn")
 
+    @property
+    def fuses_server_side(self) -> bool:
+        """True when configured for the hybrid query: the pipeline then calls hybrid() (HybridBackend)."""
+        return self.cfg.retrieval == "hybrid"
+
     def hybrid(self, text: str, vector: np.ndarray, filters: Filters | None, n: int) -> list[Candidate]:
         """One hybrid query through the search pipeline; Candidate.fused is the pipeline's score."""
         if n <= 0:
