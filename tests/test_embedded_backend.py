@@ -254,6 +254,25 @@ def test_bm25_scores_are_higher_is_better_with_ranks(store: EmbeddedBackend) -> 
     assert hits[0].product is not None and hits[0].product.title == "珐琅手表珐琅"
 
 
+@pytest.mark.parametrize(("combine", "words_weight", "cjk_weight"), [("sum", 1, 1), ("sum", 1, 0.5), ("max", 1, 2)])
+def test_combined_score_is_the_weighted_sum_of_the_analyses(
+    tmp_path: Path, catalog, combine: str, words_weight: float, cjk_weight: float
+) -> None:
+    products, _ = catalog
+    with EmbeddedBackend(tmp_path, combine=combine, words_weight=words_weight, cjk_weight=cjk_weight) as store:
+        store.upsert(products, None)
+        for query in ["珐琅手表", "Apple pro 耳机", "女士连衣裙口红"]:
+            parts = store.bm25_analysis_scores(query)
+            words, cjk = parts["words"], parts["cjk"]
+            if combine == "max":
+                words = {k: v / max(words.values()) for k, v in words.items()}
+                cjk = {k: v / max(cjk.values()) for k, v in cjk.items()}
+            want = {i: words_weight * words.get(i, 0) + cjk_weight * cjk.get(i, 0) for i in words.keys() | cjk.keys()}
+            got = store.bm25(query, None, len(products))
+            assert {c.id: c.bm25 for c in got} == pytest.approx(want, rel=1e-9)
+            assert [c.bm25 for c in got] == sorted((c.bm25 for c in got), reverse=True)
+
+
 def test_title_weighs_more_than_description(store: EmbeddedBackend) -> None:
     store.upsert(
         [

@@ -684,9 +684,9 @@ class EmbeddedBackend:
         for table, match, weight in parts:
             params += [weight, *columns, match]  # in textual order of the placeholders
             # "max": each analysis scaled to (0, 1] by its best match (bm25() cannot sit in a window)
-            scale = " / max(s) OVER ()" if self.combine == "max" else ""
+            score = "coalesce(s / nullif(max(s) OVER (), 0), 0)" if self.combine == "max" else "s"
             per_analysis.append(
-                f"SELECT pk, ? * s{scale} AS score FROM ("
+                f"SELECT pk, ? * {score} AS score FROM ("
                 f"SELECT rowid AS pk, -bm25({table}, ?, ?) AS s FROM {table} WHERE {table} MATCH ?)"
             )
         where, filter_params = _filter_sql(filters)
