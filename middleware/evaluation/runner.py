@@ -245,12 +245,17 @@ class Evaluation:
         return [m for m in self.config.modes if m not in self.skipped_modes]
 
     # ---------------------------------------------------------------- corpus vectors + indexes
+    def _model_key(self) -> str:
+        """The embedder and the options that change its vectors (runtime, precision)."""
+        settings = self._settings()
+        return _slug(f"{self.embedder.model_id}-{settings.embedder_runtime}-{settings.embedder_precision}")
+
     def _document_vectors(self) -> np.ndarray | None:
         """Embeddings of every corpus document (Product.embedding_text), cached on disk."""
         if self.embedder is None:
             return None
         ids = list(self.dataset.corpus)
-        key = f"{self.dataset.fingerprint[:16]}-{_slug(self.embedder.model_id)}"
+        key = f"{self.dataset.fingerprint[:16]}-{self._model_key()}"
         cache = self.config.workdir / "vectors" / f"{key}.npy"
         if cache.is_file():
             vectors = np.load(cache)
@@ -278,7 +283,7 @@ class Evaluation:
         """An embedded store holding exactly the pool's documents; reused when already built."""
         from middleware.backends.embedded import EmbeddedBackend
 
-        model = _slug(self.embedder.model_id) if self.embedder is not None else "lexical"
+        model = self._model_key() if self.embedder is not None else "lexical"
         key = f"{self.dataset.fingerprint[:12]}-{pool.fingerprint}-{model}-{_analysis_version()}"
         path = self.config.workdir / "indexes" / key
         marker = path / "eval-index.json"
