@@ -26,10 +26,9 @@ from middleware.server.app import create_app
 
 
 @pytest.fixture(scope="session")
-def server_models(tiny_embedder_dir: Path, tiny_reranker_dir: Path, tmp_path_factory) -> tuple[Embedder, Reranker]:
-    cache = tmp_path_factory.mktemp("server-model-cache")
-    embedder = Embedder(str(tiny_embedder_dir), cache_dir=cache)
-    reranker = Reranker(str(tiny_reranker_dir), cache_dir=cache, precision="fp32")
+def server_models(tiny_embedder_dir: Path, tiny_reranker_dir: Path, model_cache_dir: Path) -> tuple[Embedder, Reranker]:
+    embedder = Embedder(str(tiny_embedder_dir), cache_dir=model_cache_dir)
+    reranker = Reranker(str(tiny_reranker_dir), cache_dir=model_cache_dir, precision="fp32")
     return embedder, reranker
 
 
