@@ -62,7 +62,7 @@ class Summary:
             out.append(f"embedded {self.embedded} texts, {self.cache_hits} from the embedding cache")
         if self.resumed_from_line:
             out.append(f"resumed after line {self.resumed_from_line}")
-        if self.rejected and self.dead_letter_path:
+        if (self.rejected or self.not_found) and self.dead_letter_path:
             out.append(f"rejected rows written to {self.dead_letter_path}")
         if self.prune_refused:
             out.append(f"prune skipped: {self.prune_refused}")

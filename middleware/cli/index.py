@@ -369,6 +369,7 @@ def run_stats(args: argparse.Namespace) -> int:
     backend = _open_backend(settings, meta.get("dim"))
     try:
         backend_stats = _run_guarded(backend.stats)
+        data_dir_bytes = _dir_bytes(data_dir) if data_dir.is_dir() else 0  # measured while open, as the backend's
     finally:
         backend.close()
     cache_path = embedding_cache_path(settings)
@@ -379,7 +380,7 @@ def run_stats(args: argparse.Namespace) -> int:
         "vectors": backend_stats.get("vectors"),
         "dim": backend_stats.get("dim") or meta.get("dim"),
         "bytes_on_disk": backend_stats.get("bytes_on_disk"),
-        "data_dir_bytes": _dir_bytes(data_dir) if data_dir.is_dir() else 0,
+        "data_dir_bytes": data_dir_bytes,
         "embedder": meta.get("embedder"),
         "reranker": settings.reranker if settings.reranker_enabled else None,
         "embedding_cache_bytes": cache_path.stat().st_size if cache_path.exists() else 0,
