@@ -101,8 +101,10 @@ def _packaged_model(name: str) -> tuple[Path, str] | None:
 def _hf_cache(name: str, revision: str | None) -> Path | None:
     from huggingface_hub import snapshot_download
 
+    # read at call time (huggingface_hub reads its env at import): tests and CLIs may set it late
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
     try:
-        path = Path(snapshot_download(name, revision=revision, local_files_only=True))
+        path = Path(snapshot_download(name, revision=revision, local_files_only=True, cache_dir=cache_dir))
     except Exception:  # not cached, invalid id, partial cache: all mean "not here"
         return None
     return path if (path / "config.json").is_file() else None

