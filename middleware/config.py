@@ -150,6 +150,7 @@ class Settings(BaseSettings):
     max_length: int = Field(512, ge=8)
     batch_size: int = Field(32, ge=1)
     threads: int | None = Field(None, ge=1)  # onnxruntime intra-op threads; None = core count
+    onnx_io_binding: bool = False  # bind model inputs/outputs explicitly (saves copies on CUDA)
 
     # query pipeline
     retrieve_n: int = Field(100, ge=1)
