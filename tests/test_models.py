@@ -484,11 +484,14 @@ def test_load_from_settings(tiny_embedder_dir: Path, tiny_reranker_dir: Path, mo
         max_length=64,
         batch_size=3,
         threads=1,
+        onnx_io_binding=True,
     )
     embedder, reranker = load_embedder(settings), load_reranker(settings)
     assert embedder is not None and reranker is not None
     assert (embedder.query_instruction, embedder.max_length, embedder.batch_size) == ("", 64, 3)
     assert (reranker.precision, reranker.max_length) == ("fp32", 64)
+    assert reranker._runner.io_binding and embedder._runner.io_binding
+    assert reranker.score(QUERY, DOCS[:3]).shape == (3,)
     assert embedder.model_id == str(tiny_embedder_dir.resolve())
     with pytest.raises(ModelLoadError, match="SHOPSEARCH_EMBEDDER"):
         load_embedder(Settings(embedder=str(tiny_embedder_dir / "missing"), model_cache_dir=model_cache_dir))

@@ -40,6 +40,7 @@ def load_embedder(settings: Settings) -> Embedder | None:
         batch_size=settings.batch_size,
         cache_dir=settings.model_cache_dir,
         threads=settings.threads,
+        io_binding=settings.onnx_io_binding,
     )
 
 
@@ -55,4 +56,5 @@ def load_reranker(settings: Settings) -> Reranker | None:
         batch_size=settings.batch_size,
         cache_dir=settings.model_cache_dir,
         threads=settings.threads,
+        io_binding=settings.onnx_io_binding,
     )

@@ -21,7 +21,7 @@ ModelKind = Literal["embedder", "reranker"]
 Source = Literal["local", "package", "hf-cache", "hub"]
 
 # seconds for the one metadata request that tells whether the hub is reachable
-HUB_TIMEOUT_S = float(os.environ.get("SHOPSEARCH_HUB_TIMEOUT", "8"))
+HUB_TIMEOUT_S = 8.0
 
 # hub ids (lower-case) of models that pip packages ship, and how to find their directory
 # (module, function returning the directory, canonical hub id used as the model id)
