@@ -205,6 +205,7 @@ def index_rows(
             seen.close()
         if progress is not None:
             progress.close()
+    summary.dead_letter_path = str(dead_letters.path) if dead_letters.count else None
     summary.finish(time.monotonic() - started)
     return summary
 
@@ -435,5 +436,6 @@ def apply_signal_rows(
     finally:
         if progress is not None:
             progress.close()
+    summary.dead_letter_path = str(dead_letters.path) if dead_letters.count else None
     summary.finish(time.monotonic() - started)
     return summary

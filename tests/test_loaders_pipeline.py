@@ -54,15 +54,10 @@ class CountingEmbedder:
 
 
 @pytest.fixture(scope="module")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("model-cache")
-
-
-@pytest.fixture(scope="module")
-def real_embedder(tiny_embedder_dir: Path, model_cache: Path) -> Any:
+def real_embedder(tiny_embedder_dir: Path, model_cache_dir: Path) -> Any:
     from middleware.models import Embedder
 
-    return Embedder(str(tiny_embedder_dir), cache_dir=model_cache)
+    return Embedder(str(tiny_embedder_dir), cache_dir=model_cache_dir)
 
 
 @pytest.fixture
@@ -71,14 +66,14 @@ def embedder(real_embedder: Any) -> CountingEmbedder:
 
 
 @pytest.fixture
-def cli_env(monkeypatch: pytest.MonkeyPatch, tiny_embedder_dir: Path, model_cache: Path, tmp_path: Path) -> Path:
+def cli_env(monkeypatch: pytest.MonkeyPatch, tiny_embedder_dir: Path, model_cache_dir: Path, tmp_path: Path) -> Path:
     """Environment for in-process CLI runs: the tiny model, a private model cache and data dir."""
     for key in list(os.environ):
         if key.startswith("SHOPSEARCH_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("SHOPSEARCH_EMBEDDER", str(tiny_embedder_dir))
     monkeypatch.setenv("SHOPSEARCH_RERANKER", "none")
-    monkeypatch.setenv("SHOPSEARCH_MODEL_CACHE_DIR", str(model_cache))
+    monkeypatch.setenv("SHOPSEARCH_MODEL_CACHE_DIR", str(model_cache_dir))
     data_dir = tmp_path / "store"
     monkeypatch.setenv("SHOPSEARCH_DATA_DIR", str(data_dir))
     return data_dir
@@ -185,6 +180,19 @@ def test_reindex_skips_unchanged_and_embeds_only_changed_text(tmp_path: Path, em
     assert embedder.texts == [] and summary.cache_hits == 4 and summary.updated == 5  # p5: signals only
     reverted = stored_rows(data_dir)
     assert reverted["p3"][1] == before["p3"][1]  # the same vector as the first run, from the cache
+
+
+def test_embedding_cache_is_per_model_and_exact_text(tmp_path: Path, embedder: CountingEmbedder) -> None:
+    texts = ["卡西欧 手表", "卡西欧 手表", "卡西欧 手表 "]  # a repeat, and a different text (trailing space)
+    cache = EmbeddingCache(tmp_path / "c.sqlite", embedder.model_id, embedder.dim)
+    vectors, hits = cache.encode(embedder, texts)
+    assert hits == 0 and embedder.texts == ["卡西欧 手表", "卡西欧 手表 "] and cache.count() == 2
+    again, hits = cache.encode(embedder, texts[:1])
+    assert hits == 1 and len(embedder.texts) == 2 and np.array_equal(again[0], vectors[0])
+    cache.close()
+    other = EmbeddingCache(tmp_path / "c.sqlite", "another-model", embedder.dim)
+    assert other.get_many([]) == {} and other.count() == 0  # another model's vectors are never served
+    other.close()
 
 
 def test_duplicate_ids_are_updates_last_row_wins(tmp_path: Path, embedder: CountingEmbedder) -> None:

@@ -235,3 +235,24 @@ def test_dead_letters_drop_records_past_the_resume_line(tmp_path: Path) -> None:
     resumed.write([Rejection(12, "c", "z")])
     resumed.close()
     assert [json.loads(line)["line"] for line in path.read_text().splitlines()] == [3, 9, 12]
+
+
+def test_progress_logs_plain_lines_off_a_terminal_and_summary_reads_well() -> None:
+    from loaders.report import Progress, Summary
+
+    stream = io.StringIO()
+    progress = Progress("indexing", stream=stream, every_s=0.0)
+    progress.update(512, indexed=500, rejected=12)
+    progress.update(100)
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("indexing: 512 rows (") and "rejected 12" in lines[0]
+    assert lines[1].startswith("indexing: 612 rows")
+    quiet = io.StringIO()
+    Progress("x", stream=quiet, every_s=3600).update(5)
+    assert quiet.getvalue() == ""  # off a terminal, at most one line per interval
+    summary = Summary(read=10, indexed=7, rejected=3, dead_letter_path="d.jsonl")
+    summary.finish(2.0)
+    assert summary.docs_per_second == 5.0
+    assert summary.lines()[0].startswith("read 10, indexed 7, updated 0, unchanged 0, rejected 3 in 2.0 s")
+    assert summary.lines()[-1] == "rejected rows written to d.jsonl"

@@ -215,7 +215,7 @@ def _run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except SourceError as err:
-        raise CliError(f"{err} (committed batches are kept; fix the file and use --resume)") from None
+        raise CliError(f"{err} (batches before it are committed; re-running the fixed file is safe)") from None
     except BackendError as err:
         raise CliError(f"backend failed: {err} (committed batches are kept; use --resume)") from None
     except ModelLoadError as err:
@@ -251,7 +251,7 @@ def run_index(args: argparse.Namespace) -> int:
     try:
         meta_path = loader_dir(settings) / "index-meta.json"
         meta = _read_json(meta_path) or {}
-        if meta.get("embedder") not in (None, model_id) and backend.count() > 0:
+        if meta.get("embedder") not in (None, model_id) and _run_guarded(backend.count) > 0:
             raise CliError(
                 f"{settings.data_dir} was indexed with embedder {meta['embedder']!r}, not {model_id!r}: vectors of "
                 "different models cannot be mixed; use the same SHOPSEARCH_EMBEDDER or a new --data-dir"
