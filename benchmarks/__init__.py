@@ -7,6 +7,5 @@ Figures and JSON only, never assertions: speed targets are checked by reading th
 from __future__ import annotations
 
 RANDOM_WEIGHTS_NOTE = (
-    "random-initialised weights with the exact architecture: same FLOPs as the real models; "
-    "rankings meaningless"
+    "random-initialised weights with the exact architecture: same FLOPs as the real models; rankings meaningless"
 )
