@@ -91,9 +91,9 @@ class Progress:
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.update(rows)
             if counts:
-                self._bar.set_postfix(counts, refresh=False)
+                self._bar.set_postfix(counts, refresh=False)  # shown by the update below
+            self._bar.update(rows)
             return
         now = time.monotonic()
         if now - self._last_log >= self.every_s:
