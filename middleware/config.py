@@ -94,10 +94,10 @@ class OpenSearchSettings(BaseModel):
 class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
-    api_keys: list[SecretStr] = Field(default_factory=list)
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # env: comma-separated
     api_keys_file: Path | None = None
     index_name: str = "products"  # index name the proxy answers for with the embedded backend
-    allowed_indices: list[str] = Field(default_factory=lambda: ["products*"])
+    allowed_indices: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["products*"])
     enable_writes: bool = False  # product upsert/delete endpoints and proxy write routes
     upstream_url: str | None = None  # OpenSearch to pass non-text queries through to
     upstream_verify_certs: bool = True
@@ -118,6 +118,15 @@ class ServerSettings(BaseModel):
     upstream_timeout_s: float = Field(10.0, gt=0)
     max_rerank_documents: int = Field(1000, ge=1)  # /v1/rerank
     max_embed_inputs: int = Field(256, ge=1)  # /v1/embed
+
+    @field_validator("api_keys", "allowed_indices", mode="before")
+    @classmethod
+    def _csv_lists(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().startswith("["):  # a JSON list works too
+            import json
+
+            return json.loads(v)
+        return _split_csv(v)
 
 
 def _split_csv(v: Any) -> Any:
