@@ -144,7 +144,7 @@ def index_rows(
         daemon=True,
     )
     embed_thread = threading.Thread(
-        target=_embed_stage, args=(embedder, cache, to_embed, events), name="shopsearch-embed", daemon=True
+        target=_embed_stage, args=(embedder, cache, to_embed, events, stop), name="shopsearch-embed", daemon=True
     )
     pending: Counter[str] = Counter()  # ids classified but not yet written
     inflight = 0
@@ -316,10 +316,11 @@ def _embed_stage(
     cache: EmbeddingCache | None,
     to_embed: queue.Queue[Batch | None],
     events: queue.Queue[tuple[str, Any]],
+    stop: threading.Event,
 ) -> None:
     while True:
         batch = to_embed.get()
-        if batch is None:
+        if batch is None or stop.is_set():  # after a failure, queued batches are not worth embedding
             return
         try:
             if embedder is not None and batch.to_write:
