@@ -335,23 +335,27 @@ def test_failing_reranker_degrades_to_the_fused_order(server_store, server_model
 
 
 def test_slow_reranker_misses_the_deadline_and_the_answer_still_comes_in_time(server_store, server_models):
-    app = make_app(server_store, server_models[0], SlowReranker(server_models[1], delay_s=1.5))
+    app = make_app(server_store, server_models[0], SlowReranker(server_models[1], delay_s=2.5), warm_up=False)
     with TestClient(app) as c:
         started = time.perf_counter()
         r = c.post("/v1/search", json={"query": QUERY, "size": 5, "deadline_ms": 300})
         elapsed = time.perf_counter() - started
         assert r.status_code == 200 and r.json()["degraded"] == ["rerank"]
-        assert elapsed < 1.4  # the reranker's 1.5 s were not waited for
+        assert elapsed < 2.0  # the reranker's 2.5 s were not waited for
         p = c.post("/products/_search", json=text_search(timeout="300ms"))
         assert p.headers["x-shopsearch-degraded"] == "rerank"
 
 
 def test_deadline_override_is_capped(server_store, server_models):
-    app = make_app(server_store, server_models[0], SlowReranker(server_models[1], delay_s=1.0), max_deadline_ms=200)
+    app = make_app(
+        server_store, server_models[0], SlowReranker(server_models[1], delay_s=2.5), max_deadline_ms=200, warm_up=False
+    )
     with TestClient(app) as c:
         started = time.perf_counter()
         r = c.post("/v1/search", json={"query": QUERY, "deadline_ms": 60_000})
-        assert r.json()["degraded"] == ["rerank"] and time.perf_counter() - started < 0.95
+        assert (
+            r.json()["degraded"] == ["rerank"] and time.perf_counter() - started < 2.0
+        )  # not the 60 s asked for, nor the 2.5 s rerank
 
 
 def test_failing_knn_answers_from_bm25(server_store, server_models):

@@ -112,3 +112,19 @@ def test_a_zero_size_cache_is_disabled():
     cache: LruTtlCache[int] = LruTtlCache("c", maxsize=0, ttl_s=10)
     cache.put("a", 1)
     assert cache.get("a") is None and len(cache) == 0
+
+
+def test_a_lone_caller_does_not_wait_when_nobody_else_can_join():
+    run = Recorder()
+    alone = MicroBatcher("t", run, length=len, max_batch_size=32, max_wait_ms=2000, more_expected=lambda n: n < 1)
+    crowd = MicroBatcher("t", run, length=len, max_batch_size=32, max_wait_ms=300, more_expected=lambda n: n < 2)
+    try:
+        started = time.perf_counter()
+        assert alone.submit(["x"])[0].result(timeout=5) == "X"
+        assert time.perf_counter() - started < 1.0  # far below the 2 s max wait
+        started = time.perf_counter()
+        assert crowd.submit(["y"])[0].result(timeout=5) == "Y"
+        assert time.perf_counter() - started >= 0.29  # another caller was expected: it waited
+    finally:
+        alone.close()
+        crowd.close()

@@ -63,6 +63,7 @@ class ServiceState:
                 max_batch_size=srv.batch_max_size,
                 max_wait_ms=srv.batch_max_wait_ms,
                 on_batch=self.metrics.observe_batch,
+                more_expected=self._more_expected,
             )
         if base.reranker is not None:
             self.reranker = BatchingReranker(
@@ -72,6 +73,7 @@ class ServiceState:
                 max_batch_size=srv.batch_max_size,
                 max_wait_ms=srv.batch_max_wait_ms,
                 on_batch=self.metrics.observe_batch,
+                more_expected=self._more_expected,
             )
         self.pipeline = Pipeline(settings, base.backend, self.embedder, self.reranker)
         self.pipeline.default_rerank_k = base.default_rerank_k
@@ -86,6 +88,10 @@ class ServiceState:
 
         self.upstream = Upstream.from_settings(settings)
         self.started = time.time()
+
+    def _more_expected(self, callers_waiting: int) -> bool:
+        # admitted requests not yet waiting in this batcher may still join its batch
+        return self.limiter.in_flight > callers_waiting
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -117,6 +123,16 @@ class ServiceState:
             raise ApiError(400, str(err)) from None
         self.metrics.observe_search(resp.timings_ms, resp.degraded)
         return resp
+
+    def warm_up(self) -> None:
+        """One search before taking traffic: the first one pays for lazy loads (jieba's dictionary,
+        onnxruntime's first run, the vector index) and would otherwise spend a real request's budget."""
+        started = time.perf_counter()
+        try:
+            self.pipeline.search(SearchRequest(query="warm up 预热", size=1, deadline_ms=60_000))
+        except Exception as err:  # an empty or unreachable store still serves health and errors
+            log.warning("warm-up search failed: %s", redact(str(err)))
+        log.info("warm-up search took %.0f ms", (time.perf_counter() - started) * 1000.0)
 
     async def close(self) -> None:
         for model in (self.embedder, self.reranker):
@@ -303,6 +319,10 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         if holder["state"] is None:
             base = await asyncio.to_thread(Pipeline.from_settings, settings)
             install(ServiceState(settings, base, owns_pipeline=True))
+        state = holder["state"]
+        assert state is not None
+        if settings.server.warm_up:
+            await asyncio.to_thread(state.warm_up)
         try:
             yield
         finally:

@@ -43,6 +43,7 @@ class BatcherClosed(RuntimeError):
 class _Pending(Generic[I, O]):
     item: I
     future: Future[O]
+    caller: int  # one id per submit() call
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -63,7 +64,10 @@ class MicroBatcher(Generic[I, O]):
         max_batch_size: int,
         max_wait_ms: float,
         on_batch: BatchObserver | None = None,
+        more_expected: Callable[[int], bool] | None = None,
     ) -> None:
+        """`more_expected(callers_waiting)`: can anyone else still join? When it says no, waiting for
+        company is pointless (a lone request at low load), and the batch runs at once."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self.name = name
@@ -72,6 +76,8 @@ class MicroBatcher(Generic[I, O]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max(0.0, max_wait_ms) / 1000.0
         self._on_batch = on_batch
+        self._more_expected = more_expected
+        self._next_caller = 0
         self._buckets: dict[int, deque[_Pending[I, O]]] = {}
         self._cond = threading.Condition()
         self._closed = False
@@ -83,10 +89,11 @@ class MicroBatcher(Generic[I, O]):
         with self._cond:
             if self._closed:
                 raise BatcherClosed(f"{self.name} batcher is closed")
+            self._next_caller += 1
             for item in items:
                 fut: Future[O] = Future()
                 bucket = length_bucket(self._length(item))
-                self._buckets.setdefault(bucket, deque()).append(_Pending(item, fut))
+                self._buckets.setdefault(bucket, deque()).append(_Pending(item, fut, self._next_caller))
                 futures.append(fut)
             self._cond.notify()
         return futures
@@ -116,12 +123,18 @@ class MicroBatcher(Generic[I, O]):
                 full = [b for b, q in live.items() if len(q) >= self.max_batch_size]
                 oldest = min(live, key=lambda b: live[b][0].enqueued)
                 remaining = live[oldest][0].enqueued + self.max_wait_s - time.perf_counter()
-                if full or remaining <= 0 or self._closed:
+                if full or remaining <= 0 or self._closed or not self._others_may_join(live):
                     chosen = full[0] if full else oldest
                     queue = self._buckets[chosen]
                     batch = [queue.popleft() for _ in range(min(self.max_batch_size, len(queue)))]
                     return batch
                 self._cond.wait(remaining)
+
+    def _others_may_join(self, live: dict[int, deque[_Pending[I, O]]]) -> bool:
+        if self._more_expected is None:
+            return True
+        waiting = len({p.caller for queue in live.values() for p in queue})
+        return self._more_expected(waiting)
 
     def _loop(self) -> None:
         while True:
@@ -175,6 +188,7 @@ class BatchingEmbedder:
         max_batch_size: int = 32,
         max_wait_ms: float = 3.0,
         on_batch: BatchObserver | None = None,
+        more_expected: Callable[[int], bool] | None = None,
     ) -> None:
         self.inner = inner
         self.model_id = _model_id(inner)
@@ -189,6 +203,7 @@ class BatchingEmbedder:
                 max_batch_size=max_batch_size,
                 max_wait_ms=max_wait_ms,
                 on_batch=on_batch,
+                more_expected=more_expected,
             )
 
     @property
@@ -286,6 +301,7 @@ class BatchingReranker:
         max_batch_size: int = 32,
         max_wait_ms: float = 3.0,
         on_batch: BatchObserver | None = None,
+        more_expected: Callable[[int], bool] | None = None,
     ) -> None:
         self.inner = inner
         self.model_id = _model_id(inner)
@@ -300,6 +316,7 @@ class BatchingReranker:
                 max_batch_size=max_batch_size,
                 max_wait_ms=max_wait_ms,
                 on_batch=on_batch,
+                more_expected=more_expected,
             )
 
     def _run(self, pairs: list[tuple[str, str]]) -> list[float]:
