@@ -78,6 +78,16 @@ def fingerprint(model: ResolvedModel, *, task: Task, opset: int | None) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# read once at import: os.umask can only be read by setting it, which is process-wide
+_UMASK = _read_umask()
+
+
 def _build_atomically(final_dir: Path, build: Callable[[Path], None], label: str) -> None:
     """Run `build(tmp_dir)` and rename tmp_dir to final_dir, once across threads and processes."""
     from filelock import FileLock
@@ -92,6 +102,7 @@ def _build_atomically(final_dir: Path, build: Callable[[Path], None], label: str
         try:
             started = time.perf_counter()
             build(tmp_dir)
+            os.chmod(tmp_dir, 0o777 & ~_UMASK)  # mkdtemp makes it private (0700)
             try:
                 os.rename(tmp_dir, final_dir)
             except OSError:
