@@ -65,7 +65,7 @@ def test_index_update_prune_delete_stats_on_opensearch(
     code, out, _ = run_cli(capsys, "stats", "--json")
     stats = json.loads(out)
     assert code == 0 and stats["backend"] == "opensearch" and stats["products"] == 18
-    assert stats["embedder"] == "none" and stats["last_run"]["deleted"] == 10
+    assert stats["embedder"] == "none" and stats["last_index_run"]["deleted"] == 10
 
 
 def test_unreachable_cluster_is_one_line_exit_1(tmp_path: Path) -> None:

@@ -292,7 +292,7 @@ def test_cli_bad_rows_go_to_dead_letters_and_exit_3(
     code, out, _ = run_cli(capsys, "stats", "--json")
     stats = json.loads(out)
     assert code == 0 and stats["products"] == 2 and stats["vectors"] == 2
-    assert stats["dim"] > 0 and stats["embedder"] and stats["last_run"]["rejected"] == 11
+    assert stats["dim"] > 0 and stats["embedder"] and stats["last_index_run"]["rejected"] == 11
 
 
 def test_cli_clean_csv_gbk_with_mapping_exits_0(

@@ -197,7 +197,7 @@ def _finish(args: argparse.Namespace, settings: Settings, summary: Any) -> None:
     from loaders.checkpoint import atomic_write_json
 
     record = summary.to_dict()
-    atomic_write_json(loader_dir(settings) / "last-run.json", record)
+    atomic_write_json(loader_dir(settings) / f"last-{summary.command}.json", record)  # shown by `stats`
     if args.report:
         try:
             atomic_write_json(Path(args.report), record)
@@ -390,7 +390,8 @@ def run_stats(args: argparse.Namespace) -> int:
         "embedder": meta.get("embedder"),
         "reranker": settings.reranker if settings.reranker_enabled else None,
         "embedding_cache_bytes": cache_path.stat().st_size if cache_path.exists() else 0,
-        "last_run": _read_json(loader_dir(settings) / "last-run.json"),
+        "last_index_run": _read_json(loader_dir(settings) / "last-index.json"),
+        "last_signal_update": _read_json(loader_dir(settings) / "last-update-signals.json"),
         "backend_stats": backend_stats,
     }
     if args.json:
@@ -401,18 +402,18 @@ def run_stats(args: argparse.Namespace) -> int:
     print(f"vectors      {result['vectors']} × {result['dim']}-d")
     print(f"index size   {_human(result['bytes_on_disk'])} (data dir {_human(result['data_dir_bytes'])})")
     print(f"embedder     {result['embedder'] or '-'}  (dim {result['dim']})")
-    print(f"reranker     {result['reranker'] or '-'} (configured)")
+    print(f"reranker     {result['reranker'] or 'none'} (configured)")
     print(f"emb. cache   {_human(result['embedding_cache_bytes'])}")
-    last = result["last_run"]
-    if last:
+    for label, last in (("last index", result["last_index_run"]), ("last signals", result["last_signal_update"])):
+        if not last:
+            print(f"{label:<13}-")
+            continue
         print(
-            f"last run     {last.get('command')} {last.get('source')} at {last.get('started_at')}: "
-            f"read {last.get('read')}, indexed {last.get('indexed')}, updated {last.get('updated')}, "
-            f"unchanged {last.get('unchanged')}, rejected {last.get('rejected')}, deleted {last.get('deleted')}, "
-            f"{last.get('seconds')} s, {last.get('docs_per_second')} docs/s"
+            f"{label:<13}{last.get('source')} at {last.get('started_at')}: read {last.get('read')}, "
+            f"indexed {last.get('indexed')}, updated {last.get('updated')}, unchanged {last.get('unchanged')}, "
+            f"rejected {last.get('rejected')}, deleted {last.get('deleted')}, {last.get('seconds')} s, "
+            f"{last.get('docs_per_second')} docs/s"
         )
-    else:
-        print("last run     -")
     return EXIT_OK
 
 
