@@ -17,6 +17,7 @@ with a synthetic description, ids and signals; synthetic words when the data fol
 from __future__ import annotations
 
 import json
+import os
 import random
 import tempfile
 import time
@@ -209,6 +210,7 @@ def run(quick: bool, output_dir: Path) -> dict[str, Any]:
             run_full = _index_once(source, tmpdir / "full-store", full)
             results["full_model"] = {"first_index": run_full, "model": "bge-large-zh-v1.5 architecture, random"}
             _print("bge-large-zh architecture (random weights), fresh store", run_full)
+    results["load_average_at_end"] = list(os.getloadavg())  # shared machine: read figures with this
     results["note"] = RANDOM_WEIGHTS_NOTE
     path = write_json(output_dir, "index", results)
     print(f"wrote {path}")
