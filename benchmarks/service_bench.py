@@ -210,7 +210,10 @@ def run(quick: bool, output_dir: Path, *, models: str | None = None) -> dict[str
     work = output_dir / "service-work"
     work.mkdir(parents=True, exist_ok=True)
     bench_models = common.prepare_models(quick=not full)
-    cache = Path(os.environ.get("SHOPSEARCH_MODEL_CACHE_DIR", common.BENCH_MODELS / "onnx-cache"))
+    from middleware.config import default_model_cache
+
+    # the product's model cache, as the other benchmarks use: full-size ONNX exports are made once
+    cache = Path(os.environ.get("SHOPSEARCH_MODEL_CACHE_DIR") or default_model_cache())
     n_products = 300 if full else (500 if quick else 3000)
     products, queries = _catalog(n_products)
     data_dir = work / f"store-{models}-{n_products}"
