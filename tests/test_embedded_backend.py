@@ -202,7 +202,7 @@ def test_filters_inside_knn_equal_brute_force(tmp_path: Path, catalog, kind: str
     products, vectors = catalog
     options = {
         "flat": {},
-        "hnsw_exact": {"hnsw_threshold": 100},  # filtered subsets searched exactly from SQLite
+        "hnsw_exact": {"hnsw_threshold": 100},  # filtered subsets searched exactly over the graph's storage
         "hnsw_selector": {"hnsw_threshold": 100, "exact_max": 0, "hnsw_ef_search": 256},
     }[kind]
     rng = np.random.default_rng(11)
@@ -450,6 +450,15 @@ def test_index_switches_to_hnsw_above_threshold_and_excludes_dead_vectors(tmp_pa
         got = [c.id for c in store.knn(vectors[5], None, 10)]
         want, _ = brute_force_knn(products[2:], vectors[2:], vectors[5], None, 10)
         assert len(set(got) & set(want)) >= 9
+        # the exact filtered path skips dead vectors and sees the replacement
+        current = [products[0], *products[2:]]
+        current_vectors = np.concatenate([replacement, vectors[2:]])
+        f = Filters(brand=["Casio", "DW"])
+        for query in (replacement[0], vectors[0], vectors[7]):
+            want, scores = brute_force_knn(current, current_vectors, query, f, 10)
+            got = store.knn(query, f, 10)
+            assert [c.id for c in got] == want
+            assert [c.knn for c in got] == pytest.approx(scores, abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------- queries

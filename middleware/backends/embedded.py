@@ -213,7 +213,7 @@ class EmbeddedBackend:
         hnsw_m: int = 32,
         hnsw_ef_construction: int = 128,
         hnsw_ef_search: int = 128,
-        exact_max: int = 20_000,
+        exact_max: int = 20_000,  # HNSW: filtered subsets this small (or < 5%) are searched exactly
         durable: bool = True,
         save_interval_s: float = 30.0,
         save_every: int = 10_000,
@@ -260,6 +260,7 @@ class EmbeddedBackend:
         self._index_generation = -1
         self._dead: set[int] = set()
         self._dead_selector: tuple[faiss.IDSelectorBatch, faiss.IDSelectorNot] | None = None
+        self._positions: tuple[np.ndarray, np.ndarray] | None = None  # HNSW exact path, see _exact_over
         self._unsaved = 0
         self._last_save = time.monotonic()
         self._dim: int | None = None
@@ -379,7 +380,7 @@ class EmbeddedBackend:
                     index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), ids)
                 self._index, self._index_kind = index, kind
             conn.rollback()
-        self._dead, self._dead_selector = set(), None
+        self._dead, self._dead_selector, self._positions = set(), None, None
         self._index_generation = generation
         self._unsaved = 1  # differs from the file (or there is no file yet)
 
@@ -428,7 +429,7 @@ class EmbeddedBackend:
         if kind == "hnsw":
             faiss.downcast_index(index.index).hnsw.efSearch = self.hnsw_ef_search
         self._index, self._index_kind, self._index_generation = index, kind, generation
-        self._dead, self._dead_selector = faiss_ids - sql_ids, None
+        self._dead, self._dead_selector, self._positions = faiss_ids - sql_ids, None, None
         self._unsaved = 0
         return True
 
@@ -480,6 +481,7 @@ class EmbeddedBackend:
                 if added_ids:
                     assert added is not None
                     self._index.add_with_ids(added, np.asarray(added_ids, dtype=np.int64))
+                    self._positions = None
                 self._index_generation = generation
                 self._unsaved += len(removed) + len(added_ids)
             self._maybe_save()
@@ -773,8 +775,9 @@ class EmbeddedBackend:
             if allowed.size == 0:
                 return []
             k = min(n, int(allowed.size))
-            if self._index_kind == "hnsw" and allowed.size <= self.exact_max:
-                return self._exact_over(conn, query, allowed, k)
+            # a selective filter starves an HNSW walk of allowed neighbours: search the subset exactly
+            if self._index_kind == "hnsw" and (allowed.size <= self.exact_max or allowed.size < 0.05 * live):
+                return self._exact_over(query, allowed, k)
             selector = faiss.IDSelectorBatch(allowed)
             if self._index_kind == "hnsw":
                 ef = max(self.hnsw_ef_search, k)
@@ -804,19 +807,22 @@ class EmbeddedBackend:
             cached = self._dead_selector = (inner, faiss.IDSelectorNot(inner))
         return cached[1]
 
-    def _exact_over(
-        self, conn: sqlite3.Connection, query: np.ndarray, allowed: np.ndarray, k: int
-    ) -> list[tuple[int, float]]:
-        """Exact inner products over a small filtered subset, read from SQLite."""
-        rows = conn.execute(
-            "SELECT pk, vector FROM products WHERE pk IN (SELECT value FROM json_each(?)) ORDER BY pk",
-            (json.dumps(allowed.tolist()),),
-        ).fetchall()
-        pks = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
-        scores = vecs @ query[0]
-        order = np.lexsort((pks, -scores))[:k]
-        return [(int(pks[i]), float(scores[i])) for i in order]
+    def _exact_over(self, query: np.ndarray, allowed: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """Exact top-k over a filtered subset: brute force over the HNSW graph's own flat storage
+        (no second copy of the vectors), restricted to the subset's positions."""
+        assert self._index is not None
+        if self._positions is None:  # rowid of each position, and positions ordered by rowid
+            id_map = faiss.vector_to_array(self._index.id_map)
+            self._positions = (id_map, np.argsort(id_map, kind="stable"))
+        id_map, by_id = self._positions
+        where = by_id[np.searchsorted(id_map, allowed, sorter=by_id).clip(0, len(by_id) - 1)]
+        positions = where[id_map[where] == allowed]
+        storage = faiss.downcast_index(faiss.downcast_index(self._index.index).storage)
+        selector = faiss.IDSelectorBatch(positions.astype(np.int64))
+        scores, found = storage.search(query, k, params=faiss.SearchParameters(sel=selector))
+        hits = [(int(id_map[p]), float(s)) for p, s in zip(found[0], scores[0], strict=True) if p >= 0]
+        hits.sort(key=lambda h: (-h[1], h[0]))
+        return hits
 
     def iter_ids(self) -> Iterator[str]:
         last = -1
