@@ -490,3 +490,28 @@ def test_json_bodies_round_trip(client):
     # the proxy re-serialises our hits; make sure the body is plain JSON (no NaN etc.)
     raw = client.post("/products/_search", json=text_search()).content
     json.loads(raw, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def test_msearch(client):
+    lines = [
+        {"index": "products"},
+        text_search(size=2),
+        {},
+        {"query": {"match_all": {}}},
+        {"index": "products"},
+        {"query": {"bool": {"must": {"match": {"t": "手表"}}, "filter": {"term": {"brand": "CASIO"}}}}, "size": 5},
+        {"index": "secret"},
+        text_search(),
+    ]
+    ndjson = "\n".join(json.dumps(line, ensure_ascii=False) for line in lines[:6]) + "\n"
+    r = client.post("/products/_msearch", content=ndjson.encode(), headers={"content-type": "application/x-ndjson"})
+    assert r.status_code == 200, r.text
+    first, second, third = r.json()["responses"]
+    assert first["status"] == 200 and len(first["hits"]["hits"]) == 2
+    assert second["status"] == 400 and "upstream" in second["error"]["reason"]
+    assert third["status"] == 200 and all(h["_source"]["brand"] == "CASIO" for h in third["hits"]["hits"])
+    forbidden = "\n".join(json.dumps(line, ensure_ascii=False) for line in lines[6:]) + "\n"
+    r = client.post("/_msearch", content=forbidden.encode(), headers={"content-type": "application/x-ndjson"})
+    assert r.status_code == 403
+    odd = client.post("/_msearch", content=b'{"index": "products"}\n', headers={"content-type": "application/x-ndjson"})
+    assert odd.status_code == 400

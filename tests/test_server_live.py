@@ -56,6 +56,9 @@ def test_opensearch_py_client_against_the_service(live):
     assert client.indices.exists(index="products")
     assert client.cluster.health()["status"] == "green"
     assert client.cat.indices(format="json")[0]["index"] == "products"
+    both = client.msearch(body=[{"index": "products"}, {"query": {"match": {"title": "手表"}}, "size": 2},
+                                {"index": "products"}, {"query": {"match": {"title": "耳机"}}, "size": 3}])  # fmt: skip
+    assert [len(r["hits"]["hits"]) for r in both["responses"]] == [2, 3]
     with pytest.raises(AuthorizationException):
         client.indices.delete(index="products")
     with pytest.raises(AuthorizationException):
@@ -163,6 +166,10 @@ def test_pass_through_to_an_upstream_opensearch(server_store, server_models, ups
         assert other.status_code == 200 and other.json()["_source"]["brand"] == "OLD"
         assert c.post("/products-archive/_search", json={"query": {"match": {"title": "手表"}}}).json()["hits"]["hits"]
         assert c.get("/products-archive/_count").json()["count"] == 1
+        ndjson = '{"index": "products"}\n{"size": 0, "query": {"match_all": {}}}\n'
+        ms = c.post("/_msearch", content=ndjson, headers={"content-type": "application/x-ndjson"})
+        assert ms.headers["x-shopsearch-passthrough"] == "1"
+        assert ms.json()["responses"][0]["hits"]["total"]["value"] == 28
 
         # limits and refusals hold for passed-through requests too
         assert c.post("/products/_search", json={"query": {"match_all": {}}, "size": 1000}).status_code == 400

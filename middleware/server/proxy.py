@@ -12,6 +12,7 @@ Errors use OpenSearch's shape: {"error": {"root_cause", "type", "reason"}, "stat
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -270,6 +271,80 @@ def _search_answer(
             headers["x-shopsearch-degraded"] = ",".join(resp.degraded)
         headers["server-timing"] = ", ".join(f"{k};dur={v:.3f}" for k, v in resp.timings_ms.items())
     return JSONResponse(body, headers=headers)
+
+
+MAX_MSEARCH = 50  # searches in one _msearch body
+
+
+@router.api_route("/_msearch", methods=["GET", "POST"])
+async def msearch_any(request: Request) -> Response:
+    return await _msearch(request, None)
+
+
+@router.api_route("/{index}/_msearch", methods=["GET", "POST"])
+async def msearch_index(index: str, request: Request) -> Response:
+    return await _msearch(request, index)
+
+
+def _error_item(err: ApiError) -> dict[str, Any]:
+    cause = {"type": err.os_type, "reason": f"[{err.param}] {err.message}" if err.param else err.message}
+    return {"error": {"root_cause": [cause], **cause}, "status": err.status}
+
+
+async def _msearch(request: Request, index: str | None) -> Response:
+    """NDJSON header/body pairs. Answered here when every search has user text for the local index,
+    else the whole body goes to the upstream (or, without one, those searches get a 400 item)."""
+    started = time.perf_counter()
+    state = get_state(request)
+    server = state.settings.server
+    raw = await request.body()
+    lines = [line for line in raw.decode("utf-8", "replace").splitlines() if line.strip()]
+    if len(lines) % 2:
+        raise ApiError(400, "an msearch body is header/body line pairs", param="body", os_type="parse_exception")
+    if len(lines) // 2 > MAX_MSEARCH:
+        raise ApiError(400, f"at most {MAX_MSEARCH} searches per request", param="body")
+    plans: list[tuple[list[str], Translated | ApiError | Unsupported]] = []
+    for i in range(0, len(lines), 2):
+        try:
+            header, body = json.loads(lines[i]), json.loads(lines[i + 1])
+        except (ValueError, RecursionError):
+            raise ApiError(400, f"line {i + 1}: not valid JSON", param="body", os_type="parse_exception") from None
+        if not isinstance(header, dict) or not isinstance(body, dict) or not json_depth_ok(body):
+            raise ApiError(400, f"line {i + 1}: header and body must be JSON objects", param="body")
+        refuse_scripts(body, server)
+        target = header.get("index", index)
+        if isinstance(target, list):
+            target = ",".join(str(t) for t in target)
+        if not isinstance(target, str) or not target:
+            raise ApiError(400, f"line {i + 1}: no index named", param="index")
+        names = parse_index_expression(target, server)
+        try:
+            translated = translate_search(
+                body, {}, server, default_deadline_ms=capped_deadline_ms(state.settings, None)
+            )
+            plans.append((names, translated if _local_names(state, names) else Unsupported("not the local index")))
+        except (ApiError, Unsupported) as err:
+            plans.append((names, err))
+    if any(isinstance(p, Unsupported) for _, p in plans) and state.upstream is not None:
+        path = "/_msearch" if index is None else _index_path(parse_index_expression(index, server), "_msearch")
+        return await state.upstream.forward(
+            state, request.method, path, list(request.query_params.multi_items()), raw, request.headers
+        )
+
+    async def answer(plan: Translated | ApiError | Unsupported) -> dict[str, Any]:
+        if isinstance(plan, ApiError):
+            return _error_item(plan)
+        if isinstance(plan, Unsupported):
+            return _error_item(ApiError(400, f"{plan}; no upstream OpenSearch configured (server.upstream_url)"))
+        try:
+            resp = None if plan.matches_nothing else await state.search(plan.request)
+        except ApiError as err:
+            return _error_item(err)
+        item = json.loads(_search_answer(state, resp, plan, index=server.index_name, started=time.perf_counter()).body)
+        return {**item, "status": 200}
+
+    responses = await asyncio.gather(*(answer(p) for _, p in plans))
+    return JSONResponse({"took": round((time.perf_counter() - started) * 1000.0), "responses": list(responses)})
 
 
 @router.api_route("/{index}/_count", methods=["GET", "POST"])
