@@ -484,11 +484,15 @@ class EmbeddedBackend:
                     self._positions = None
                 self._index_generation = generation
                 self._unsaved += len(removed) + len(added_ids)
-            self._maybe_save()
         except Exception:
             # SQLite has committed; a half-applied faiss change must not be served: rebuild on next use
             log.exception("updating the vector index failed; it will be rebuilt from SQLite")
             self._index, self._index_generation = None, -1
+            return
+        try:
+            self._maybe_save()
+        except OSError as exc:  # the in-memory index is right; a stale file is rebuilt on the next open
+            log.warning("could not save the vector index of %s: %s", self.data_dir, exc)
 
     def _current_index(self) -> None:
         """Make sure the in-memory index reflects SQLite (caller holds the faiss write lock)."""
