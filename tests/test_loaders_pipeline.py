@@ -260,6 +260,43 @@ def test_resume_after_failure_loses_and_duplicates_nothing(tmp_path: Path, embed
     backend.close()
 
 
+def test_resumed_prune_keeps_products_committed_before_the_crash(tmp_path: Path) -> None:
+    data_dir = tmp_path / "store"
+    backend = EmbeddedBackend(data_dir)
+    backend.upsert([Product(id="gone", title="下架商品")], None)  # not in the snapshot
+    backend.close()
+    source = write_jsonl(tmp_path / "c.jsonl", catalog(50))
+    checkpoint = Checkpoint(data_dir / "checkpoints", str(source))
+    failing = FailingBackend(data_dir)
+    with pytest.raises(OSError):
+        index_rows(
+            read_rows(str(source), "jsonl"),
+            failing,
+            None,
+            dead_letters=DeadLetters(data_dir / "dead.jsonl"),
+            checkpoint=checkpoint,
+            prune=True,
+            batch_size=10,
+        )
+    failing.close()
+    backend = EmbeddedBackend(data_dir)
+    assert backend.count() == 21  # nothing pruned by the failed run
+    summary = index_rows(
+        read_rows(str(source), "jsonl"),
+        backend,
+        None,
+        dead_letters=DeadLetters(data_dir / "dead.jsonl"),
+        checkpoint=checkpoint,
+        resume_state=checkpoint.load(),
+        prune=True,
+        batch_size=10,
+    )
+    # the rows skipped on resume still count as present in the snapshot: only "gone" is deleted
+    assert summary.deleted == 1 and summary.resumed_from_line == 20
+    assert sorted(backend.iter_ids()) == sorted(f"p{i}" for i in range(50))
+    backend.close()
+
+
 def test_bm25_only_indexing_without_embedder(tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "c.jsonl", catalog(10))
     summary, backend = run_index(source, tmp_path / "store", None)
