@@ -229,3 +229,14 @@ def test_json_depth_check():
 
 def test_source_filter_default_keeps_everything():
     assert SourceFilter().apply({"a": 1}) == {"a": 1}
+
+
+def test_redacting_log_filter():
+    import logging
+
+    from middleware.server.errors import RedactingFilter, redact
+
+    assert redact("GET https://admin:pw@host:9200/x failed") == "GET https://***@host:9200/x failed"
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "failed: %s", ("http://u:p@h/",), None)
+    RedactingFilter().filter(record)
+    assert record.getMessage() == "failed: http://***@h/"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import socket
 
 from middleware.cli import EXIT_OK, EXIT_USAGE, CliError, load_settings
@@ -68,6 +69,10 @@ def run_serve(args: argparse.Namespace) -> int:
     except ApiKeyError as err:
         pipeline.close()
         raise CliError(str(err), EXIT_USAGE) from None
+    from middleware.server.errors import RedactingFilter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     print(f"shopsearch: serving on http://{server.host}:{server.port} (docs at /v1/docs)", flush=True)
     try:
         uvicorn.run(app, host=server.host, port=server.port, log_level=args.log_level, access_log=False)

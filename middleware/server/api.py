@@ -73,16 +73,6 @@ class RerankResponse(BaseModel):
     results: list[RerankResult]
 
 
-async def _bounded(state: ServiceState, fn: Any, *args: Any) -> Any:
-    """Admitted blocking work that answers within the default deadline, or 504."""
-    timeout_s = state.settings.deadline_ms / 1000.0
-    try:
-        return await asyncio.wait_for(state.admitted(fn, *args), timeout=timeout_s)
-    except TimeoutError:
-        state.metrics.degraded.labels("timeout").inc()
-        raise ApiError(504, f"no answer within the deadline ({state.settings.deadline_ms:.0f} ms)") from None
-
-
 @router.post("/v1/rerank", response_model=RerankResponse, tags=["models"])
 async def rerank(body: RerankBody, request: Request) -> RerankResponse:
     """Score documents against a query with the cross-encoder (0–1, higher is more relevant)."""
@@ -94,7 +84,7 @@ async def rerank(body: RerankBody, request: Request) -> RerankResponse:
         raise ApiError(400, f"at most {limit} documents (server.max_rerank_documents)", param="documents")
     texts = body.texts()
     query = body.query[: state.settings.server.max_query_chars]
-    scores = await _bounded(state, state.reranker.score, query, texts)
+    scores = await state.admitted(state.reranker.score, query, texts)
     order = sorted(range(len(texts)), key=lambda i: (-float(scores[i]), i))
     if body.top_n is not None:
         order = order[: body.top_n]
@@ -150,7 +140,7 @@ async def embed(body: EmbedBody, request: Request) -> EmbedResponse:
     cut = state.settings.server.max_query_chars if body.kind == "query" else MAX_TEXT_CHARS
     texts = [t[:cut] for t in texts]
     fn = state.embedder.encode_queries if body.kind == "query" else state.embedder.encode_documents
-    vectors = np.asarray(await _bounded(state, fn, texts), dtype=np.float32)
+    vectors = np.asarray(await state.admitted(fn, texts), dtype=np.float32)
     return EmbedResponse(
         model=state.embedder.model_id,
         dim=int(vectors.shape[1]) if vectors.ndim == 2 else 0,
@@ -203,21 +193,21 @@ async def upsert_products(body: ProductsBody, request: Request) -> dict[str, Any
         state.base.backend.upsert(body.products, vectors)
         return len(body.products)
 
-    return {"upserted": await state.admitted(write)}
+    return {"upserted": await state.admitted(write, bounded=False)}
 
 
 @router.post("/v1/products/delete", tags=["products"])
 async def delete_products(body: DeleteBody, request: Request) -> dict[str, Any]:
     state = get_state(request)
     _writes_enabled(state)
-    return {"deleted": await state.admitted(state.base.backend.delete, body.ids)}
+    return {"deleted": await state.admitted(state.base.backend.delete, body.ids, bounded=False)}
 
 
 @router.delete("/v1/products/{product_id}", tags=["products"])
 async def delete_product(product_id: str, request: Request) -> dict[str, Any]:
     state = get_state(request)
     _writes_enabled(state)
-    deleted = await state.admitted(state.base.backend.delete, [product_id])
+    deleted = await state.admitted(state.base.backend.delete, [product_id], bounded=False)
     if not deleted:
         raise ApiError(404, f"no product with id {product_id[:200]!r}", param="product_id", location="path")
     return {"deleted": deleted}
@@ -228,7 +218,7 @@ async def update_signals(body: SignalsBody, request: Request) -> dict[str, Any]:
     """Price / sales / stock changes: no re-embedding, no rerank-cache change."""
     state = get_state(request)
     _writes_enabled(state)
-    missing = await state.admitted(state.base.backend.update_signals, body.updates)
+    missing = await state.admitted(state.base.backend.update_signals, body.updates, bounded=False)
     return {"updated": len(body.updates) - len(missing), "not_found": missing}
 
 

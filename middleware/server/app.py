@@ -36,7 +36,7 @@ from middleware.server.auth import ApiKeyChecker, load_api_keys
 from middleware.server.batching import BatchingEmbedder, BatchingReranker
 from middleware.server.caches import LruTtlCache
 from middleware.server.errors import ApiError, opensearch_error, redact, render, route_group, v1_error
-from middleware.server.limits import InflightLimiter, queue_full
+from middleware.server.limits import InflightLimiter, capped_deadline_ms, queue_full
 from middleware.server.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -96,21 +96,40 @@ class ServiceState:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def admitted(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking work if a slot is free, else 429 at once."""
+    async def admitted(
+        self, fn: Callable[..., T], *args: Any, bounded: bool = True, deadline_ms: float | None = None
+    ) -> T:
+        """Run blocking work if a slot is free, else 429 at once.
+
+        bounded: answer 504 once the default deadline has passed (writes are not bounded). The slot is
+        held until the work really ends, even when the caller has given up: threads stay bounded too.
+        """
         if not self.limiter.try_acquire():
             self.metrics.rejected.labels("queue_full").inc()
             raise queue_full()
         self.metrics.in_flight.inc()
-        try:
-            return await self.run(fn, *args)
-        finally:
+        work = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+        def release(_: asyncio.Future[Any]) -> None:
             self.limiter.release()
             self.metrics.in_flight.dec()
 
+        work.add_done_callback(release)
+        if not bounded:
+            return await work
+        timeout_s = capped_deadline_ms(self.settings, deadline_ms) / 1000.0
+        # a search bounds itself (the pipeline's deadline); the margin only covers the thread hop
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), timeout=timeout_s + 1.0)
+        except TimeoutError:
+            self.metrics.rejected.labels("deadline").inc()
+            raise ApiError(
+                504, f"no answer within the deadline ({timeout_s * 1000:.0f} ms)", os_type="timeout_exception"
+            ) from None
+
     async def search(self, req: SearchRequest) -> SearchResponse:
         try:
-            resp = await self.admitted(self.pipeline.search, req)
+            resp = await self.admitted(self.pipeline.search, req, deadline_ms=req.deadline_ms)
         except BackendError as err:
             self.metrics.rejected.labels("backend_unavailable").inc()
             raise ApiError(
@@ -183,15 +202,29 @@ class ServiceMiddleware:
         state = self.get()
         path: str = scope["path"]
         started = time.perf_counter()
-        status = {"code": 500}
+        status: dict[str, Any] = {"code": 500, "started": False}
 
         async def send_recording(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                status["started"] = True
             await send(message)
 
         try:
             await self._handle(scope, receive, send_recording, state, path)
+        except Exception as exc:
+            # Caught here, not left to the server: its traceback log could carry secrets from the message.
+            # The log gets one redacted line; the client a 500 without internals.
+            log.error("unhandled %s on %s %s: %s", type(exc).__name__, scope["method"], path, redact(str(exc))[:500])
+            if status.get("started"):
+                return
+            status["code"] = 500
+            message = "internal error; the service log has the details"
+            if route_group(path) == "proxy":
+                response = opensearch_error(500, "internal_server_error", message)
+            else:
+                response = v1_error(500, message)
+            await response(scope, receive, send)
         finally:
             if state is not None:
                 label = _metric_route(path, scope["method"])
