@@ -517,3 +517,11 @@ def test_msearch(client):
     assert r.status_code == 403
     odd = client.post("/_msearch", content=b'{"index": "products"}\n', headers={"content-type": "application/x-ndjson"})
     assert odd.status_code == 400
+
+
+def test_v1_page_parameter(client):
+    by_from = client.post("/v1/search", json={"query": QUERY, "size": 3, "from": 3}).json()
+    by_page = client.post("/v1/search", json={"query": QUERY, "size": 3, "page": 2}).json()
+    assert [h["id"] for h in by_page["hits"]] == [h["id"] for h in by_from["hits"]]
+    r = client.post("/v1/search", json={"query": QUERY, "page": 2, "from": 3})
+    assert r.status_code == 400 and r.json()["param"] == "page"

@@ -25,10 +25,15 @@ class SearchBody(SearchRequest):
     """SearchRequest as the API accepts it: a query of any length (cut to server.max_query_chars)."""
 
     query: str = Field(min_length=1, description="user text; longer than server.max_query_chars is truncated")
+    page: int | None = Field(None, ge=1, description="1-based page of `size` hits (instead of `from`)")
 
 
 def _prepare(state: ServiceState, body: SearchBody) -> SearchRequest:
     settings = state.settings
+    if body.page is not None:
+        if body.from_:
+            raise ApiError(400, "give either page or from, not both", param="page")
+        body = body.model_copy(update={"from_": (body.page - 1) * body.size})
     check_paging(settings.server, body.size, body.from_)
     return body.model_copy(
         update={
