@@ -45,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-dup-cosine", action="store_true", help="near-duplicates by normalised text only")
     p.add_argument("--margin", type=float, help="skip candidates with cosine > lowest positive − margin")
     p.add_argument("--max-records", type=int, help="seeded subsample of the input records")
+    p.add_argument("--corpus-cache", help="NPY file keeping the corpus vectors between runs (same model)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--embedder", help="embedder (default: the configured SHOPSEARCH_EMBEDDER)")
     p.add_argument("--query-instruction", help="override the embedder's query instruction")
@@ -56,6 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reranker", help="reranker (default: the configured SHOPSEARCH_RERANKER)")
     p.add_argument("--sigmoid", action="store_true", help="also store probabilities as pos_probs/neg_probs")
     p.set_defaults(func=run_teacher)
+
+    p = sub.add_parser("separation", help="mean positive vs mean negative similarity of an embedder")
+    p.add_argument("--input", required=True, help="pairs JSONL with negatives (e.g. mined dev pairs)")
+    p.add_argument("--embedder", help="embedder (default: the configured SHOPSEARCH_EMBEDDER)")
+    p.add_argument("--query-instruction", help="override the embedder's query instruction")
+    p.set_defaults(func=run_separation)
 
     p = sub.add_parser("train-embedder", help="contrastive (+ KD) fine-tuning of the bi-encoder")
     _train_flags(p, default_base="sentence-transformers/all-MiniLM-L6-v2")
@@ -175,7 +182,7 @@ def run_mine(args: argparse.Namespace) -> int:
     settings, embedder = _load_embedder(args)
     if corpus is not None:
         log.info("embedding %d corpus documents", len(corpus))
-        searcher: Any = CorpusSearcher(corpus, embedder)
+        searcher: Any = CorpusSearcher(corpus, embedder, cache=args.corpus_cache)
         backend = None
     else:
         from middleware.backends import open_backend
@@ -203,6 +210,19 @@ def run_mine(args: argparse.Namespace) -> int:
             "seed": config.seed,
         }
     )
+    return EXIT_OK
+
+
+def run_separation(args: argparse.Namespace) -> int:
+    from middleware.tuning.separation import similarity_separation
+
+    records = _read(args.input)
+    settings, embedder = _load_embedder(args)
+    try:
+        figures = similarity_separation(embedder, records)
+    except ValueError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    print(json.dumps({"embedder": settings.embedder, **figures}, ensure_ascii=False))
     return EXIT_OK
 
 

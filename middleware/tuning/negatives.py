@@ -10,10 +10,13 @@ lowest positive — and `negatives` of them are drawn with a per-record seeded R
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -49,14 +52,43 @@ def _normalise_rows(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.maximum(norms, 1e-12)
 
 
+def _cache_key(corpus: BeirCorpus, encoder: Encoder) -> dict[str, Any]:
+    digest = hashlib.sha1()
+    for doc_id, text in zip(corpus.ids, corpus.texts, strict=True):
+        digest.update(f"{doc_id}\t{text}\n".encode())
+    return {"model_id": str(getattr(encoder, "model_id", type(encoder).__name__)), "corpus": digest.hexdigest()}
+
+
+def _cached_matrix(corpus: BeirCorpus, encoder: Encoder, path: Path) -> np.ndarray | None:
+    """Corpus vectors saved by an earlier run with the same embedder and corpus text, else None."""
+    meta = path.with_suffix(".json")
+    if not (path.is_file() and meta.is_file()):
+        return None
+    if json.loads(meta.read_text()) != _cache_key(corpus, encoder):
+        log.info("corpus vector cache %s is for another model or corpus: re-encoding", path)
+        return None
+    matrix = np.load(path)
+    return matrix if matrix.shape[0] == len(corpus) else None
+
+
+def _save_matrix(path: Path, corpus: BeirCorpus, encoder: Encoder, matrix: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, matrix)
+    path.with_suffix(".json").write_text(json.dumps(_cache_key(corpus, encoder)))
+
+
 class CorpusSearcher:
     """A corpus embedded once with the embedder's document side, searched by inner product (cosine)."""
 
-    def __init__(self, corpus: BeirCorpus, encoder: Encoder) -> None:
+    def __init__(self, corpus: BeirCorpus, encoder: Encoder, *, cache: str | Path | None = None) -> None:
         import faiss
 
         self.corpus = corpus
-        self.matrix = _normalise_rows(encoder.encode_documents(corpus.texts))
+        self.matrix = _cached_matrix(corpus, encoder, Path(cache)) if cache else None
+        if self.matrix is None:
+            self.matrix = _normalise_rows(encoder.encode_documents(corpus.texts))
+            if cache:
+                _save_matrix(Path(cache), corpus, encoder, self.matrix)
         self.index = faiss.IndexFlatIP(self.matrix.shape[1])
         self.index.add(self.matrix)
         self._row = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
@@ -191,7 +223,8 @@ def _select(
     for hit in window:
         key = normalise_text(hit.text)
         if hit.id in pos_ids or key in pos_texts:
-            stats.excluded["positive" if hit.id in pos_ids else "duplicate_text"] += 1
+            exact = hit.id in pos_ids or hit.text in record["pos"]
+            stats.excluded["positive" if exact else "duplicate_text"] += 1
             continue
         if hit.id in judged_ids or key in judged_texts:
             stats.excluded["judged"] += 1

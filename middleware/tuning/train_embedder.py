@@ -10,6 +10,7 @@ the anchor column only; pooling is what the base model uses.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Iterable, Sequence
@@ -201,6 +202,28 @@ def load_student(base: str, *, max_length: int, pooling: Literal["cls", "mean"] 
     return model, used
 
 
+def _add_legacy_pooling_keys(model_dir: Path, pooling: str) -> None:
+    """sentence-transformers 5.7 writes `"pooling_mode": "cls"`; readers of the long-standing format
+    (our Embedder, FlagEmbedding, older sentence-transformers) look for `pooling_mode_*_token(s)`.
+    Write both: 5.7 drops the legacy keys when `pooling_mode` is present."""
+    for module in json.loads((model_dir / "modules.json").read_text(encoding="utf-8")):
+        if not str(module.get("type", "")).endswith("Pooling"):
+            continue
+        path = model_dir / module["path"] / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        dim = config.get("embedding_dimension", config.get("word_embedding_dimension"))
+        config.setdefault("word_embedding_dimension", dim)
+        config.update(
+            {
+                "pooling_mode_cls_token": pooling == "cls",
+                "pooling_mode_mean_tokens": pooling == "mean",
+                "pooling_mode_max_tokens": pooling == "max",
+                "pooling_mode_mean_sqrt_len_tokens": pooling == "mean_sqrt_len_tokens",
+            }
+        )
+        path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
 # ---------------------------------------------------------------------------------------- training
 
 
@@ -285,6 +308,7 @@ def train_embedder(
     model.prompts = {"query": instruction} if instruction else {}
     model.default_prompt_name = None
     model.save(str(output_dir))
+    _add_legacy_pooling_keys(output_dir, pooling)
     result = TrainResult(
         output_dir=output_dir,
         steps=int(trainer.state.global_step),
