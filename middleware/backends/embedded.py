@@ -80,8 +80,9 @@ CREATE TABLE IF NOT EXISTS products (
     content_hash TEXT NOT NULL,
     vector BLOB
 );
-CREATE INDEX IF NOT EXISTS products_brand ON products (brand);
-CREATE INDEX IF NOT EXISTS products_price ON products (price);
+-- covering the filter columns: filter scans never touch rows (whose vector blobs can be 4 KB each)
+CREATE INDEX IF NOT EXISTS products_brand_filter ON products (brand, price, stock);
+CREATE INDEX IF NOT EXISTS products_price_filter ON products (price, brand, stock);
 CREATE TABLE IF NOT EXISTS product_categories (
     category TEXT NOT NULL,
     pk INTEGER NOT NULL,
@@ -698,11 +699,14 @@ class EmbeddedBackend:
                 f"SELECT pk, ? * {score} AS score FROM ("
                 f"SELECT rowid AS pk, -bm25({table}, ?, ?) AS s FROM {table} WHERE {table} MATCH ?)"
             )
-        where, filter_params = _filter_sql(filters)
+        where, filter_params = _filter_sql(filters, alias="f")
+        # rank on the filter columns alone; only the top n rows' JSON is read
         sql = (
-            "SELECT p.pk, p.doc, s.score FROM ("
+            "SELECT p.pk, p.doc, top.score FROM ("
+            "SELECT s.pk, s.score FROM ("
             f"SELECT pk, sum(score) AS score FROM ({' UNION ALL '.join(per_analysis)}) GROUP BY pk"
-            f") s JOIN products p ON p.pk = s.pk WHERE {where} ORDER BY s.score DESC, p.pk LIMIT ?"
+            f") s JOIN products f ON f.pk = s.pk WHERE {where} ORDER BY s.score DESC, s.pk LIMIT ?"
+            ") top JOIN products p ON p.pk = top.pk ORDER BY top.score DESC, top.pk"
         )
         with self._reader() as conn:
             rows = conn.execute(sql, [*params, *filter_params, n]).fetchall()
@@ -774,7 +778,8 @@ class EmbeddedBackend:
         params: faiss.SearchParameters | None = None
         if filters is not None:
             where, filter_params = _filter_sql(filters)
-            sql = f"SELECT p.pk FROM products p WHERE p.vector IS NOT NULL AND {where}"
+            # no `vector IS NOT NULL` here: that reads every row, and faiss skips ids it lacks anyway
+            sql = f"SELECT p.pk FROM products p WHERE {where}"
             allowed = np.fromiter((r[0] for r in conn.execute(sql, filter_params)), dtype=np.int64)
             if allowed.size == 0:
                 return []
