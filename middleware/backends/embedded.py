@@ -24,6 +24,10 @@ Why these choices:
   SQL writes are serialised by one mutex; the faiss index sits behind a readers-writer lock, and a
   vector-changing write holds it from before its SQLite commit until faiss reflects it, so a knn
   never sees SQLite and faiss disagree within this process.
+
+Known limit: FTS5 scores every product matching any query token (no WAND-style pruning), so BM25
+latency grows with the number of matches: fine for catalogs up to a few hundred thousand products,
+slow when a query's tokens occur in most of a million-product catalog (use OpenSearch there).
 """
 
 from __future__ import annotations
