@@ -12,8 +12,8 @@ set -euo pipefail
 DATA=${DATA:-../shared/data/homedepot}
 RUNS=${RUNS:-/work/helpers/tune-runs/homedepot}
 BASE=${BASE:-sentence-transformers/all-MiniLM-L6-v2}
-TRAIN_RECORDS=${TRAIN_RECORDS:-4000}    # embedder: groups (1 query + 1 pos + 7 negs) per epoch
-RERANK_RECORDS=${RERANK_RECORDS:-1500}  # reranker: queries whose pairs are trained on
+TRAIN_RECORDS=${TRAIN_RECORDS:-2000}    # embedder: groups (1 query + 1 pos + 7 negs) per epoch
+RERANK_RECORDS=${RERANK_RECORDS:-1000}  # reranker: queries whose pairs are trained on
 SEED=${SEED:-42}
 PAIRS=$RUNS/pairs
 EVAL_ARGS=(--split dev --gain score-1 --relevant-min 2.5 --seed "$SEED" --workdir "$RUNS/eval-work")
