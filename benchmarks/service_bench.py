@@ -207,7 +207,8 @@ def run(quick: bool, output_dir: Path, *, models: str | None = None) -> dict[str
     models = models or ("tiny" if quick else "full")
     full = models == "full"
     output_dir = Path(output_dir)
-    work = output_dir / "service-work"
+    # the store and the server log are scratch data: outside the repository
+    work = Path(os.environ.get("SHOPSEARCH_BENCH_WORK", common.BENCH_MODELS.parent / "service-bench-work"))
     work.mkdir(parents=True, exist_ok=True)
     bench_models = common.prepare_models(quick=not full)
     from middleware.config import default_model_cache
@@ -267,7 +268,8 @@ def run(quick: bool, output_dir: Path, *, models: str | None = None) -> dict[str
                 _print_row(rows[-1])
             metrics_sample = httpx.get(f"{server.url}/metrics", timeout=10).text if batching else None
             if metrics_sample is not None:
-                (work / "metrics-sample.txt").write_text(metrics_sample)
+                output_dir.mkdir(parents=True, exist_ok=True)
+                (output_dir / f"service-{models}-metrics.txt").write_text(metrics_sample)
 
     table = common.markdown_table(
         ["route", "batching", "conc.", "rerank", "QPS", "p50 ms", "p95 ms", "p99 ms", "overhead p50 ms", "degraded"],
