@@ -367,3 +367,23 @@ def test_cli_bad_input_exits_2_with_one_line(
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_mining_from_the_live_index_matches_the_corpus_file(
+    tmp_path: Path, embedder: Embedder, corpus_searcher: CorpusSearcher, pairs: list[dict[str, Any]]
+) -> None:
+    """--index: the embedded store (SQLite + faiss) holding the same products gives the same negatives."""
+    from middleware.backends.embedded import EmbeddedBackend
+    from middleware.products import Product
+    from middleware.tuning.negatives import IndexSearcher
+
+    products = [Product(id=f"d{i}", title=t) for i, t in enumerate(DOCS)]
+    backend = EmbeddedBackend(tmp_path / "store", dim=embedder.dim)
+    try:
+        backend.upsert(products, embedder.encode_documents([p.embedding_text() for p in products]))
+        config = MiningConfig(rank_range=(2, 20), negatives=4, seed=3)
+        from_index, _ = mine_negatives(pairs[:4], embedder, IndexSearcher(backend, embedder), config)
+    finally:
+        backend.close()
+    from_file, _ = mine_negatives(pairs[:4], embedder, corpus_searcher, config)
+    assert [r["neg_ids"] for r in from_index] == [r["neg_ids"] for r in from_file]
