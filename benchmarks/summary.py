@@ -211,6 +211,21 @@ def write_summary(output_dir: Path, run_info: dict[str, Any], results: dict[str,
                 else f"- {name}: best {best}"
             )
         lines.append("")
+        ov = s.get("batch_overhead")
+        if ov:
+            ks = sorted({r["top_k"] for r in ov["rows"]}, reverse=True)
+            precisions = sorted({r["precision"] for r in ov["rows"]}, reverse=True)
+            by = {(r["precision"], r["top_k"], r["overhead_tokens"]): r["pairs_per_s"] for r in ov["rows"]}
+            lines += [
+                f"Batch cuts (reranker pairs/s): fixed chunks vs `plan_batches` with a per-batch overhead of N "
+                f"tokens; product default {ov['default_overhead_tokens']}:",
+                "",
+                markdown_table(
+                    ["precision", "top-K", *[("fixed chunks" if o is None else f"plan, {o}") for o in ov["settings"]]],
+                    [[p, k, *[by.get((p, k, o)) for o in ov["settings"]]] for p in precisions for k in ks],
+                ),
+                "",
+            ]
     gp = results.get("gpu")
     if gp:
         lines += ["## GPU", ""]

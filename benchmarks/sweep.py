@@ -83,4 +83,41 @@ def run(
             "default": default,
             "default_vs_best": default["items_per_s"] / top["items_per_s"] if default else None,
         }
-    return {"top_k": top_k, "rerank_sets": len(sets), "embed_docs": len(docs), "rows": rows, "best": best}
+    return {
+        "top_k": top_k,
+        "rerank_sets": len(sets),
+        "embed_docs": len(docs),
+        "rows": rows,
+        "best": best,
+        "batch_overhead": overhead_sweep(models, quick=quick, threads=threads, cache_dir=cache_dir),
+    }
+
+
+def overhead_sweep(models: common.BenchModels, *, quick: bool, threads: int, cache_dir: Path | None) -> dict[str, Any]:
+    """Batch cuts: fixed chunks (None) vs `plan_batches` with several per-batch overheads, at top-100
+    and top-20, INT8 and FP32, in interleaved rounds (drift hits every setting alike)."""
+    from middleware.models import Reranker
+    from middleware.models.tokenization import BATCH_OVERHEAD_TOKENS
+
+    ks = (10,) if quick else (100, 20)
+    sets = {k: common.rerank_sets("qbqtc", 2, k, seed=13) + common.rerank_sets("homedepot", 1, k, seed=13) for k in ks}
+    settings: list[int | None] = [None, 16, 32, 64]
+    rows: list[dict[str, Any]] = []
+    for precision in ("int8",) if quick else ("int8", "fp32"):
+        reranker = Reranker(models.reranker, precision=precision, device="cpu", threads=threads, cache_dir=cache_dir)
+        reranker.score(sets[ks[0]][0].query, sets[ks[0]][0].docs)  # warm-up
+        seconds: dict[tuple[int, int | None], float] = {}
+        for _ in range(1 if quick else 2):
+            for k in ks:
+                for overhead in settings:
+                    # the tokenizer's planning knob (instance attribute over the class default)
+                    reranker._tokenizer.batch_overhead_tokens = overhead
+                    for s in sets[k]:
+                        t, _ = common.timed(lambda s=s, r=reranker: r.score(s.query, s.docs))
+                        seconds[(k, overhead)] = seconds.get((k, overhead), 0.0) + t
+        for (k, overhead), total in seconds.items():
+            pairs = sum(len(s.docs) for s in sets[k]) * (1 if quick else 2)
+            rows.append({"precision": precision, "top_k": k, "overhead_tokens": overhead, "pairs_per_s": pairs / total})
+        del reranker
+        gc.collect()
+    return {"default_overhead_tokens": BATCH_OVERHEAD_TOKENS, "settings": settings, "rows": rows}

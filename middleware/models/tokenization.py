@@ -16,6 +16,9 @@ from tokenizers import Encoding, Tokenizer
 
 from middleware.models.errors import ModelLoadError
 
+# measured by `python -m benchmarks` (sweep section): see benchmarks/results/SUMMARY.md
+BATCH_OVERHEAD_TOKENS = 32
+
 
 @dataclass(frozen=True)
 class TokenizedBatch:
@@ -36,6 +39,9 @@ class TokenizedBatch:
 
 
 class TextTokenizer:
+    # padded-token cost of one extra batch for `plan_batches`; None = fixed chunks of batch_size
+    batch_overhead_tokens: int | None = BATCH_OVERHEAD_TOKENS
+
     def __init__(self, model_dir: Path, *, max_length: int, model_name: str, kind: str) -> None:
         try:
             from transformers import AutoTokenizer
@@ -74,11 +80,11 @@ class TextTokenizer:
         return pairs
 
     def batches(self, encodings: Sequence[Encoding], batch_size: int) -> Iterator[TokenizedBatch]:
-        """Longest first, each batch padded to its own longest member (not to max_length)."""
+        """Longest first, each batch padded to its own longest member (not to max_length), at most
+        `batch_size` rows; batch boundaries from `plan_batches` (fixed chunks when
+        `batch_overhead_tokens` is None)."""
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-        order = np.argsort(-lengths, kind="stable")
-        for start in range(0, len(order), batch_size):
-            indices = order[start : start + batch_size]
+        for indices in plan_batches(lengths, batch_size, self.batch_overhead_tokens):
             width = int(lengths[indices].max())
             input_ids = np.full((len(indices), width), self.pad_id, dtype=np.int64)
             attention_mask = np.zeros((len(indices), width), dtype=np.int64)
@@ -90,6 +96,35 @@ class TextTokenizer:
                 attention_mask[row, :n] = 1
                 token_type_ids[row, :n] = encoding.type_ids
             yield TokenizedBatch(indices, input_ids, attention_mask, token_type_ids)
+
+
+def plan_batches(lengths: np.ndarray, max_rows: int, overhead_tokens: int | None) -> list[np.ndarray]:
+    """Cut the length-sorted (longest first) items into consecutive batches of at most `max_rows`.
+
+    None: fixed chunks of `max_rows`. An int: the cut minimising padded tokens + `overhead_tokens`
+    per batch (dynamic programming over the sorted lengths), so a few long outliers get a batch of
+    their own instead of padding 31 short pairs to their length. The overhead stands for the cost
+    of one more, smaller batch (lower matrix-product efficiency, per-call work) in token units;
+    benchmarks/ measures the default.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    n = len(order)
+    if overhead_tokens is None or n <= 1:
+        return [order[start : start + max_rows] for start in range(0, n, max_rows)]
+    widths = lengths[order].astype(np.float64)  # non-increasing: a batch's width is its first item's
+    best = np.zeros(n + 1)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for end in range(1, n + 1):
+        starts = np.arange(max(0, end - max_rows), end)
+        costs = best[starts] + overhead_tokens + (end - starts) * widths[starts]
+        k = int(np.argmin(costs))
+        best[end], cut[end] = costs[k], starts[k]
+    bounds: list[tuple[int, int]] = []
+    end = n
+    while end > 0:
+        bounds.append((int(cut[end]), end))
+        end = int(cut[end])
+    return [order[a:b] for a, b in reversed(bounds)]
 
 
 def check_texts(texts: object, parameter: str) -> list[str]:
