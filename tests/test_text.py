@@ -60,7 +60,7 @@ _ALPHABET = st.sampled_from(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)  # deterministic runs
 @given(st.lists(_ALPHABET, max_size=12).map("".join))
 def test_every_token_is_one_fts5_token(text: str) -> None:
     """Stored space-joined, the tokens read back through FTS5's tokenizer unchanged."""
