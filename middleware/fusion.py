@@ -7,6 +7,7 @@ merged Candidates sorted by `fused` descending, ties broken by id so results are
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from middleware.products import Candidate
@@ -22,9 +23,10 @@ def _merge(lists: Mapping[str, Sequence[Candidate]]) -> dict[str, Candidate]:
                 merged[cand.id] = target
             elif target.product is None:
                 target.product = cand.product
-            setattr(target, name, getattr(cand, name))
-            # a list may repeat an id (bad upstream): keep its best rank only
-            target.ranks.setdefault(name, rank)
+            # a list may repeat an id (bad upstream): keep its best rank, and the score at that rank
+            if name not in target.ranks:
+                setattr(target, name, getattr(cand, name))
+                target.ranks[name] = rank
     return merged
 
 
@@ -42,9 +44,7 @@ def rrf(lists: Mapping[str, Sequence[Candidate]], k: int = 60) -> list[Candidate
     return _ordered(merged)
 
 
-def minmax(
-    lists: Mapping[str, Sequence[Candidate]], weights: Mapping[str, float] | None = None
-) -> list[Candidate]:
+def minmax(lists: Mapping[str, Sequence[Candidate]], weights: Mapping[str, float] | None = None) -> list[Candidate]:
     """Weighted sum of per-list min-max normalised scores; a candidate absent from a list gets 0 there.
 
     A list whose scores are all equal normalises to 1 for every member (they are all its best),
@@ -56,21 +56,32 @@ def minmax(
         weight = weights.get(name, 1.0)
         if weight < 0:
             raise ValueError(f"fusion weight for {name!r} must be >= 0")
-        scores = [getattr(c, name) for c in candidates if getattr(c, name) is not None]
-        if not scores:
-            continue
-        low, high = min(scores), max(scores)
-        span = high - low
+        firsts: dict[str, float] = {}  # a repeated id counts once, at its best rank (as in _merge)
         seen: set[str] = set()
         for cand in candidates:
             raw = getattr(cand, name)
-            if raw is None or cand.id in seen:
-                continue
+            if cand.id not in seen and raw is not None:
+                firsts[cand.id] = raw
             seen.add(cand.id)
-            norm = 1.0 if span <= 0 else (raw - low) / span
-            target = merged[cand.id]
+        if not firsts:
+            continue
+        low, high = min(firsts.values()), max(firsts.values())
+        for cand_id, raw in firsts.items():
+            norm = _normalised(raw, low, high)
+            target = merged[cand_id]
             target.fused = (target.fused or 0.0) + weight * norm
     for cand in merged.values():
         if cand.fused is None:
             cand.fused = 0.0
     return _ordered(merged)
+
+
+def _normalised(raw: float, low: float, high: float) -> float:
+    """(raw - low) / (high - low) in [0, 1]; 1 when all scores are equal. Halved first when the
+    span overflows a float (extreme scores from a bad upstream), so the result is never NaN."""
+    if high <= low:
+        return 1.0
+    span = high - low
+    if math.isfinite(span):
+        return min(1.0, max(0.0, (raw - low) / span))
+    return min(1.0, max(0.0, (raw / 2 - low / 2) / (high / 2 - low / 2)))
