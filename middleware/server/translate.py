@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from middleware.config import ServerSettings
 from middleware.schema import SearchRequest, SearchResponse
 from middleware.server.errors import ApiError
@@ -29,6 +31,7 @@ SCRIPT_KEYS = frozenset(
 HARMLESS_KEYS = frozenset({"track_total_hits", "timeout", "explain", "track_scores", "version"})
 MAX_JSON_DEPTH = 64
 MAX_SEARCH_QUERY_CHARS = 10_000  # SearchRequest's bound; the pipeline cuts further for the models
+MAX_DEADLINE_MS = 600_000.0  # SearchRequest's bound on deadline_ms
 
 
 class Unsupported(Exception):
@@ -477,19 +480,25 @@ def translate_search(
     deadline_ms = default_deadline_ms
     timeout = body.get("timeout", params.get("timeout"))
     if timeout is not None:
-        deadline_ms = parse_time_ms(timeout, "timeout")
+        # OpenSearch accepts any timeout ("20m"); ours is capped (server.max_deadline_ms) later anyway
+        deadline_ms = min(parse_time_ms(timeout, "timeout"), MAX_DEADLINE_MS)
     explain = body.get("explain", params.get("explain", False))
     explain = explain is True or str(explain).lower() == "true"
-    request = SearchRequest.model_validate(
-        {
-            "query": text[:MAX_SEARCH_QUERY_CHARS],  # longer text is cut, never refused
-            "filters": filters,
-            "from": from_,
-            "size": size,
-            "explain": explain,
-            "deadline_ms": deadline_ms,
-        }
-    )
+    try:
+        request = SearchRequest.model_validate(
+            {
+                "query": text[:MAX_SEARCH_QUERY_CHARS],  # longer text is cut, never refused
+                "filters": filters,
+                "from": from_,
+                "size": size,
+                "explain": explain,
+                "deadline_ms": deadline_ms,
+            }
+        )
+    except ValidationError as err:  # a value the proxy let through but the model bounds: 400, never 500
+        first = err.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(400, str(first["msg"]).removeprefix("Value error, "), param=param) from None
     return Translated(
         request=request,
         source=source,
