@@ -176,6 +176,26 @@ def _model_id(model: Any) -> str:
     return str(getattr(model, "model_id", None) or type(model).__name__)
 
 
+def _cache_get(cache: LruTtlCache[Any] | None, key: Any) -> Any:
+    """A cache lookup that can only miss: a failing cache costs hits, never the model stage."""
+    if cache is None:
+        return None
+    try:
+        return cache.get(key)
+    except Exception as err:
+        log.warning("%s cache lookup failed, treated as a miss: %s", getattr(cache, "name", "a"), err)
+        return None
+
+
+def _cache_put(cache: LruTtlCache[Any] | None, key: Any, value: Any) -> None:
+    if cache is None:
+        return
+    try:
+        cache.put(key, value)
+    except Exception as err:
+        log.warning("%s cache store failed, value not cached: %s", getattr(cache, "name", "a"), err)
+
+
 class BatchingEmbedder:
     """`encode_queries` through the embedding cache and the shared batching queue."""
 
@@ -218,7 +238,7 @@ class BatchingEmbedder:
         vectors: list[np.ndarray | None] = [None] * len(texts)
         missing: list[int] = []
         for i, text in enumerate(texts):
-            cached = self.cache.get((self.model_id, text)) if self.cache is not None else None
+            cached = _cache_get(self.cache, (self.model_id, text))
             if cached is None:
                 missing.append(i)
             else:
@@ -235,8 +255,7 @@ class BatchingEmbedder:
             for i, vector in zip(missing, computed, strict=True):
                 vector.setflags(write=False)  # shared through the cache
                 vectors[i] = vector
-                if self.cache is not None:
-                    self.cache.put((self.model_id, texts[i]), vector)
+                _cache_put(self.cache, (self.model_id, texts[i]), vector)
         if not vectors:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack(vectors)  # type: ignore[arg-type]
@@ -341,7 +360,7 @@ class BatchingReranker:
         keys = [(self.model_id, query, text_hash(d)) for d in docs]
         missing: list[int] = []
         for i, key in enumerate(keys):
-            cached = self.cache.get(key) if self.cache is not None else None
+            cached = _cache_get(self.cache, key)
             if cached is None:
                 missing.append(i)
             else:
@@ -357,8 +376,7 @@ class BatchingReranker:
                     self._on_batch("rerank", len(pairs), time.perf_counter() - started)
             for i, value in zip(missing, computed, strict=True):
                 scores[i] = value
-                if self.cache is not None:
-                    self.cache.put(keys[i], value)
+                _cache_put(self.cache, keys[i], value)
         return np.asarray(scores, dtype=np.float32)
 
     def close(self) -> None:
