@@ -181,9 +181,17 @@ def mine_negatives(
         batch = records[offset : offset + config.batch_size]
         query_vecs = _normalise_rows(encoder.encode_queries([r["query"] for r in batch]))
         hit_lists = searcher.search(query_vecs, end)
+        # the batch's positives in one encoder call (per-record calls cost far more on small inputs)
+        all_pos = (
+            _normalise_rows(encoder.encode_documents([t for r in batch for t in r["pos"]])) if need_vectors else None
+        )
+        pos_start = 0
         for i, (record, hits) in enumerate(zip(batch, hit_lists, strict=True)):
             index = offset + i
-            pos_vecs = _normalise_rows(encoder.encode_documents(record["pos"])) if need_vectors else None
+            pos_vecs = None
+            if all_pos is not None:
+                pos_vecs = all_pos[pos_start : pos_start + len(record["pos"])]
+                pos_start += len(record["pos"])
             negs = _select(record, query_vecs[i], pos_vecs, hits[start - 1 : end], searcher, config, index, stats)
             new = dict(record)
             new["neg"] = [h.text for h in negs]
