@@ -8,6 +8,7 @@ BEIR documents as Products (id=_id, title=title, description=text), so the figur
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -116,6 +117,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "model"
 
 
+@functools.cache  # once per process: the code that runs is the code first read, even if files change
 def _analysis_version() -> str:
     """Changes when the lexical analysis or the embedded store changes: part of the index cache key."""
     import middleware.backends.embedded as embedded
