@@ -115,22 +115,18 @@ class ServiceState:
             self.metrics.in_flight.dec()
 
         work.add_done_callback(release)
-        if not bounded:
-            return await work
         timeout_s = capped_deadline_ms(self.settings, deadline_ms) / 1000.0
-        # a search bounds itself (the pipeline's deadline); the margin only covers the thread hop
         try:
+            if not bounded:
+                return await work
+            # a search bounds itself (the pipeline's deadline); the margin only covers the thread hop
             return await asyncio.wait_for(asyncio.shield(work), timeout=timeout_s + 1.0)
         except TimeoutError:
             self.metrics.rejected.labels("deadline").inc()
             raise ApiError(
                 504, f"no answer within the deadline ({timeout_s * 1000:.0f} ms)", os_type="timeout_exception"
             ) from None
-
-    async def search(self, req: SearchRequest) -> SearchResponse:
-        try:
-            resp = await self.admitted(self.pipeline.search, req, deadline_ms=req.deadline_ms)
-        except BackendError as err:
+        except BackendError as err:  # every route (search, _count, _doc, products…): 503, never a bare 500
             self.metrics.rejected.labels("backend_unavailable").inc()
             raise ApiError(
                 503,
@@ -138,6 +134,10 @@ class ServiceState:
                 os_type="unavailable_exception",
                 headers={"Retry-After": "1"},
             ) from None
+
+    async def search(self, req: SearchRequest) -> SearchResponse:
+        try:
+            resp = await self.admitted(self.pipeline.search, req, deadline_ms=req.deadline_ms)
         except ValueError as err:  # a request the configuration cannot answer (e.g. vector without embedder)
             raise ApiError(400, str(err)) from None
         self.metrics.observe_search(resp.timings_ms, resp.degraded)
