@@ -326,8 +326,15 @@ def test_fp16_on_cpu_and_resume_without_checkpoint_are_refused(tiny_embedder_dir
 
 
 def test_cli_loop_on_tiny_data(
-    beir_dir: Path, tiny_mean_embedder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    beir_dir: Path,
+    tiny_mean_embedder_dir: Path,
+    tiny_reranker_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """make-pairs → mine-negatives → teacher-scores → train-embedder (KD) → train-reranker."""
+    monkeypatch.setenv("SHOPSEARCH_MODEL_CACHE_DIR", str(tmp_path / "model-cache"))
     pairs_dir = tmp_path / "pairs"
     assert main(["tune", "make-pairs", str(beir_dir), "--output-dir", str(pairs_dir), "--threshold", "2.5"]) == 0
     mined = tmp_path / "mined.jsonl"
@@ -338,11 +345,21 @@ def test_cli_loop_on_tiny_data(
     assert "手表" in first  # Chinese kept readable, not \\u-escaped
     assert main([*argv, "--range", "2-30", "--negatives", "7", "--seed", "1"]) == 0
     assert mined.read_text(encoding="utf-8") == first
+    scored = tmp_path / "scored.jsonl"
+    teacher = ["tune", "teacher-scores", "--input", str(mined), "--output", str(scored)]
+    assert main([*teacher, "--reranker", str(tiny_reranker_dir)]) == 0
+    assert all("neg_scores" in r and "pos_probs" not in r for r in read_pairs(scored))
     out = tmp_path / "model"
-    train = ["tune", "train-embedder", "--input", str(mined), "--output-dir", str(out)]
-    train += ["--base", str(tiny_mean_embedder_dir), "--max-steps", "1", "--batch-size", "4"]
+    train = ["tune", "train-embedder", "--input", str(scored), "--output-dir", str(out)]
+    train += ["--base", str(tiny_mean_embedder_dir), "--max-steps", "1", "--batch-size", "4", "--max-length", "32"]
     assert main(train) == 0
-    assert json.loads((out / "shopsearch_tuning.json").read_text())["steps"] == 1
+    manifest = json.loads((out / "shopsearch_tuning.json").read_text())
+    assert manifest["steps"] == 1 and manifest["loss"] == "contrastive+kd"
+    rr = tmp_path / "reranker"
+    train = ["tune", "train-reranker", "--input", str(mined), "--output-dir", str(rr), "--max-length", "32"]
+    assert main([*train, "--base", str(tiny_reranker_dir), "--max-steps", "1", "--batch-size", "8"]) == 0
+    manifest = json.loads((rr / "shopsearch_tuning.json").read_text())
+    assert manifest["labels"] == "graded" and manifest["steps"] == 1
     capsys.readouterr()
 
 
