@@ -91,7 +91,7 @@ class CorpusSearcher:
                 _save_matrix(Path(cache), corpus, encoder, self.matrix)
         self.index = faiss.IndexFlatIP(self.matrix.shape[1])
         self.index.add(self.matrix)
-        self._row = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
+        self.row_of = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
 
     def search(self, query_vectors: np.ndarray, depth: int) -> list[list[Hit]]:
         depth = min(depth, len(self.corpus))
@@ -99,7 +99,7 @@ class CorpusSearcher:
         return [[Hit(self.corpus.ids[r], self.corpus.texts[r]) for r in row if r >= 0] for row in rows]
 
     def vectors(self, hits: Sequence[Hit]) -> np.ndarray:
-        return self.matrix[[self._row[h.id] for h in hits if h.id is not None]]
+        return self.matrix[[self.row_of[h.id] for h in hits if h.id is not None]]
 
 
 class IndexSearcher:
@@ -181,10 +181,7 @@ def mine_negatives(
         batch = records[offset : offset + config.batch_size]
         query_vecs = _normalise_rows(encoder.encode_queries([r["query"] for r in batch]))
         hit_lists = searcher.search(query_vecs, end)
-        # the batch's positives in one encoder call (per-record calls cost far more on small inputs)
-        all_pos = (
-            _normalise_rows(encoder.encode_documents([t for r in batch for t in r["pos"]])) if need_vectors else None
-        )
+        all_pos = _positive_vectors(batch, encoder, searcher) if need_vectors else None
         pos_start = 0
         for i, (record, hits) in enumerate(zip(batch, hit_lists, strict=True)):
             index = offset + i
@@ -204,6 +201,17 @@ def mine_negatives(
             stats.negatives += len(negs)
             stats.short += len(negs) < config.negatives
     return out, stats
+
+
+def _positive_vectors(batch: Sequence[dict[str, Any]], encoder: Encoder, searcher: Searcher) -> np.ndarray:
+    """The batch's positives, stacked: taken from the corpus matrix when their ids are known there,
+    else encoded in one call (per-record calls cost far more on small inputs)."""
+    known = getattr(searcher, "row_of", None)
+    texts = [t for r in batch for t in r["pos"]]
+    ids = [d for r in batch for d in (r.get("pos_ids") or [None] * len(r["pos"]))]
+    if known is not None and len(ids) == len(texts) and all(d in known for d in ids):
+        return searcher.matrix[[known[d] for d in ids]]  # type: ignore[attr-defined]
+    return _normalise_rows(encoder.encode_documents(texts))
 
 
 def _select(
