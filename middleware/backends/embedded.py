@@ -65,10 +65,12 @@ MAX_QUERY_TOKENS = 512
 
 # How the two analyses' BM25 scores combine: score = words_weight·bm25_words + cjk_weight·bm25_cjk
 # ("sum"), or each scaled by the query's best match first ("max"). Measured on QBQTC titles
-# (benchmarks/analysis_qbqtc.py, 5,000 seeded queries, nDCG@10): words alone 0.790, CJK alone 0.812,
-# sum 1:1 0.815, sum 1:2 0.815 (best, within noise of 1:1), max 1:2 0.815.
+# (benchmarks/analysis_qbqtc.py, all 17,089 queries with a relevant judgement, nDCG@10): words alone
+# 0.7927, CJK uni+bigrams alone 0.8158, sum 1:1 0.8185 (R@100 0.8858, the highest), sum 1:2 0.8185,
+# max 1:3 0.8186. Every combination from sum 1:1 to 1:3 and max 1:2–1:3 lies within 0.0001 (noise);
+# sum 1:1 is the simplest and cheapest of that plateau (no window function over the matches).
 DEFAULT_WORDS_WEIGHT = 1.0
-DEFAULT_CJK_WEIGHT = 2.0
+DEFAULT_CJK_WEIGHT = 1.0
 DEFAULT_COMBINE: Literal["sum", "max"] = "sum"
 
 _SCHEMA = f"""
