@@ -198,9 +198,7 @@ GOOD_QUERIES = json.dumps({"_id": "q1", "text": "drill"}) + "\n"
         (GOOD_CORPUS + GOOD_CORPUS, GOOD_QUERIES, "q1\td1\t1\n", r"corpus.jsonl:2: duplicate _id d1"),
     ],
 )
-def test_bad_files_name_file_and_line(
-    tmp_path: Path, corpus: str, queries: str, qrels: str, message: str
-) -> None:
+def test_bad_files_name_file_and_line(tmp_path: Path, corpus: str, queries: str, qrels: str, message: str) -> None:
     _write(tmp_path, corpus, queries, qrels)
     with pytest.raises(EvalDataError, match=message):
         load_beir(tmp_path)
