@@ -494,10 +494,13 @@ async def cat(what: str, request: Request) -> Response:
     if not _answers_locally(state) or not parts or parts[0] != "indices":
         if parts and parts[0] not in {"indices", "count", "health", "aliases", "shards", "nodes", "segments"}:
             raise ApiError(403, f"_cat/{parts[0][:50]} is not a read endpoint the proxy serves")
-        if parts and parts[0] in {"indices", "count", "aliases", "shards", "segments"} and len(parts) > 1:
-            # _cat/count/<expr> names indexes (aliases for _cat/aliases): the allowed set applies here too
+        if parts and parts[0] in {"indices", "count", "aliases", "shards", "segments"}:
+            # _cat/count/<expr> names indexes (aliases for _cat/aliases): the allowed set applies here too,
+            # and without one OpenSearch answers for every index: scope it to the allowed set
             for part in parts[1:]:
                 parse_index_expression(part, state.settings.server)
+            if len(parts) == 1:
+                parts.append(",".join(state.settings.server.allowed_indices))
         elif len(parts) > 1:
             raise ApiError(400, f"_cat/{parts[0][:50]} takes no index", param="path")
         path = "/_cat/" + "/".join(quote(p, safe=",*") for p in parts)
