@@ -572,3 +572,20 @@ def test_concurrent_reads_during_writes(tmp_path: Path, catalog) -> None:
                 t.join()
         assert not errors, errors
         assert store.count() == len(products) - 7
+
+
+@pytest.mark.parametrize("combine", ["sum", "max"])
+@pytest.mark.parametrize(("words_weight", "cjk_weight"), [(0.0, 1.0), (1.0, 0.0)])
+def test_bm25_with_a_single_analysis(tmp_path, combine, words_weight, cjk_weight):
+    # regression: one analysis alone made SQLite flatten bm25() into the GROUP BY and refuse it
+    from middleware.backends.embedded import EmbeddedBackend
+    from middleware.products import Product
+
+    store = EmbeddedBackend(tmp_path, words_weight=words_weight, cjk_weight=cjk_weight, combine=combine)
+    store.upsert(
+        [Product(id="a", title="小众设计师珐琅手表"), Product(id="b", title="卡西欧运动手表"), Product(id="c", title="项链")],
+        None,
+    )
+    hits = store.bm25("珐琅手表", None, 10)
+    assert [h.id for h in hits][:2] == ["a", "b"] and all(h.bm25 > 0 for h in hits)
+    store.close()

@@ -693,21 +693,27 @@ class EmbeddedBackend:
         parts = self._analysis_queries(text)
         if not parts:
             return []
-        # FTS5's bm25() is lower-is-better (negative): negate so higher is better
-        per_analysis = []
-        params: list[Any] = []
+        # FTS5's bm25() is lower-is-better (negative): negate so higher is better. Each analysis is a
+        # MATERIALIZED CTE: a lone subquery would be flattened into the GROUP BY below, where SQLite
+        # refuses bm25() ("unable to use function bm25 in the requested context").
+        ctes, per_analysis = [], []
+        cte_params: list[Any] = []
+        weight_params: list[Any] = []
         columns = [self.title_weight, self.body_weight]
-        for table, match, weight in parts:
-            params += [weight, *columns, match]  # in textual order of the placeholders
-            # "max": each analysis scaled to (0, 1] by its best match (bm25() cannot sit in a window)
-            score = "coalesce(s / nullif(max(s) OVER (), 0), 0)" if self.combine == "max" else "s"
-            per_analysis.append(
-                f"SELECT pk, ? * {score} AS score FROM ("
-                f"SELECT rowid AS pk, -bm25({table}, ?, ?) AS s FROM {table} WHERE {table} MATCH ?)"
+        for i, (table, match, weight) in enumerate(parts):
+            cte_params += [*columns, match]
+            ctes.append(
+                f"a{i} AS MATERIALIZED (SELECT rowid AS pk, -bm25({table}, ?, ?) AS s FROM {table} WHERE {table} MATCH ?)"
             )
+            weight_params.append(weight)
+            # "max": each analysis scaled to (0, 1] by its best match
+            score = "coalesce(s / nullif(max(s) OVER (), 0), 0)" if self.combine == "max" else "s"
+            per_analysis.append(f"SELECT pk, ? * {score} AS score FROM a{i}")
+        params = [*cte_params, *weight_params]
         where, filter_params = _filter_sql(filters, alias="f")
         # rank on the filter columns alone; only the top n rows' JSON is read
         sql = (
+            f"WITH {', '.join(ctes)} "
             "SELECT p.pk, p.doc, top.score FROM ("
             "SELECT s.pk, s.score FROM ("
             f"SELECT pk, sum(score) AS score FROM ({' UNION ALL '.join(per_analysis)}) GROUP BY pk"
