@@ -583,7 +583,11 @@ def test_bm25_with_a_single_analysis(tmp_path, combine, words_weight, cjk_weight
 
     store = EmbeddedBackend(tmp_path, words_weight=words_weight, cjk_weight=cjk_weight, combine=combine)
     store.upsert(
-        [Product(id="a", title="小众设计师珐琅手表"), Product(id="b", title="卡西欧运动手表"), Product(id="c", title="项链")],
+        [
+            Product(id="a", title="小众设计师珐琅手表"),
+            Product(id="b", title="卡西欧运动手表"),
+            Product(id="c", title="项链"),
+        ],
         None,
     )
     hits = store.bm25("珐琅手表", None, 10)

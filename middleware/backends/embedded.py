@@ -703,7 +703,8 @@ class EmbeddedBackend:
         for i, (table, match, weight) in enumerate(parts):
             cte_params += [*columns, match]
             ctes.append(
-                f"a{i} AS MATERIALIZED (SELECT rowid AS pk, -bm25({table}, ?, ?) AS s FROM {table} WHERE {table} MATCH ?)"
+                f"a{i} AS MATERIALIZED ("
+                f"SELECT rowid AS pk, -bm25({table}, ?, ?) AS s FROM {table} WHERE {table} MATCH ?)"
             )
             weight_params.append(weight)
             # "max": each analysis scaled to (0, 1] by its best match
