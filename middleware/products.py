@@ -68,7 +68,9 @@ def _count(value: Any) -> Any:
 
 ProductId = Annotated[str, BeforeValidator(_product_id)]
 Price = Annotated[NonNegativeFloat, BeforeValidator(_finite)]
-Count = Annotated[NonNegativeInt, BeforeValidator(_count)]
+# counts are stored as 64-bit integers (SQLite INTEGER, OpenSearch long): larger is bad input, not a crash
+MAX_COUNT = 2**63 - 1
+Count = Annotated[NonNegativeInt, BeforeValidator(_count), Field(le=MAX_COUNT)]
 
 
 class Product(BaseModel):
