@@ -43,7 +43,7 @@ product_like = st.fixed_dictionaries(
         "brand": maybe,
         "category": maybe,
         "price": st.one_of(json_scalars, st.sampled_from(["89.00", "nan", "-1", "inf", " 3 "])),
-        "sales": st.one_of(json_scalars, st.sampled_from(["12.0", "12.5", "-3"])),
+        "sales": st.one_of(json_scalars, st.sampled_from(["12.0", "12.5", "-3", str(2**63), 10**30])),
         "stock": st.one_of(json_scalars, st.sampled_from(["0", "7.0", "1e3"])),
         "attributes": json_values,
         "extra": json_values,
@@ -66,7 +66,7 @@ def test_product_validates_or_names_the_field(row: dict[str, Any]) -> None:
     assert product.title and len(product.title) <= 2000
     for value in (product.price,):
         assert value is None or (math.isfinite(value) and value >= 0)
-    assert product.sales >= 0 and (product.stock is None or product.stock >= 0)
+    assert 0 <= product.sales < 2**63 and (product.stock is None or 0 <= product.stock < 2**63)  # SQLite INTEGER
     assert isinstance(product.sales, int) and not isinstance(product.sales, bool)
     # what the store writes reads back equal, with the same content hash (the rerank-cache version)
     again = Product.model_validate_json(product.model_dump_json())
@@ -311,3 +311,12 @@ def test_long_proxy_timeout_is_capped_not_a_server_error() -> None:
     assert translate_search(body, {}, SERVER).request.deadline_ms == 600_000
     body["timeout"] = "99999999999999999999999d"
     assert translate_search(body, {}, SERVER).request.deadline_ms == 600_000
+
+
+def test_counts_beyond_64_bits_are_rejected_not_stored() -> None:
+    """Regression: sales=10**30 validated, then crashed the SQLite write (OverflowError → 500 / loader abort)."""
+    with pytest.raises(ValidationError, match="sales"):
+        Product(id="a", title="t", sales=10**30)
+    with pytest.raises(ValidationError, match="stock"):
+        SignalUpdate(id="a", stock="1e30")
+    assert Product(id="a", title="t", sales=2**63 - 1).sales == 2**63 - 1
