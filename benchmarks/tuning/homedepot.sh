@@ -12,8 +12,14 @@ set -euo pipefail
 DATA=${DATA:-../shared/data/homedepot}
 RUNS=${RUNS:-/work/helpers/tune-runs/homedepot}
 BASE=${BASE:-sentence-transformers/all-MiniLM-L6-v2}
-TRAIN_RECORDS=${TRAIN_RECORDS:-2000}    # embedder: groups (1 query + 1 pos + 7 negs) per epoch
-RERANK_RECORDS=${RERANK_RECORDS:-1000}  # reranker: queries whose pairs are trained on
+# Budget: ≤ ~30 min per training run on 2 cores shared with other jobs (here ~0.3 core on
+# average). One embedder step over 16 groups of 4 short texts ≈ 4–5 CPU-s; a reranker step over
+# 16 pairs ≈ 1.5 CPU-s. On a quiet or bigger machine raise the steps, group size and batch.
+EMB_STEPS=${EMB_STEPS:-60}            # × 16 groups = 960 train queries seen once
+EMB_GROUP=${EMB_GROUP:-4}             # 1 positive + 3 hard negatives (issue default 8; CPU-bound here)
+RERANK_STEPS=${RERANK_STEPS:-150}     # × 16 pairs = 2,400 (query, product, label) pairs
+RERANK_RECORDS=${RERANK_RECORDS:-400} # queries whose pairs are drawn from (≈ 11 pairs each)
+EVAL_RERANK_QUERIES=${EVAL_RERANK_QUERIES:-300}
 SEED=${SEED:-42}
 PAIRS=$RUNS/pairs
 EVAL_ARGS=(--split dev --gain score-1 --relevant-min 2.5 --seed "$SEED" --workdir "$RUNS/eval-work")
@@ -35,15 +41,15 @@ stage_mine() {
 
 stage_train_embedder() {
   shopsearch -v tune train-embedder --input "$PAIRS/train.mined.jsonl" --output-dir "$RUNS/embedder" \
-    --base "$BASE" --max-records "$TRAIN_RECORDS" --epochs 1 --batch-size 32 --group-size 8 \
-    --temperature 0.02 --lr 3e-5 --max-length 64 --save-steps 50 --logging-steps 5 --seed "$SEED"
+    --base "$BASE" --max-steps "$EMB_STEPS" --batch-size 16 --group-size "$EMB_GROUP" \
+    --temperature 0.02 --lr 5e-5 --max-length 32 --save-steps 20 --logging-steps 5 --seed "$SEED"
 }
 
 stage_train_reranker() {
   # a cross-encoder from the MiniLM bi-encoder weights (fresh one-logit head), graded labels
   shopsearch -v tune train-reranker --input "$PAIRS/train.mined.jsonl" --output-dir "$RUNS/reranker" \
-    --base "$BASE" --max-records "$RERANK_RECORDS" --negatives-per-query 5 --epochs 1 \
-    --batch-size 32 --lr 5e-5 --max-length 64 --save-steps 200 --logging-steps 20 --seed "$SEED"
+    --base "$BASE" --max-records "$RERANK_RECORDS" --negatives-per-query 5 --max-steps "$RERANK_STEPS" \
+    --batch-size 16 --lr 5e-5 --max-length 48 --save-steps 50 --logging-steps 10 --seed "$SEED"
 }
 
 stage_eval_base() {
@@ -58,7 +64,8 @@ stage_eval_tuned() {
 
 stage_eval_rerank() {
   shopsearch eval "$PAIRS/beir" "${EVAL_ARGS[@]}" --modes hybrid-rrf,hybrid+rerank --pools global,test \
-    --embedder "$BASE" --reranker "$RUNS/reranker" --rerank-k 20 --output "$RUNS/eval-rerank.json"
+    --embedder "$BASE" --reranker "$RUNS/reranker" --rerank-k 10 --max-queries "$EVAL_RERANK_QUERIES" \
+    --output "$RUNS/eval-rerank.json"
 }
 
 stage_separation() {
