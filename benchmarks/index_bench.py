@@ -219,7 +219,7 @@ def run(quick: bool, output_dir: Path) -> dict[str, Any]:
 
 def _print(label: str, r: dict[str, Any]) -> None:
     print(
-        f"{label}: {r['products']} products in {r['wall_s']} s = {r['docs_per_s']:.0f} docs/s; "
+        f"{label}: {r['products']} products in {r['wall_s']} s = {r['docs_per_s']:.1f} docs/s; "
         f"model {r['model_s']} s, writes {r['write_s']} s, outside the model {100 * r['outside_model_share']:.0f}% "
         f"(embedded {r['embedded']}, unchanged {r['unchanged']})"
     )
