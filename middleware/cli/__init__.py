@@ -69,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # opensearch-py logs a traceback per failed request; the user gets one BackendError line instead
+        logging.getLogger("opensearch").setLevel(logging.CRITICAL)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 import time
@@ -138,11 +137,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _open_backend(settings: Settings, dim: int | None):  # -> Backend
     from middleware.backends import BackendError, open_backend
-
-    if not logging.getLogger().isEnabledFor(logging.DEBUG):
-        # opensearch-py logs every failed request with its traceback at WARNING; the failure reaches
-        # the user as one BackendError line instead (-v shows the client's log again)
-        logging.getLogger("opensearch").setLevel(logging.ERROR)
 
     try:
         return open_backend(settings, dim=dim)

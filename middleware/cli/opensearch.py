@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,9 +69,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    if not getattr(args, "verbose", False):
-        # opensearch-py logs a traceback per failed attempt; our one-line errors say it better
-        logging.getLogger("opensearch").setLevel(logging.CRITICAL)
     overrides: dict[str, Any] = {"backend": "opensearch", "embedder": getattr(args, "embedder", None)}
     settings = load_settings(args, **overrides)
     if getattr(args, "url", None):
