@@ -32,6 +32,7 @@ class Pipeline:
         reranker: PairScorer | None = None,
         *,
         gpu: bool = False,
+        stage_workers: int = 8,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -39,7 +40,8 @@ class Pipeline:
         self.reranker = reranker
         # top-K rerank is a GPU job: the full reranker costs ~0.07 s a pair on 2 CPU cores (INT8)
         self.default_rerank_k = settings.rerank_k if settings.rerank_k is not None else (100 if gpu else 20)
-        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shopsearch-stage")
+        # a search holds a stage thread while its model calls run (or wait for a shared batch)
+        self._executor = ThreadPoolExecutor(max_workers=stage_workers, thread_name_prefix="shopsearch-stage")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Pipeline:
@@ -104,6 +106,8 @@ class Pipeline:
                     k=k,
                     deadline=deadline,
                     executor=self._executor,
+                    # leave a sliver of the budget for scoring, paging and the response
+                    reserve_s=min(0.05, 0.1 * deadline.budget_s),
                 )
                 reranked = k
             except Exception as err:  # failure or budget spent: the fused order stands
@@ -114,9 +118,7 @@ class Pipeline:
         # 4. business score: within the reranked head, then within the tail (scales differ)
         t = time.perf_counter()
         if req.business_enabled:
-            candidates = business.apply(candidates[:reranked], weights) + business.apply(
-                candidates[reranked:], weights
-            )
+            candidates = business.apply(candidates[:reranked], weights) + business.apply(candidates[reranked:], weights)
         watch.record("business", t)
 
         # 5. page and respond

@@ -33,6 +33,7 @@ def rerank_head(
     k: int,
     deadline: Deadline,
     executor: Executor,
+    reserve_s: float = 0.0,
 ) -> list[Candidate]:
     """Reranked top-k first (by score, ties in fused order), then the rest in fused order.
 
@@ -42,7 +43,7 @@ def rerank_head(
     if not head:
         return candidates
     docs = [rerank_text(c) for c in head]
-    scores = deadline.wait(executor.submit(scorer.score, query, docs))
+    scores = deadline.wait(executor.submit(scorer.score, query, docs), reserve_s=reserve_s)
     scores = np.asarray(scores, dtype=np.float32)
     if scores.shape != (len(head),):
         raise ValueError(f"reranker returned {scores.shape} scores for {len(head)} documents")

@@ -510,3 +510,13 @@ def test_packaged_minilm_matches_sentence_transformers(model_cache_dir: Path) ->
         texts, normalize_embeddings=True
     )
     np.testing.assert_allclose(embedder.encode_documents(texts), reference, atol=1e-5)
+
+
+def test_score_pairs_across_queries_matches_per_query_scores(rerankers: dict[str, Reranker]) -> None:
+    reranker = rerankers["fp32"]
+    other = "运动手表 男"
+    pairs = [(QUERY, DOCS[0]), (other, DOCS[1]), (QUERY, DOCS[2]), (other, DOCS[3])]
+    mixed = reranker.score_pairs(pairs)
+    expected = [reranker.score(q, [d])[0] for q, d in pairs]
+    np.testing.assert_allclose(mixed, expected, atol=1e-6)
+    assert reranker.score_pairs([]).shape == (0,)

@@ -74,14 +74,31 @@ class Reranker:
         if not isinstance(query, str):
             raise TypeError(f"query must be a string, got {type(query).__name__}")
         docs = check_texts(docs, "docs")
-        out = np.zeros(len(docs), dtype=np.float32)
-        if not docs:
-            return out
-        pairs = self._tokenizer.encode_pairs(query, docs, query_max_length=self.query_max_length)
-        for batch in self._tokenizer.batches(pairs, self.batch_size):
+        return self.score_pairs_logits([(query, doc) for doc in docs])
+
+    def score_pairs_logits(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        """Raw logits for (query, doc) pairs of possibly different queries, in input order, through
+        one length-sorted pass (the server batches concurrent requests' pairs together this way)."""
+        encodings: list = [None] * len(pairs)
+        by_query: dict[str, list[int]] = {}
+        for i, (query, _doc) in enumerate(pairs):
+            if not isinstance(query, str):
+                raise TypeError(f"query must be a string, got {type(query).__name__}")
+            by_query.setdefault(query, []).append(i)
+        for query, indices in by_query.items():
+            docs = check_texts([pairs[i][1] for i in indices], "docs")
+            encoded = self._tokenizer.encode_pairs(query, docs, query_max_length=self.query_max_length)
+            for i, encoding in zip(indices, encoded, strict=True):
+                encodings[i] = encoding
+        out = np.zeros(len(pairs), dtype=np.float32)
+        for batch in self._tokenizer.batches(encodings, self.batch_size):
             logits = self._runner.run(batch.feeds(self._runner.input_names))
             out[batch.indices] = np.asarray(logits, dtype=np.float32).reshape(len(batch.indices), -1)[:, 0]
         return out
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        """sigmoid(logit) for (query, doc) pairs, in input order."""
+        return sigmoid(self.score_pairs_logits(pairs))
 
     def score(self, query: str, docs: Sequence[str]) -> np.ndarray:
         """sigmoid(logit) per document, float32 in [0, 1], in the order of `docs`."""

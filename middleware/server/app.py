@@ -75,14 +75,12 @@ class ServiceState:
                 on_batch=self.metrics.observe_batch,
                 more_expected=self._more_expected,
             )
-        self.pipeline = Pipeline(settings, base.backend, self.embedder, self.reranker)
-        self.pipeline.default_rerank_k = base.default_rerank_k
         # A search holds a stage thread while its embedding or rerank pairs wait for a shared batch, so
         # the library's 8 stage threads would cap batches at 8 requests: give every admitted search room.
-        self.pipeline._executor.shutdown(wait=False)
-        self.pipeline._executor = ThreadPoolExecutor(
-            max_workers=3 * srv.max_queue + 4, thread_name_prefix="shopsearch-stage"
+        self.pipeline = Pipeline(
+            settings, base.backend, self.embedder, self.reranker, stage_workers=3 * srv.max_queue + 4
         )
+        self.pipeline.default_rerank_k = base.default_rerank_k
         self.executor = ThreadPoolExecutor(max_workers=srv.max_queue + 4, thread_name_prefix="shopsearch-req")
         from middleware.server.proxy import Upstream
 

@@ -268,47 +268,11 @@ class BatchingEmbedder:
             self._batcher.close()
 
 
-def _has_pair_internals(model: Any) -> bool:
-    tok = getattr(model, "_tokenizer", None)
-    return (
-        hasattr(tok, "encode_pairs")
-        and hasattr(tok, "batches")
-        and hasattr(model, "_runner")
-        and hasattr(model, "query_max_length")
-    )
-
-
-def _score_pairs_one_pass(model: Any, pairs: list[tuple[str, str]]) -> list[float]:
-    """Pairs of several queries through one length-sorted forward pass of a middleware Reranker.
-
-    Reranker.score takes one query; this reuses its tokenizer (same truncation rules) and runner so
-    pairs of different requests share batches. Replace with Reranker.score_pairs once it exists.
-    """
-    by_query: dict[str, list[int]] = {}
-    for i, (query, _) in enumerate(pairs):
-        by_query.setdefault(query, []).append(i)
-    encodings: list[Any] = [None] * len(pairs)
-    for query, idx in by_query.items():
-        encoded = model._tokenizer.encode_pairs(
-            query, [pairs[i][1] for i in idx], query_max_length=model.query_max_length
-        )
-        for i, enc in zip(idx, encoded, strict=True):
-            encodings[i] = enc
-    logits = np.zeros(len(pairs), dtype=np.float32)
-    for batch in model._tokenizer.batches(encodings, getattr(model, "batch_size", 32)):
-        out = model._runner.run(batch.feeds(model._runner.input_names))
-        logits[batch.indices] = np.asarray(out, dtype=np.float32).reshape(len(batch.indices), -1)[:, 0]
-    from middleware.models.reranker import sigmoid  # the model's own (overflow-safe) squashing
-
-    return [float(s) for s in sigmoid(logits)]
-
-
 class BatchingReranker:
     """`score(query, docs)` through the rerank-score cache and the shared batching queue.
 
-    Pairs from different requests (different queries) share one batch: through the model's pair-level
-    entry point (`score_pairs`) when it has one, else through the middleware Reranker's tokenizer and
-    runner in one pass; any other scorer is called once per query in the batch.
+    Pairs from different requests (different queries) share one batch through the model's pair-level
+    entry point (`Reranker.score_pairs`); any other scorer is called once per query in the batch.
     """
 
     def __init__(
@@ -342,8 +306,6 @@ class BatchingReranker:
         score_pairs = getattr(self.inner, "score_pairs", None)
         if callable(score_pairs):
             return [float(s) for s in np.asarray(score_pairs(pairs), dtype=np.float32)]
-        if _has_pair_internals(self.inner):
-            return _score_pairs_one_pass(self.inner, pairs)
         by_query: dict[str, list[int]] = {}
         for i, (query, _) in enumerate(pairs):
             by_query.setdefault(query, []).append(i)
