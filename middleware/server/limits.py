@@ -24,10 +24,19 @@ def check_paging(server: ServerSettings, size: int, from_: int, location: str = 
         raise ApiError(400, f"must be at most {server.max_from} (server.max_from)", param="from", location=location)
 
 
-def capped_deadline_ms(settings: Settings, requested: float | None) -> float:
-    """The request's own deadline, never above server.max_deadline_ms; the default otherwise."""
+# Below this no retrieval can answer, and the request would fail as if the backend were down (a 503).
+MIN_DEADLINE_MS = 50.0
+
+
+def capped_deadline_ms(settings: Settings, requested: float | None, param: str = "deadline_ms") -> float:
+    """The request's own deadline, never above server.max_deadline_ms; the default otherwise.
+
+    A deadline under MIN_DEADLINE_MS is the client's error: 400 naming `param`.
+    """
     if requested is None:
         return min(settings.deadline_ms, settings.server.max_deadline_ms)
+    if requested < MIN_DEADLINE_MS:
+        raise ApiError(400, f"must be at least {MIN_DEADLINE_MS:.0f} ms", param=param)
     return min(requested, settings.server.max_deadline_ms)
 
 

@@ -251,7 +251,7 @@ async def search(index: str, request: Request) -> Response:
         return await _forward_or(state, request, _index_path(names, "_search"), raw, _no_index(names))
 
     req = translated.request
-    req = req.model_copy(update={"deadline_ms": capped_deadline_ms(state.settings, req.deadline_ms)})
+    req = req.model_copy(update={"deadline_ms": capped_deadline_ms(state.settings, req.deadline_ms, "timeout")})
     resp: SearchResponse | None = None
     if not translated.matches_nothing:
         resp = await state.search(req)
