@@ -97,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     from benchmarks.reliability import report
 
+    previous = output / "reliability.json"
+    if args.only and previous.exists():  # a partial re-run keeps the other sections' figures
+        try:
+            kept = json.loads(previous.read_text(encoding="utf-8")).get("sections", {})
+        except ValueError:
+            kept = {}
+        result["sections"] = {k: v for k, v in kept.items() if k not in args.sections}
+        result["started"] = f"{result['started']} (sections {','.join(args.sections)} re-run; others kept)"
     for name in args.sections:
         module = __import__(f"benchmarks.reliability.{name}", fromlist=["run"])
         t0 = time.monotonic()

@@ -53,7 +53,7 @@ def _faults(section: dict[str, Any]) -> list[str]:
     lines += [
         f"Deadline per request: {section['deadline_ms']:.0f} ms. Faults injected by wrapping the real objects.",
         "",
-        "| fault | status | degraded | max latency ms | as expected | recovered | message |",
+        "| fault | status | degraded | max latency ms | as expected | recovered (after ms) | message |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in section["rows"]:
@@ -61,7 +61,7 @@ def _faults(section: dict[str, Any]) -> list[str]:
         message = (r.get("message") or "").replace("|", "/")[:90]
         lines.append(
             f"| {r['fault']} | {', '.join(map(str, r['status']))} | {degraded} | {_ms(r['latency_ms_max'])} | "
-            f"{_yes(r['as_expected'])} | {_yes(r['recovered'])} | {message} |"
+            f"{_yes(r['as_expected'])} | {_yes(r['recovered'])} ({_ms(r.get('recovery_ms'))}) | {message} |"
         )
     lines.append("")
     return lines
