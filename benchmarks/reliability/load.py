@@ -60,6 +60,14 @@ class RssSampler:
         self._thread.join(timeout=2)
 
 
+def _cpu_seconds(pid: int) -> float:
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return times.user + times.system
+
+
 def start_service(work: Path, *, max_queue: int, deadline_ms: float) -> tuple[subprocess.Popen, str]:
     embedder_dir, reranker_dir, cache = tiny_models(work)
     data_dir = work / "load-store"
@@ -102,24 +110,32 @@ def start_service(work: Path, *, max_queue: int, deadline_ms: float) -> tuple[su
     raise RuntimeError("shopsearch serve did not become ready in 300 s")
 
 
+async def _stamp(request: httpx.Request) -> None:
+    """Event hook: when the request really leaves the generator (its own scheduling lag excluded)."""
+    request.extensions["sent_at"] = time.perf_counter()
+
+
 async def _one(client: httpx.AsyncClient, i: int, out: list[tuple[int, float, float]], t_start: float) -> None:
-    sent = time.perf_counter()
+    scheduled = time.perf_counter()
+    sent = scheduled
     try:
         r = await client.post("/v1/search", json={"query": f"{QUERIES[i % len(QUERIES)]} {i}", "size": 10})
         status = r.status_code
+        sent = r.request.extensions.get("sent_at", scheduled)
     except httpx.TimeoutException:
         status = -1  # hung past the client's limit
     except httpx.HTTPError:
         status = -2
     done = time.perf_counter()
-    out.append((status, (done - sent) * 1000.0, sent - t_start))
+    out.append((status, (done - sent) * 1000.0, scheduled - t_start))
 
 
 async def closed_loop(url: str, *, concurrency: int, requests: int, timeout_s: float) -> dict[str, Any]:
     results: list[tuple[int, float, float]] = []
     counter = iter(range(requests))
     limits = httpx.Limits(max_connections=concurrency * 2)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+    hooks = {"request": [_stamp]}
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits, event_hooks=hooks) as client:
         t0 = time.perf_counter()
 
         async def worker() -> None:
@@ -147,13 +163,17 @@ async def open_loop(url: str, *, rate: float, seconds: float, timeout_s: float, 
     tasks: set[asyncio.Task[None]] = set()
     limits = httpx.Limits(max_connections=max_outstanding, max_keepalive_connections=max_outstanding)
     skipped = 0
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+    lag: list[float] = []
+    hooks = {"request": [_stamp]}
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits, event_hooks=hooks) as client:
         t0 = time.perf_counter()
         n = int(rate * seconds)
         for i in range(n):
             wait = t0 + i / rate - time.perf_counter()
             if wait > 0:
                 await asyncio.sleep(wait)
+            else:
+                lag.append(-wait * 1000.0)  # the generator is behind its schedule
             if len(tasks) >= max_outstanding:
                 skipped += 1
                 continue
@@ -169,6 +189,8 @@ async def open_loop(url: str, *, rate: float, seconds: float, timeout_s: float, 
         "offered_rate_per_s": round(rate, 2),
         "seconds": round(wall, 2),
         "sent": len(results),
+        "generator_behind_schedule": len(lag),
+        "generator_lag_p99_ms": percentile(lag, 99),
         "skipped_by_generator": skipped,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "qps_ok": round(len(ok) / wall, 2),
@@ -198,6 +220,7 @@ def run(work: Path, *, quick: bool) -> dict[str, Any]:
                 closed_loop(url, concurrency=max_queue, requests=100 if quick else 400, timeout_s=30)
             )
             rate = max(2.0, 2.0 * capacity["qps_ok"])
+            server_cpu0, own_cpu0, wall0 = _cpu_seconds(proc.pid), _cpu_seconds(os.getpid()), time.monotonic()
             # client limit: deadline + 5 s; a request still open then counts as hung
             overload = asyncio.run(
                 open_loop(
@@ -205,9 +228,14 @@ def run(work: Path, *, quick: bool) -> dict[str, Any]:
                     rate=rate,
                     seconds=8.0 if quick else 30.0,
                     timeout_s=deadline_ms / 1000.0 + 5.0,
-                    max_outstanding=1000,
+                    max_outstanding=256,
                 )
             )
+            overload_wall = time.monotonic() - wall0
+            cpu = {
+                "service_cores_used": round((_cpu_seconds(proc.pid) - server_cpu0) / overload_wall, 2),
+                "generator_cores_used": round((_cpu_seconds(os.getpid()) - own_cpu0) / overload_wall, 2),
+            }
             after = asyncio.run(closed_loop(url, concurrency=2, requests=20, timeout_s=30))
         metrics = httpx.get(url + "/metrics", timeout=10).text
     finally:
@@ -223,6 +251,7 @@ def run(work: Path, *, quick: bool) -> dict[str, Any]:
         "max_queue": max_queue,
         "capacity": capacity,
         "overload": overload,
+        "overload_cpu": cpu,
         "after_overload": after,
         "rss_idle_mb": round(idle_rss / 2**20, 1),
         "rss_peak_mb": round(rss.peak / 2**20, 1),

@@ -108,6 +108,9 @@ def _load(section: dict[str, Any]) -> list[str]:
         f"**p99 {_ms(o['refused_p99_ms'])} ms**, max {_ms(o['refused_max_ms'])} ms",
         f"- accepted: p50 {_ms(o['ok_p50_ms'])} ms, p99 {_ms(o['ok_p99_ms'])} ms, max {_ms(o['ok_max_ms'])} ms",
         f"- hung past deadline + 5 s: **{o['hung']}**; transport errors {o['transport_errors']}",
+        f"- CPU during the overload (cores): {section.get('overload_cpu')}; load generator behind its schedule "
+        f"for {o.get('generator_behind_schedule')} sends (p99 lag {_ms(o.get('generator_lag_p99_ms'))} ms), "
+        f"{o['skipped_by_generator']} sends skipped at 256 open requests",
         f"- RSS: idle {section['rss_idle_mb']} MB, **peak {section['rss_peak_mb']} MB**",
         f"- after the overload: {section['after_overload']['statuses']}, p50 "
         f"{_ms(section['after_overload']['p50_ms'])} ms",
