@@ -296,7 +296,7 @@ def body_with_script(draw: st.DrawFn) -> dict[str, Any]:
     return body
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body_with_script())
 def test_a_script_anywhere_is_refused(body: dict[str, Any]) -> None:
     with pytest.raises(ApiError) as caught:
