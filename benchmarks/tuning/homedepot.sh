@@ -40,7 +40,9 @@ stage_mine() {
 }
 
 stage_train_embedder() {
-  shopsearch -v tune train-embedder --input "$PAIRS/train.mined.jsonl" --output-dir "$RUNS/embedder" \
+  # RESUME=1 continues from the last checkpoint in $RUNS/embedder/checkpoints (EMB_STEPS = the
+  # step to stop at: a stop at a checkpoint's step just saves that checkpoint as the model)
+  shopsearch -v tune train-embedder ${RESUME:+--resume} --input "$PAIRS/train.mined.jsonl" --output-dir "$RUNS/embedder" \
     --base "$BASE" --max-steps "$EMB_STEPS" --batch-size 16 --group-size "$EMB_GROUP" \
     --temperature 0.02 --lr 5e-5 --max-length 32 --save-steps 20 --logging-steps 5 --seed "$SEED"
 }
