@@ -63,7 +63,7 @@ def test_schemathesis_and_proxy_fuzzing(service) -> None:
     hostile.run_schemathesis(client, app.openapi(), tally, per_operation=8, seed_=1)
     hostile.run_proxy_fuzz(client, tally, examples=120, seed_=1)
     summary = tally.summary()
-    assert summary["requests"] >= 250
+    assert summary["requests"] >= 200
     assert summary["responses_5xx"] == 0, summary["server_error_examples"]
     assert _unhandled(errors) == []
     assert [e for e in tally.transport_errors if e.get("source") != "schemathesis"] == []
