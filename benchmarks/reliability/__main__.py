@@ -37,9 +37,25 @@ DEFECTS = [
     },
     {
         "file": "middleware/server/proxy.py",
-        "symptom": "_cat/count|shards|segments|aliases/<index> passed any index (e.g. `secret`, `*`) upstream",
-        "fix": "index expressions after _cat/<what>/ checked against server.allowed_indices",
+        "symptom": "_cat/count|shards|segments|aliases/<index> passed any index (e.g. `secret`, `*`) upstream; "
+        "without an index (also `/_cat/shards/.`, which clients normalise) they listed every index of the cluster",
+        "fix": "index expressions after _cat/<what>/ checked against server.allowed_indices; no index → the "
+        "allowed patterns",
         "test": "test_reliability_security::test_index_names_cannot_escape_the_allowed_set",
+    },
+    {
+        "file": "middleware/products.py",
+        "symptom": "sales/stock above 2^63-1 validated, then crashed the SQLite write: 500 on POST /v1/products "
+        "(schemathesis), and a fatal abort instead of a dead letter in the loader",
+        "fix": "Count bounded to 64-bit (le=2**63-1): a validation error naming the field",
+        "test": "test_reliability_properties::test_counts_beyond_64_bits_are_rejected_not_stored; hostile list",
+    },
+    {
+        "file": "middleware/server/limits.py (+ proxy.py)",
+        "symptom": "deadline_ms 5e-324 / timeout 1nanos → 503 'backend unavailable' (no stage can answer), "
+        "39 of the 10,500 hostile requests",
+        "fix": "a deadline under 50 ms is a 400 naming deadline_ms (timeout on the proxy)",
+        "test": "test_reliability_hostile::test_nasty_requests_are_refused_or_handled",
     },
     {
         "file": "middleware/server/batching.py",
