@@ -107,15 +107,22 @@ def index_crash(
         outcome = _run_and_kill(
             cmd, env, kill_when=lambda t=target: _checkpoint_line(data_dir) >= t, extra_delay_s=delay, timeout_s=1800
         )
-        outcome.update(target_line=target, extra_delay_s=round(delay, 3), checkpoint_after=_checkpoint_line(data_dir))
+        outcome.update(
+            target_line=target,
+            extra_delay_s=round(delay, 3),
+            checkpoint_after=_checkpoint_line(data_dir),
+            faiss_file_vs_sqlite=_faiss_state(data_dir),  # stale/missing: the next open rebuilds it
+        )
         attempts.append(outcome)
     final = _run_and_kill(cmd, env, kill_when=lambda: False, extra_delay_s=0, timeout_s=1800)
     final["final"] = True
     attempts.append(final)
     wall = time.monotonic() - started
     verdict = verify_index_store(data_dir, written["expected"], work if embedder == "tiny" else None)
+    states = [a["faiss_file_vs_sqlite"] for a in attempts if a.get("killed")]
     return {
         "embedder": embedder,
+        "faiss_after_kills": {state: states.count(state) for state in sorted(set(states))},
         "products": n_products,
         "catalog_rows": written["rows"],
         "bad_rows": written["bad"],
@@ -127,6 +134,26 @@ def index_crash(
         "seconds": round(wall, 1),
         **verdict,
     }
+
+
+def _faiss_state(data_dir: Path) -> str:
+    """Does vectors.faiss (header only) reflect SQLite's current generation, as a kill left them?"""
+    from middleware.backends.embedded import _FAISS_HEADER, DB_NAME, FAISS_NAME
+
+    db = sqlite3.connect(data_dir / DB_NAME)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        vectors = db.execute("SELECT count(vector) FROM products").fetchone()[0]
+    except sqlite3.Error:
+        return "no store yet"
+    finally:
+        db.close()
+    path = data_dir / FAISS_NAME
+    if not path.exists():
+        return "missing" if vectors else "none (no vectors)"
+    with open(path, "rb") as f:
+        _, generation, _ = _FAISS_HEADER.unpack(f.read(_FAISS_HEADER.size))
+    return "current" if row is not None and generation == int(row[0]) else "stale"
 
 
 def _faiss_file(data_dir: Path) -> tuple[int, Any] | None:
@@ -194,7 +221,7 @@ def verify_index_store(data_dir: Path, expected: dict[str, Product], model_work:
 
     # the derived index as the crash left it (before any open repairs it)
     on_disk = _faiss_file(data_dir)
-    out["faiss_file_after_crash"] = (
+    out["faiss_file_at_the_end"] = (
         "missing" if on_disk is None else ("current" if on_disk[0] == generation else "stale (rebuilt on open)")
     )
     if model_work is None:

@@ -19,7 +19,7 @@ def _crash(section: dict[str, Any]) -> list[str]:
         return [*lines, f"Failed to run: `{section['error']}`", ""]
     lines += [
         "| run | products | rows | kills | lost | duplicated | unexpected | fields ≠ catalog | FTS ok | "
-        "vectors consistent | faiss after crash | knn self-first | rebuild identical | seconds |",
+        "vectors consistent | faiss file right after the kills | knn self-first | rebuild identical | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("index_bm25_only", "index_tiny_model"):
@@ -29,7 +29,7 @@ def _crash(section: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name} | {r['products']} | {r['catalog_rows']} | {r['kills']} | {r['lost']} | {r['duplicated']} | "
             f"{r['unexpected']} | {r['fields_mismatched']} | {_yes(r['fts_integrity_ok'])} | "
-            f"{_yes(r.get('vectors_consistent'))} | {r.get('faiss_file_after_crash')} | "
+            f"{_yes(r.get('vectors_consistent'))} | {r.get('faiss_after_kills')} | "
             f"{r.get('knn_self_first', '–')} | "
             f"{_yes(r.get('rebuild_identical'))} | {r['seconds']} |"
         )
