@@ -32,9 +32,7 @@ def apply(candidates: Sequence[Candidate], weights: BusinessSettings) -> list[Ca
     whatever the shop's volumes. Out-of-stock items lose the stock bonus ("demote") or are
     dropped ("filter"). Ties keep the incoming order.
     """
-    kept = [
-        c for c in candidates if weights.out_of_stock != "filter" or c.product is None or c.product.in_stock
-    ]
+    kept = [c for c in candidates if weights.out_of_stock != "filter" or c.product is None or c.product.in_stock]
     max_sales = max((c.product.sales for c in kept if c.product is not None), default=0)
     sales_scale = math.log1p(max_sales) if max_sales > 0 else 1.0
     for cand, rel in zip(kept, relevance(kept), strict=True):

@@ -8,9 +8,7 @@ from middleware.products import Candidate, Product
 
 
 def cand(i: str, rerank: float | None, sales: int = 0, stock: int | None = 5, fused: float = 0.0):
-    return Candidate(
-        id=i, product=Product(id=i, title=i, sales=sales, stock=stock), rerank=rerank, fused=fused
-    )
+    return Candidate(id=i, product=Product(id=i, title=i, sales=sales, stock=stock), rerank=rerank, fused=fused)
 
 
 def test_formula():
@@ -38,9 +36,7 @@ def test_monotone_in_sales_and_stock():
 
 def test_defaults_keep_relevance_dominant():
     # a clearly more relevant product beats a best-seller that is less relevant
-    out = business.apply(
-        [cand("best-seller", 0.55, sales=100000), cand("relevant", 0.80, sales=0)], BusinessSettings()
-    )
+    out = business.apply([cand("best-seller", 0.55, sales=100000), cand("relevant", 0.80, sales=0)], BusinessSettings())
     assert out[0].id == "relevant"
 
 
