@@ -265,44 +265,6 @@ def _training_texts(limit_per_dataset: int | None) -> list[str]:
     return texts
 
 
-def save_xlmr_tokenizer(tok: Any, out_dir: Path) -> None:
-    """Save a Rust tokenizer as XLMRobertaTokenizerFast, the real bge-reranker-v2-m3's class.
-
-    The class matters: FlagReranker builds pairs with the class's `build_inputs_with_special_tokens`,
-    which the generic PreTrainedTokenizerFast leaves without <s>/</s> (its scores then differ).
-    """
-    from transformers import XLMRobertaTokenizerFast
-
-    XLMRobertaTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        sep_token="</s>",
-        cls_token="<s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-        model_max_length=512,
-        model_input_names=["input_ids", "attention_mask"],
-    ).save_pretrained(out_dir)
-
-
-def save_bert_tokenizer(tok: Any, out_dir: Path) -> None:
-    """Save a Rust tokenizer as BertTokenizerFast, bge-large-zh-v1.5's class."""
-    from transformers import BertTokenizerFast
-
-    BertTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=512,
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-    ).save_pretrained(out_dir)
-
-
 def train_xlmr_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
     """XLM-R-kind tokenizer (Unigram + NFKC + Metaspace, <s> <pad> </s> <unk> <mask> = 0..4)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -369,8 +331,8 @@ def prepare_models(quick: bool, root: Path | None = None) -> BenchModels:
         make_rr, make_emb = testing.make_full_bge_reranker, testing.make_full_bge_embedder
     marker = "bench-tokenizer.json"
     for model_dir, make, train, save, vocab in (
-        (rr, make_rr, train_xlmr_tokenizer, save_xlmr_tokenizer, 32000),
-        (emb, make_emb, train_bert_tokenizer, save_bert_tokenizer, testing.BGE_LARGE_ZH_VOCAB),
+        (rr, make_rr, train_xlmr_tokenizer, testing.save_xlmr_tokenizer, 32000),
+        (emb, make_emb, train_bert_tokenizer, testing.save_bert_tokenizer, testing.BGE_LARGE_ZH_VOCAB),
     ):
         if (model_dir / marker).exists():
             continue

@@ -100,6 +100,46 @@ def _seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------------------------------- tokenizers
 
 
+def save_bert_tokenizer(tok: Any, out_dir: Path, *, model_max_length: int = 512) -> None:
+    """Save a Rust tokenizer as BertTokenizerFast, the class of bge-large-zh-v1.5's tokenizer."""
+    from transformers import BertTokenizerFast
+
+    BertTokenizerFast(
+        tokenizer_object=tok,
+        do_lower_case=True,
+        tokenize_chinese_chars=True,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=model_max_length,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    ).save_pretrained(out_dir)
+
+
+def save_xlmr_tokenizer(tok: Any, out_dir: Path, *, model_max_length: int = 512) -> None:
+    """Save a Rust tokenizer as XLMRobertaTokenizerFast, the class of bge-reranker-v2-m3's tokenizer.
+
+    The class matters: FlagReranker builds pairs with the class's `build_inputs_with_special_tokens`,
+    which the generic PreTrainedTokenizerFast leaves without <s>/</s>.
+    """
+    from transformers import XLMRobertaTokenizerFast
+
+    XLMRobertaTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        model_max_length=model_max_length,
+        model_input_names=["input_ids", "attention_mask"],
+    ).save_pretrained(out_dir)
+
+
 def train_wordpiece_tokenizer(out_dir: Path, *, model_max_length: int = 512) -> int:
     """A bge/BERT-style WordPiece tokenizer saved to `out_dir`; returns its vocabulary size.
 
@@ -108,7 +148,6 @@ def train_wordpiece_tokenizer(out_dir: Path, *, model_max_length: int = 512) -> 
     the trainer breaks count ties differently in each process, and test models must be reproducible.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import BertTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     normalizer = normalizers.BertNormalizer(
@@ -131,20 +170,7 @@ def train_wordpiece_tokenizer(out_dir: Path, *, model_max_length: int = 512) -> 
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     tok.decoder = decoders.WordPiece()
-    # saved as BertTokenizerFast (a PreTrainedTokenizerFast), as bge-large-zh-v1.5's tokenizer is
-    fast = BertTokenizerFast(
-        tokenizer_object=tok,
-        do_lower_case=True,
-        tokenize_chinese_chars=True,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=model_max_length,
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-    )
-    fast.save_pretrained(out_dir)
+    save_bert_tokenizer(tok, out_dir, model_max_length=model_max_length)
     return tok.get_vocab_size()
 
 
@@ -154,7 +180,6 @@ def train_unigram_tokenizer(out_dir: Path, *, vocab_size: int = 1500, model_max_
     Specials <s> <pad> </s> <unk> <mask> get ids 0..4 (pad = 1), as in XLM-RoBERTa.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import XLMRobertaTokenizerFast
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     tok = Tokenizer(models.Unigram())
@@ -177,20 +202,7 @@ def train_unigram_tokenizer(out_dir: Path, *, vocab_size: int = 1500, model_max_
         pair="<s> $A </s> </s> $B </s>",
         special_tokens=[("<s>", 0), ("</s>", 2)],
     )
-    # saved as XLMRobertaTokenizerFast (a PreTrainedTokenizerFast), as bge-reranker-v2-m3's is
-    fast = XLMRobertaTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        sep_token="</s>",
-        cls_token="<s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-        model_max_length=model_max_length,
-        model_input_names=["input_ids", "attention_mask"],
-    )
-    fast.save_pretrained(out_dir)
+    save_xlmr_tokenizer(tok, out_dir, model_max_length=model_max_length)
     return tok.get_vocab_size()
 
 
