@@ -27,7 +27,6 @@ import numpy as np
 from middleware.evaluation.data import BeirDataset, sample_queries
 from middleware.evaluation.metrics import DEPTH, METRIC_NAMES, RunEvaluation, evaluable_queries, evaluate_run
 from middleware.evaluation.pools import POOL_NAMES, Pool, build_pool
-from middleware.evaluation.significance import compare
 
 log = logging.getLogger(__name__)
 
@@ -463,6 +462,8 @@ class Evaluation:
 
     def _significance(self, evaluations: dict[str, dict[str, RunEvaluation]], pools: list[str]) -> list[dict[str, Any]]:
         """Every other mode against the first mode evaluated, per pool and compared metric."""
+        from middleware.evaluation.significance import compare  # scipy: imported only when used
+
         modes = self.active_modes
         if len(modes) < 2:
             return []
