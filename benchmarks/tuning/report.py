@@ -29,17 +29,19 @@ def _header(first: str, metrics: tuple[str, ...]) -> list[str]:
 
 def report(runs: Path) -> str:
     lines: list[str] = []
-    base, tuned = _load(runs / "eval-base.json"), _load(runs / "eval-tuned.json")
+    base = _load(runs / "eval-base.json")
+    tuned_runs = [(p, _load(p)) for p in sorted(runs.glob("eval-tuned*.json"))]
     if base:
         queries = base["results"]["vector"]["global"]["queries"]
         lines.append(f"## Bi-encoder before/after ({queries} dev queries with a relevant document)\n")
         for pool in ("global", "test"):
             lines += [f"{pool} pool:", "", *_header("model", RETRIEVAL_METRICS)]
             lines.append(_row("all-MiniLM-L6-v2 (base)", base["results"]["vector"][pool], RETRIEVAL_METRICS))
-            if tuned:
+            before = base["results"]["vector"][pool]
+            for _path, tuned in tuned_runs:
                 after = tuned["results"]["vector"][pool]
-                lines.append(_row("fine-tuned (hard negatives)", after, RETRIEVAL_METRICS))
-                before = base["results"]["vector"][pool]
+                name = f"fine-tuned: {Path(tuned['settings']['embedder']).name}"
+                lines.append(_row(name, after, RETRIEVAL_METRICS))
                 lines.append(
                     "| change | " + " | ".join(f"{after[m] - before[m]:+.4f}" for m in RETRIEVAL_METRICS) + " |"
                 )
@@ -58,9 +60,12 @@ def report(runs: Path) -> str:
                 f"| {s['pair_accuracy']:.4f} |"
             )
         lines.append("")
-    rerank = _load(runs / "eval-rerank.json")
-    if rerank:
-        lines.append("## Cross-encoder trained from the MiniLM weights, as the pipeline's reranker\n")
+    for path in sorted(runs.glob("eval-rerank*.json")):
+        rerank = _load(path)
+        assert rerank is not None
+        name = Path(rerank["settings"]["reranker"]).name
+        queries = rerank["results"]["hybrid-rrf"]["global"]["queries"]
+        lines.append(f"## Cross-encoder `{name}` as the pipeline's reranker ({path.name}, {queries} queries)\n")
         for pool in ("global", "test"):
             lines += [f"{pool} pool:", "", *_header("mode", RERANK_METRICS)]
             for mode in ("hybrid-rrf", "hybrid+rerank"):
