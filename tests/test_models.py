@@ -376,6 +376,9 @@ def test_pooling_detection_from_files(tmp_path: Path) -> None:
     (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_max_tokens": true}')
     with pytest.raises(ModelLoadError, match="pooling_mode_max_tokens"):
         detect_pooling(tmp_path)
+    # the sentence-transformers 5.7 format: one string
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 8, "pooling_mode": "mean"}')
+    assert detect_pooling(tmp_path) == "mean"
 
 
 def test_packaged_minilm_resolves_and_declares_mean_pooling() -> None:

@@ -61,6 +61,10 @@ def detect_pooling(model_dir: Path) -> Pooling:
     if pooling_dir is None or not (pooling_dir / "config.json").is_file():
         return "cls"
     config = json.loads((pooling_dir / "config.json").read_text(encoding="utf-8"))
+    # sentence-transformers >= 5.7 writes "pooling_mode": "cls" | "mean"; older ones one flag per mode
+    mode = config.get("pooling_mode")
+    if isinstance(mode, str) and mode in ("cls", "mean"):
+        return mode
     if config.get("pooling_mode_cls_token"):
         return "cls"
     if config.get("pooling_mode_mean_tokens"):
