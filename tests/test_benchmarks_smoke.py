@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import RANDOM_WEIGHTS_NOTE
+from benchmarks.common import DATA_DIR
 from benchmarks.padding import padded_tokens
 from benchmarks.rerank_bench import Architecture
 
@@ -50,6 +51,10 @@ def test_bad_section_exits_2_with_one_line() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not (DATA_DIR / "qbqtc" / "corpus.jsonl").is_file(),
+    reason=f"benchmark inputs come from {DATA_DIR} (../shared/data beside the repo), absent here",
+)
 def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     env = {**os.environ, "SHOPSEARCH_BENCH_MODELS": str(tmp_path / "models")}
     out = tmp_path / "results"
