@@ -88,3 +88,27 @@ def loss_history(log_history: Sequence[dict[str, Any]]) -> list[float]:
 
 def write_manifest(output_dir: Path, payload: dict[str, Any]) -> None:
     (output_dir / MANIFEST).write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def trainer_arguments(config: Any, checkpoint_dir: Path) -> dict[str, Any]:
+    """The training arguments both trainers (bi-encoder and cross-encoder) share, from a train config."""
+    return {
+        "output_dir": str(checkpoint_dir),
+        "max_steps": config.max_steps if config.max_steps is not None else -1,
+        "num_train_epochs": config.epochs,
+        "per_device_train_batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "warmup_ratio": config.warmup_ratio,
+        "weight_decay": config.weight_decay,
+        "fp16": config.fp16,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "save_strategy": "steps",
+        "save_steps": config.save_steps,
+        "save_total_limit": config.save_total_limit,
+        "logging_steps": config.logging_steps,
+        "seed": config.seed,
+        "data_seed": config.seed,
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "disable_tqdm": not logging.getLogger("middleware.tuning").isEnabledFor(logging.INFO),
+    }

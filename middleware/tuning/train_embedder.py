@@ -30,6 +30,7 @@ from middleware.tuning.common import (
     resolve_base,
     resume_argument,
     subsample,
+    trainer_arguments,
     write_manifest,
 )
 
@@ -279,27 +280,10 @@ def train_embedder(
         )
 
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(checkpoint_dir),
-        max_steps=config.max_steps if config.max_steps is not None else -1,
-        num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        warmup_ratio=config.warmup_ratio,
-        weight_decay=config.weight_decay,
-        fp16=config.fp16,
-        gradient_checkpointing=config.gradient_checkpointing,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        logging_steps=config.logging_steps,
-        seed=config.seed,
-        data_seed=config.seed,
+        **trainer_arguments(config, checkpoint_dir),
         # the same query/text twice in a batch would be a false in-batch negative
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         prompts={"anchor": instruction} if instruction else None,
-        report_to="none",
-        dataloader_num_workers=0,
-        disable_tqdm=not log.isEnabledFor(logging.INFO),
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
     trainer.train(resume_from_checkpoint=resume_from)

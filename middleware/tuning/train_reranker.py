@@ -25,6 +25,7 @@ from middleware.tuning.common import (
     resolve_base,
     resume_argument,
     subsample,
+    trainer_arguments,
     write_manifest,
 )
 
@@ -135,24 +136,7 @@ def train_reranker(
     model = load_cross_encoder(config.base, max_length=config.max_length)
     loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(pos_weight))
     args = CrossEncoderTrainingArguments(
-        output_dir=str(checkpoint_dir),
-        max_steps=config.max_steps if config.max_steps is not None else -1,
-        num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        warmup_ratio=config.warmup_ratio,
-        weight_decay=config.weight_decay,
-        fp16=config.fp16,
-        gradient_checkpointing=config.gradient_checkpointing,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        logging_steps=config.logging_steps,
-        seed=config.seed,
-        data_seed=config.seed,
-        report_to="none",
-        dataloader_num_workers=0,
-        disable_tqdm=not log.isEnabledFor(logging.INFO),
+        **trainer_arguments(config, checkpoint_dir),
     )
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
     trainer.train(resume_from_checkpoint=resume_from)
