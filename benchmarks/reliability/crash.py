@@ -83,6 +83,35 @@ def _run_and_kill(
 # ----------------------------------------------------------------------------------------- indexing
 
 
+class _CheckpointWatch:
+    """Kill condition of one indexing attempt: the checkpoint has passed `target` (and moved since the
+    attempt started), then a further `fraction_of_batch` of one batch's time as measured in this run,
+    so the kill lands anywhere inside a batch: reading, embedding, the SQLite commit, the faiss save."""
+
+    def __init__(self, data_dir: Path, target: int, *, fraction_of_batch: float) -> None:
+        self.data_dir = data_dir
+        start = _checkpoint_line(data_dir)
+        self.target = max(target, start + 1)
+        self.fraction = fraction_of_batch
+        self.line, self.changed_at = start, 0.0
+        self.intervals: list[float] = []  # seconds between checkpoint writes in this run
+        self.delay_s = 0.0
+        self.fire_at: float | None = None
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        line = _checkpoint_line(self.data_dir)
+        if line > self.line:
+            if self.changed_at:  # the first write of a run also covers start-up: not a batch's time
+                self.intervals.append(now - self.changed_at)
+            self.line, self.changed_at = line, now
+        # two intervals, the shorter taken: the first batch of a run also loads jieba's dictionary
+        if self.fire_at is None and self.line >= self.target and len(self.intervals) >= 2:
+            self.delay_s = self.fraction * min(self.intervals)
+            self.fire_at = now + self.delay_s
+        return self.fire_at is not None and now >= self.fire_at
+
+
 def index_crash(
     work: Path, *, n_products: int, kills: int, seed: int, embedder: str = "tiny", batch_size: int = 256
 ) -> dict[str, Any]:
@@ -98,18 +127,18 @@ def index_crash(
     env = env_for_cli(work, data_dir)
     cmd = [*CLI, "index", str(catalog), "--resume", "--embedder", model, "--batch-size", str(batch_size), "-q"]
     rng = random.Random(seed)
-    # kill targets: checkpoint lines spread over the file, ascending, so every attempt makes progress
-    targets = sorted(rng.sample(range(batch_size, max(batch_size + kills, written["rows"] - batch_size)), kills))
+    # kill targets: checkpoint lines spread over the file, ascending, each leaving at least four batches
+    # to go, so the kill (within one batch after the target) always finds the loader still working
+    last_target = max(batch_size + kills, written["rows"] - 4 * batch_size)
+    targets = sorted(rng.sample(range(batch_size, last_target), kills))
     attempts: list[dict[str, Any]] = []
     started = time.monotonic()
     for target in targets:
-        delay = rng.uniform(0.0, 0.4)
-        outcome = _run_and_kill(
-            cmd, env, kill_when=lambda t=target: _checkpoint_line(data_dir) >= t, extra_delay_s=delay, timeout_s=1800
-        )
+        watch = _CheckpointWatch(data_dir, target, fraction_of_batch=rng.random())
+        outcome = _run_and_kill(cmd, env, kill_when=watch, extra_delay_s=0, timeout_s=1800)
         outcome.update(
-            target_line=target,
-            extra_delay_s=round(delay, 3),
+            target_line=watch.target,
+            extra_delay_s=round(watch.delay_s, 3),
             checkpoint_after=_checkpoint_line(data_dir),
             faiss_file_vs_sqlite=_faiss_state(data_dir),  # stale/missing: the next open rebuilds it
         )
