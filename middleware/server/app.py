@@ -13,6 +13,7 @@ and at most `server.max_queue` at once: the next one gets 429 at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -354,6 +355,11 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         assert state is not None
         if settings.server.warm_up:
             await asyncio.to_thread(state.warm_up)
+        # Models, tokenizers and imported libraries are millions of long-lived objects: left in the
+        # collector's oldest generation, every full collection walks them all and stalls every request
+        # (measured 125-300 ms under load, the p99 of refusals). Freeze them out of its reach.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
