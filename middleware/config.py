@@ -118,6 +118,7 @@ class ServerSettings(BaseModel):
     upstream_timeout_s: float = Field(10.0, gt=0)
     max_rerank_documents: int = Field(1000, ge=1)  # /v1/rerank
     max_embed_inputs: int = Field(256, ge=1)  # /v1/embed
+    max_mget_docs: int = Field(1000, ge=1)  # proxy _mget: ids per request (bounded work per slot)
     warm_up: bool = True  # one search at startup, before taking traffic (lazy loads)
 
     @field_validator("api_keys", "allowed_indices", mode="before")

@@ -16,6 +16,7 @@ from middleware.backends.base import Backend
 from middleware.budget import Deadline, Stopwatch
 from middleware.config import Settings
 from middleware.products import Candidate, Filters
+from middleware.redaction import redact
 from middleware.rerank import PairScorer, rerank_head
 from middleware.retrieve import QueryEncoder, retrieve
 from middleware.schema import Explanation, Hit, SearchRequest, SearchResponse
@@ -111,7 +112,7 @@ class Pipeline:
                 )
                 reranked = k
             except Exception as err:  # failure or budget spent: the fused order stands
-                log.warning("rerank degraded: %s", err)
+                log.warning("rerank degraded: %s", redact(str(err)))
                 degraded.append("rerank")
             watch.record("rerank", t)
 

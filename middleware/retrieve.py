@@ -13,6 +13,7 @@ import numpy as np
 from middleware.backends.base import Backend, BackendError, HybridBackend
 from middleware.budget import Deadline, Stopwatch
 from middleware.products import Candidate, Filters
+from middleware.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def retrieve(
         try:
             vector = deadline.wait(executor.submit(encoder.encode_queries, [text]))[0]
         except Exception as err:  # model failure or budget spent: BM25 alone still answers
-            log.warning("query embedding failed: %s", err)
+            log.warning("query embedding failed: %s", redact(str(err)))
             out.degraded.append("embed")
         watch.record("embed", t)
 
@@ -88,7 +89,7 @@ def _collect(out: Retrieved, name: str, future: Future, deadline: Deadline) -> N
     try:
         result = deadline.wait(future)
     except Exception as err:
-        log.warning("%s retrieval failed: %s", name, err)
+        log.warning("%s retrieval failed: %s", name, redact(str(err)))
         out.degraded.append(name)
         return
     if name == "hybrid":

@@ -259,6 +259,10 @@ def test_count_doc_mget_health_cat(client):
     assert [d["found"] for d in m] == [True, False, True]
     m = client.post("/_mget", json={"docs": [{"_index": "products", "_id": "w03"}]}).json()["docs"]
     assert m[0]["_source"]["id"] == "w03"
+    # bounded work per request: more ids than server.max_mget_docs (1000) is a 400 naming the field
+    too_many = client.post("/products/_mget", json={"ids": [f"x{i}" for i in range(1001)]})
+    reason = too_many.json()["error"]["reason"]
+    assert too_many.status_code == 400 and reason.startswith("[ids] 1001 documents") and "max_mget_docs" in reason
     assert client.get("/_cluster/health").json()["status"] == "green"
     assert client.get("/_cat/indices", params={"format": "json"}).json()[0]["docs.count"] == "28"
     assert client.get("/_cat/indices").text.startswith("green open products ")

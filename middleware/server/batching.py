@@ -25,6 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from middleware.redaction import redact
 from middleware.server.caches import LruTtlCache, text_hash
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def _cache_get(cache: LruTtlCache[Any] | None, key: Any) -> Any:
     try:
         return cache.get(key)
     except Exception as err:
-        log.warning("%s cache lookup failed, treated as a miss: %s", getattr(cache, "name", "a"), err)
+        log.warning("%s cache lookup failed, treated as a miss: %s", getattr(cache, "name", "a"), redact(str(err)))
         return None
 
 
@@ -193,7 +194,7 @@ def _cache_put(cache: LruTtlCache[Any] | None, key: Any, value: Any) -> None:
     try:
         cache.put(key, value)
     except Exception as err:
-        log.warning("%s cache store failed, value not cached: %s", getattr(cache, "name", "a"), err)
+        log.warning("%s cache store failed, value not cached: %s", getattr(cache, "name", "a"), redact(str(err)))
 
 
 class BatchingEmbedder:

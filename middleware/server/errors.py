@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-import re
 from typing import Any
 
 from fastapi.responses import JSONResponse
+
+from middleware.redaction import RedactingFilter, redact
+
+__all__ = ["RedactingFilter", "redact"]  # re-exported: the server's modules import them from here
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # answer without an API key (load balancers, probes)
 
@@ -91,22 +93,3 @@ def render(path: str, err: ApiError) -> JSONResponse:
         reason = f"[{err.param}] {err.message}" if err.param else err.message
         return opensearch_error(err.status, err.os_type, reason, err.headers)
     return v1_error(err.status, err.message, param=err.param, location=err.location, headers=err.headers)
-
-
-_URL_CREDENTIALS = re.compile(r"(?i)([a-z][a-z0-9+.-]*://)[^/@\s:]+(:[^/@\s]*)?@")
-
-
-def redact(message: str) -> str:
-    """Drop credentials embedded in URLs (user:password@host) from text shown to clients or logs."""
-    return _URL_CREDENTIALS.sub(r"\1***@", message)
-
-
-class RedactingFilter(logging.Filter):
-    """Log handler filter: credentials in URLs never reach the log, whichever module logged them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        return True

@@ -91,6 +91,13 @@ class Upstream:
             headers["authorization"] = f"ApiKey {api_key}"
         elif os_cfg.username and password is not None:
             auth = httpx.BasicAuth(os_cfg.username, password)
+        # user:password@ in the URL become Basic auth (unless credentials are configured): left in the
+        # URL, httpx would write them into every request line it logs
+        parsed = httpx.URL(url)
+        if parsed.userinfo:
+            if auth is None and not api_key:
+                auth = httpx.BasicAuth(parsed.username, parsed.password)
+            url = str(parsed.copy_with(username=None, password=None))
         client = httpx.AsyncClient(
             base_url=url.rstrip("/"),
             verify=verify,
@@ -433,6 +440,13 @@ async def _mget(request: Request, index: str | None) -> Response:
         raise ApiError(400, "an mget body needs docs or ids", param="body")
     if not wanted:
         raise ApiError(400, "no documents asked for", param="docs")
+    if len(wanted) > server.max_mget_docs:
+        field = "ids" if isinstance(body.get("ids"), list) else "docs"
+        raise ApiError(
+            400,
+            f"{len(wanted)} documents asked for; at most {server.max_mget_docs} (server.max_mget_docs)",
+            param=field,
+        )
     for i, (name, _) in enumerate(wanted):
         if name is None:
             raise ApiError(400, "no index named for the document", param=f"docs[{i}]._index")
