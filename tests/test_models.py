@@ -3,6 +3,7 @@ instruction placement, truncation, ordering, errors. Random weights: only numeri
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -354,6 +355,23 @@ def test_query_instruction_override_and_disable(tiny_embedder_dir: Path, model_c
 )
 def test_default_query_instruction(model_id: str, path: str, source: str, expected: str) -> None:
     assert default_query_instruction(ResolvedModel(Path(path), model_id, source)) == expected  # type: ignore[arg-type]
+
+
+def test_saved_query_prompt_wins_over_the_name_rule(tmp_path: Path) -> None:
+    model_dir = tmp_path / "bge-large-zh-v1.5-tuned"
+    model_dir.mkdir()
+    resolved = ResolvedModel(model_dir, str(model_dir), "local")
+    assert default_query_instruction(resolved) == BGE_ZH_QUERY_INSTRUCTION  # no ST config: the name decides
+    config = model_dir / "config_sentence_transformers.json"
+    config.write_text(json.dumps({"prompts": {"query": "查询：", "document": ""}}), encoding="utf-8")
+    assert default_query_instruction(resolved) == "查询："
+    config.write_text(json.dumps({"prompts": {"query": ""}}), encoding="utf-8")
+    assert default_query_instruction(resolved) == ""  # saved as none: none
+    config.write_text(json.dumps({"prompts": {}}), encoding="utf-8")
+    assert default_query_instruction(resolved) == BGE_ZH_QUERY_INSTRUCTION
+    config.write_text("{not json", encoding="utf-8")
+    with pytest.raises(ModelLoadError, match=r"config_sentence_transformers\.json"):
+        default_query_instruction(resolved)
 
 
 def test_mean_pooling_is_detected_and_matches_transformers(tiny_mean_embedder_dir: Path, model_cache_dir: Path) -> None:

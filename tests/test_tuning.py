@@ -276,6 +276,8 @@ def test_train_embedder_cls_base_kd_instruction_onnx(
     onnx = Embedder(out, runtime="onnx", precision="fp32", device="cpu", cache_dir=model_cache_dir)
     torch_ = Embedder(out, runtime="torch", device="cpu")
     assert onnx.pooling == "cls"
+    # the saved prompt is what search uses, whatever the directory is called (regression: it was ignored)
+    assert onnx.query_instruction == "为这个句子生成表示以用于检索相关文章："
     texts = ["小米手表", "running shoes"]
     np.testing.assert_allclose(onnx.encode_documents(texts), torch_.encode_documents(texts), atol=1e-4)
 

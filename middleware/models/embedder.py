@@ -30,8 +30,26 @@ def _name_tokens(name: str) -> set[str]:
     return set(re.split(r"[^a-z0-9]+", name.lower()))
 
 
+def saved_query_prompt(model_dir: Path) -> str | None:
+    """The "query" prompt a sentence-transformers model was saved with (our fine-tuned embedders carry
+    their instruction this way), or None when it names none."""
+    path = model_dir / "config_sentence_transformers.json"
+    if not path.is_file():
+        return None
+    try:
+        prompts = json.loads(path.read_text(encoding="utf-8")).get("prompts") or {}
+    except (ValueError, AttributeError) as err:
+        raise ModelLoadError(f"{path} is not a valid sentence-transformers config: {err}") from None
+    prompt = prompts.get("query") if isinstance(prompts, dict) else None
+    return prompt if isinstance(prompt, str) else None
+
+
 def default_query_instruction(model: ResolvedModel) -> str:
-    """The BGE zh prefix for bge-*-zh* models, else "" (judged on the id's name parts only)."""
+    """The query prompt saved with the model; else the BGE zh prefix for bge-*-zh* models (judged on the
+    id's name parts only); else ""."""
+    saved = saved_query_prompt(model.path)
+    if saved is not None:
+        return saved
     names = [model.model_id if model.source != "local" else model.path.name]
     if model.path.parent.name == "snapshots":  # a directory inside the HF cache: models--org--name
         names.append(model.path.parent.parent.name)

@@ -14,7 +14,6 @@ from typing import Any, Literal
 log = logging.getLogger(__name__)
 
 MANIFEST = "shopsearch_tuning.json"
-BGE_ZH_QUERY_INSTRUCTION = "为这个句子生成表示以用于检索相关文章："
 
 
 class TrainingSetupError(ValueError):
@@ -39,9 +38,16 @@ def resolve_base(name_or_path: str, kind: Literal["embedder", "reranker"]) -> Pa
 
 
 def default_query_instruction(base: str) -> str:
-    """The instruction the base model was trained with (BGE zh models), else none."""
-    name = base.lower()
-    return BGE_ZH_QUERY_INSTRUCTION if "bge" in name and "zh" in name else ""
+    """The instruction the base model was trained with, by the rule the product's Embedder applies at
+    search time (the saved "query" prompt, else the BGE zh prefix for bge-*-zh* models): training and
+    serving never disagree."""
+    from middleware.models.embedder import default_query_instruction as embedder_default
+    from middleware.models.resolve import ResolvedModel
+
+    path = Path(os.path.expanduser(base))
+    if path.is_dir():
+        return embedder_default(ResolvedModel(path, str(path), "local"))
+    return embedder_default(ResolvedModel(resolve_base(base, "embedder"), base, "hub"))
 
 
 def check_precision(fp16: bool) -> None:
