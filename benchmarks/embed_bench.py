@@ -52,7 +52,7 @@ def run(
     from transformers import AutoTokenizer
 
     model_dir = models.embedder
-    n_docs, rounds = (16, 1) if quick else (128, 1)
+    n_docs, rounds = (16, 1) if quick else (128, 3)
     docs = common.embed_docs("qbqtc", n_docs, seed=1) + common.embed_docs("homedepot", n_docs // 2, seed=1)
     warmup = common.embed_docs("qbqtc", 8, seed=2)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
