@@ -6,10 +6,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from middleware.server.batching import BatcherClosed, MicroBatcher, length_bucket
 from middleware.server.caches import LruTtlCache
+from tests.test_server_support import server_models
+
+__all__ = ["server_models"]
 
 
 class Recorder:
@@ -128,3 +132,22 @@ def test_a_lone_caller_does_not_wait_when_nobody_else_can_join():
     finally:
         alone.close()
         crowd.close()
+
+
+def test_one_search_rerank_pairs_take_one_model_pass(server_models):
+    """The product's Reranker plans its own padding-minimising cuts, so the queue keeps one request's pairs
+    together whatever their lengths (regression: length buckets split 20 pairs into 2-3 model passes)."""
+    from middleware.server.batching import BatchingReranker
+
+    _, reranker = server_models
+    batches: list[int] = []
+    batching = BatchingReranker(
+        reranker, max_batch_size=32, max_wait_ms=1.0, on_batch=lambda _kind, n, _s: batches.append(n)
+    )
+    try:
+        docs = ["表" * n for n in (2, 5, 11, 30, 70, 150)]  # five length buckets apart
+        scores = batching.score("手表", docs)
+    finally:
+        batching.close()
+    assert batches == [len(docs)]
+    np.testing.assert_allclose(scores, reranker.score("手表", docs), atol=1e-5)
