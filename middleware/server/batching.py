@@ -297,7 +297,11 @@ class BatchingReranker:
         self._batcher: MicroBatcher[tuple[str, str], float] | None = None
         # The product's Reranker cuts its own padding-minimising batches inside score_pairs, so queue
         # buckets would only split one request's pairs into extra model passes: one bucket then.
-        plans_own_batches = callable(getattr(inner, "score_pairs", None))
+        score_pairs = getattr(inner, "score_pairs", None)
+        self._score_pairs: Callable[[list[tuple[str, str]]], Any] | None = (
+            score_pairs if callable(score_pairs) else None
+        )
+        plans_own_batches = self._score_pairs is not None
         if batching:
             self._batcher = MicroBatcher(
                 "rerank",
@@ -310,9 +314,8 @@ class BatchingReranker:
             )
 
     def _run(self, pairs: list[tuple[str, str]]) -> list[float]:
-        score_pairs = getattr(self.inner, "score_pairs", None)
-        if callable(score_pairs):
-            return [float(s) for s in np.asarray(score_pairs(pairs), dtype=np.float32)]
+        if self._score_pairs is not None:
+            return [float(s) for s in np.asarray(self._score_pairs(pairs), dtype=np.float32)]
         by_query: dict[str, list[int]] = {}
         for i, (query, _) in enumerate(pairs):
             by_query.setdefault(query, []).append(i)
