@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,6 +25,7 @@ from opensearchpy import helpers
 from middleware.backends import opensearch_bodies as bodies
 from middleware.backends.base import BackendError
 from middleware.config import FusionSettings, OpenSearchSettings
+from middleware.credentials import CredentialsError, resolve_cluster_credentials
 from middleware.products import Candidate, Filters, Product, SignalUpdate
 
 if TYPE_CHECKING:
@@ -53,18 +53,8 @@ def redact_url(url: str) -> str:
     return url
 
 
-def _read_secret(path: Path, what: str) -> str:
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-    except OSError as err:
-        raise BackendError(f"cannot read opensearch.{what} {path}: {err.strerror or err}") from None
-    if not value:
-        raise BackendError(f"opensearch.{what} {path} is empty")
-    return value
-
-
 def client_kwargs(cfg: OpenSearchSettings) -> dict[str, Any]:
-    """Keyword arguments for OpenSearch / AsyncOpenSearch from the settings (secrets resolved here)."""
+    """Keyword arguments for the OpenSearch client from the settings (credentials by the one rule)."""
     kwargs: dict[str, Any] = {
         "hosts": list(cfg.url),
         "timeout": cfg.timeout_s,
@@ -76,20 +66,14 @@ def client_kwargs(cfg: OpenSearchSettings) -> dict[str, Any]:
     }
     if cfg.ca_certs:
         kwargs["ca_certs"] = str(cfg.ca_certs)
-    password = cfg.password.get_secret_value() if cfg.password else None
-    if cfg.password_file:
-        password = _read_secret(cfg.password_file, "password_file")
-    api_key = cfg.api_key.get_secret_value() if cfg.api_key else None
-    if cfg.api_key_file:
-        api_key = _read_secret(cfg.api_key_file, "api_key_file")
-    if api_key and cfg.username:
-        raise BackendError("set either opensearch.username/password or opensearch.api_key, not both")
-    if cfg.username:
-        if not password:
-            raise BackendError("opensearch.username is set but no password (password or password_file)")
-        kwargs["http_auth"] = (cfg.username, password)
-    elif api_key:
-        kwargs["headers"] = {"Authorization": f"ApiKey {api_key}"}
+    try:
+        creds = resolve_cluster_credentials(cfg)
+    except CredentialsError as err:
+        raise BackendError(str(err)) from None
+    if creds.username is not None:
+        kwargs["http_auth"] = (creds.username, creds.password)
+    elif creds.api_key is not None:
+        kwargs["headers"] = {"Authorization": f"ApiKey {creds.api_key}"}
     return kwargs
 
 
