@@ -110,10 +110,12 @@ def _backend(settings: Settings, dim: int | None) -> Any:
 
 
 def run_init(args: argparse.Namespace) -> int:
+    from middleware.backends import opensearch_admin
+
     settings = _settings(args)
     backend = _backend(settings, _dim(args, settings))
     try:
-        report = backend.install()
+        report = opensearch_admin.install(backend)
     except (BackendError, ValueError) as err:
         raise CliError(str(err)) from None
     finally:
@@ -123,11 +125,13 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from middleware.backends import opensearch_admin
+
     settings = _settings(args)
     dim = args.dim if args.dim is not None else (1 if settings.embedder_enabled else None)
     backend = _backend(settings, dim)  # only "is a vector expected" matters for the check
     try:
-        report = backend.check()
+        report = opensearch_admin.check(backend)
     except BackendError as err:
         raise CliError(str(err)) from None
     finally:
@@ -170,6 +174,8 @@ def _embedded(products: Iterator[Product], embedder: Any, batch: int) -> Iterato
 
 
 def run_reindex(args: argparse.Namespace) -> int:
+    from middleware.backends import opensearch_admin
+
     path = Path(args.file)
     if not path.is_file():
         raise CliError(f"catalog file not found: {path}", EXIT_USAGE)
@@ -181,7 +187,8 @@ def run_reindex(args: argparse.Namespace) -> int:
     backend = _backend(settings, dim)
     rejected: list[str] = []
     try:
-        report = backend.reindex(
+        report = opensearch_admin.reindex(
+            backend,
             _embedded(read_jsonl(path, rejected), embedder, args.batch_size),
             keep_old=args.keep_old,
             max_failures=args.max_failures,
