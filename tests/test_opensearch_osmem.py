@@ -380,6 +380,34 @@ class TestReindex:
         backend.update_signals([SignalUpdate(id="p0", sales=1)])
         assert backend.get(["p0"])[0].sales == 1
 
+    def test_rebuild_takes_the_load_step_as_a_callable(self, loaded) -> None:
+        backend, products, vectors = loaded
+        old_index = backend.alias_indexes(backend.read_alias)
+
+        def load(target: admin.IndexLoader) -> None:
+            target.upsert(products[:4], vectors[:4])
+            target.upsert([products[4].model_copy(update={"title": "换新 连衣裙"})], vectors[4:5])
+            assert backend.alias_indexes(backend.read_alias) == old_index  # nothing swapped while loading
+
+        report = admin.rebuild(backend, load, embedder=EmbedderBinding("model-a", DIM))
+        assert (report.indexed, report.count, report.failed) == (5, 5, [])
+        assert backend.alias_indexes(backend.write_alias) == [report.new_index] and backend.count() == 5
+        assert backend.get(["p4"])[0].title == "换新 连衣裙"
+        assert backend.embedder_binding() == EmbedderBinding("model-a", DIM)
+
+        def load_with_a_bad_document(target: admin.IndexLoader) -> None:
+            target.upsert(products[:2], vectors[:2])
+            # a price the mapping cannot hold: one failed item, reported rather than raised
+            pairs = list(bodies.bulk_index_actions(target.index, products[2:3], vectors[2:3], require_alias=False))
+            pairs[0][1]["price"] = "not a number"
+            target.report.merge(backend.write_bulk(pairs, refresh="false"))
+
+        with pytest.raises(BackendError, match="aborted, aliases unchanged: 1 failed"):
+            admin.rebuild(backend, load_with_a_bad_document)
+        assert backend.alias_indexes(backend.read_alias) == [report.new_index]
+        partial = admin.rebuild(backend, load_with_a_bad_document, max_failures=1, keep_old=True)
+        assert (partial.indexed, len(partial.failed), backend.count()) == (2, 1, 2)
+
     def test_keep_old_and_abort_keeps_aliases(self, loaded) -> None:
         backend, products, vectors = loaded
         report = admin.reindex(backend, zip(products, vectors, strict=True), keep_old=True)
