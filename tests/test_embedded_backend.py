@@ -758,3 +758,15 @@ def test_lexical_index_keeps_in_step_with_the_store(store: EmbeddedBackend) -> N
         ids = {pk: p.id for pk, p in store.store.products_by_pk(conn, [pk for pk, _ in hits]).items()}
         assert sorted(ids.values()) == ["0", "1"] and all(score > 0 for _, score in hits)
         assert store.lexical.search(conn, query, Filters(ids=["0"]), 10)[0][0] in ids
+
+
+def test_reopening_a_bound_store_without_vectors_for_another_embedder(tmp_path: Path) -> None:
+    """A first run that bound the store but wrote nothing does not lock the next run's dimension."""
+    with EmbeddedBackend(tmp_path, dim=DIM) as store:
+        store.bind_embedder(EmbedderBinding("model-a", DIM))
+    with EmbeddedBackend(tmp_path, dim=8) as store:
+        store.bind_embedder(EmbedderBinding("model-b", 8))
+        store.upsert([Product(id="a", title="手表")], unit(np.random.default_rng(0), 1, dim=8))
+        assert store.stats().dim == 8 and store.embedder_binding() == EmbedderBinding("model-b", 8)
+    with pytest.raises(ValueError, match="holds 8-d vectors but 16-d were asked for"):
+        EmbeddedBackend(tmp_path, dim=DIM)

@@ -369,8 +369,7 @@ class OpenSearchBackend:
             raise TypeError(f"binding must be an EmbedderBinding, got {type(binding).__name__}")
         remedy = "rebuild the index with `shopsearch opensearch reindex`"
         if not self.alias_indexes(self.write_alias):
-            if binding.dim is not None:
-                self.dim = binding.dim
+            self.dim = binding.dim  # the index is created for the binding's vectors (none: no vector field)
             self._binding = binding
             self.ensure_index()
         updates: dict[str, dict[str, Any]] = {}

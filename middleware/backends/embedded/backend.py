@@ -84,14 +84,17 @@ class EmbeddedBackend:
         )
         try:
             stored_dim = self.store.meta_int("dim")
+            n_vectors = self.store.vector_count()
             if dim is not None and stored_dim is not None and dim != stored_dim:
-                raise ValueError(
-                    f"dim mismatch: {self.data_dir} holds {stored_dim}-d vectors but {dim}-d were asked for "
-                    "(a different embedder?); index into a new data directory"
-                )
+                if n_vectors:
+                    raise ValueError(
+                        f"dim mismatch: {self.data_dir} holds {stored_dim}-d vectors but {dim}-d were asked for "
+                        "(a different embedder?); index into a new data directory"
+                    )
+                stored_dim = None  # bound, but no vector written yet: the first vector write sets it
             self._dim: int | None = stored_dim
             generation = self.store.meta_int("generation") or 0
-            self.vectors.open(generation, self.store.vector_count(), stored_dim, self.store.vector_pks)
+            self.vectors.open(generation, n_vectors, stored_dim, self.store.vector_pks)
         except BaseException:
             self.store.close()
             raise
@@ -193,7 +196,7 @@ class EmbeddedBackend:
                     bound = self._binding(conn)
                     if bound is not None and bound.dim is None:
                         wanted = f"{vecs.shape[1]}-d vectors"
-                        raise EmbedderMismatch(str(self.data_dir), bound, wanted, "index into a new data directory")
+                        raise EmbedderMismatch(str(self.data_dir), bound, wanted, _NEW_DATA_DIR)
                     self.store.set_meta(conn, "dim", str(vecs.shape[1]))
                 for product, blob, doc in rows:
                     old = self.store.find(conn, product.id)
