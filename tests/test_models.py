@@ -25,7 +25,7 @@ from middleware.models import (
 )
 from middleware.models.embedder import default_query_instruction, detect_pooling
 from middleware.models.resolve import ResolvedModel, resolve_model
-from middleware.models.testing import make_tiny_xlmr, write_sentence_transformers_config
+from tests.support.tiny_models import make_tiny_xlmr, write_sentence_transformers_config
 
 QUERY = "送女友的轻奢小众手表"
 DOCS = [

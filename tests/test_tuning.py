@@ -15,7 +15,7 @@ import pytest
 
 from middleware.cli import main
 from middleware.models import Embedder, Reranker
-from middleware.models.testing import PRODUCT_CORPUS
+from tests.support.tiny_models import PRODUCT_CORPUS
 from middleware.tuning.common import TrainingSetupError
 from middleware.tuning.data import (
     TuningDataError,
