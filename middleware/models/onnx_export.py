@@ -123,6 +123,11 @@ def _build_atomically(final_dir: Path, build: Callable[[Path], None], label: str
             shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def _drop_quantiser_advice(record: logging.LogRecord) -> bool:
+    # onnxruntime's quantiser logs advice on the root logger ("consider pre-processing"): only that goes
+    return "onnxruntime" not in record.pathname or "quantization" not in record.pathname
+
+
 @contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Silence what PyTorch's tracer, transformers and optimum print during an export (tracer and
@@ -137,6 +142,8 @@ def _quiet_exporter() -> Iterator[None]:
         hf_logging.set_verbosity_error()
     except ImportError:
         hf_verbosity = None
+    root = logging.getLogger()
+    root.addFilter(_drop_quantiser_advice)
     try:
         for logger in loggers:
             logger.setLevel(logging.ERROR)
@@ -144,13 +151,15 @@ def _quiet_exporter() -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     finally:
+        root.removeFilter(_drop_quantiser_advice)
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
         if hf_verbosity is not None:
             hf_logging.set_verbosity(hf_verbosity)
 
 
-def _export_fp32(model: ResolvedModel, task: Task, opset: int | None, out_dir: Path, kind: str) -> None:
+def _require_exporter(model: ResolvedModel, kind: str) -> Callable[..., object]:
+    """optimum's `main_export`, or the one-line error naming the extra that provides it."""
     try:
         with _quiet_exporter():
             from optimum.exporters.onnx import main_export
@@ -159,6 +168,11 @@ def _export_fp32(model: ResolvedModel, task: Task, opset: int | None, out_dir: P
             f"cannot use the {kind} '{model.model_id}': it is not exported to ONNX in the model cache yet, and "
             f"exporting needs {err.name or 'optimum'} (the export extra: {EXPORT_EXTRA_HINT})"
         ) from None
+    return main_export
+
+
+def _export_fp32(model: ResolvedModel, task: Task, opset: int | None, out_dir: Path, kind: str) -> None:
+    main_export = _require_exporter(model, kind)
     with _quiet_exporter():
         main_export(
             str(model.path),
@@ -234,6 +248,8 @@ def onnx_model_path(
     wanted = base / precision / ONNX_FILE
     if wanted.is_file():
         return wanted
+    if not (fp32_dir / ONNX_FILE).is_file():
+        _require_exporter(model, kind)  # fail before the progress line when the export cannot run
     # the one line a user sees while a model is prepared on first use (the export itself is quiet)
     print(
         f"shopsearch: preparing the {kind} '{model.model_id}' as ONNX {precision}, once (cache: {base}) ...",
@@ -249,10 +265,15 @@ def onnx_model_path(
             lambda out: _export_fp32(model, task, opset, out, kind),
             f"ONNX export of {model.model_id}",
         )
-        if precision == "fp16":
-            _build_atomically(base / "fp16", lambda out: _convert_fp16(fp32_dir / ONNX_FILE, out), "FP16 conversion")
-        elif precision == "int8":
-            _build_atomically(base / "int8", lambda out: _quantize_int8(fp32_dir / ONNX_FILE, out), "INT8 quantisation")
+        with _quiet_exporter():
+            if precision == "fp16":
+                _build_atomically(
+                    base / "fp16", lambda out: _convert_fp16(fp32_dir / ONNX_FILE, out), "FP16 conversion"
+                )
+            elif precision == "int8":
+                _build_atomically(
+                    base / "int8", lambda out: _quantize_int8(fp32_dir / ONNX_FILE, out), "INT8 quantisation"
+                )
         outcome = f"done in {time.perf_counter() - started:.1f} s"
     except ModelLoadError:
         raise
