@@ -301,7 +301,7 @@ TINY_ARCH: dict[str, Any] = {
     "intermediate_size": 64,
     # BERT's usual 0.02 makes a model this small give near-identical outputs for every input
     # (reranker logits within 1e-5 of each other); 0.2 spreads them (std ≈ 0.1 over product
-    # titles) so rank checks mean something, while INT8 noise stays below the gaps (≈ 0.03)
+    # titles) so rank checks mean something (INT8 error against that spread: tests/test_models.py)
     "initializer_range": 0.2,
 }
 
