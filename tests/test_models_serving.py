@@ -23,7 +23,7 @@ from middleware.models.tokenization import TextTokenizer
 REPO = Path(__file__).resolve().parents[1]
 QUERY = "送女友的轻奢小众手表"
 DOCS = ["小众设计师珐琅手表 女士 礼盒装", "婴儿纸尿裤 L 码 超薄", "DW 情侣手表 简约 石英表"]
-BLOCKED = ("torch", "transformers", "optimum", "sentence_transformers", "accelerate", "datasets")
+BLOCKED = ("torch", "transformers", "optimum", "optimum_onnx", "sentence_transformers", "accelerate", "datasets")
 
 # run in a fresh interpreter: a meta-path finder makes every import of the export extra fail
 BLOCKER = textwrap.dedent(
@@ -38,6 +38,17 @@ BLOCKER = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, BlockExportExtra())
+
+    # their distributions' metadata are gone too, as in an environment without the extra
+    import importlib.metadata as metadata
+    _real_version = metadata.version
+
+    def version(name):
+        if name.lower().replace("-", "_") in BLOCKED:
+            raise metadata.PackageNotFoundError(name)
+        return _real_version(name)
+
+    metadata.version = version
     """
 ).format(blocked=BLOCKED)
 
@@ -77,6 +88,13 @@ def test_exported_models_embed_and_rerank_without_torch_or_optimum(
                 pass
             else:
                 raise SystemExit(f"{{name}} imported: the blocker does not work")
+        import importlib.metadata
+        try:
+            importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+        else:
+            raise SystemExit("torch's metadata visible: the blocker does not work")
         import middleware.models
         from middleware.models import Embedder, Reranker
         embedder = Embedder({str(tiny_embedder_dir)!r}, cache_dir={str(cache)!r}, precision="int8")
