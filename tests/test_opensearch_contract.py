@@ -18,9 +18,9 @@ import yaml
 from middleware.backends import opensearch_bodies as bodies
 from middleware.backends.base import BackendError
 from middleware.backends.opensearch import client_kwargs, redact_url
-from tests.support.opensearch_spec import KNOWN_GAPS, SpecNotFoundError, find_spec, load_contract
 from middleware.config import FusionSettings, OpenSearchSettings, Settings
 from middleware.products import Filters, Product, SignalUpdate
+from tests.support.opensearch_spec import KNOWN_GAPS, SpecNotFoundError, find_spec, load_contract
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 8
