@@ -1,8 +1,9 @@
 """Tokenisation into length-sorted, per-batch padded arrays, safe to share between threads.
 
-We keep private copies of the fast tokenizer's Rust backend whose truncation/padding settings are
-fixed once here and never changed afterwards: Hugging Face tokenizers mutate those settings on
-every call, which makes concurrent calls on one tokenizer fail ("Already borrowed").
+The model's tokenizer.json is read with the `tokenizers` library (no transformers, no PyTorch). We
+keep private copies of that Rust tokenizer whose truncation/padding settings are fixed once here and
+never changed afterwards: Hugging Face tokenizers mutate those settings on every call, which makes
+concurrent calls on one tokenizer fail ("Already borrowed").
 """
 
 from __future__ import annotations
