@@ -5,7 +5,7 @@ product search). Rerank candidate lists are each query's judged titles followed 
 of the same corpus, i.e. what a first stage hands the reranker.
 
 Models are random-initialised with the exact architectures of bge-reranker-v2-m3 and bge-large-zh-v1.5
-(`middleware.models.testing`), saved once under ~/.cache/shopsearch/bench-models (never in the repo).
+(`tests.support.tiny_models`), saved once under ~/.cache/shopsearch/bench-models (never in the repo).
 Their tokenizers are trained locally (no downloads) with the same kind of model as the real ones
 (Unigram + Metaspace for XLM-R, WordPiece with per-character CJK splitting for BERT), on the
 benchmark corpus itself so that token counts are realistic: the factory's default tokenizers are
@@ -265,24 +265,6 @@ def _training_texts(limit_per_dataset: int | None) -> list[str]:
     return texts
 
 
-def train_xlmr_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
-    """XLM-R-kind tokenizer (Unigram + NFKC + Metaspace, <s> <pad> </s> <unk> <mask> = 0..4)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(
-        texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
-    )
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-    )
-    return tok
-
-
 def train_bert_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
     """bge/BERT-kind tokenizer (WordPiece, BertNormalizer with per-character CJK splitting)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -320,7 +302,7 @@ def prepare_models(quick: bool, root: Path | None = None) -> BenchModels:
     """
     from tokenizers import Tokenizer
 
-    from middleware.models import testing
+    from tests.support import tiny_models as testing
 
     root = root or BENCH_MODELS
     if quick:
@@ -331,7 +313,7 @@ def prepare_models(quick: bool, root: Path | None = None) -> BenchModels:
         make_rr, make_emb = testing.make_full_bge_reranker, testing.make_full_bge_embedder
     marker = "bench-tokenizer.json"
     for model_dir, make, train, save, vocab in (
-        (rr, make_rr, train_xlmr_tokenizer, testing.save_xlmr_tokenizer, 32000),
+        (rr, make_rr, testing.unigram_tokenizer, testing.save_xlmr_tokenizer, 32000),
         (emb, make_emb, train_bert_tokenizer, testing.save_bert_tokenizer, testing.BGE_LARGE_ZH_VOCAB),
     ):
         if (model_dir / marker).exists():

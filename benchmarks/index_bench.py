@@ -132,7 +132,7 @@ def _index_once(source: Path, store: Path, embedder: TimedEmbedder) -> dict[str,
 
 
 def _tiny_model_dir() -> Path:
-    from middleware.models import testing
+    from tests.support import tiny_models as testing
 
     path = BENCH_MODELS / "tiny-bert"
     if not (path / "config.json").exists():
@@ -144,7 +144,7 @@ def _full_model_dir(build: bool) -> Path | None:
     """bge-large-zh-v1.5's architecture with a tokenizer trained on the benchmark corpus (shared with
     the embed benchmark: same directory and marker as benchmarks.common.prepare_models)."""
     from benchmarks.common import _training_texts, train_bert_tokenizer
-    from middleware.models import testing
+    from tests.support import tiny_models as testing
 
     path = BENCH_MODELS / "bge-large-zh-v1.5-random"
     marker = path / "bench-tokenizer.json"
@@ -153,8 +153,8 @@ def _full_model_dir(build: bool) -> Path | None:
     if not build:
         return None
     testing.make_full_bge_embedder(path)
-    train_bert_tokenizer(path, _training_texts(None), vocab_size=testing.BGE_LARGE_ZH_VOCAB)
-    marker.write_text(json.dumps({"trained_on": "qbqtc+homedepot titles and queries"}))
+    testing.save_bert_tokenizer(train_bert_tokenizer(_training_texts(None), testing.BGE_LARGE_ZH_VOCAB), path)
+    marker.write_text(json.dumps({"tokenizer": "trained on qbqtc + homedepot titles and queries"}))
     return path
 
 

@@ -43,7 +43,7 @@ def _catalog(n: int, seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
     except OSError:
         titles, queries = [], []
     if len(titles) < n or len(queries) < 50:
-        from middleware.models.testing import PRODUCT_CORPUS
+        from tests.support.tiny_models import PRODUCT_CORPUS
 
         words = [w for line in PRODUCT_CORPUS for w in line.split()]
         titles = [" ".join(rng.sample(words, 6)) for _ in range(n)]

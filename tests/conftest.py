@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 # ------------------------------------------------------------------------------------------ models
-# Tiny random-init models from middleware.models.testing (built once per session, a second each).
+# Tiny random-init models from tests.support.tiny_models (built once per session, a second each).
 # The embedder directory is named like a bge zh model, so it gets the BGE query instruction by
 # default, as the production embedder does.
 
@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_embedder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny BertModel, CLS pooling (no sentence-transformers files), WordPiece tokenizer."""
-    from middleware.models.testing import make_tiny_bert
+    from tests.support.tiny_models import make_tiny_bert
 
     return make_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bge-zh")
 
@@ -28,7 +28,7 @@ def tiny_embedder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mean_embedder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny BertModel with sentence-transformers files declaring mean pooling."""
-    from middleware.models.testing import make_tiny_bert
+    from tests.support.tiny_models import make_tiny_bert
 
     return make_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-mean-minilm", pooling="mean")
 
@@ -36,7 +36,7 @@ def tiny_mean_embedder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny XLMRobertaForSequenceClassification (one logit), Unigram tokenizer."""
-    from middleware.models.testing import make_tiny_xlmr
+    from tests.support.tiny_models import make_tiny_xlmr
 
     return make_tiny_xlmr(tmp_path_factory.mktemp("models") / "tiny-bge-reranker")
 

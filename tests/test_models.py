@@ -25,7 +25,7 @@ from middleware.models import (
 )
 from middleware.models.embedder import default_query_instruction, detect_pooling
 from middleware.models.resolve import ResolvedModel, resolve_model
-from middleware.models.testing import make_tiny_xlmr, write_sentence_transformers_config
+from tests.support.tiny_models import PRODUCT_CORPUS, make_tiny_xlmr, write_sentence_transformers_config
 
 QUERY = "送女友的轻奢小众手表"
 DOCS = [
@@ -42,12 +42,44 @@ DOCS = [
     "天梭 Tissot 男士 机械表",
     "乐高 LEGO 积木 儿童 玩具 礼物",
 ]
+PARITY_DOCS = list(PRODUCT_CORPUS[:40])  # 40 candidates: enough for rank statistics to mean something
 
-# Max |logit - PyTorch FP32 logit| on the tiny reranker over DOCS, measured: ONNX FP32 2.4e-7,
-# FP16 7.5e-4, INT8 1.9e-2 (FP32 logits spread with std 0.062). Bounds leave ~2x headroom.
-FP32_ATOL = 1e-4  # ONNX FP32 vs PyTorch FP32 logits
-FP16_ATOL = 1.5e-3  # FP16 inside, FP32 inputs/outputs
-INT8_ATOL = 4e-2  # dynamic INT8: per-tensor activation scales on a 32-wide random model
+FP32_ATOL = 1e-4  # ONNX FP32 vs PyTorch FP32 logits; measured 2.4e-7 (Intel Xeon) and the same on AMD EPYC
+
+# Reduced precision against ONNX FP32, on the tiny reranker over PARITY_QUERIES x PARITY_DOCS (batch 5).
+# What users rely on is the ranking, and an error small next to how far apart the scores are; so the
+# bounds are on rank agreement and on max |delta| divided by the FP32 scores' standard deviation.
+#
+# INT8 numerics depend on the CPU's integer kernels. With VNNI (Intel Xeon here: AVX-512 VNNI, and
+# AMD Zen 4) the u8*s8 products are exact; with AVX2 only (AMD EPYC here, onnxruntime 1.32) they
+# go through a 16-bit saturating multiply-add, the least accurate x86 path, so that machine sets the
+# margins. Measured per query, AMD EPYC (AVX2): max|delta|/std median 1.22, worst 1.96; Spearman
+# mean 0.927, worst 0.832; top-10 overlap mean 0.86, worst 0.7. Intel Xeon (VNNI), from this repo's
+# history: max|delta| 1.9e-2 at std 6.2e-2 on one query (ratio 0.31); full-size random
+# bge-reranker-v2-m3, top-10 agreement 0.933 (benchmarks/results/SUMMARY.md). Shuffled scores
+# (what a broken graph gives): Spearman 0.00 (per-query p99 0.37), top-10 overlap 0.25.
+# The bounds sit below the AVX2 worst case by a margin and far above chance.
+INT8_MAX_ERROR_PER_STD = 2.5  # every query
+INT8_MEDIAN_ERROR_PER_STD = 1.6
+INT8_MEAN_SPEARMAN = 0.85
+INT8_MIN_SPEARMAN = 0.7
+INT8_MEAN_TOP10_OVERLAP = 0.75
+# FP16 (weights rounded to FP16, computed in FP32 on the CPU) is vendor-independent: max|delta|
+# 7.5e-4 on Intel and AMD alike for QUERY x DOCS; over the parity set on AMD, worst 1.3e-3,
+# ratio to std worst 0.011, every top-10 order identical.
+FP16_ATOL = 3e-3
+FP16_MAX_ERROR_PER_STD = 0.03
+
+PARITY_QUERIES = [
+    QUERY,
+    "情侣手表",
+    "wireless earbuds",
+    "儿童玩具 礼物",
+    "运动手表 男",
+    "降噪耳机",
+    "gift for girlfriend",
+]
+PARITY_QUERIES.append("保温杯 大容量")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -136,34 +168,84 @@ def test_reranker_onnx_fp32_matches_pytorch(rerankers: dict[str, Reranker], tiny
     logits = rerankers["fp32"].score_logits(QUERY, DOCS)
     assert logits.dtype == np.float32 and logits.shape == (len(DOCS),)
     assert np.abs(logits - reference).max() <= FP32_ATOL
-    assert reference.std() > INT8_ATOL  # the tiny model spreads its outputs (see testing.py)
+    assert reference.std() > 0.03  # the tiny model spreads its outputs (tests/support/tiny_models.py)
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (no ties in continuous scores)."""
     ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
 
 
-def test_reranker_fp16_and_int8_within_tolerance_and_keep_top5(rerankers: dict[str, Reranker]) -> None:
-    fp32 = rerankers["fp32"].score_logits(QUERY, DOCS)
-    fp16 = rerankers["fp16"].score_logits(QUERY, DOCS)
-    int8 = rerankers["int8"].score_logits(QUERY, DOCS)
-    assert np.abs(fp16 - fp32).max() <= FP16_ATOL
-    assert np.abs(int8 - fp32).max() <= INT8_ATOL
-    # FP16: FP32 separates the top-6 by more than twice the FP16 noise, so the order must hold
-    assert (-np.diff(np.sort(fp32)[::-1][:6])).min() > 2 * FP16_ATOL
-    assert top(fp16, 5) == top(fp32, 5)
-    # INT8: on random 32-wide weights its noise (1.9e-2) exceeds some FP32 gaps in the top 5
-    # (1.3e-2 between ranks 3 and 4), so the exact order cannot be required there; the same
-    # top-5 set, the order of every pair FP32 separates by more than 2x the noise, and rank
-    # correlation are required instead.
-    assert set(top(int8, 5)) == set(top(fp32, 5))
-    best = top(fp32, 5)
-    for i in best:
-        for j in best:
-            if fp32[i] - fp32[j] > 2 * INT8_ATOL:
-                assert int8[i] > int8[j], (i, j)
-    assert rank_correlation(int8, fp32) >= 0.9
+def parity_figures(reduced: Reranker, fp32: Reranker) -> dict[str, np.ndarray]:
+    """Per query of PARITY_QUERIES: max |delta| / std of the FP32 logits, Spearman, top-10 overlap."""
+    rows = []
+    for query in PARITY_QUERIES:
+        ours, reference = reduced.score_logits(query, PARITY_DOCS), fp32.score_logits(query, PARITY_DOCS)
+        rows.append(
+            (
+                float(np.abs(ours - reference).max()),
+                float(np.abs(ours - reference).max() / reference.std()),
+                rank_correlation(ours, reference),
+                len(set(top(ours, 10)) & set(top(reference, 10))) / 10,
+            )
+        )
+    figures = np.array(rows)
+    return {"max_abs": figures[:, 0], "per_std": figures[:, 1], "spearman": figures[:, 2], "top10": figures[:, 3]}
+
+
+def test_reranker_fp16_keeps_fp32_scores_and_order(rerankers: dict[str, Reranker]) -> None:
+    figures = parity_figures(rerankers["fp16"], rerankers["fp32"])
+    assert figures["max_abs"].max() <= FP16_ATOL, figures["max_abs"]
+    assert figures["per_std"].max() <= FP16_MAX_ERROR_PER_STD, figures["per_std"]
+    # every pair of candidates FP32 separates by more than twice the FP16 bound keeps its order
+    for query in PARITY_QUERIES:
+        fp32 = rerankers["fp32"].score_logits(query, PARITY_DOCS)
+        fp16 = rerankers["fp16"].score_logits(query, PARITY_DOCS)
+        apart = (fp32[:, None] - fp32[None, :]) > 2 * FP16_ATOL
+        assert (fp16[:, None] > fp16[None, :])[apart].all(), query
+        assert apart.sum() > len(PARITY_DOCS) ** 2 / 4  # the check covers most pairs, it is not vacuous
+
+
+def test_reranker_int8_agrees_with_fp32_ranking_on_any_x86_cpu(rerankers: dict[str, Reranker]) -> None:
+    figures = parity_figures(rerankers["int8"], rerankers["fp32"])
+    shown = {name: values.round(3).tolist() for name, values in figures.items()}
+    assert figures["per_std"].max() <= INT8_MAX_ERROR_PER_STD, shown
+    assert float(np.median(figures["per_std"])) <= INT8_MEDIAN_ERROR_PER_STD, shown
+    assert figures["spearman"].mean() >= INT8_MEAN_SPEARMAN, shown
+    assert figures["spearman"].min() >= INT8_MIN_SPEARMAN, shown
+    assert figures["top10"].mean() >= INT8_MEAN_TOP10_OVERLAP, shown
+
+
+def test_int8_parity_bounds_reject_a_broken_graph(rerankers: dict[str, Reranker]) -> None:
+    """The INT8 bounds have teeth: scores with FP32's values but no relation to the inputs (a graph
+    that lost its weights) fail them."""
+    rng = np.random.default_rng(0)
+    fp32 = rerankers["fp32"]
+    spearman, top10 = [], []
+    for query in PARITY_QUERIES:
+        reference = fp32.score_logits(query, PARITY_DOCS)
+        shuffled = rng.permutation(reference)
+        spearman.append(rank_correlation(shuffled, reference))
+        top10.append(len(set(top(shuffled, 10)) & set(top(reference, 10))) / 10)
+    assert np.mean(spearman) < INT8_MEAN_SPEARMAN and np.mean(top10) < INT8_MEAN_TOP10_OVERLAP
+
+
+def test_embedder_int8_and_fp16_keep_fp32_neighbours(tiny_embedder_dir: Path, model_cache_dir: Path) -> None:
+    """Measured on AMD EPYC (AVX2, the least accurate INT8 path): INT8 cosine to FP32 >= 0.99964 over
+    the factory corpus, top-10 neighbours of each query 9-10 of 10 (Spearman >= 0.991); FP16 cosine
+    >= 0.9999996."""
+    texts = list(PRODUCT_CORPUS)
+    embedders = {
+        p: Embedder(tiny_embedder_dir, precision=p, cache_dir=model_cache_dir) for p in ("fp32", "fp16", "int8")
+    }
+    docs = {p: e.encode_documents(texts) for p, e in embedders.items()}
+    queries = {p: e.encode_queries(PARITY_QUERIES) for p, e in embedders.items()}
+    assert (docs["fp16"] * docs["fp32"]).sum(axis=1).min() >= 0.9999
+    assert (docs["int8"] * docs["fp32"]).sum(axis=1).min() >= 0.998
+    for reference, ours in zip(queries["fp32"] @ docs["fp32"].T, queries["int8"] @ docs["int8"].T, strict=True):
+        assert len(set(top(ours, 10)) & set(top(reference, 10))) >= 7
+        assert rank_correlation(ours, reference) >= 0.95
 
 
 def test_reranker_torch_runtime_matches_onnx(rerankers: dict[str, Reranker], tiny_reranker_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """Every request body the OpenSearch backend sends, checked against the official API spec (strict mode).
 
-Strict: unknown keys are rejected (see middleware/backends/opensearch_spec.py), so the broken-body
+Strict: unknown keys are rejected (see tests/support/opensearch_spec.py), so the broken-body
 tests below prove the check has teeth. Skips only when the spec file is absent.
 """
 
@@ -18,9 +18,9 @@ import yaml
 from middleware.backends import opensearch_bodies as bodies
 from middleware.backends.base import BackendError, EmbedderBinding
 from middleware.backends.opensearch_client import client_kwargs, redact_url
-from middleware.backends.opensearch_spec import KNOWN_GAPS, SpecNotFoundError, find_spec, load_contract
 from middleware.config import FusionSettings, OpenSearchSettings, Settings
 from middleware.products import Filters, Product, SignalUpdate
+from tests.support.opensearch_spec import KNOWN_GAPS, SpecNotFoundError, find_spec, load_contract
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 8

@@ -15,7 +15,6 @@ import pytest
 
 from middleware.cli import main
 from middleware.models import Embedder, Reranker
-from middleware.models.testing import PRODUCT_CORPUS
 from middleware.tuning.common import TrainingSetupError
 from middleware.tuning.data import (
     TuningDataError,
@@ -29,6 +28,7 @@ from middleware.tuning.data import (
 from middleware.tuning.negatives import CorpusSearcher, MiningConfig, mine_negatives, parse_range
 from middleware.tuning.separation import similarity_separation
 from middleware.tuning.teacher import add_teacher_scores
+from tests.support.tiny_models import PRODUCT_CORPUS
 
 DOCS: list[str] = list(PRODUCT_CORPUS)
 

@@ -99,7 +99,7 @@ def expected_signals(path: Path) -> dict[str, dict[str, Any]]:
 
 def tiny_models(work: Path) -> tuple[Path, Path, Path]:
     """Tiny random-init embedder and reranker directories (built once per work dir) and an ONNX cache."""
-    from middleware.models.testing import make_tiny_bert, make_tiny_xlmr
+    from tests.support.tiny_models import make_tiny_bert, make_tiny_xlmr
 
     emb, rer, cache = work / "tiny-bge-zh", work / "tiny-bge-reranker", work / "model-cache"
     if not (emb / "config.json").exists():

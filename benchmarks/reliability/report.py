@@ -169,7 +169,7 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result['command']}` — {result['started']} – {result['finished']} "
         f"({'quick' if result['quick'] else 'full'} run), machine: {result.get('machine', '')}.",
-        "Tiny random-init models (middleware.models.testing): rankings carry no meaning here; these are "
+        "Tiny random-init models (tests.support.tiny_models): rankings carry no meaning here; these are "
         "plumbing, failure and capacity figures.",
         "",
     ]

@@ -1,7 +1,7 @@
 """Pure builders for every request body the OpenSearch backend sends.
 
 No client, no I/O: each function returns plain JSON-able dicts, so the contract tests can check every body
-against the official OpenSearch API specification (see `opensearch_spec.py`), and `index_templates/*.json`
+against the official OpenSearch API specification (see `tests/support/opensearch_spec.py`), and `index_templates/*.json`
 are these same bodies rendered for the default settings.
 """
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from middleware.models.errors import ModelLoadError
-from middleware.models.onnx_export import Task, onnx_model_path
+from middleware.models.onnx_export import EXPORT_EXTRA_HINT, Task, onnx_model_path
 from middleware.models.resolve import ModelKind, ResolvedModel
 from middleware.models.runtime import (
     Device,
@@ -112,8 +112,14 @@ def _load_onnx(
 def _load_torch(
     model: ResolvedModel, kind: ModelKind, task: Task, precision: str, device: str, threads: int | None
 ) -> LoadedRunner:
-    import torch
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    try:
+        import torch
+        from transformers import AutoModel, AutoModelForSequenceClassification
+    except ImportError as err:
+        raise ModelLoadError(
+            f"runtime 'torch' for the {kind} '{model.model_id}' needs {err.name or 'PyTorch'} "
+            f"(the export extra: {EXPORT_EXTRA_HINT}); runtime 'onnx' does not"
+        ) from None
 
     use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     if device == "cuda" and not use_cuda:

@@ -3,9 +3,14 @@
 Layout: `cache_dir/<safe model id>/<fingerprint>/<precision>/model.onnx` (+ `model.onnx_data` when
 the graph exceeds protobuf's 2 GB limit). The fingerprint covers the model id, its revision, the
 weights on disk (config.json content, weight file names, sizes and mtimes), the export task and
-opset, and the exporter/quantiser versions; the precision is the last path component. Each
-precision directory is built in a temporary sibling and renamed into place, under a file lock:
-a crash leaves no half-written cache entry, and concurrent processes export only once.
+opset; the precision is the last path component. It does not cover the installed exporter
+versions: a model exported once stays usable where PyTorch and optimum are not installed (serving
+needs only onnxruntime); `fp32/export.json` records the versions that built it. Each precision
+directory is built in a temporary sibling and renamed into place, under a file lock: a crash
+leaves no half-written cache entry, and concurrent processes export only once.
+
+Exporting needs the `export` extra (PyTorch, transformers, optimum-onnx); deriving FP16 and INT8
+from an exported graph needs only onnx and onnxruntime.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
@@ -34,6 +42,10 @@ Task = Literal["feature-extraction", "text-classification"]
 
 ONNX_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx_data"
+EXPORT_MANIFEST = "export.json"
+EXPORT_EXTRA_HINT = "pip install 'shopsearch[export]'"
+# recorded in the manifest of each export (not part of the cache key)
+_BUILD_PACKAGES = ("optimum-onnx", "optimum", "transformers", "torch", "onnx", "onnxruntime")
 # graphs larger than this are saved with their weights in ONNX_DATA_FILE (protobuf limit is 2 GiB)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 LOCK_TIMEOUT_S = 3600.0  # a full-size export plus quantisation takes minutes, not hours
@@ -70,10 +82,6 @@ def fingerprint(model: ResolvedModel, *, task: Task, opset: int | None) -> str:
         "weights": weights,
         "task": task,
         "opset": opset,
-        "versions": {
-            name: _package_version(name)
-            for name in ("optimum-onnx", "optimum", "transformers", "torch", "onnx", "onnxruntime")
-        },
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -115,24 +123,75 @@ def _build_atomically(final_dir: Path, build: Callable[[Path], None], label: str
             shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _export_fp32(model: ResolvedModel, task: Task, opset: int | None, out_dir: Path) -> None:
-    from optimum.exporters.onnx import main_export
+def _drop_quantiser_advice(record: logging.LogRecord) -> bool:
+    # onnxruntime's quantiser logs advice on the root logger ("consider pre-processing"): only that goes
+    return "onnxruntime" not in record.pathname or "quantization" not in record.pathname
 
-    main_export(
-        str(model.path),
-        output=out_dir,
-        task=task,
-        opset=opset,
-        device="cpu",
-        library_name="transformers",  # plain outputs (logits / last_hidden_state), pooling is ours
-        do_validation=False,  # parity is checked by our tests, validation doubles the export time
-        local_files_only=True,
-    )
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence what PyTorch's tracer, transformers and optimum print during an export (tracer and
+    deprecation warnings, `torch_dtype` notices, the optional accelerate check): the export is
+    checked by our own parity tests, and the user gets one progress line instead."""
+    loggers = [logging.getLogger(name) for name in ("transformers", "optimum", "torch")]
+    levels = [logger.level for logger in loggers]
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_verbosity: int | None = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        hf_verbosity = None
+    root = logging.getLogger()
+    root.addFilter(_drop_quantiser_advice)
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.removeFilter(_drop_quantiser_advice)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        if hf_verbosity is not None:
+            hf_logging.set_verbosity(hf_verbosity)
+
+
+def _require_exporter(model: ResolvedModel, kind: str) -> Callable[..., object]:
+    """optimum's `main_export`, or the one-line error naming the extra that provides it."""
+    try:
+        with _quiet_exporter():
+            from optimum.exporters.onnx import main_export
+    except ImportError as err:
+        raise ModelLoadError(
+            f"cannot use the {kind} '{model.model_id}': it is not exported to ONNX in the model cache yet, and "
+            f"exporting needs {err.name or 'optimum'} (the export extra: {EXPORT_EXTRA_HINT})"
+        ) from None
+    return main_export
+
+
+def _export_fp32(model: ResolvedModel, task: Task, opset: int | None, out_dir: Path, kind: str) -> None:
+    main_export = _require_exporter(model, kind)
+    with _quiet_exporter():
+        main_export(
+            str(model.path),
+            output=out_dir,
+            task=task,
+            opset=opset,
+            device="cpu",
+            library_name="transformers",  # plain outputs (logits / last_hidden_state), pooling is ours
+            do_validation=False,  # parity is checked by our tests, validation doubles the export time
+            local_files_only=True,
+        )
     # optimum copies tokenizer/config files beside the graph; the cache keeps the graph and its
     # external weights only (whatever names the exporter gave them)
     for path in out_dir.iterdir():
         if path.is_file() and path.suffix in (".json", ".txt", ".model"):
             path.unlink()
+    manifest = {"model_id": model.model_id, "task": task, "opset": opset}
+    manifest["versions"] = {name: _package_version(name) for name in _BUILD_PACKAGES}
+    (out_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def _initializer_bytes(model: object) -> int:
@@ -186,16 +245,36 @@ def onnx_model_path(
     """Path of the cached ONNX file for these options, exporting/converting it first if needed."""
     base = Path(cache_dir).expanduser() / safe_model_id(model.model_id) / fingerprint(model, task=task, opset=opset)
     fp32_dir = base / "fp32"
+    wanted = base / precision / ONNX_FILE
+    if wanted.is_file():
+        return wanted
+    if not (fp32_dir / ONNX_FILE).is_file():
+        _require_exporter(model, kind)  # fail before the progress line when the export cannot run
+    # the one line a user sees while a model is prepared on first use (the export itself is quiet)
+    print(
+        f"shopsearch: preparing the {kind} '{model.model_id}' as ONNX {precision}, once (cache: {base}) ...",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    started = time.perf_counter()
+    outcome = "failed"
     try:
         _build_atomically(
             fp32_dir,
-            lambda out: _export_fp32(model, task, opset, out),
+            lambda out: _export_fp32(model, task, opset, out, kind),
             f"ONNX export of {model.model_id}",
         )
-        if precision == "fp16":
-            _build_atomically(base / "fp16", lambda out: _convert_fp16(fp32_dir / ONNX_FILE, out), "FP16 conversion")
-        elif precision == "int8":
-            _build_atomically(base / "int8", lambda out: _quantize_int8(fp32_dir / ONNX_FILE, out), "INT8 quantisation")
+        with _quiet_exporter():
+            if precision == "fp16":
+                _build_atomically(
+                    base / "fp16", lambda out: _convert_fp16(fp32_dir / ONNX_FILE, out), "FP16 conversion"
+                )
+            elif precision == "int8":
+                _build_atomically(
+                    base / "int8", lambda out: _quantize_int8(fp32_dir / ONNX_FILE, out), "INT8 quantisation"
+                )
+        outcome = f"done in {time.perf_counter() - started:.1f} s"
     except ModelLoadError:
         raise
     except Exception as err:
@@ -203,4 +282,6 @@ def onnx_model_path(
             f"cannot prepare the {kind} '{model.model_id}' as ONNX {precision}: "
             f"{type(err).__name__}: {err} (cache: {base})"
         ) from err
-    return base / precision / ONNX_FILE
+    finally:
+        print(f" {outcome}", file=sys.stderr, flush=True)
+    return wanted

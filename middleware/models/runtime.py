@@ -63,8 +63,8 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: ORT warns about every constant-folded cast
     # idle intra-op threads sleep instead of spin-waiting: on a host shared with the search engine
-    # (or with concurrent requests) spinning threads steal the cores the busy ones need; measured
-    # 2-3x slower with spinning on a loaded 2-core machine (benchmarks/README.md)
+    # (or with concurrent requests) spinning threads steal the cores the busy ones need (measured in
+    # benchmarks/README.md, "No spin-waiting")
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 

@@ -1,23 +1,101 @@
 """Tokenisation into length-sorted, per-batch padded arrays, safe to share between threads.
 
-We keep private copies of the fast tokenizer's Rust backend whose truncation/padding settings are
-fixed once here and never changed afterwards: Hugging Face tokenizers mutate those settings on
-every call, which makes concurrent calls on one tokenizer fail ("Already borrowed").
+The model's tokenizer.json is read with the `tokenizers` library (no transformers, no PyTorch). We
+keep private copies of that Rust tokenizer whose truncation/padding settings are fixed once here and
+never changed afterwards: Hugging Face tokenizers mutate those settings on every call, which makes
+concurrent calls on one tokenizer fail ("Already borrowed").
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Encoding, Tokenizer, normalizers
 
 from middleware.models.errors import ModelLoadError
 
 # measured by `python -m benchmarks` (sweep section): see benchmarks/results/SUMMARY.md
 BATCH_OVERHEAD_TOKENS = 32
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read {path}: {err}") from None
+    return value if isinstance(value, dict) else {}
+
+
+def _token_content(value: object) -> str | None:
+    """A special token as tokenizer_config.json / special_tokens_map.json write it: a string or an
+    AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _apply_bert_flags(tokenizer: Tokenizer, config: dict[str, Any]) -> None:
+    """transformers' BertTokenizerFast rebuilds the normalizer when tokenizer_config.json's flags
+    disagree with tokenizer.json's; do the same so both give the same ids."""
+    if not str(config.get("tokenizer_class", "")).startswith("BertTokenizer") or tokenizer.normalizer is None:
+        return
+    state = json.loads(tokenizer.normalizer.__getstate__())
+    if state.get("type") != "BertNormalizer":
+        return
+    wanted = {
+        "lowercase": config.get("do_lower_case", True),
+        "strip_accents": config.get("strip_accents"),
+        "handle_chinese_chars": config.get("tokenize_chinese_chars", True),
+    }
+    if any(state.get(key, value) != value for key, value in wanted.items()):
+        tokenizer.normalizer = normalizers.BertNormalizer(clean_text=state.get("clean_text", True), **wanted)
+
+
+def load_fast_tokenizer(model_dir: Path, *, model_name: str, kind: str) -> tuple[str, int]:
+    """The model's Rust tokenizer (serialised) and its pad id, read with the `tokenizers` library
+    alone from tokenizer.json + tokenizer_config.json, as transformers' fast tokenizer reads them.
+    Only a model without tokenizer.json (a slow tokenizer to convert) needs transformers."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return _convert_with_transformers(model_dir, model_name=model_name, kind=kind)
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:
+        raise ModelLoadError(f"cannot load the {kind} '{model_name}': its tokenizer did not load ({err})") from None
+    config = _read_json(model_dir / "tokenizer_config.json")
+    _apply_bert_flags(tokenizer, config)
+    pad_token = _token_content(config.get("pad_token"))
+    if pad_token is None:
+        pad_token = _token_content(_read_json(model_dir / "special_tokens_map.json").get("pad_token"))
+    # undeclared: the defaults of transformers' Bert / (XLM-)RoBERTa tokenizer classes
+    candidates = [pad_token] if pad_token is not None else ["[PAD]", "<pad>"]
+    pad_id = next((i for i in map(tokenizer.token_to_id, candidates) if i is not None), None)
+    return tokenizer.to_str(), int(pad_id) if pad_id is not None else 0
+
+
+def _convert_with_transformers(model_dir: Path, *, model_name: str, kind: str) -> tuple[str, int]:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ModelLoadError(
+            f"cannot load the {kind} '{model_name}': it has no tokenizer.json, and converting its tokenizer "
+            "needs transformers (the export extra: pip install 'shopsearch[export]')"
+        ) from None
+    try:
+        hf_tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as err:
+        raise ModelLoadError(f"cannot load the {kind} '{model_name}': its tokenizer did not load ({err})") from None
+    if not getattr(hf_tokenizer, "is_fast", False):
+        raise ModelLoadError(f"cannot load the {kind} '{model_name}': it has no fast (Rust) tokenizer")
+    pad_id = hf_tokenizer.pad_token_id
+    return hf_tokenizer.backend_tokenizer.to_str(), int(pad_id) if pad_id is not None else 0
 
 
 @dataclass(frozen=True)
@@ -43,17 +121,9 @@ class TextTokenizer:
     batch_overhead_tokens: int | None = BATCH_OVERHEAD_TOKENS
 
     def __init__(self, model_dir: Path, *, max_length: int, model_name: str, kind: str) -> None:
-        try:
-            from transformers import AutoTokenizer
-
-            hf_tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        except Exception as err:
-            raise ModelLoadError(f"cannot load the {kind} '{model_name}': its tokenizer did not load ({err})") from None
-        if not getattr(hf_tokenizer, "is_fast", False):
-            raise ModelLoadError(f"cannot load the {kind} '{model_name}': it has no fast (Rust) tokenizer")
-        serialized = hf_tokenizer.backend_tokenizer.to_str()
+        serialized, pad_id = load_fast_tokenizer(model_dir, model_name=model_name, kind=kind)
         self.max_length = max_length
-        self.pad_id = int(hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else 0)
+        self.pad_id = pad_id
         self._single = Tokenizer.from_str(serialized)
         self._single.no_padding()
         self._single.enable_truncation(max_length)

@@ -1,8 +1,8 @@
 """Test-model factory: tiny random-init models with locally trained tokenizers (no downloads).
 
-Used by every test and benchmark. Random weights: embeddings and scores carry no meaning, only
-shapes, numerics and plumbing can be checked with them. Everything is seeded, so the same call
-gives the same files.
+Support for tests/ and benchmarks/, not shipped with the package. Random weights: embeddings and
+scores carry no meaning, only shapes, numerics and plumbing can be checked with them. Everything is
+seeded, so the same call gives the same files.
 
 - `make_tiny_bert`: BertModel (bge-style embedder), WordPiece tokenizer, CLS pooling by default.
 - `make_tiny_xlmr`: XLMRobertaForSequenceClassification with one label (bge-reranker-style).
@@ -174,34 +174,40 @@ def train_wordpiece_tokenizer(out_dir: Path, *, model_max_length: int = 512) -> 
     return tok.get_vocab_size()
 
 
-def train_unigram_tokenizer(out_dir: Path, *, vocab_size: int = 1500, model_max_length: int = 512) -> int:
-    """An XLM-R-style Unigram tokenizer (NFKC + Metaspace) saved to `out_dir`; returns its vocab size.
+XLMR_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 
-    Specials <s> <pad> </s> <unk> <mask> get ids 0..4 (pad = 1), as in XLM-RoBERTa.
-    """
+
+def unigram_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """An XLM-R-kind Rust tokenizer (Unigram + NFKC + Metaspace) trained on `texts`: specials
+    <s> <pad> </s> <unk> <mask> get ids 0..4 (pad = 1), pairs are `<s> A </s> </s> B </s>`."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     tok.train_from_iterator(
-        _write_corpus_iter(),
-        trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>"),
+        texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(XLMR_SPECIALS), unk_token="<unk>")
     )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    return tok
+
+
+def train_unigram_tokenizer(out_dir: Path, *, vocab_size: int = 1500, model_max_length: int = 512) -> int:
+    """The factory's XLM-R-style tokenizer, trained on PRODUCT_CORPUS and saved reproducibly to
+    `out_dir`; returns its vocab size."""
+    from tokenizers import models
+
+    tok = unigram_tokenizer(_write_corpus_iter(), vocab_size)
     # The trainer's piece order and the scores it gives rare characters vary between processes:
     # rebuild the model with specials first, then pieces by score rounded to 0.1 and text, so the
     # files are reproducible (coarse scores are plenty for a test tokenizer).
     trained = json.loads(tok.to_str())["model"]["vocab"]
     scores = {piece: round(score, 1) for piece, score in trained}
-    ordered = sorted((p for p in scores if p not in specials), key=lambda p: (-scores[p], p))
-    tok.model = models.Unigram([(p, 0.0) for p in specials] + [(p, scores[p]) for p in ordered], unk_id=3)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>",
-        pair="<s> $A </s> </s> $B </s>",
-        special_tokens=[("<s>", 0), ("</s>", 2)],
-    )
+    ordered = sorted((p for p in scores if p not in XLMR_SPECIALS), key=lambda p: (-scores[p], p))
+    tok.model = models.Unigram([(p, 0.0) for p in XLMR_SPECIALS] + [(p, scores[p]) for p in ordered], unk_id=3)
     save_xlmr_tokenizer(tok, out_dir, model_max_length=model_max_length)
     return tok.get_vocab_size()
 
@@ -295,7 +301,7 @@ TINY_ARCH: dict[str, Any] = {
     "intermediate_size": 64,
     # BERT's usual 0.02 makes a model this small give near-identical outputs for every input
     # (reranker logits within 1e-5 of each other); 0.2 spreads them (std ≈ 0.1 over product
-    # titles) so rank checks mean something, while INT8 noise stays below the gaps (≈ 0.03)
+    # titles) so rank checks mean something (INT8 error against that spread: tests/test_models.py)
     "initializer_range": 0.2,
 }
 
