@@ -12,10 +12,10 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from middleware.products import Product, SignalUpdate
 from middleware.schema import SearchRequest, SearchResponse
-from middleware.server.app import ServiceState, get_state
 from middleware.server.errors import ApiError
 from middleware.server.limits import capped_deadline_ms, check_paging
 from middleware.server.metrics import CONTENT_TYPE_LATEST
+from middleware.server.state import ServiceState, get_state
 
 router = APIRouter()
 MAX_TEXT_CHARS = 10_000  # SearchRequest's bound; longer text is cut, never refused
