@@ -444,9 +444,7 @@ def translate_search(
     default_deadline_ms: float | None = None,
 ) -> Translated:
     """A SearchRequest for the pipeline, or Unsupported / ApiError."""
-    body = dict(body or {})
-    if not isinstance(body, dict):
-        raise ApiError(400, "the search body must be a JSON object", param="body")
+    body = dict(body or {})  # the routes have checked it is a JSON object
     refuse_scripts(body, server)
     # paging applies to every search, answered here or upstream
     size = _int_param(body["size"], "size") if "size" in body else _int_param(params.get("size", 10), "size")
