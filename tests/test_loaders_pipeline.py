@@ -512,3 +512,41 @@ def test_kill_9_mid_run_then_resume(tmp_path: Path, cli_env: Path, capsys: pytes
     backend.close()
     dead = Path(summary["dead_letter_path"]).read_text().splitlines()
     assert [json.loads(d)["line"] for d in dead] == [41, 65]  # each once, though line 65 was rejected twice
+
+
+def test_cli_prune_refuses_empty_snapshots_and_mass_deletes(
+    tmp_path: Path, cli_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(capsys, "index", str(write_jsonl(tmp_path / "full.jsonl", catalog(10))))[0] == 0
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("id,title,price\n")
+    for path in (empty, header_only):
+        for extra in ([], ["--force-prune"]):  # an empty snapshot is refused even when forced
+            code, out, err = run_cli(capsys, "index", str(path), "--prune", "--json", *extra)
+            assert code == 4
+            assert json.loads(out)["deleted"] == 0
+            lines = [line for line in err.splitlines() if line.startswith("shopsearch:")]
+            assert lines == [
+                "shopsearch: prune refused: the snapshot holds no valid product (an empty or header-only file?): "
+                "pruning would delete all 10 stored products; refused even with --force-prune"
+            ]
+    backend = EmbeddedBackend(cli_env)
+    assert backend.count() == 10
+    backend.close()
+
+    partial = write_jsonl(tmp_path / "partial.jsonl", catalog(4))  # would delete 6 of 10
+    code, out, err = run_cli(capsys, "index", str(partial), "--prune", "--json")
+    assert code == 4 and json.loads(out)["deleted"] == 0
+    assert "would delete 6 of 10 stored products (60%), more than the allowed 50%" in err
+    code, out, _ = run_cli(capsys, "index", str(partial), "--prune", "--max-prune-share", "0.6", "--json")
+    assert code == 0 and json.loads(out)["deleted"] == 6  # a higher share allows it
+    assert run_cli(capsys, "index", str(write_jsonl(tmp_path / "full.jsonl", catalog(10))))[0] == 0
+    code, out, _ = run_cli(capsys, "index", str(partial), "--prune", "--force-prune", "--json")
+    assert code == 0 and json.loads(out)["deleted"] == 6
+    backend = EmbeddedBackend(cli_env)
+    assert sorted(backend.iter_ids()) == [f"p{i}" for i in range(4)]
+    backend.close()
+    code, _, err = run_cli(capsys, "index", str(partial), "--prune", "--max-prune-share", "1.5")
+    assert code == 2 and "--max-prune-share must be between 0 and 1" in err
