@@ -35,8 +35,9 @@ from middleware.products import Product, SignalUpdate
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PRUNE_SHARE = 0.5  # a snapshot that would delete more of the catalog than this is suspect
+TRUNCATION_EXAMPLES = 20  # cut fields named in the summary (the count covers all)
 DEFAULT_BATCH_SIZE = 512  # texts per embedder call: large enough for its length-sorted sub-batches
-_COUNTS = ("read", "indexed", "updated", "unchanged", "rejected", "duplicates", "embedded", "cache_hits")
+_COUNTS = ("read", "indexed", "updated", "unchanged", "rejected", "duplicates", "embedded", "cache_hits", "truncated")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Batch:
     rejections: list[Rejection] = field(default_factory=list)
     products: dict[str, Product] = field(default_factory=dict)  # by id: a later row replaces an earlier one
     duplicates: int = 0
+    truncations: list[str] = field(default_factory=list)  # "line N: field cut from X to Y characters"
     skipped_ids: list[str] = field(default_factory=list)  # committed by a resumed run's earlier attempt
     # classify step
     to_write: list[Product] = field(default_factory=list)
@@ -258,6 +260,9 @@ def _read_stage(
             if isinstance(result, Rejection):
                 batch.rejections.append(result)
             else:
+                for name, length in result.truncated.items():
+                    cut = len(getattr(result, name) or "")
+                    batch.truncations.append(f"line {row.line}: {name} cut from {length} to {cut} characters")
                 if result.id in batch.products:
                     batch.duplicates += 1
                     del batch.products[result.id]  # re-insert: the batch keeps file order of last occurrences
@@ -365,6 +370,9 @@ def _commit(batch: Batch, backend: Backend, summary: Summary, dead_letters: Dead
     summary.read += batch.rows
     summary.rejected += len(batch.rejections)
     summary.duplicates += batch.duplicates
+    summary.truncated += len(batch.truncations)
+    room = TRUNCATION_EXAMPLES - len(summary.truncated_examples)
+    summary.truncated_examples.extend(batch.truncations[: max(room, 0)])
     summary.indexed += batch.indexed
     summary.updated += batch.updated
     summary.unchanged += batch.unchanged

@@ -550,3 +550,34 @@ def test_cli_prune_refuses_empty_snapshots_and_mass_deletes(
     backend.close()
     code, _, err = run_cli(capsys, "index", str(partial), "--prune", "--max-prune-share", "1.5")
     assert code == 2 and "--max-prune-share must be between 0 and 1" in err
+
+
+def test_multi_megabyte_fields_are_bounded_and_reported(tmp_path: Path, embedder: CountingEmbedder) -> None:
+    from middleware.products import MAX_DESCRIPTION_CHARS, MAX_LABEL_CHARS
+
+    huge = ("小众设计师珐琅手表 waterproof steel " * 200_000)[:5_000_000]
+    rows = [
+        {"id": "long", "title": "珐琅手表", "description": huge},
+        {"id": "bad-brand", "title": "手表", "brand": "b" * 1_000_000},
+        *catalog(3),
+    ]
+    summary, backend = run_index(write_jsonl(tmp_path / "c.jsonl", rows), tmp_path / "s", embedder)
+    try:
+        stored = backend.get(["long"])[0]
+        # kept and searchable, with the description cut for analysis, the models and the store
+        assert len(stored.description or "") <= MAX_DESCRIPTION_CHARS
+        assert huge.startswith(stored.description or "-")
+        assert [c.id for c in backend.bm25("珐琅手表", None, 5)][:1] == ["long"]
+        assert max(len(t) for t in embedder.texts) <= MAX_DESCRIPTION_CHARS + len("珐琅手表\n")
+        assert summary.indexed == 4 and summary.rejected == 1 and summary.truncated == 1
+        assert summary.truncated_examples == [
+            f"line 1: description cut from 5000000 to {len(stored.description)} characters"
+        ]
+        assert any(line.startswith("cut 1 over-long text fields") for line in summary.lines())
+    finally:
+        backend.close()
+    # an exact-value field past its bound is a dead letter naming the field
+    dead = [json.loads(line) for line in (tmp_path / "s" / "dead.jsonl").read_text().splitlines()]
+    assert [(d["line"], d["reason"]) for d in dead] == [
+        (2, f"brand: String should have at most {MAX_LABEL_CHARS} characters")
+    ]
