@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -38,6 +39,12 @@ MAX_ATTRIBUTES_JSON_CHARS = 65_536
 MAX_QUERY_CHARS = 10_000  # a search query's bound (SearchRequest, the REST API, the OpenSearch proxy)
 
 
+# Product ids: 1 to MAX_ID_CHARS characters after trimming, no control characters. Everything else is
+# valid, "/", "?", "#", "%" and spaces included: the REST and OpenSearch-compatible routes take the id as
+# one URL-encoded path segment (or a path tail) and decode it, so any valid id is reachable.
+MAX_ID_CHARS = 512
+
+
 def _product_id(value: Any) -> str:
     # ints are accepted (many catalogs use numeric ids) and stringified; bools are not ids
     if isinstance(value, bool):
@@ -51,8 +58,12 @@ def _product_id(value: Any) -> str:
     value = value.strip()
     if not value:
         raise ValueError("id must not be empty")
-    if len(value) > 512:
-        raise ValueError("id must be at most 512 characters")
+    if len(value) > MAX_ID_CHARS:
+        raise ValueError(f"id must be at most {MAX_ID_CHARS} characters")
+    for position, char in enumerate(value, start=1):
+        # control characters break log lines, CSV exports and HTTP paths; lone surrogates are not UTF-8
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            raise ValueError(f"id must not contain control characters (U+{ord(char):04X} at position {position})")
     return value
 
 

@@ -581,3 +581,30 @@ def test_multi_megabyte_fields_are_bounded_and_reported(tmp_path: Path, embedder
     assert [(d["line"], d["reason"]) for d in dead] == [
         (2, f"brand: String should have at most {MAX_LABEL_CHARS} characters")
     ]
+
+
+def test_id_rule_keeps_url_special_characters_and_rejects_control_characters(tmp_path: Path) -> None:
+    reachable = ["a/b", "q?x=1", "frag#2", "100%", "two words", "斜杠/型号", "x" * 512]
+    lines = [json.dumps({"id": pid, "title": "手表"}, ensure_ascii=False) for pid in reachable]
+    bad = ["tab\there", "new\nline", "nul\u0000", "bell\u0007", "lone\ud800", "del\u007f", "   ", "y" * 513]
+    lines += [json.dumps({"id": pid, "title": "手表"}) for pid in bad]
+    source = tmp_path / "ids.jsonl"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    summary, backend = run_index(source, tmp_path / "s", None)
+    try:
+        assert summary.indexed == len(reachable) and summary.rejected == len(bad)
+        assert sorted(p.id for p in backend.get(reachable)) == sorted(reachable)
+        assert backend.delete(["a/b", "q?x=1", "frag#2"]) == 3
+    finally:
+        backend.close()
+    dead = [json.loads(line) for line in (tmp_path / "s" / "dead.jsonl").read_text().splitlines()]
+    reasons = [d["reason"] for d in dead]
+    assert reasons[:6] == [
+        "id: id must not contain control characters (U+0009 at position 4)",
+        "id: id must not contain control characters (U+000A at position 4)",
+        "id: id must not contain control characters (U+0000 at position 4)",
+        "id: id must not contain control characters (U+0007 at position 5)",
+        "id: id must not contain control characters (U+D800 at position 5)",
+        "id: id must not contain control characters (U+007F at position 4)",
+    ]
+    assert reasons[6:] == ["id: id must not be empty", "id: id must be at most 512 characters"]
