@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -153,6 +154,30 @@ def test_product_writes_when_enabled(server_models, tmp_path):
             assert c.get("/v1/products/n1").status_code == 404
             bad = c.post("/v1/products", json={"products": [{"id": "n2", "title": "x", "price": -1}]})
             assert bad.status_code == 422 and "products.0.price" in bad.json()["message"]
+    finally:
+        store.close()
+
+
+def test_ids_with_url_characters_are_reachable(server_models, tmp_path):
+    """Ids the loader accepts are reachable through every id route (percent-encoded in the path)."""
+    ids = ["a/b", "what?x=1", "h#1", "50%off", "/lead/and/trail/", "手表/女"]
+    store = fill_store(tmp_path / "store", server_models[0])
+    try:
+        app = make_app(store, *server_models, enable_writes=True)
+        with TestClient(app) as c:
+            new = [{"id": i, "title": "全新 机械键盘 青轴"} for i in ids]
+            assert c.post("/v1/products", json={"products": new}).json() == {"upserted": len(ids)}
+            for product_id in ids:
+                encoded = quote(product_id, safe="")
+                got = c.get(f"/v1/products/{encoded}")
+                assert got.status_code == 200, (product_id, got.text)
+                assert got.json()["id"] == product_id
+                doc = c.get(f"/products/_doc/{encoded}")
+                assert doc.status_code == 200 and doc.json()["_id"] == product_id and doc.json()["found"]
+                assert c.get(f"/products/_source/{encoded}").json()["title"] == "全新 机械键盘 青轴"
+                assert c.delete(f"/v1/products/{encoded}").json() == {"deleted": 1}, product_id
+                assert c.get(f"/v1/products/{encoded}").status_code == 404
+                assert c.get(f"/products/_doc/{encoded}").json()["found"] is False
     finally:
         store.close()
 

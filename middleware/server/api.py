@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from middleware.products import Product, SignalUpdate
+from middleware.products import MAX_DESCRIPTION_CHARS, MAX_QUERY_CHARS, Product, SignalUpdate
 from middleware.schema import SearchRequest, SearchResponse
 from middleware.server.errors import ApiError
 from middleware.server.limits import capped_deadline_ms, check_paging
@@ -18,7 +18,6 @@ from middleware.server.metrics import CONTENT_TYPE_LATEST
 from middleware.server.state import ServiceState, get_state
 
 router = APIRouter()
-MAX_TEXT_CHARS = 10_000  # SearchRequest's bound; longer text is cut, never refused
 
 
 class SearchBody(SearchRequest):
@@ -37,7 +36,8 @@ def _prepare(state: ServiceState, body: SearchBody) -> SearchRequest:
     check_paging(settings.server, body.size, body.from_)
     return body.model_copy(
         update={
-            "query": body.query[: min(MAX_TEXT_CHARS, settings.server.max_query_chars)],
+            # longer text is cut, never refused
+            "query": body.query[: min(MAX_QUERY_CHARS, settings.server.max_query_chars)],
             "deadline_ms": capped_deadline_ms(settings, body.deadline_ms),
         }
     )
@@ -142,7 +142,8 @@ async def embed(body: EmbedBody, request: Request) -> EmbedResponse:
     limit = state.settings.server.max_embed_inputs
     if len(texts) > limit:
         raise ApiError(400, f"at most {limit} texts (server.max_embed_inputs)", param="input")
-    cut = state.settings.server.max_query_chars if body.kind == "query" else MAX_TEXT_CHARS
+    # a document is cut where the store cuts a description
+    cut = state.settings.server.max_query_chars if body.kind == "query" else MAX_DESCRIPTION_CHARS
     texts = [t[:cut] for t in texts]
     fn = state.embedder.encode_queries if body.kind == "query" else state.embedder.encode_documents
     vectors = np.asarray(await state.admitted(fn, texts), dtype=np.float32)
@@ -176,7 +177,8 @@ class SignalsBody(BaseModel):
     updates: list[SignalUpdate] = Field(min_length=1, max_length=100_000)
 
 
-@router.get("/v1/products/{product_id}", tags=["products"])
+# `:path`: an id may hold "/" (sent as %2F, which the server decodes before routing)
+@router.get("/v1/products/{product_id:path}", tags=["products"])
 async def get_product(product_id: str, request: Request) -> dict[str, Any]:
     state = get_state(request)
     found = await state.admitted(state.base.backend.get, [product_id])
@@ -208,7 +210,7 @@ async def delete_products(body: DeleteBody, request: Request) -> dict[str, Any]:
     return {"deleted": await state.admitted(state.base.backend.delete, body.ids, bounded=False)}
 
 
-@router.delete("/v1/products/{product_id}", tags=["products"])
+@router.delete("/v1/products/{product_id:path}", tags=["products"])
 async def delete_product(product_id: str, request: Request) -> dict[str, Any]:
     state = get_state(request)
     _writes_enabled(state)

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -290,7 +290,8 @@ def _doc_answer(index: str, doc_id: str, product: dict[str, Any] | None, source_
     return out
 
 
-@router.api_route("/{index}/_doc/{doc_id}", methods=["GET", "HEAD"])
+# `:path`: an id may hold "/" (sent as %2F, which the server decodes before routing)
+@router.api_route("/{index}/_doc/{doc_id:path}", methods=["GET", "HEAD"])
 async def get_doc(index: str, doc_id: str, request: Request) -> Response:
     state = get_state(request)
     names = parse_index_expression(index, state.settings.server)
@@ -305,7 +306,7 @@ async def get_doc(index: str, doc_id: str, request: Request) -> Response:
     return JSONResponse(body, status_code=200 if found else 404)
 
 
-@router.api_route("/{index}/_source/{doc_id}", methods=["GET", "HEAD"])
+@router.api_route("/{index}/_source/{doc_id:path}", methods=["GET", "HEAD"])
 async def get_source(index: str, doc_id: str, request: Request) -> Response:
     state = get_state(request)
     names = parse_index_expression(index, state.settings.server)
@@ -477,8 +478,11 @@ async def everything_else(path: str, request: Request) -> Response:
             f"write and admin endpoints are refused by the shopsearch proxy: {shown} (server.enable_writes)",
             os_type="security_exception",
         )
-    segments = [s for s in path.split("/") if s]
-    if any(s in {".", ".."} for s in segments):
+    # segments from the raw path: an id holding "/" (sent as %2F) stays one segment upstream
+    raw_path: bytes = request.scope.get("raw_path") or quote(path).encode()
+    raw_segments = raw_path.split(b"?")[0].split(b"/")
+    segments = [unquote_to_bytes(s).decode("utf-8", "replace") for s in raw_segments if s]
+    if any(part in {".", ".."} for s in segments for part in s.split("/")):
         raise ApiError(400, "path segments . and .. are not allowed", param="path")
     if segments and not segments[0].startswith("_"):
         parse_index_expression(segments[0], server)
