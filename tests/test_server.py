@@ -114,6 +114,29 @@ def test_v1_rerank_matches_the_model_and_is_shaped_like_cohere(client, server_mo
     assert client.post("/v1/rerank", json={"query": "x", "documents": []}).status_code == 422
 
 
+def test_v1_rerank_takes_tei_requests_and_answers_in_tei_shape(client, server_models):
+    texts = ["小众设计师珐琅手表", "无线蓝牙耳机", "保温杯 316 不锈钢"]
+    r = client.post("/v1/rerank", json={"query": QUERY, "texts": texts, "truncate": True})
+    assert r.status_code == 200, r.text
+    ranks = r.json()
+    direct = server_models[1].score(QUERY, texts)
+    assert [x["index"] for x in ranks] == sorted(range(3), key=lambda i: (-float(direct[i]), i))
+    assert ranks[0] == {"index": ranks[0]["index"], "score": pytest.approx(float(direct[ranks[0]["index"]]), abs=1e-5)}
+    raw = client.post("/v1/rerank", json={"query": QUERY, "texts": texts, "raw_scores": True, "return_text": True})
+    logits = server_models[1].score_logits(QUERY, texts)
+    for item in raw.json():
+        assert item["score"] == pytest.approx(float(logits[item["index"]]), abs=1e-4)
+        assert item["text"] == texts[item["index"]]
+    for bad in (
+        {"query": QUERY},  # neither shape
+        {"query": QUERY, "texts": texts, "documents": texts},  # both
+        {"query": QUERY, "texts": texts, "top_n": 1},  # Cohere's option on TEI's shape
+        {"query": QUERY, "documents": texts, "raw_scores": True},
+    ):
+        r = client.post("/v1/rerank", json=bad)
+        assert r.status_code == 422, (bad, r.text)
+
+
 def test_v1_embed_matches_the_model(client, server_models):
     r = client.post("/v1/embed", json={"inputs": ["手表", "耳机"]})
     assert r.status_code == 200, r.text
