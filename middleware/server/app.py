@@ -224,7 +224,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
             await asyncio.to_thread(state.warm_up)
         # Models, tokenizers and imported libraries are millions of long-lived objects: left in the
         # collector's oldest generation, every full collection walks them all and stalls every request
-        # (measured 125-300 ms under load, the p99 of refusals). Freeze them out of its reach.
+        # in flight. Freeze them out of its reach.
         gc.collect()
         gc.freeze()
         try:
