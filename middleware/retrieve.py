@@ -18,6 +18,8 @@ from middleware.redaction import redact
 
 log = logging.getLogger(__name__)
 
+FALLBACK_SHARE = 0.25  # of the budget kept for BM25 alone when server-side fusion cannot run
+
 
 class QueryEncoder(Protocol):
     def encode_queries(self, texts: list[str]) -> np.ndarray: ...
@@ -70,8 +72,10 @@ def retrieve(
     if use_knn:
         assert embed_query is not None
         t = time.perf_counter()
+        # without a BM25 query in flight, a late embedding must leave the fallback BM25 query some time
+        reserve_s = FALLBACK_SHARE * deadline.budget_s if server_fuses else 0.0
         try:
-            vector = deadline.wait(embed_query(text))[0]
+            vector = deadline.wait(embed_query(text), reserve_s=reserve_s)[0]
         except Exception as err:  # model failure or budget spent: BM25 alone still answers
             log.warning("query embedding failed: %s", redact(str(err)))
             out.degraded.append("embed")
@@ -79,7 +83,8 @@ def retrieve(
 
     if vector is not None and server_fuses:
         assert isinstance(backend, HybridBackend)
-        _collect(out, "hybrid", executor.submit(backend.hybrid, text, vector, filters, n), deadline)
+        hybrid = executor.submit(backend.hybrid, text, vector, filters, n)
+        _collect(out, "hybrid", hybrid, deadline, reserve_s=FALLBACK_SHARE * deadline.budget_s)
         if "hybrid" not in out.degraded:
             watch.record("retrieve", started)
             return out
@@ -101,9 +106,9 @@ def retrieve(
     return out
 
 
-def _collect(out: Retrieved, name: str, future: Future, deadline: Deadline) -> None:
+def _collect(out: Retrieved, name: str, future: Future, deadline: Deadline, reserve_s: float = 0.0) -> None:
     try:
-        result = deadline.wait(future)
+        result = deadline.wait(future, reserve_s=reserve_s)
     except Exception as err:
         log.warning("%s retrieval failed: %s", name, redact(str(err)))
         out.degraded.append(name)

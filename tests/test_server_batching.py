@@ -229,10 +229,11 @@ class ServerFusingStore(EmbeddedBackend):
 
     fuses_server_side = True
 
-    def __init__(self, real: EmbeddedBackend, *, hybrid_fails: bool = False) -> None:
+    def __init__(self, real: EmbeddedBackend, *, hybrid_fails: bool = False, hybrid_delay_s: float = 0.0) -> None:
         self.__dict__.update(real.__dict__)
         self.sent: list[str] = []
         self.hybrid_fails = hybrid_fails
+        self.hybrid_delay_s = hybrid_delay_s
 
     def bm25(self, text, filters, n):  # type: ignore[no-untyped-def]
         self.sent.append("bm25")
@@ -244,6 +245,7 @@ class ServerFusingStore(EmbeddedBackend):
 
     def hybrid(self, text, vector, filters, n):  # type: ignore[no-untyped-def]
         self.sent.append("hybrid")
+        time.sleep(self.hybrid_delay_s)
         if self.hybrid_fails:
             raise RuntimeError("injected hybrid failure")
         return rrf({"bm25": super().bm25(text, filters, n), "knn": super().knn(vector, filters, n)}, k=60)
@@ -263,3 +265,17 @@ def test_server_side_fusion_sends_only_the_queries_it_uses(server_models, server
         assert sorted(store.sent) == ["bm25", "hybrid", "knn"] and answer.degraded == ["hybrid"]
     else:  # no speculative BM25 query next to the hybrid one
         assert store.sent == ["hybrid"] and answer.degraded == []
+
+
+def test_a_late_server_side_fusion_leaves_time_for_bm25_alone(server_models, server_store):
+    embedder, _ = server_models
+    store = ServerFusingStore(server_store, hybrid_delay_s=2.0)
+    pipeline = Pipeline(Settings(deadline_ms=1000), store, embedder, None, owns_backend=False)
+    try:
+        started = time.perf_counter()
+        answer = pipeline.search(SearchRequest(query="手表", size=3))
+        elapsed = time.perf_counter() - started
+    finally:
+        pipeline.close()
+    assert answer.hits and "hybrid" in answer.degraded
+    assert elapsed < 1.9  # within the deadline (and its slack), not after the late hybrid query

@@ -1,8 +1,9 @@
 """Shared batches: concurrent requests' query embeddings and rerank pairs share model calls.
 
 The queue is the one planner of model calls (router → queue → backend, as text-embeddings-inference
-does): a request tokenises its texts on its own thread, queues the encodings, and awaits their futures;
-one worker thread per model cuts the queue into batches and hands each batch to the model as it is.
+does): a request's cache lookups and tokenisation run on a small preparation pool, its cache misses are
+queued as encodings, and the search awaits their futures without holding a thread; one worker thread
+per model cuts the queue into batches and hands each batch to the model as it is.
 
 - a batch takes waiting items in arrival order while it stays within `max_batch_size` rows and
   `max_batch_tokens` padded tokens (rows × longest row); an item waits at most `max_wait_ms` for
@@ -25,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Executor, Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -233,6 +234,34 @@ def done(value: R) -> Future[R]:
     return fut
 
 
+def deferred(pool: Executor, start: Callable[[], Future[R]]) -> Future[R]:
+    """The future `start()` returns, with `start` itself run on `pool`: the caller's thread never
+    blocks, and a pool thread is held only while `start` runs (not while its future waits)."""
+    out: Future[R] = Future()
+
+    def copy(inner: Future[R]) -> None:
+        if inner.cancelled():
+            _settle_exception(out, CancelledError())
+        elif inner.exception() is not None:
+            _settle_exception(out, inner.exception())  # type: ignore[arg-type]
+        else:
+            _settle(out, inner.result)
+
+    def run() -> None:
+        if out.cancelled():  # its caller gave up before it started
+            return
+        try:
+            inner = start()
+        except BaseException as err:
+            _settle_exception(out, err)
+            return
+        out.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
+        inner.add_done_callback(copy)
+
+    pool.submit(run)
+    return out
+
+
 # ------------------------------------------------------------------------------------ model wrappers
 
 
@@ -287,8 +316,9 @@ def _cache_put(cache: LruTtlCache[Any] | None, key: Any, value: Any) -> None:
 
 
 class _Runner(Generic[E, O]):
-    """Where a wrapper's cache misses go: the shared queue, or (batching off) one model call per
-    request on a thread of its own."""
+    """Where a wrapper's work goes. Each request's preparation (cache lookups, tokenisation) runs on a
+    small pool, so a slow step can be abandoned at the request's deadline; its cache misses then wait
+    in the shared queue, holding no thread (batching off: one model call per request, in that step)."""
 
     def __init__(
         self,
@@ -302,13 +332,13 @@ class _Runner(Generic[E, O]):
         overhead_tokens: int | None,
         on_batch: BatchObserver | None,
         more_expected: Callable[[int], bool] | None,
-        unbatched_workers: int,
+        workers: int,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
         self._on_batch = on_batch
         self.queue: BatchQueue[E, O] | None = None
-        self._threads: ThreadPoolExecutor | None = None
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"shopsearch-{name}")
         if batching:
             self.queue = BatchQueue(
                 name,
@@ -320,30 +350,30 @@ class _Runner(Generic[E, O]):
                 on_batch=on_batch,
                 more_expected=more_expected,
             )
-        else:
-            self._threads = ThreadPoolExecutor(unbatched_workers, thread_name_prefix=f"shopsearch-{name}")
 
-    def submit(self, items: list[E], tokens: list[int], combine: Callable[[list[O]], R]) -> Future[R]:
+    def submit(self, prepare: Callable[[], Future[R] | tuple[list[E], list[int], Callable[[list[O]], R]]]) -> Future[R]:
+        """`prepare()` (on the pool): a finished future (all cache hits), or the cache misses to run
+        as (items, token counts, combine(outputs) -> result)."""
+        return deferred(self._pool, lambda: self._start(prepare()))
+
+    def _start(self, prepared: Future[R] | tuple[list[E], list[int], Callable[[list[O]], R]]) -> Future[R]:
+        if isinstance(prepared, Future):
+            return prepared
+        items, tokens, combine = prepared
         if self.queue is not None:
             return gather(self.queue.submit(items, tokens), combine)
-        assert self._threads is not None
-
-        def run() -> R:
-            started = time.perf_counter()
-            try:
-                outputs = list(self._run_batch(items))
-            finally:
-                if self._on_batch is not None:
-                    self._on_batch(self.name, len(items), time.perf_counter() - started)
-            return combine(outputs)
-
-        return self._threads.submit(run)
+        started = time.perf_counter()
+        try:
+            outputs = list(self._run_batch(items))
+        finally:
+            if self._on_batch is not None:
+                self._on_batch(self.name, len(items), time.perf_counter() - started)
+        return done(combine(outputs))
 
     def close(self) -> None:
         if self.queue is not None:
             self.queue.close()
-        if self._threads is not None:
-            self._threads.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class BatchingEmbedder:
@@ -360,7 +390,7 @@ class BatchingEmbedder:
         max_wait_ms: float = 3.0,
         on_batch: BatchObserver | None = None,
         more_expected: Callable[[int], bool] | None = None,
-        unbatched_workers: int = 8,
+        workers: int = 8,
     ) -> None:
         self.inner = inner
         self.model_id = _model_id(inner)
@@ -376,7 +406,7 @@ class BatchingEmbedder:
             overhead_tokens=BATCH_OVERHEAD_TOKENS if self._tokenizing else None,
             on_batch=on_batch,
             more_expected=more_expected,
-            unbatched_workers=unbatched_workers,
+            workers=workers,
         )
 
     @property
@@ -391,6 +421,9 @@ class BatchingEmbedder:
     def submit_queries(self, texts: list[str]) -> Future[np.ndarray]:
         """A future of the queries' vectors (n, dim); cache hits cost no model time."""
         texts = list(texts)
+        return self._runner.submit(lambda: self._prepare(texts))
+
+    def _prepare(self, texts: list[str]) -> Any:
         vectors: list[np.ndarray | None] = [None] * len(texts)
         missing: list[int] = []
         for i, text in enumerate(texts):
@@ -415,7 +448,7 @@ class BatchingEmbedder:
                 _cache_put(self.cache, (self.model_id, texts[i]), vector)
             return self._stack(vectors)
 
-        return self._runner.submit(items, tokens, combine)
+        return items, tokens, combine
 
     def _stack(self, vectors: list[np.ndarray | None]) -> np.ndarray:
         if not vectors:
@@ -447,7 +480,7 @@ class BatchingReranker:
         max_wait_ms: float = 3.0,
         on_batch: BatchObserver | None = None,
         more_expected: Callable[[int], bool] | None = None,
-        unbatched_workers: int = 8,
+        workers: int = 8,
     ) -> None:
         self.inner = inner
         self.model_id = _model_id(inner)
@@ -463,7 +496,7 @@ class BatchingReranker:
             overhead_tokens=BATCH_OVERHEAD_TOKENS if self._tokenizing else None,
             on_batch=on_batch,
             more_expected=more_expected,
-            unbatched_workers=unbatched_workers,
+            workers=workers,
         )
 
     def _run(self, items: list[Any]) -> list[float]:
@@ -482,6 +515,9 @@ class BatchingReranker:
     def submit_scores(self, query: str, docs: list[str]) -> Future[np.ndarray]:
         """A future of one score per document; cache hits cost no model time."""
         docs = list(docs)
+        return self._runner.submit(lambda: self._prepare(query, docs))
+
+    def _prepare(self, query: str, docs: list[str]) -> Any:
         scores: list[float | None] = [None] * len(docs)
         keys = [(self.model_id, query, text_hash(d)) for d in docs]
         missing: list[int] = []
@@ -506,7 +542,7 @@ class BatchingReranker:
                 _cache_put(self.cache, keys[i], value)
             return np.asarray(scores, dtype=np.float32)
 
-        return self._runner.submit(items, tokens, combine)
+        return items, tokens, combine
 
     def score(self, query: str, docs: list[str]) -> np.ndarray:
         return self.submit_scores(query, docs).result()

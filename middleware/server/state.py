@@ -46,7 +46,7 @@ class ServiceState:
             "max_wait_ms": srv.batch_max_wait_ms,
             "on_batch": self.metrics.observe_batch,
             "more_expected": self._more_expected,
-            "unbatched_workers": srv.max_queue,
+            "workers": srv.max_queue,
         }
         if base.embedder is not None:
             cache = LruTtlCache("embedding", srv.embedding_cache_size, srv.cache_ttl_s, self.metrics.observe_cache)
