@@ -56,11 +56,9 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for module, path in names.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        edges = _imported(tree, module, path.name == "__init__.py", known)
-        # a package's __init__ that re-exports its submodules is not a cycle with them: importing
-        # pkg.sub runs pkg/__init__ first, but pkg.sub does not depend on what __init__ defines
-        # unless it imports the package itself, which is an ordinary edge
-        graph[module] = edges
+        # importing pkg.sub runs pkg/__init__ first, but that is no edge from pkg.sub to pkg: only an
+        # import of the package itself is
+        graph[module] = _imported(tree, module, path.name == "__init__.py", known)
     return graph
 
 
