@@ -34,8 +34,10 @@ from middleware.products import Product, SignalUpdate
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_PRUNE_SHARE = 0.5  # a snapshot that would delete more of the catalog than this is suspect
+TRUNCATION_EXAMPLES = 20  # cut fields named in the summary (the count covers all)
 DEFAULT_BATCH_SIZE = 512  # texts per embedder call: large enough for its length-sorted sub-batches
-_COUNTS = ("read", "indexed", "updated", "unchanged", "rejected", "duplicates", "embedded", "cache_hits")
+_COUNTS = ("read", "indexed", "updated", "unchanged", "rejected", "duplicates", "embedded", "cache_hits", "truncated")
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Batch:
     rejections: list[Rejection] = field(default_factory=list)
     products: dict[str, Product] = field(default_factory=dict)  # by id: a later row replaces an earlier one
     duplicates: int = 0
+    truncations: list[str] = field(default_factory=list)  # "line N: field cut from X to Y characters"
     skipped_ids: list[str] = field(default_factory=list)  # committed by a resumed run's earlier attempt
     # classify step
     to_write: list[Product] = field(default_factory=list)
@@ -70,6 +73,9 @@ class _SeenIds:
     def add(self, ids: Iterable[str]) -> None:
         with self._db:
             self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", ((i,) for i in ids))
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM seen").fetchone()[0])
 
     def absent(self, ids: Sequence[str]) -> list[str]:
         marks = ",".join("?" * len(ids))
@@ -106,12 +112,17 @@ def index_rows(
     resume_state: dict[str, Any] | None = None,
     prune: bool = False,
     force_prune: bool = False,
+    max_prune_share: float = DEFAULT_MAX_PRUNE_SHARE,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_inflight: int = 4,
     progress: Progress | None = None,
     summary: Summary | None = None,
 ) -> Summary:
     """Index `rows` into `backend`, embedding with `embedder` (None: BM25 only). Returns the summary.
+
+    With `prune`, stored products absent from `rows` are deleted afterwards, unless the snapshot looks
+    incomplete (`summary.prune_refused` says why): it holds no valid product (always refused), rows were
+    rejected, or it would delete more than `max_prune_share` of the store (both lifted by `force_prune`).
 
     Raises whatever the backend or the embedder raise (after stopping the worker threads); the
     checkpoint then holds the last committed line for `resume_state`.
@@ -187,13 +198,12 @@ def index_rows(
                         batch.rows, indexed=summary.indexed, updated=summary.updated, rejected=summary.rejected
                     )
         if prune and seen is not None:
-            if summary.rejected and not force_prune:
-                summary.prune_refused = (
-                    f"{summary.rejected} rows were rejected, and pruning would delete the products those rows "
-                    "describe; fix them or pass --force-prune"
-                )
-            else:
-                summary.deleted += _prune(backend, seen)
+            doomed = _absent_ids(backend, seen)
+            summary.prune_refused = _prune_refusal(
+                seen.count(), len(doomed), backend.count(), summary.rejected, force_prune, max_prune_share
+            )
+            if summary.prune_refused is None:
+                summary.deleted += _delete(backend, doomed)
                 summary.pruned = True
         if checkpoint is not None:
             checkpoint.clear()  # complete: the next run starts from the top
@@ -250,6 +260,9 @@ def _read_stage(
             if isinstance(result, Rejection):
                 batch.rejections.append(result)
             else:
+                for name, length in result.truncated.items():
+                    cut = len(getattr(result, name) or "")
+                    batch.truncations.append(f"line {row.line}: {name} cut from {length} to {cut} characters")
                 if result.id in batch.products:
                     batch.duplicates += 1
                     del batch.products[result.id]  # re-insert: the batch keeps file order of last occurrences
@@ -357,6 +370,9 @@ def _commit(batch: Batch, backend: Backend, summary: Summary, dead_letters: Dead
     summary.read += batch.rows
     summary.rejected += len(batch.rejections)
     summary.duplicates += batch.duplicates
+    summary.truncated += len(batch.truncations)
+    room = TRUNCATION_EXAMPLES - len(summary.truncated_examples)
+    summary.truncated_examples.extend(batch.truncations[: max(room, 0)])
     summary.indexed += batch.indexed
     summary.updated += batch.updated
     summary.unchanged += batch.unchanged
@@ -364,14 +380,42 @@ def _commit(batch: Batch, backend: Backend, summary: Summary, dead_letters: Dead
     summary.cache_hits += batch.cache_hits
 
 
-def _prune(backend: Backend, seen: _SeenIds) -> int:
-    """Delete stored products whose ids were not in the snapshot. Ids are collected before any delete."""
+def _absent_ids(backend: Backend, seen: _SeenIds) -> list[str]:
+    """Stored ids that were not in the snapshot, all collected before anything is deleted."""
     doomed: list[str] = []
     for chunk in _chunks(iter(backend.iter_ids()), 500):
         doomed.extend(seen.absent(chunk))
+    return doomed
+
+
+def _prune_refusal(
+    snapshot_ids: int, doomed: int, stored: int, rejected: int, force: bool, max_share: float
+) -> str | None:
+    """Why a prune must not run (one line), or None. An empty snapshot is refused even when forced."""
+    if snapshot_ids == 0:
+        return (
+            f"the snapshot holds no valid product (an empty or header-only file?): pruning would delete all "
+            f"{stored} stored products; refused even with --force-prune"
+        )
+    if force:
+        return None
+    if rejected:
+        return (
+            f"{rejected} rows were rejected, and pruning would delete the products those rows "
+            "describe; fix them or pass --force-prune"
+        )
+    if stored and doomed > max_share * stored:
+        return (
+            f"pruning would delete {doomed} of {stored} stored products ({doomed / stored:.0%}), more than "
+            f"the allowed {max_share:.0%} (--max-prune-share): check the snapshot is complete, or pass --force-prune"
+        )
+    return None
+
+
+def _delete(backend: Backend, ids: list[str]) -> int:
     deleted = 0
-    for i in range(0, len(doomed), 1000):
-        deleted += backend.delete(doomed[i : i + 1000])
+    for i in range(0, len(ids), 1000):
+        deleted += backend.delete(ids[i : i + 1000])
     return deleted
 
 

@@ -21,6 +21,8 @@ class Summary:
     rejected: int = 0  # rows sent to the dead-letter file
     duplicates: int = 0  # rows superseded by a later row with the same id in the same batch
     not_found: int = 0  # signal updates for ids not in the store
+    truncated: int = 0  # fields cut to their bound (long descriptions); the product was indexed
+    truncated_examples: list[str] = field(default_factory=list)  # the first few, "line N: field cut …"
     deleted: int = 0
     embedded: int = 0  # texts the model encoded
     cache_hits: int = 0  # texts whose vector came from the embedding cache
@@ -60,6 +62,9 @@ class Summary:
         out = [", ".join(parts) + f" in {self.seconds:.1f} s ({self.docs_per_second:.0f} docs/s)"]
         if self.embedded or self.cache_hits:
             out.append(f"embedded {self.embedded} texts, {self.cache_hits} from the embedding cache")
+        if self.truncated:
+            first = f" ({self.truncated_examples[0]})" if self.truncated_examples else ""
+            out.append(f"cut {self.truncated} over-long text fields to their bounds; the products were indexed{first}")
         if self.resumed_from_line:
             out.append(f"resumed after line {self.resumed_from_line}")
         if (self.rejected or self.not_found) and self.dead_letter_path:

@@ -111,7 +111,6 @@ class ServerSettings(BaseModel):
     embedding_cache_size: int = Field(10_000, ge=0)
     rerank_cache_size: int = Field(100_000, ge=0)
     cache_ttl_s: float = Field(600.0, gt=0)
-    # added for the HTTP service (issue 5)
     batching_enabled: bool = True  # gather concurrent model calls into shared batches
     max_deadline_ms: float = Field(10_000.0, gt=0)  # cap on a request's own deadline_ms
     allow_scripts: bool = False  # pass bodies carrying scripts to the upstream (code runs on the cluster)
@@ -120,6 +119,8 @@ class ServerSettings(BaseModel):
     max_embed_inputs: int = Field(256, ge=1)  # /v1/embed
     max_mget_docs: int = Field(1000, ge=1)  # proxy _mget: ids per request (bounded work per slot)
     warm_up: bool = True  # one search at startup, before taking traffic (lazy loads)
+    # the shared batching queue: tokens (rows x longest row) in one model call
+    batch_max_tokens: int = Field(16_384, ge=1)
 
     @field_validator("api_keys", "allowed_indices", mode="before")
     @classmethod
@@ -167,6 +168,7 @@ class Settings(BaseSettings):
     retrieve_n: int = Field(100, ge=1)
     rerank_k: int | None = Field(None, ge=0)  # None: 100 with a GPU, 20 on CPU
     deadline_ms: float = Field(2000.0, gt=0)
+    max_query_chars: int = Field(512, ge=1)  # longer queries are cut before retrieval and the models
     fusion: FusionSettings = Field(default_factory=FusionSettings)
     business: BusinessSettings = Field(default_factory=BusinessSettings)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from middleware import business, fusion
 from middleware.backends.base import Backend
@@ -17,14 +17,18 @@ from middleware.budget import Deadline, Stopwatch
 from middleware.config import Settings
 from middleware.products import Candidate, Filters
 from middleware.redaction import redact
-from middleware.rerank import PairScorer, rerank_head
-from middleware.retrieve import QueryEncoder, retrieve
+from middleware.rerank import PairScorer, QueuedPairScorer, rerank_head
+from middleware.retrieve import QueryEncoder, QueuedQueryEncoder, retrieve
 from middleware.schema import Explanation, Hit, SearchRequest, SearchResponse
 
 log = logging.getLogger(__name__)
 
 
 class Pipeline:
+    """One search over a backend and optional models. Models that queue their own work (the server's
+    shared batches: `QueuedQueryEncoder`, `QueuedPairScorer`) are awaited through their futures; any
+    other model call runs on one of the pipeline's stage threads, as do the backend's queries."""
+
     def __init__(
         self,
         settings: Settings,
@@ -34,15 +38,38 @@ class Pipeline:
         *,
         gpu: bool = False,
         stage_workers: int = 8,
+        owns_backend: bool = True,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.embedder = embedder
         self.reranker = reranker
-        # top-K rerank is a GPU job: the full reranker costs ~0.07 s a pair on 2 CPU cores (INT8)
+        self.owns_backend = owns_backend
+        # top-K rerank is a GPU job: the full reranker is slow per pair on CPU cores
         self.default_rerank_k = settings.rerank_k if settings.rerank_k is not None else (100 if gpu else 20)
-        # a search holds a stage thread while its model calls run (or wait for a shared batch)
         self._executor = ThreadPoolExecutor(max_workers=stage_workers, thread_name_prefix="shopsearch-stage")
+
+    def with_models(
+        self,
+        embedder: QueryEncoder | None,
+        reranker: PairScorer | None,
+        *,
+        settings: Settings | None = None,
+        stage_workers: int = 8,
+    ) -> Pipeline:
+        """A pipeline over the same backend and rerank default with other models (e.g. the same models
+        behind caches and shared batches) and optionally other settings. It has its own stage threads;
+        closing it leaves the backend to this pipeline."""
+        derived = Pipeline(
+            settings or self.settings,
+            self.backend,
+            embedder,
+            reranker,
+            stage_workers=stage_workers,
+            owns_backend=False,
+        )
+        derived.default_rerank_k = self.default_rerank_k
+        return derived
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Pipeline:
@@ -61,14 +88,14 @@ class Pipeline:
         deadline = Deadline(req.deadline_ms or cfg.deadline_ms)
         watch = Stopwatch()
         weights = req.business or cfg.business
-        query = req.query.strip()[: cfg.server.max_query_chars]  # longer text is cut for the models
+        query = req.query.strip()[: cfg.max_query_chars]  # longer text is cut for retrieval and the models
         filters = _with_stock_filter(req.filters, weights.out_of_stock == "filter" and req.business_enabled)
         n = max(req.retrieve_n or cfg.retrieve_n, req.from_ + req.size)
 
         # 1. retrieve
         found = retrieve(
             backend=self.backend,
-            encoder=self.embedder,
+            embed_query=self._embed_query if self.embedder is not None else None,
             text=query,
             filters=filters,
             n=n,
@@ -102,11 +129,10 @@ class Pipeline:
             try:
                 candidates = rerank_head(
                     candidates,
-                    scorer=self.reranker,
+                    score=self._score,
                     query=query,
                     k=k,
                     deadline=deadline,
-                    executor=self._executor,
                     # leave a sliver of the budget for scoring, paging and the response
                     reserve_s=min(0.05, 0.1 * deadline.budget_s),
                 )
@@ -134,13 +160,27 @@ class Pipeline:
             reranked=reranked,
         )
 
+    def _embed_query(self, text: str) -> Future:
+        assert self.embedder is not None
+        if isinstance(self.embedder, QueuedQueryEncoder):
+            return self.embedder.submit_queries([text])
+        return self._executor.submit(self.embedder.encode_queries, [text])
+
+    def _score(self, query: str, docs: list[str]) -> Future:
+        assert self.reranker is not None
+        if isinstance(self.reranker, QueuedPairScorer):
+            return self.reranker.submit_scores(query, docs)
+        return self._executor.submit(self.reranker.score, query, docs)
+
     async def asearch(self, req: SearchRequest) -> SearchResponse:
         """The same search, off the event loop (model calls and SQLite are blocking)."""
         return await asyncio.to_thread(self.search, req)
 
     def close(self) -> None:
+        """Stop the stage threads; close the backend unless this pipeline borrows it (`with_models`)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self.backend.close()
+        if self.owns_backend:
+            self.backend.close()
 
 
 def _with_stock_filter(filters: Filters | None, only_in_stock: bool) -> Filters | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -15,10 +16,33 @@ from pydantic import (
     Field,
     NonNegativeFloat,
     NonNegativeInt,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+# Text bounds. One long row must not stall a load: analysis (jieba) and tokenisation cost grow with
+# the text, and a multi-megabyte description once took minutes for a single row.
+# - The free-text description is CUT to MAX_DESCRIPTION_CHARS (the row is kept, and the loader reports
+#   the cut): the models read a few hundred tokens of it at most, and BM25 gains nothing from the tail,
+#   while rejecting would drop a product that is on sale.
+# - Fields used as exact values (title, brand, categories, url, image, attributes) are REJECTED past
+#   their bound, naming the field: a cut value would be a different value (a brand filter would miss it,
+#   a URL would be broken), and such lengths mean a broken export, not a real product.
+MAX_TITLE_CHARS = 2000
+MAX_DESCRIPTION_CHARS = 10_000
+MAX_LABEL_CHARS = 512  # brand, and each category
+MAX_CATEGORIES = 64
+MAX_URL_CHARS = 8192
+MAX_ATTRIBUTES_JSON_CHARS = 65_536
+MAX_QUERY_CHARS = 10_000  # a search query's bound (SearchRequest, the REST API, the OpenSearch proxy)
+
+
+# Product ids: 1 to MAX_ID_CHARS characters after trimming, no control characters. Everything else is
+# valid, "/", "?", "#", "%" and spaces included: the REST and OpenSearch-compatible routes take the id as
+# one URL-encoded path segment (or a path tail) and decode it, so any valid id is reachable.
+MAX_ID_CHARS = 512
 
 
 def _product_id(value: Any) -> str:
@@ -34,8 +58,12 @@ def _product_id(value: Any) -> str:
     value = value.strip()
     if not value:
         raise ValueError("id must not be empty")
-    if len(value) > 512:
-        raise ValueError("id must be at most 512 characters")
+    if len(value) > MAX_ID_CHARS:
+        raise ValueError(f"id must be at most {MAX_ID_CHARS} characters")
+    for position, char in enumerate(value, start=1):
+        # control characters break log lines, CSV exports and HTTP paths; lone surrogates are not UTF-8
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            raise ValueError(f"id must not contain control characters (U+{ord(char):04X} at position {position})")
     return value
 
 
@@ -79,16 +107,20 @@ class Product(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True, allow_inf_nan=False)
 
     id: ProductId
-    title: str = Field(min_length=1, max_length=2000)
-    description: str | None = None
-    brand: str | None = None
-    category: list[str] = Field(default_factory=list)
+    title: str = Field(min_length=1, max_length=MAX_TITLE_CHARS)
+    description: str | None = None  # cut to MAX_DESCRIPTION_CHARS (see `truncated`)
+    brand: str | None = Field(None, max_length=MAX_LABEL_CHARS)
+    category: list[Annotated[str, Field(max_length=MAX_LABEL_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_CATEGORIES
+    )
     price: Price | None = None
     sales: Count = 0
     stock: Count | None = None  # None: stock not tracked, treated as in stock
     attributes: dict[str, Any] = Field(default_factory=dict)
-    url: str | None = None
-    image: str | None = None
+    url: str | None = Field(None, max_length=MAX_URL_CHARS)
+    image: str | None = Field(None, max_length=MAX_URL_CHARS)
+    # field -> original length, for fields cut on validation (not stored: a stored product is already cut)
+    _truncated: dict[str, int] = PrivateAttr(default_factory=dict)
 
     @field_validator("category", mode="before")
     @classmethod
@@ -108,12 +140,29 @@ class Product(BaseModel):
             return str(value)
         return value
 
+    @field_validator("attributes", mode="after")
+    @classmethod
+    def _bounded_attributes(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value:
+            size = len(json.dumps(value, ensure_ascii=False, default=str))
+            if size > MAX_ATTRIBUTES_JSON_CHARS:
+                raise ValueError(f"at most {MAX_ATTRIBUTES_JSON_CHARS} characters as JSON, got {size}")
+        return value
+
     @model_validator(mode="after")
     def _empty_to_none(self) -> Product:
         for name in ("description", "brand", "url", "image"):
             if getattr(self, name) == "":
                 object.__setattr__(self, name, None)
+        if self.description is not None and len(self.description) > MAX_DESCRIPTION_CHARS:
+            self._truncated["description"] = len(self.description)
+            object.__setattr__(self, "description", self.description[:MAX_DESCRIPTION_CHARS].rstrip())
         return self
+
+    @property
+    def truncated(self) -> dict[str, int]:
+        """Fields cut to their bound when this product was validated: field -> original length."""
+        return dict(self._truncated)
 
     @property
     def in_stock(self) -> bool:

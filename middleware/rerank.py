@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Executor
-from typing import Protocol
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -18,6 +19,16 @@ class PairScorer(Protocol):
     def score(self, query: str, docs: list[str]) -> np.ndarray: ...
 
 
+@runtime_checkable
+class QueuedPairScorer(Protocol):
+    """A scorer that queues its own work (shared batches): the caller awaits a future instead of
+    holding a thread while the batch forms."""
+
+    def score(self, query: str, docs: list[str]) -> np.ndarray: ...
+
+    def submit_scores(self, query: str, docs: list[str]) -> Future[np.ndarray]: ...
+
+
 def rerank_text(cand: Candidate) -> str:
     """What the cross-encoder reads for a product."""
     if cand.product is None:
@@ -28,14 +39,15 @@ def rerank_text(cand: Candidate) -> str:
 def rerank_head(
     candidates: list[Candidate],
     *,
-    scorer: PairScorer,
+    score: Callable[[str, list[str]], Future[np.ndarray]],
     query: str,
     k: int,
     deadline: Deadline,
-    executor: Executor,
     reserve_s: float = 0.0,
 ) -> list[Candidate]:
     """Reranked top-k first (by score, ties in fused order), then the rest in fused order.
+
+    `score(query, docs)`: a future of one score per document.
 
     Raises on failure or when the budget runs out; the caller keeps the fused order then.
     """
@@ -43,7 +55,7 @@ def rerank_head(
     if not head:
         return candidates
     docs = [rerank_text(c) for c in head]
-    scores = deadline.wait(executor.submit(scorer.score, query, docs), reserve_s=reserve_s)
+    scores = deadline.wait(score(query, docs), reserve_s=reserve_s)
     scores = np.asarray(scores, dtype=np.float32)
     if scores.shape != (len(head),):
         raise ValueError(f"reranker returned {scores.shape} scores for {len(head)} documents")

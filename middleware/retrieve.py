@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -17,9 +18,21 @@ from middleware.redaction import redact
 
 log = logging.getLogger(__name__)
 
+FALLBACK_SHARE = 0.25  # of the budget kept for BM25 alone when server-side fusion cannot run
+
 
 class QueryEncoder(Protocol):
     def encode_queries(self, texts: list[str]) -> np.ndarray: ...
+
+
+@runtime_checkable
+class QueuedQueryEncoder(Protocol):
+    """An encoder that queues its own work (shared batches): the caller awaits a future instead of
+    holding a thread while the batch forms."""
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray: ...
+
+    def submit_queries(self, texts: list[str]) -> Future[np.ndarray]: ...
 
 
 @dataclass
@@ -36,7 +49,7 @@ class RetrievalFailed(BackendError):
 def retrieve(
     *,
     backend: Backend,
-    encoder: QueryEncoder | None,
+    embed_query: Callable[[str], Future[np.ndarray]] | None,
     text: str,
     filters: Filters | None,
     n: int,
@@ -46,30 +59,38 @@ def retrieve(
     executor: Executor,
     watch: Stopwatch,
 ) -> Retrieved:
+    """`embed_query(text)`: a future of the query's vectors (one row); None without an embedder."""
     out = Retrieved()
     started = time.perf_counter()
-    bm25_future = executor.submit(backend.bm25, text, filters, n) if use_bm25 else None
+    if use_knn and embed_query is None:
+        raise ValueError("vector retrieval needs an embedder (SHOPSEARCH_EMBEDDER is 'none')")
+    server_fuses = use_bm25 and use_knn and isinstance(backend, HybridBackend) and backend.fuses_server_side
+    # with server-side fusion the hybrid query carries BM25: a separate one is sent only if it fails
+    bm25_future = executor.submit(backend.bm25, text, filters, n) if use_bm25 and not server_fuses else None
 
     vector = None
     if use_knn:
-        if encoder is None:
-            raise ValueError("vector retrieval needs an embedder (SHOPSEARCH_EMBEDDER is 'none')")
+        assert embed_query is not None
         t = time.perf_counter()
+        # without a BM25 query in flight, a late embedding must leave the fallback BM25 query some time
+        reserve_s = FALLBACK_SHARE * deadline.budget_s if server_fuses else 0.0
         try:
-            vector = deadline.wait(executor.submit(encoder.encode_queries, [text]))[0]
+            vector = deadline.wait(embed_query(text), reserve_s=reserve_s)[0]
         except Exception as err:  # model failure or budget spent: BM25 alone still answers
             log.warning("query embedding failed: %s", redact(str(err)))
             out.degraded.append("embed")
         watch.record("embed", t)
 
-    if vector is not None and isinstance(backend, HybridBackend) and backend.fuses_server_side and use_bm25:
-        _collect(out, "hybrid", executor.submit(backend.hybrid, text, vector, filters, n), deadline)
+    if vector is not None and server_fuses:
+        assert isinstance(backend, HybridBackend)
+        hybrid = executor.submit(backend.hybrid, text, vector, filters, n)
+        _collect(out, "hybrid", hybrid, deadline, reserve_s=FALLBACK_SHARE * deadline.budget_s)
         if "hybrid" not in out.degraded:
-            assert bm25_future is not None
-            bm25_future.cancel()
             watch.record("retrieve", started)
             return out
         # server-side fusion failed: "hybrid" stays degraded, the two plain queries below answer
+    if server_fuses:
+        bm25_future = executor.submit(backend.bm25, text, filters, n)
 
     knn_future = executor.submit(backend.knn, vector, filters, n) if vector is not None else None
     if bm25_future is not None:
@@ -85,9 +106,9 @@ def retrieve(
     return out
 
 
-def _collect(out: Retrieved, name: str, future: Future, deadline: Deadline) -> None:
+def _collect(out: Retrieved, name: str, future: Future, deadline: Deadline, reserve_s: float = 0.0) -> None:
     try:
-        result = deadline.wait(future)
+        result = deadline.wait(future, reserve_s=reserve_s)
     except Exception as err:
         log.warning("%s retrieval failed: %s", name, redact(str(err)))
         out.degraded.append(name)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from middleware.config import BusinessSettings
-from middleware.products import Filters
+from middleware.products import MAX_QUERY_CHARS, Filters
 
 Stage = Literal["embed", "bm25", "knn", "hybrid", "rerank", "business"]
 
@@ -15,7 +15,7 @@ Stage = Literal["embed", "bm25", "knn", "hybrid", "rerank", "business"]
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    query: str = Field(min_length=1, max_length=10_000)
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
     filters: Filters | None = None
     from_: int = Field(0, ge=0, alias="from")
     size: int = Field(10, ge=0, le=10_000)

@@ -176,3 +176,45 @@ def test_cli_every_mode_with_tiny_models(
     assert results["settings"]["rerank_k"] == 5
     # the document vectors were cached for the next run
     assert list((tmp_path / "work" / "vectors").glob("*.npy"))
+
+
+def _write_binary_label_dataset(root: Path) -> Path:
+    """Binary BEIR labels (1 = relevant), as most public sets have them."""
+    root.mkdir()
+    docs = {"d1": "red leather wallet", "d2": "steel chef knife", "d3": "wool winter scarf", "d4": "garden hose"}
+    with (root / "corpus.jsonl").open("w") as fh:
+        for doc_id, title in docs.items():
+            fh.write(json.dumps({"_id": doc_id, "title": title, "text": ""}) + "\n")
+    queries = {"q1": "wallet", "q2": "knife", "q3": "scarf"}
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()))
+    (root / "qrels-test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\nq3\td3\t1\n")
+    return root
+
+
+def test_default_gain_scores_binary_labels_and_score_minus_1_warns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write_binary_label_dataset(tmp_path / "binary")
+    base = ["eval", str(data), "--modes", "bm25", "--pools", "global", "--workdir", str(tmp_path / "w"), "--quiet"]
+    assert main([*base, "--output", str(tmp_path / "default.json")]) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err
+    default = json.loads((tmp_path / "default.json").read_text())
+    assert default["settings"]["gain"] == "score"
+    assert default["results"]["bm25"]["global"]["ndcg@10"] == 1.0  # each query's one relevant product first
+    assert default["warnings"] == []
+
+    assert main([*base, "--gain", "score-1", "--output", str(tmp_path / "minus1.json")]) == 0
+    err = capsys.readouterr().err
+    assert "shopsearch: warning: gain 'score-1' gives every judged document of 3 of 3 queries zero gain" in err
+    assert "--gain score" in err
+    minus1 = json.loads((tmp_path / "minus1.json").read_text())
+    assert minus1["results"]["bm25"]["global"]["ndcg@10"] == 0.0
+    assert minus1["results"]["bm25"]["global"]["mrr@10"] == 1.0
+
+
+def test_score_minus_1_on_a_1_to_3_scale_does_not_warn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["eval", str(TINY), "--modes", "bm25", "--pools", "global", "--gain", "score-1",
+                 "--relevant-min", "2.5", "--workdir", str(tmp_path), "--quiet"])  # fmt: skip
+    assert code == 0
+    assert "warning" not in capsys.readouterr().err

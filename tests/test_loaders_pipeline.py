@@ -512,3 +512,99 @@ def test_kill_9_mid_run_then_resume(tmp_path: Path, cli_env: Path, capsys: pytes
     backend.close()
     dead = Path(summary["dead_letter_path"]).read_text().splitlines()
     assert [json.loads(d)["line"] for d in dead] == [41, 65]  # each once, though line 65 was rejected twice
+
+
+def test_cli_prune_refuses_empty_snapshots_and_mass_deletes(
+    tmp_path: Path, cli_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(capsys, "index", str(write_jsonl(tmp_path / "full.jsonl", catalog(10))))[0] == 0
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("id,title,price\n")
+    for path in (empty, header_only):
+        for extra in ([], ["--force-prune"]):  # an empty snapshot is refused even when forced
+            code, out, err = run_cli(capsys, "index", str(path), "--prune", "--json", *extra)
+            assert code == 4
+            assert json.loads(out)["deleted"] == 0
+            lines = [line for line in err.splitlines() if line.startswith("shopsearch:")]
+            assert lines == [
+                "shopsearch: prune refused: the snapshot holds no valid product (an empty or header-only file?): "
+                "pruning would delete all 10 stored products; refused even with --force-prune"
+            ]
+    backend = EmbeddedBackend(cli_env)
+    assert backend.count() == 10
+    backend.close()
+
+    partial = write_jsonl(tmp_path / "partial.jsonl", catalog(4))  # would delete 6 of 10
+    code, out, err = run_cli(capsys, "index", str(partial), "--prune", "--json")
+    assert code == 4 and json.loads(out)["deleted"] == 0
+    assert "would delete 6 of 10 stored products (60%), more than the allowed 50%" in err
+    code, out, _ = run_cli(capsys, "index", str(partial), "--prune", "--max-prune-share", "0.6", "--json")
+    assert code == 0 and json.loads(out)["deleted"] == 6  # a higher share allows it
+    assert run_cli(capsys, "index", str(write_jsonl(tmp_path / "full.jsonl", catalog(10))))[0] == 0
+    code, out, _ = run_cli(capsys, "index", str(partial), "--prune", "--force-prune", "--json")
+    assert code == 0 and json.loads(out)["deleted"] == 6
+    backend = EmbeddedBackend(cli_env)
+    assert sorted(backend.iter_ids()) == [f"p{i}" for i in range(4)]
+    backend.close()
+    code, _, err = run_cli(capsys, "index", str(partial), "--prune", "--max-prune-share", "1.5")
+    assert code == 2 and "--max-prune-share must be between 0 and 1" in err
+
+
+def test_multi_megabyte_fields_are_bounded_and_reported(tmp_path: Path, embedder: CountingEmbedder) -> None:
+    from middleware.products import MAX_DESCRIPTION_CHARS, MAX_LABEL_CHARS
+
+    huge = ("小众设计师珐琅手表 waterproof steel " * 200_000)[:5_000_000]
+    rows = [
+        {"id": "long", "title": "珐琅手表", "description": huge},
+        {"id": "bad-brand", "title": "手表", "brand": "b" * 1_000_000},
+        *catalog(3),
+    ]
+    summary, backend = run_index(write_jsonl(tmp_path / "c.jsonl", rows), tmp_path / "s", embedder)
+    try:
+        stored = backend.get(["long"])[0]
+        # kept and searchable, with the description cut for analysis, the models and the store
+        assert len(stored.description or "") <= MAX_DESCRIPTION_CHARS
+        assert huge.startswith(stored.description or "-")
+        assert [c.id for c in backend.bm25("珐琅手表", None, 5)][:1] == ["long"]
+        assert max(len(t) for t in embedder.texts) <= MAX_DESCRIPTION_CHARS + len("珐琅手表\n")
+        assert summary.indexed == 4 and summary.rejected == 1 and summary.truncated == 1
+        assert summary.truncated_examples == [
+            f"line 1: description cut from 5000000 to {len(stored.description)} characters"
+        ]
+        assert any(line.startswith("cut 1 over-long text fields") for line in summary.lines())
+    finally:
+        backend.close()
+    # an exact-value field past its bound is a dead letter naming the field
+    dead = [json.loads(line) for line in (tmp_path / "s" / "dead.jsonl").read_text().splitlines()]
+    assert [(d["line"], d["reason"]) for d in dead] == [
+        (2, f"brand: String should have at most {MAX_LABEL_CHARS} characters")
+    ]
+
+
+def test_id_rule_keeps_url_special_characters_and_rejects_control_characters(tmp_path: Path) -> None:
+    reachable = ["a/b", "q?x=1", "frag#2", "100%", "two words", "斜杠/型号", "x" * 512]
+    lines = [json.dumps({"id": pid, "title": "手表"}, ensure_ascii=False) for pid in reachable]
+    bad = ["tab\there", "new\nline", "nul\u0000", "bell\u0007", "lone\ud800", "del\u007f", "   ", "y" * 513]
+    lines += [json.dumps({"id": pid, "title": "手表"}) for pid in bad]
+    source = tmp_path / "ids.jsonl"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    summary, backend = run_index(source, tmp_path / "s", None)
+    try:
+        assert summary.indexed == len(reachable) and summary.rejected == len(bad)
+        assert sorted(p.id for p in backend.get(reachable)) == sorted(reachable)
+        assert backend.delete(["a/b", "q?x=1", "frag#2"]) == 3
+    finally:
+        backend.close()
+    dead = [json.loads(line) for line in (tmp_path / "s" / "dead.jsonl").read_text().splitlines()]
+    reasons = [d["reason"] for d in dead]
+    assert reasons[:6] == [
+        "id: id must not contain control characters (U+0009 at position 4)",
+        "id: id must not contain control characters (U+000A at position 4)",
+        "id: id must not contain control characters (U+0000 at position 4)",
+        "id: id must not contain control characters (U+0007 at position 5)",
+        "id: id must not contain control characters (U+D800 at position 5)",
+        "id: id must not contain control characters (U+007F at position 4)",
+    ]
+    assert reasons[6:] == ["id: id must not be empty", "id: id must be at most 512 characters"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -113,6 +114,29 @@ def test_v1_rerank_matches_the_model_and_is_shaped_like_cohere(client, server_mo
     assert client.post("/v1/rerank", json={"query": "x", "documents": []}).status_code == 422
 
 
+def test_v1_rerank_takes_tei_requests_and_answers_in_tei_shape(client, server_models):
+    texts = ["小众设计师珐琅手表", "无线蓝牙耳机", "保温杯 316 不锈钢"]
+    r = client.post("/v1/rerank", json={"query": QUERY, "texts": texts, "truncate": True})
+    assert r.status_code == 200, r.text
+    ranks = r.json()
+    direct = server_models[1].score(QUERY, texts)
+    assert [x["index"] for x in ranks] == sorted(range(3), key=lambda i: (-float(direct[i]), i))
+    assert ranks[0] == {"index": ranks[0]["index"], "score": pytest.approx(float(direct[ranks[0]["index"]]), abs=1e-5)}
+    raw = client.post("/v1/rerank", json={"query": QUERY, "texts": texts, "raw_scores": True, "return_text": True})
+    logits = server_models[1].score_logits(QUERY, texts)
+    for item in raw.json():
+        assert item["score"] == pytest.approx(float(logits[item["index"]]), abs=1e-4)
+        assert item["text"] == texts[item["index"]]
+    for bad in (
+        {"query": QUERY},  # neither shape
+        {"query": QUERY, "texts": texts, "documents": texts},  # both
+        {"query": QUERY, "texts": texts, "top_n": 1},  # Cohere's option on TEI's shape
+        {"query": QUERY, "documents": texts, "raw_scores": True},
+    ):
+        r = client.post("/v1/rerank", json=bad)
+        assert r.status_code == 422, (bad, r.text)
+
+
 def test_v1_embed_matches_the_model(client, server_models):
     r = client.post("/v1/embed", json={"inputs": ["手表", "耳机"]})
     assert r.status_code == 200, r.text
@@ -153,6 +177,30 @@ def test_product_writes_when_enabled(server_models, tmp_path):
             assert c.get("/v1/products/n1").status_code == 404
             bad = c.post("/v1/products", json={"products": [{"id": "n2", "title": "x", "price": -1}]})
             assert bad.status_code == 422 and "products.0.price" in bad.json()["message"]
+    finally:
+        store.close()
+
+
+def test_ids_with_url_characters_are_reachable(server_models, tmp_path):
+    """Ids the loader accepts are reachable through every id route (percent-encoded in the path)."""
+    ids = ["a/b", "what?x=1", "h#1", "50%off", "/lead/and/trail/", "手表/女"]
+    store = fill_store(tmp_path / "store", server_models[0])
+    try:
+        app = make_app(store, *server_models, enable_writes=True)
+        with TestClient(app) as c:
+            new = [{"id": i, "title": "全新 机械键盘 青轴"} for i in ids]
+            assert c.post("/v1/products", json={"products": new}).json() == {"upserted": len(ids)}
+            for product_id in ids:
+                encoded = quote(product_id, safe="")
+                got = c.get(f"/v1/products/{encoded}")
+                assert got.status_code == 200, (product_id, got.text)
+                assert got.json()["id"] == product_id
+                doc = c.get(f"/products/_doc/{encoded}")
+                assert doc.status_code == 200 and doc.json()["_id"] == product_id and doc.json()["found"]
+                assert c.get(f"/products/_source/{encoded}").json()["title"] == "全新 机械键盘 青轴"
+                assert c.delete(f"/v1/products/{encoded}").json() == {"deleted": 1}, product_id
+                assert c.get(f"/v1/products/{encoded}").status_code == 404
+                assert c.get(f"/products/_doc/{encoded}").json()["found"] is False
     finally:
         store.close()
 

@@ -189,6 +189,13 @@ def test_writes_pass_through_only_when_enabled(server_store, server_models, upst
         assert c.get("/products-archive/_count").json()["count"] == 2
         assert c.put("/secret/_doc/1", json={"title": "x"}).status_code == 403  # still inside the allowed set
         assert c.put("/products-archive/_doc/..%2F..%2Fx", json={}).status_code == 400
+        # an id holding "/" stays one id on its way to the cluster and back
+        put = c.put("/products-archive/_doc/a%2Fb%3Fc", json={"title": "斜杠"}, params={"refresh": "true"})
+        assert put.status_code in (200, 201), put.text
+        got = c.get("/products-archive/_doc/a%2Fb%3Fc")
+        assert got.status_code == 200 and got.json()["_id"] == "a/b?c", got.text
+        assert c.delete("/products-archive/_doc/a%2Fb%3Fc", params={"refresh": "true"}).status_code == 200
+        assert c.get("/products-archive/_doc/a%2Fb%3Fc").status_code == 404
 
 
 def test_unreachable_upstream_is_503_not_500(server_store, server_models):

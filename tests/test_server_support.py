@@ -77,7 +77,7 @@ class FailingReranker(Reranker):
     def score(self, query: str, docs: Any) -> np.ndarray:
         raise RuntimeError("injected reranker failure")
 
-    def score_pairs(self, pairs: Any) -> np.ndarray:  # the service's shared-batch path
+    def score_encoded(self, encodings: Any) -> np.ndarray:  # the service's shared-batch path
         raise RuntimeError("injected reranker failure")
 
 
@@ -92,9 +92,9 @@ class SlowReranker(Reranker):
         time.sleep(self.delay_s)
         return super().score(query, docs)
 
-    def score_pairs(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+    def score_encoded(self, encodings: Any) -> np.ndarray:  # the service's shared-batch path
         time.sleep(self.delay_s)
-        return np.concatenate([super().score(q, [d]) for q, d in pairs]) if pairs else np.zeros(0)
+        return super().score_encoded(encodings)
 
 
 class KnnFailingBackend(EmbeddedBackend):

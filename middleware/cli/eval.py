@@ -37,7 +37,7 @@ def _non_negative_float(value: str) -> float:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from middleware.evaluation.metrics import GAIN_MAPPINGS
+    from middleware.evaluation.metrics import DEFAULT_GAIN, GAIN_MAPPINGS
     from middleware.evaluation.runner import ALL_MODES
 
     p = subparsers.add_parser(
@@ -54,7 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reranker", help="reranker path or name")
     p.add_argument("--max-queries", type=_positive_int, help="seeded sample of the judged queries")
     p.add_argument("--seed", type=int, default=0, help="sampling and resampling seed (default 0)")
-    p.add_argument("--gain", choices=sorted(GAIN_MAPPINGS), default="score-1", help="nDCG gain of a grade")
+    p.add_argument(
+        "--gain",
+        choices=sorted(GAIN_MAPPINGS),
+        default=DEFAULT_GAIN,
+        help=f"nDCG gain of a grade (default {DEFAULT_GAIN}, as pytrec_eval/BEIR; score-1 for 1-3 scales)",
+    )
     p.add_argument(
         "--relevant-min",
         type=float,
@@ -119,6 +124,8 @@ def run_eval(args: argparse.Namespace) -> int:
         results = Evaluation(dataset, config).run()
     except ValueError as err:  # nothing to evaluate (no evaluable query, no runnable mode)
         raise CliError(str(err), EXIT_FATAL) from None
+    for warning in results.get("warnings", []):
+        print(f"shopsearch: warning: {warning}", file=sys.stderr)
     evaluations = results.pop("_evaluations")
     results.pop("_rankings")
     print(format_summary(results))

@@ -12,16 +12,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loaders.pipeline import DEFAULT_MAX_PRUNE_SHARE
 from middleware.cli import EXIT_OK, EXIT_USAGE, CliError, load_settings
 from middleware.config import Settings
 
 EXIT_REJECTED = 3  # some rows were rejected (or not found); every valid row was applied
+EXIT_PRUNE_REFUSED = 4  # every row was indexed, but the snapshot looked incomplete: nothing was pruned
 
 EXIT_CODES = """\
 exit codes:
   0  every row was indexed (or applied)
   3  some rows were rejected (see the dead-letter file) or, for update-signals, named unknown ids;
      every valid row was indexed
+  4  index --prune: every row was indexed but the prune was refused (the reason is on stderr)
   1  fatal: backend unreachable, model missing, source unreadable mid-way; the reason is on stderr.
      Committed batches stay committed: run again with --resume to continue
   2  usage error: bad option, missing file, unknown format or encoding
@@ -40,9 +43,11 @@ checkpoint lives in <data_dir>/checkpoints/). Re-running a whole file is always 
 upserted by id.
 
 --prune deletes stored products whose id is not in FILE, treating FILE as a full catalog snapshot.
-It runs only after the whole file was read and indexed, and is refused when any row was rejected:
-a malformed row's product would otherwise be deleted though it is still on sale. Fix the rows, or
-pass --force-prune to prune anyway.
+It runs only after the whole file was read and indexed, and is refused when any row was rejected
+(a malformed row's product would otherwise be deleted though it is still on sale) or when it would
+delete more than --max-prune-share of the stored products (default 0.5: a truncated export looks
+like a mass delisting). --force-prune lifts both. A snapshot with no valid product (an empty or
+header-only file) is always refused.
 
 """
     + EXIT_CODES
@@ -63,7 +68,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=512, help="rows per embed + write batch (default 512)")
     p.add_argument("--resume", action="store_true", help="continue after the last committed batch of FILE")
     p.add_argument("--prune", action="store_true", help="delete stored products absent from FILE (a snapshot)")
-    p.add_argument("--force-prune", action="store_true", help="prune even when rows were rejected")
+    p.add_argument(
+        "--force-prune", action="store_true", help="prune even when rows were rejected or most products would go"
+    )
+    p.add_argument(
+        "--max-prune-share",
+        type=float,
+        default=DEFAULT_MAX_PRUNE_SHARE,
+        metavar="F",
+        help=f"refuse a prune deleting more than this share of the store (default {DEFAULT_MAX_PRUNE_SHARE})",
+    )
     p.add_argument("--no-embedding-cache", action="store_true", help="embed every changed text afresh")
     _output_flags(p)
     p.set_defaults(func=run_index)
@@ -239,6 +253,8 @@ def run_index(args: argparse.Namespace) -> int:
     settings = load_settings(args, embedder=args.embedder)
     if args.force_prune and not args.prune:
         raise CliError("--force-prune needs --prune", EXIT_USAGE)
+    if not 0.0 <= args.max_prune_share <= 1.0:
+        raise CliError(f"--max-prune-share must be between 0 and 1, got {args.max_prune_share}", EXIT_USAGE)
     if args.resume and args.file == "-":
         raise CliError("--resume needs a file: stdin cannot be re-read", EXIT_USAGE)
     rows = _rows(args, Product.model_fields)
@@ -277,6 +293,7 @@ def run_index(args: argparse.Namespace) -> int:
             resume_state=state,
             prune=args.prune,
             force_prune=args.force_prune,
+            max_prune_share=args.max_prune_share,
             batch_size=args.batch_size,
             progress=Progress("indexing", every_s=args.progress_every, enabled=not args.quiet),
             summary=Summary(command="index", source=args.file),
@@ -288,7 +305,9 @@ def run_index(args: argparse.Namespace) -> int:
             cache.close()
         backend.close()
     _finish(args, settings, summary)
-    return EXIT_REJECTED if summary.rejected else EXIT_OK
+    if summary.rejected:
+        return EXIT_REJECTED
+    return EXIT_PRUNE_REFUSED if summary.prune_refused else EXIT_OK
 
 
 def run_update_signals(args: argparse.Namespace) -> int:

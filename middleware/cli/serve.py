@@ -52,7 +52,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from middleware.backends.base import BackendError
+    from middleware.backends.base import BackendError, EmbedderMismatch
+    from middleware.credentials import CredentialsError
     from middleware.models import ModelLoadError
     from middleware.pipeline import Pipeline
     from middleware.server.app import create_app
@@ -62,11 +63,15 @@ def run_serve(args: argparse.Namespace) -> int:
         pipeline = Pipeline.from_settings(settings)
     except ModelLoadError as err:
         raise CliError(str(err)) from None
+    except EmbedderMismatch as err:
+        raise CliError(f"the store and the embedder do not match: {err}", EXIT_USAGE) from None
     except BackendError as err:
         raise CliError(f"backend unavailable: {err}") from None
+    except ValueError as err:  # e.g. a store of other-dimension vectors than the embedder makes
+        raise CliError(f"cannot serve these settings: {err}", EXIT_USAGE) from None
     try:
         app = create_app(settings, pipeline)
-    except ApiKeyError as err:
+    except (ApiKeyError, CredentialsError) as err:
         pipeline.close()
         raise CliError(str(err), EXIT_USAGE) from None
     from middleware.server.errors import RedactingFilter

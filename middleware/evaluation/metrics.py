@@ -17,10 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 GAIN_MAPPINGS: dict[str, Callable[[float], float]] = {
+    "score": lambda s: s,  # pytrec_eval / BEIR: binary 0/1 labels, 0/1/2 scales (qbqtc, TREC)
     "score-1": lambda s: s - 1.0,  # 1–3 scales (homedepot): 1 = irrelevant gains nothing
-    "score": lambda s: s,  # 0/1/2 scales (qbqtc, TREC)
     "exp2": lambda s: 2.0**s - 1.0,  # the Burges et al. exponential gain
 }
+
+DEFAULT_GAIN = "score"
+# share of evaluated queries whose judged documents all gain nothing above which the mapping is
+# probably wrong for the labels (e.g. score-1 on binary labels makes every nDCG 0)
+ZERO_GAIN_WARN_SHARE = 0.5
 
 RECALL_KS: tuple[int, ...] = (1, 5, 10, 100)
 MRR_KS: tuple[int, ...] = (1, 5, 10)
@@ -39,6 +44,26 @@ def gain(score: float, mapping: str) -> float:
     except KeyError:
         raise ValueError(f"unknown gain mapping {mapping!r}; choose one of {', '.join(GAIN_MAPPINGS)}") from None
     return max(0.0, fn(score))
+
+
+def zero_gain_queries(qrels: Mapping[str, Mapping[str, float]], query_ids: Iterable[str], mapping: str) -> list[str]:
+    """Queries (of `query_ids`) whose every judged document has gain 0 under `mapping`: nDCG is 0 for them."""
+    return [qid for qid in query_ids if all(gain(score, mapping) <= 0.0 for score in qrels.get(qid, {}).values())]
+
+
+def zero_gain_warning(qrels: Mapping[str, Mapping[str, float]], query_ids: Sequence[str], mapping: str) -> str | None:
+    """A one-line warning when most queries can only score nDCG 0 under `mapping`, else None."""
+    if not query_ids:
+        return None
+    zero = zero_gain_queries(qrels, query_ids, mapping)
+    if len(zero) <= ZERO_GAIN_WARN_SHARE * len(query_ids):
+        return None
+    grades = sorted({score for qid in query_ids for score in qrels.get(qid, {}).values()})
+    shown = ", ".join(f"{g:g}" for g in grades[:6]) + (", …" if len(grades) > 6 else "")
+    return (
+        f"gain {mapping!r} gives every judged document of {len(zero)} of {len(query_ids)} queries zero gain "
+        f"(grades seen: {shown}), so their nDCG is 0; binary or 0-based labels want --gain score"
+    )
 
 
 def rank_by_score(scores: Mapping[str, float] | Iterable[tuple[str, float]]) -> list[str]:

@@ -25,7 +25,15 @@ from typing import Any
 import numpy as np
 
 from middleware.evaluation.data import BeirDataset, sample_queries
-from middleware.evaluation.metrics import DEPTH, METRIC_NAMES, RunEvaluation, evaluable_queries, evaluate_run
+from middleware.evaluation.metrics import (
+    DEFAULT_GAIN,
+    DEPTH,
+    METRIC_NAMES,
+    RunEvaluation,
+    evaluable_queries,
+    evaluate_run,
+    zero_gain_warning,
+)
 from middleware.evaluation.pools import POOL_NAMES, Pool, build_pool
 
 log = logging.getLogger(__name__)
@@ -44,9 +52,7 @@ PIPELINE_MODES: dict[str, dict[str, Any]] = {
 # lexical analyses of the embedded backend (query-time weights of its two FTS5 indexes);
 # "default" is the store exactly as `open_backend` opens it for users
 # Single-analysis variants use combine="max": dividing one analysis's scores by its best match keeps
-# its ranking exactly, and with "sum" the embedded store (07ef895) fails a one-analysis query
-# ("unable to use function bm25 in the requested context": SQLite flattens the lone subquery into
-# the GROUP BY).
+# its ranking exactly.
 ANALYSES: dict[str, dict[str, Any]] = {
     "default": {},
     "jieba": {"words_weight": 1.0, "cjk_weight": 0.0, "combine": "max"},
@@ -69,7 +75,7 @@ class EvalConfig:
     reranker: str | None = None
     max_queries: int | None = None
     seed: int = 0
-    gain: str = "score-1"
+    gain: str = DEFAULT_GAIN
     relevant_min: float = 1.0
     workdir: Path = Path("./eval-work")
     retrieve_n: int = DEPTH
@@ -371,6 +377,8 @@ class Evaluation:
         query_ids, skipped = evaluable_queries(selected, ds.qrels, cfg.relevant_min)
         if not query_ids:
             raise ValueError(f"no query has a judged document with score >= {cfg.relevant_min}")
+        # returned, not logged: the caller decides where a user sees it (the CLI: stderr)
+        warnings = [w for w in [zero_gain_warning(ds.qrels, query_ids, cfg.gain)] if w]
         self._load_models()
         if not self.active_modes:
             reasons = "; ".join(f"{m}: {r}" for m, r in self.skipped_modes.items())
@@ -454,6 +462,7 @@ class Evaluation:
             "skipped_modes": dict(self.skipped_modes),
             "significance": significance,
             "notes": self.notes,
+            "warnings": warnings,
             "elapsed_s": round(time.perf_counter() - started, 1),
             # not JSON: per-query arrays and rankings, for callers (the CLI pops them)
             "_evaluations": evaluations,

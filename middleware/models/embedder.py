@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from tokenizers import Encoding
 
 from middleware.models.errors import ModelLoadError
 from middleware.models.loading import Runtime, effective_max_length, load_runner, read_config
@@ -181,6 +182,21 @@ class Embedder:
     def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
         """Documents are encoded as they are, never with the instruction."""
         return self._encode(check_texts(texts, "texts"))
+
+    def tokenize_queries(self, texts: Sequence[str]) -> list[Encoding]:
+        """The queries as `embed_encoded` takes them (instruction prepended, truncated), for a caller
+        that plans its own batches."""
+        texts = check_texts(texts, "texts")
+        return self._tokenizer.encode_texts([self.query_instruction + t for t in texts])
+
+    def embed_encoded(self, encodings: Sequence[Encoding]) -> np.ndarray:
+        """Vectors for already tokenised texts, in one model call over exactly this batch."""
+        if not encodings:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batch = self._tokenizer.pad(encodings)
+        hidden = self._runner.run(batch.feeds(self._runner.input_names))
+        out = pool(hidden, batch.attention_mask, self.pooling)
+        return l2_normalize(out) if self.normalize else out
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)

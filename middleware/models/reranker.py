@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Encoding
 
 from middleware.models.loading import Runtime, effective_max_length, load_runner, read_config
 from middleware.models.resolve import resolve_model
@@ -78,8 +79,18 @@ class Reranker:
 
     def score_pairs_logits(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         """Raw logits for (query, doc) pairs of possibly different queries, in input order, through
-        one length-sorted pass (the server batches concurrent requests' pairs together this way)."""
-        encodings: list = [None] * len(pairs)
+        one length-sorted pass."""
+        encodings = self.tokenize_pairs(pairs)
+        out = np.zeros(len(pairs), dtype=np.float32)
+        for batch in self._tokenizer.batches(encodings, self.batch_size):
+            logits = self._runner.run(batch.feeds(self._runner.input_names))
+            out[batch.indices] = np.asarray(logits, dtype=np.float32).reshape(len(batch.indices), -1)[:, 0]
+        return out
+
+    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Encoding]:
+        """(query, doc) pairs as `score_encoded` takes them (truncated as FlagEmbedding does), in input
+        order, for a caller that plans its own batches."""
+        encodings: list[Encoding] = [None] * len(pairs)  # type: ignore[list-item]
         by_query: dict[str, list[int]] = {}
         for i, (query, _doc) in enumerate(pairs):
             if not isinstance(query, str):
@@ -90,11 +101,15 @@ class Reranker:
             encoded = self._tokenizer.encode_pairs(query, docs, query_max_length=self.query_max_length)
             for i, encoding in zip(indices, encoded, strict=True):
                 encodings[i] = encoding
-        out = np.zeros(len(pairs), dtype=np.float32)
-        for batch in self._tokenizer.batches(encodings, self.batch_size):
-            logits = self._runner.run(batch.feeds(self._runner.input_names))
-            out[batch.indices] = np.asarray(logits, dtype=np.float32).reshape(len(batch.indices), -1)[:, 0]
-        return out
+        return encodings
+
+    def score_encoded(self, encodings: Sequence[Encoding]) -> np.ndarray:
+        """sigmoid(logit) for already tokenised pairs, in one model call over exactly this batch."""
+        if not encodings:
+            return np.zeros(0, dtype=np.float32)
+        batch = self._tokenizer.pad(encodings)
+        logits = self._runner.run(batch.feeds(self._runner.input_names))
+        return sigmoid(np.asarray(logits, dtype=np.float32).reshape(len(encodings), -1)[:, 0])
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         """sigmoid(logit) for (query, doc) pairs, in input order."""

@@ -155,17 +155,23 @@ class TextTokenizer:
         `batch_overhead_tokens` is None)."""
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
         for indices in plan_batches(lengths, batch_size, self.batch_overhead_tokens):
-            width = int(lengths[indices].max())
-            input_ids = np.full((len(indices), width), self.pad_id, dtype=np.int64)
-            attention_mask = np.zeros((len(indices), width), dtype=np.int64)
-            token_type_ids = np.zeros((len(indices), width), dtype=np.int64)
-            for row, index in enumerate(indices):
-                encoding = encodings[index]
-                n = len(encoding.ids)
-                input_ids[row, :n] = encoding.ids
-                attention_mask[row, :n] = 1
-                token_type_ids[row, :n] = encoding.type_ids
-            yield TokenizedBatch(indices, input_ids, attention_mask, token_type_ids)
+            yield self.pad([encodings[i] for i in indices], indices)
+
+    def pad(self, encodings: Sequence[Encoding], indices: np.ndarray | None = None) -> TokenizedBatch:
+        """Exactly these encodings as one batch, padded to the longest (a caller that plans its own
+        batches, e.g. the server's queue). `indices` default to 0..n-1."""
+        if indices is None:
+            indices = np.arange(len(encodings), dtype=np.int64)
+        width = max((len(e.ids) for e in encodings), default=0)
+        input_ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(encodings), width), dtype=np.int64)
+        token_type_ids = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            input_ids[row, :n] = encoding.ids
+            attention_mask[row, :n] = 1
+            token_type_ids[row, :n] = encoding.type_ids
+        return TokenizedBatch(indices, input_ids, attention_mask, token_type_ids)
 
 
 def plan_batches(lengths: np.ndarray, max_rows: int, overhead_tokens: int | None) -> list[np.ndarray]:

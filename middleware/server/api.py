@@ -8,17 +8,16 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from middleware.products import Product, SignalUpdate
+from middleware.products import MAX_DESCRIPTION_CHARS, MAX_QUERY_CHARS, Product, SignalUpdate
 from middleware.schema import SearchRequest, SearchResponse
-from middleware.server.app import ServiceState, get_state
 from middleware.server.errors import ApiError
 from middleware.server.limits import capped_deadline_ms, check_paging
 from middleware.server.metrics import CONTENT_TYPE_LATEST
+from middleware.server.state import ServiceState, get_state
 
 router = APIRouter()
-MAX_TEXT_CHARS = 10_000  # SearchRequest's bound; longer text is cut, never refused
 
 
 class SearchBody(SearchRequest):
@@ -37,7 +36,8 @@ def _prepare(state: ServiceState, body: SearchBody) -> SearchRequest:
     check_paging(settings.server, body.size, body.from_)
     return body.model_copy(
         update={
-            "query": body.query[: min(MAX_TEXT_CHARS, settings.server.max_query_chars)],
+            # longer text is cut, never refused
+            "query": body.query[: min(MAX_QUERY_CHARS, settings.server.max_query_chars)],
             "deadline_ms": capped_deadline_ms(settings, body.deadline_ms),
         }
     )
@@ -55,15 +55,36 @@ class RerankDocument(BaseModel):
 
 
 class RerankBody(BaseModel):
-    """Shaped like the TEI / Cohere rerank APIs."""
+    """Cohere's shape (`documents`, `top_n`, `return_documents`) or text-embeddings-inference's
+    (`texts`, `raw_scores`, `truncate`, `return_text`); the answer takes the shape of the request.
+    Texts are always cut to the model's length (`truncate: false` is not an error here)."""
 
     model_config = ConfigDict(extra="forbid")
     query: str = Field(min_length=1)
-    documents: list[str | RerankDocument] = Field(min_length=1)
+    documents: list[str | RerankDocument] | None = Field(None, min_length=1, description="Cohere's field")
+    texts: list[str] | None = Field(None, min_length=1, description="TEI's field")
     top_n: int | None = Field(None, ge=1)
     return_documents: bool = False
+    raw_scores: bool = False  # TEI: logits instead of sigmoid scores
+    truncate: bool | None = None  # TEI: accepted; texts are always cut to the model's length
+    truncation_direction: Literal["right", "Right"] | None = None  # TEI: only the end is cut
+    return_text: bool = False  # TEI: each result carries its text
 
-    def texts(self) -> list[str]:
+    @model_validator(mode="after")
+    def _one_shape(self) -> RerankBody:
+        if (self.documents is None) == (self.texts is None):
+            raise ValueError("give either documents (Cohere's shape) or texts (TEI's shape)")
+        tei_only = self.raw_scores or self.return_text or self.truncate is not None
+        if self.documents is not None and tei_only:
+            raise ValueError("raw_scores, truncate and return_text go with texts (TEI's shape)")
+        if self.texts is not None and (self.return_documents or self.top_n is not None):
+            raise ValueError("top_n and return_documents go with documents (Cohere's shape)")
+        return self
+
+    def all_texts(self) -> list[str]:
+        if self.texts is not None:
+            return list(self.texts)
+        assert self.documents is not None
         return [d if isinstance(d, str) else d.text for d in self.documents]
 
 
@@ -78,19 +99,36 @@ class RerankResponse(BaseModel):
     results: list[RerankResult]
 
 
-@router.post("/v1/rerank", response_model=RerankResponse, tags=["models"])
-async def rerank(body: RerankBody, request: Request) -> RerankResponse:
-    """Score documents against a query with the cross-encoder (0–1, higher is more relevant)."""
+class TeiRank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+@router.post("/v1/rerank", response_model=RerankResponse | list[TeiRank], tags=["models"])
+async def rerank(body: RerankBody, request: Request) -> RerankResponse | JSONResponse:
+    """Score documents against a query with the cross-encoder (0–1, higher is more relevant; TEI's
+    `raw_scores`: the logits). Cohere's request gets Cohere's answer, TEI's gets TEI's."""
     state = get_state(request)
     if state.reranker is None:
         raise ApiError(503, "the reranker is disabled (SHOPSEARCH_RERANKER=none)")
+    texts = body.all_texts()
+    field = "texts" if body.texts is not None else "documents"
     limit = state.settings.server.max_rerank_documents
-    if len(body.documents) > limit:
-        raise ApiError(400, f"at most {limit} documents (server.max_rerank_documents)", param="documents")
-    texts = body.texts()
+    if len(texts) > limit:
+        raise ApiError(400, f"at most {limit} documents (server.max_rerank_documents)", param=field)
     query = body.query[: state.settings.server.max_query_chars]
-    scores = await state.admitted(state.reranker.score, query, texts)
+    if body.raw_scores:
+        logits = getattr(state.base.reranker, "score_logits", None)
+        if not callable(logits):
+            raise ApiError(400, "this reranker gives no raw scores", param="raw_scores")
+        scores = await state.admitted(logits, query, texts)
+    else:
+        scores = await state.admitted(state.reranker.score, query, texts)
     order = sorted(range(len(texts)), key=lambda i: (-float(scores[i]), i))
+    if body.texts is not None:  # TEI leaves `text` out unless asked for
+        ranks = [TeiRank(index=i, score=float(scores[i]), text=texts[i] if body.return_text else None) for i in order]
+        return JSONResponse([r.model_dump(exclude_none=True) for r in ranks])
     if body.top_n is not None:
         order = order[: body.top_n]
     return RerankResponse(
@@ -142,7 +180,8 @@ async def embed(body: EmbedBody, request: Request) -> EmbedResponse:
     limit = state.settings.server.max_embed_inputs
     if len(texts) > limit:
         raise ApiError(400, f"at most {limit} texts (server.max_embed_inputs)", param="input")
-    cut = state.settings.server.max_query_chars if body.kind == "query" else MAX_TEXT_CHARS
+    # a document is cut where the store cuts a description
+    cut = state.settings.server.max_query_chars if body.kind == "query" else MAX_DESCRIPTION_CHARS
     texts = [t[:cut] for t in texts]
     fn = state.embedder.encode_queries if body.kind == "query" else state.embedder.encode_documents
     vectors = np.asarray(await state.admitted(fn, texts), dtype=np.float32)
@@ -176,7 +215,8 @@ class SignalsBody(BaseModel):
     updates: list[SignalUpdate] = Field(min_length=1, max_length=100_000)
 
 
-@router.get("/v1/products/{product_id}", tags=["products"])
+# `:path`: an id may hold "/" (sent as %2F, which the server decodes before routing)
+@router.get("/v1/products/{product_id:path}", tags=["products"])
 async def get_product(product_id: str, request: Request) -> dict[str, Any]:
     state = get_state(request)
     found = await state.admitted(state.base.backend.get, [product_id])
@@ -208,7 +248,7 @@ async def delete_products(body: DeleteBody, request: Request) -> dict[str, Any]:
     return {"deleted": await state.admitted(state.base.backend.delete, body.ids, bounded=False)}
 
 
-@router.delete("/v1/products/{product_id}", tags=["products"])
+@router.delete("/v1/products/{product_id:path}", tags=["products"])
 async def delete_product(product_id: str, request: Request) -> dict[str, Any]:
     state = get_state(request)
     _writes_enabled(state)

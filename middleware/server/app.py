@@ -5,9 +5,9 @@ One process serves three faces over one pipeline:
 - everything else OpenSearch-shaped — the drop-in proxy (proxy.py);
 - /healthz, /readyz, /metrics.
 
-The models are wrapped once per app: query embeddings and rerank pairs from concurrent requests go
-through caches and shared batches (batching.py). Searches run in a thread pool, never on the event loop,
-and at most `server.max_queue` at once: the next one gets 429 at once.
+The models are wrapped once per app (state.py): query embeddings and rerank pairs from concurrent
+requests go through caches and shared batches (batching.py). Searches run in a thread pool, never on
+the event loop, and at most `server.max_queue` at once: the next one gets 429 at once.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,146 +28,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from middleware import __version__
-from middleware.backends.base import BackendError
 from middleware.config import Settings
 from middleware.pipeline import Pipeline
-from middleware.schema import SearchRequest, SearchResponse
+from middleware.server import api, proxy
 from middleware.server.auth import ApiKeyChecker, load_api_keys
-from middleware.server.batching import BatchingEmbedder, BatchingReranker
-from middleware.server.caches import LruTtlCache
 from middleware.server.errors import ApiError, opensearch_error, redact, render, route_group, v1_error
-from middleware.server.limits import InflightLimiter, capped_deadline_ms, queue_full
-from middleware.server.metrics import ServiceMetrics
+from middleware.server.state import ServiceState
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-class ServiceState:
-    """Everything a request handler needs, built once per app."""
-
-    def __init__(self, settings: Settings, base: Pipeline, *, owns_pipeline: bool) -> None:
-        srv = settings.server
-        self.settings = settings
-        self.base = base
-        self.owns_pipeline = owns_pipeline
-        self.metrics = ServiceMetrics()
-        self.limiter = InflightLimiter(srv.max_queue)
-        self.embedder: BatchingEmbedder | None = None
-        self.reranker: BatchingReranker | None = None
-        if base.embedder is not None:
-            self.embedder = BatchingEmbedder(
-                base.embedder,
-                cache=LruTtlCache("embedding", srv.embedding_cache_size, srv.cache_ttl_s, self.metrics.observe_cache),
-                batching=srv.batching_enabled,
-                max_batch_size=srv.batch_max_size,
-                max_wait_ms=srv.batch_max_wait_ms,
-                on_batch=self.metrics.observe_batch,
-                more_expected=self._more_expected,
-            )
-        if base.reranker is not None:
-            self.reranker = BatchingReranker(
-                base.reranker,
-                cache=LruTtlCache("rerank", srv.rerank_cache_size, srv.cache_ttl_s, self.metrics.observe_cache),
-                batching=srv.batching_enabled,
-                max_batch_size=srv.batch_max_size,
-                max_wait_ms=srv.batch_max_wait_ms,
-                on_batch=self.metrics.observe_batch,
-                more_expected=self._more_expected,
-            )
-        # A search holds a stage thread while its embedding or rerank pairs wait for a shared batch, so
-        # the library's 8 stage threads would cap batches at 8 requests: give every admitted search room.
-        self.pipeline = Pipeline(
-            settings, base.backend, self.embedder, self.reranker, stage_workers=3 * srv.max_queue + 4
-        )
-        self.pipeline.default_rerank_k = base.default_rerank_k
-        self.executor = ThreadPoolExecutor(max_workers=srv.max_queue + 4, thread_name_prefix="shopsearch-req")
-        from middleware.server.proxy import Upstream
-
-        self.upstream = Upstream.from_settings(settings)
-        self.started = time.time()
-
-    def _more_expected(self, callers_waiting: int) -> bool:
-        # admitted requests not yet waiting in this batcher may still join its batch
-        return self.limiter.in_flight > callers_waiting
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-    async def admitted(
-        self, fn: Callable[..., T], *args: Any, bounded: bool = True, deadline_ms: float | None = None
-    ) -> T:
-        """Run blocking work if a slot is free, else 429 at once.
-
-        bounded: answer 504 once the default deadline has passed (writes are not bounded). The slot is
-        held until the work really ends, even when the caller has given up: threads stay bounded too.
-        """
-        if not self.limiter.try_acquire():
-            self.metrics.rejected.labels("queue_full").inc()
-            raise queue_full()
-        self.metrics.in_flight.inc()
-        work = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-        def release(_: asyncio.Future[Any]) -> None:
-            self.limiter.release()
-            self.metrics.in_flight.dec()
-
-        work.add_done_callback(release)
-        timeout_s = capped_deadline_ms(self.settings, deadline_ms) / 1000.0
-        try:
-            if not bounded:
-                return await work
-            # a search bounds itself (the pipeline's deadline); the margin only covers the thread hop
-            return await asyncio.wait_for(asyncio.shield(work), timeout=timeout_s + 1.0)
-        except TimeoutError:
-            self.metrics.rejected.labels("deadline").inc()
-            raise ApiError(
-                504, f"no answer within the deadline ({timeout_s * 1000:.0f} ms)", os_type="timeout_exception"
-            ) from None
-        except BackendError as err:  # every route (search, _count, _doc, products…): 503, never a bare 500
-            self.metrics.rejected.labels("backend_unavailable").inc()
-            raise ApiError(
-                503,
-                f"search backend unavailable: {redact(str(err))}",
-                os_type="unavailable_exception",
-                headers={"Retry-After": "1"},
-            ) from None
-
-    async def search(self, req: SearchRequest) -> SearchResponse:
-        try:
-            resp = await self.admitted(self.pipeline.search, req, deadline_ms=req.deadline_ms)
-        except ValueError as err:  # a request the configuration cannot answer (e.g. vector without embedder)
-            raise ApiError(400, str(err)) from None
-        self.metrics.observe_search(resp.timings_ms, resp.degraded)
-        return resp
-
-    def warm_up(self) -> None:
-        """One search before taking traffic: the first one pays for lazy loads (jieba's dictionary,
-        onnxruntime's first run, the vector index) and would otherwise spend a real request's budget."""
-        started = time.perf_counter()
-        try:
-            self.pipeline.search(SearchRequest(query="warm up 预热", size=1, deadline_ms=60_000))
-        except Exception as err:  # an empty or unreachable store still serves health and errors
-            log.warning("warm-up search failed: %s", redact(str(err)))
-        log.info("warm-up search took %.0f ms", (time.perf_counter() - started) * 1000.0)
-
-    async def close(self) -> None:
-        for model in (self.embedder, self.reranker):
-            if model is not None:
-                model.close()
-        self.pipeline._executor.shutdown(wait=False, cancel_futures=True)
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        if self.upstream is not None:
-            await self.upstream.aclose()
-        if self.owns_pipeline:
-            self.base.close()
-
-
-def get_state(request: Request) -> ServiceState:
-    state = getattr(request.app.state, "service", None)
-    if state is None:
-        raise ApiError(503, "service is starting: models and backend not loaded yet")
-    return state
 
 
 def _metric_route(path: str, method: str) -> str:
@@ -357,7 +224,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
             await asyncio.to_thread(state.warm_up)
         # Models, tokenizers and imported libraries are millions of long-lived objects: left in the
         # collector's oldest generation, every full collection walks them all and stalls every request
-        # (measured 125-300 ms under load, the p99 of refusals). Freeze them out of its reach.
+        # in flight. Freeze them out of its reach.
         gc.collect()
         gc.freeze()
         try:
@@ -381,8 +248,6 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         install(ServiceState(settings, pipeline, owns_pipeline=False))
 
     _install_handlers(app)
-    from middleware.server import api, proxy
-
     app.include_router(api.router)
     app.include_router(proxy.router)  # last: its routes are OpenSearch's path patterns
     app.add_middleware(ServiceMiddleware, get=lambda: holder["state"], settings=settings)

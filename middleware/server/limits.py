@@ -8,15 +8,6 @@ from middleware.server.errors import ApiError
 RETRY_AFTER_S = "1"
 
 
-class BodyTooLarge(ApiError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            413,
-            f"request body exceeds server.max_body_bytes ({limit} bytes)",
-            os_type="content_too_long_exception",
-        )
-
-
 def check_paging(server: ServerSettings, size: int, from_: int, location: str = "body") -> None:
     if size > server.max_size:
         raise ApiError(400, f"must be at most {server.max_size} (server.max_size)", param="size", location=location)

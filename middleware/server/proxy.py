@@ -16,22 +16,18 @@ import asyncio
 import hashlib
 import json
 import logging
-import ssl
 import time
-from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
-import httpx
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from middleware import __version__
-from middleware.config import Settings
 from middleware.schema import SearchResponse
-from middleware.server.app import ServiceState, get_state
-from middleware.server.errors import ApiError, redact
+from middleware.server.errors import ApiError
 from middleware.server.limits import capped_deadline_ms
+from middleware.server.state import ServiceState, get_state
 from middleware.server.translate import (
     Translated,
     Unsupported,
@@ -50,95 +46,6 @@ router = APIRouter(include_in_schema=False)
 # an OpenSearch 2.x version: clients check `version.distribution` and accept 1.x–3.x numbers
 COMPAT_VERSION = "2.19.1"
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length",
-               "content-encoding", "proxy-authenticate", "proxy-authorization"}  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------ upstream
-
-
-class Upstream:
-    """The OpenSearch cluster behind the proxy, for requests the pipeline does not answer.
-
-    Client credentials are never forwarded (they are ours); the cluster's own credentials come from
-    the `opensearch` settings. TLS certificates are verified unless server.upstream_verify_certs is off.
-    """
-
-    def __init__(self, base_url: str, client: httpx.AsyncClient) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.client = client
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Upstream | None:
-        url = settings.server.upstream_url
-        if url is None and settings.backend == "opensearch" and settings.opensearch.url:
-            url = settings.opensearch.url[0]
-        if not url:
-            return None
-        os_cfg = settings.opensearch
-        verify: bool | ssl.SSLContext = settings.server.upstream_verify_certs
-        if verify and os_cfg.ca_certs is not None:
-            verify = ssl.create_default_context(cafile=str(os_cfg.ca_certs))
-        headers: dict[str, str] = {}
-        auth: httpx.BasicAuth | None = None
-        password = os_cfg.password.get_secret_value() if os_cfg.password is not None else None
-        if password is None and os_cfg.password_file is not None:
-            password = os_cfg.password_file.read_text(encoding="utf-8").strip()
-        api_key = os_cfg.api_key.get_secret_value() if os_cfg.api_key is not None else None
-        if api_key is None and os_cfg.api_key_file is not None:
-            api_key = os_cfg.api_key_file.read_text(encoding="utf-8").strip()
-        if api_key:
-            headers["authorization"] = f"ApiKey {api_key}"
-        elif os_cfg.username and password is not None:
-            auth = httpx.BasicAuth(os_cfg.username, password)
-        # user:password@ in the URL become Basic auth (unless credentials are configured): left in the
-        # URL, httpx would write them into every request line it logs
-        parsed = httpx.URL(url)
-        if parsed.userinfo:
-            if auth is None and not api_key:
-                auth = httpx.BasicAuth(parsed.username, parsed.password)
-            url = str(parsed.copy_with(username=None, password=None))
-        client = httpx.AsyncClient(
-            base_url=url.rstrip("/"),
-            verify=verify,
-            timeout=settings.server.upstream_timeout_s,
-            headers=headers,
-            auth=auth,
-            follow_redirects=False,
-        )
-        return cls(url, client)
-
-    async def forward(
-        self,
-        state: ServiceState,
-        method: str,
-        path: str,
-        params: list[tuple[str, str]],
-        body: bytes | None,
-        headers: Mapping[str, str],
-    ) -> Response:
-        """The upstream's answer as is, or 503/504 in OpenSearch's error shape."""
-        sent = {k: v for k, v in headers.items() if k.lower() in {"content-type", "accept", "x-opaque-id"}}
-        try:
-            resp = await self.client.request(method, path, params=params, content=body or None, headers=sent)
-        except httpx.TimeoutException:
-            state.metrics.passthrough.labels("timeout").inc()
-            raise ApiError(504, "the upstream OpenSearch did not answer in time", os_type="timeout_exception") from None
-        except httpx.HTTPError as err:
-            state.metrics.passthrough.labels("unreachable").inc()
-            raise ApiError(
-                503,
-                f"the upstream OpenSearch is unreachable: {redact(type(err).__name__)}",
-                os_type="unavailable_exception",
-                headers={"Retry-After": "1"},
-            ) from None
-        state.metrics.passthrough.labels(str(resp.status_code // 100) + "xx").inc()
-        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
-        out_headers["x-shopsearch-passthrough"] = "1"
-        return Response(content=resp.content, status_code=resp.status_code, headers=out_headers)
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -185,7 +92,7 @@ async def _forward_or(
     if state.upstream is None:
         raise missing
     return await state.upstream.forward(
-        state, request.method, path, list(request.query_params.multi_items()), raw, request.headers
+        request.method, path, list(request.query_params.multi_items()), raw, request.headers
     )
 
 
@@ -335,7 +242,7 @@ async def _msearch(request: Request, index: str | None) -> Response:
     if any(isinstance(p, Unsupported) for _, p in plans) and state.upstream is not None:
         path = "/_msearch" if index is None else _index_path(parse_index_expression(index, server), "_msearch")
         return await state.upstream.forward(
-            state, request.method, path, list(request.query_params.multi_items()), raw, request.headers
+            request.method, path, list(request.query_params.multi_items()), raw, request.headers
         )
 
     async def answer(plan: Translated | ApiError | Unsupported) -> dict[str, Any]:
@@ -383,7 +290,8 @@ def _doc_answer(index: str, doc_id: str, product: dict[str, Any] | None, source_
     return out
 
 
-@router.api_route("/{index}/_doc/{doc_id}", methods=["GET", "HEAD"])
+# `:path`: an id may hold "/" (sent as %2F, which the server decodes before routing)
+@router.api_route("/{index}/_doc/{doc_id:path}", methods=["GET", "HEAD"])
 async def get_doc(index: str, doc_id: str, request: Request) -> Response:
     state = get_state(request)
     names = parse_index_expression(index, state.settings.server)
@@ -398,7 +306,7 @@ async def get_doc(index: str, doc_id: str, request: Request) -> Response:
     return JSONResponse(body, status_code=200 if found else 404)
 
 
-@router.api_route("/{index}/_source/{doc_id}", methods=["GET", "HEAD"])
+@router.api_route("/{index}/_source/{doc_id:path}", methods=["GET", "HEAD"])
 async def get_source(index: str, doc_id: str, request: Request) -> Response:
     state = get_state(request)
     names = parse_index_expression(index, state.settings.server)
@@ -570,8 +478,11 @@ async def everything_else(path: str, request: Request) -> Response:
             f"write and admin endpoints are refused by the shopsearch proxy: {shown} (server.enable_writes)",
             os_type="security_exception",
         )
-    segments = [s for s in path.split("/") if s]
-    if any(s in {".", ".."} for s in segments):
+    # segments from the raw path: an id holding "/" (sent as %2F) stays one segment upstream
+    raw_path: bytes = request.scope.get("raw_path") or quote(path).encode()
+    raw_segments = raw_path.split(b"?")[0].split(b"/")
+    segments = [unquote_to_bytes(s).decode("utf-8", "replace") for s in raw_segments if s]
+    if any(part in {".", ".."} for s in segments for part in s.split("/")):
         raise ApiError(400, "path segments . and .. are not allowed", param="path")
     if segments and not segments[0].startswith("_"):
         parse_index_expression(segments[0], server)

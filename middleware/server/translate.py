@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from middleware.config import ServerSettings
+from middleware.products import MAX_QUERY_CHARS
 from middleware.schema import SearchRequest, SearchResponse
 from middleware.server.errors import ApiError
 
@@ -30,7 +31,6 @@ SCRIPT_KEYS = frozenset(
 # body keys that do not change which products come back or how they rank
 HARMLESS_KEYS = frozenset({"track_total_hits", "timeout", "explain", "track_scores", "version"})
 MAX_JSON_DEPTH = 64
-MAX_SEARCH_QUERY_CHARS = 10_000  # SearchRequest's bound; the pipeline cuts further for the models
 MAX_DEADLINE_MS = 600_000.0  # SearchRequest's bound on deadline_ms
 
 
@@ -444,9 +444,7 @@ def translate_search(
     default_deadline_ms: float | None = None,
 ) -> Translated:
     """A SearchRequest for the pipeline, or Unsupported / ApiError."""
-    body = dict(body or {})
-    if not isinstance(body, dict):
-        raise ApiError(400, "the search body must be a JSON object", param="body")
+    body = dict(body or {})  # the routes have checked it is a JSON object
     refuse_scripts(body, server)
     # paging applies to every search, answered here or upstream
     size = _int_param(body["size"], "size") if "size" in body else _int_param(params.get("size", 10), "size")
@@ -487,7 +485,7 @@ def translate_search(
     try:
         request = SearchRequest.model_validate(
             {
-                "query": text[:MAX_SEARCH_QUERY_CHARS],  # longer text is cut, never refused
+                "query": text[:MAX_QUERY_CHARS],  # longer text is cut, never refused
                 "filters": filters,
                 "from": from_,
                 "size": size,

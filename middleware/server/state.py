@@ -1,0 +1,149 @@
+"""What every request handler shares, built once per app: settings, the pipeline over batching model
+wrappers, the in-flight limit, metrics and the upstream cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from middleware.backends.base import BackendError
+from middleware.config import Settings
+from middleware.pipeline import Pipeline
+from middleware.schema import SearchRequest, SearchResponse
+from middleware.server.batching import BatchingEmbedder, BatchingReranker
+from middleware.server.caches import LruTtlCache
+from middleware.server.errors import ApiError, redact
+from middleware.server.limits import InflightLimiter, capped_deadline_ms, queue_full
+from middleware.server.metrics import ServiceMetrics
+from middleware.server.upstream import Upstream
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ServiceState:
+    """Everything a request handler needs, built once per app."""
+
+    def __init__(self, settings: Settings, base: Pipeline, *, owns_pipeline: bool) -> None:
+        srv = settings.server
+        self.settings = settings
+        self.base = base
+        self.owns_pipeline = owns_pipeline
+        self.metrics = ServiceMetrics()
+        self.limiter = InflightLimiter(srv.max_queue)
+        self.embedder: BatchingEmbedder | None = None
+        self.reranker: BatchingReranker | None = None
+        batching: dict[str, Any] = {
+            "batching": srv.batching_enabled,
+            "max_batch_size": srv.batch_max_size,
+            "max_batch_tokens": srv.batch_max_tokens,
+            "max_wait_ms": srv.batch_max_wait_ms,
+            "on_batch": self.metrics.observe_batch,
+            "more_expected": self._more_expected,
+            "workers": srv.max_queue,
+        }
+        if base.embedder is not None:
+            cache = LruTtlCache("embedding", srv.embedding_cache_size, srv.cache_ttl_s, self.metrics.observe_cache)
+            self.embedder = BatchingEmbedder(base.embedder, cache=cache, **batching)
+        if base.reranker is not None:
+            cache = LruTtlCache("rerank", srv.rerank_cache_size, srv.cache_ttl_s, self.metrics.observe_cache)
+            self.reranker = BatchingReranker(base.reranker, cache=cache, **batching)
+        # `settings` govern the service's searches, its query cut included; model calls wait in the
+        # batching queues, not on stage threads: a search holds at most two (its BM25 and kNN queries)
+        self.pipeline = base.with_models(
+            self.embedder,
+            self.reranker,
+            settings=settings.model_copy(update={"max_query_chars": srv.max_query_chars}),
+            stage_workers=2 * srv.max_queue + 4,
+        )
+        self.executor = ThreadPoolExecutor(max_workers=srv.max_queue + 4, thread_name_prefix="shopsearch-req")
+        self.upstream = Upstream.from_settings(settings, self.metrics)
+        self.started = time.time()
+
+    def _more_expected(self, callers_waiting: int) -> bool:
+        # admitted requests not yet waiting in this batcher may still join its batch
+        return self.limiter.in_flight > callers_waiting
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def admitted(
+        self, fn: Callable[..., T], *args: Any, bounded: bool = True, deadline_ms: float | None = None
+    ) -> T:
+        """Run blocking work if a slot is free, else 429 at once.
+
+        bounded: answer 504 once the default deadline has passed (writes are not bounded). The slot is
+        held until the work really ends, even when the caller has given up: threads stay bounded too.
+        """
+        if not self.limiter.try_acquire():
+            self.metrics.rejected.labels("queue_full").inc()
+            raise queue_full()
+        self.metrics.in_flight.inc()
+        work = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+        def release(_: asyncio.Future[Any]) -> None:
+            self.limiter.release()
+            self.metrics.in_flight.dec()
+
+        work.add_done_callback(release)
+        timeout_s = capped_deadline_ms(self.settings, deadline_ms) / 1000.0
+        try:
+            if not bounded:
+                return await work
+            # a search bounds itself (the pipeline's deadline); the margin only covers the thread hop
+            return await asyncio.wait_for(asyncio.shield(work), timeout=timeout_s + 1.0)
+        except TimeoutError:
+            self.metrics.rejected.labels("deadline").inc()
+            raise ApiError(
+                504, f"no answer within the deadline ({timeout_s * 1000:.0f} ms)", os_type="timeout_exception"
+            ) from None
+        except BackendError as err:  # every route (search, _count, _doc, products…): 503, never a bare 500
+            self.metrics.rejected.labels("backend_unavailable").inc()
+            raise ApiError(
+                503,
+                f"search backend unavailable: {redact(str(err))}",
+                os_type="unavailable_exception",
+                headers={"Retry-After": "1"},
+            ) from None
+
+    async def search(self, req: SearchRequest) -> SearchResponse:
+        try:
+            resp = await self.admitted(self.pipeline.search, req, deadline_ms=req.deadline_ms)
+        except ValueError as err:  # a request the configuration cannot answer (e.g. vector without embedder)
+            raise ApiError(400, str(err)) from None
+        self.metrics.observe_search(resp.timings_ms, resp.degraded)
+        return resp
+
+    def warm_up(self) -> None:
+        """One search before taking traffic: the first one pays for lazy loads (jieba's dictionary,
+        onnxruntime's first run, the vector index) and would otherwise spend a real request's budget."""
+        started = time.perf_counter()
+        try:
+            self.pipeline.search(SearchRequest(query="warm up 预热", size=1, deadline_ms=60_000))
+        except Exception as err:  # an empty or unreachable store still serves health and errors
+            log.warning("warm-up search failed: %s", redact(str(err)))
+        log.info("warm-up search took %.0f ms", (time.perf_counter() - started) * 1000.0)
+
+    async def close(self) -> None:
+        for model in (self.embedder, self.reranker):
+            if model is not None:
+                model.close()
+        self.pipeline.close()  # its stage threads; the backend stays with the base pipeline
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.upstream is not None:
+            await self.upstream.aclose()
+        if self.owns_pipeline:
+            self.base.close()
+
+
+def get_state(request: Request) -> ServiceState:
+    state = getattr(request.app.state, "service", None)
+    if state is None:
+        raise ApiError(503, "service is starting: models and backend not loaded yet")
+    return state
