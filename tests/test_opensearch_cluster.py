@@ -14,17 +14,20 @@ import opensearchpy
 import pytest
 
 from middleware.config import Settings
-from tests.test_opensearch_osmem import (
+from tests.test_opensearch_osmem import (  # noqa: F401 (backend, loaded: fixtures the suite classes use)
     Target,
     TestReads,
     TestSetup,
     TestVectors,
     TestWrites,
+    backend,
+    loaded,
     make_settings,
 )
 from tests.test_opensearch_osmem import TestReindex as _OsmemReindex
 
 OPENSEARCH_URL = os.environ.get("OPENSEARCH_URL")
+KNN_ENGINE = os.environ.get("SHOPSEARCH_TEST_KNN_ENGINE", "lucene")
 pytestmark = [
     pytest.mark.opensearch,
     pytest.mark.skipif(not OPENSEARCH_URL, reason="set OPENSEARCH_URL to run against a real cluster"),
@@ -67,4 +70,5 @@ def os_url(prefix: str) -> str:
 
 @pytest.fixture
 def settings(os_url: str, prefix: str) -> Settings:
-    return make_settings(os_url, index_prefix=prefix, search_pipeline=f"{prefix}-hybrid")
+    # lucene: the test node's k-NN zip (from Maven Central) has no faiss natives
+    return make_settings(os_url, index_prefix=prefix, search_pipeline=f"{prefix}-hybrid", knn_engine=KNN_ENGINE)

@@ -170,7 +170,8 @@ def component_templates(cfg: OpenSearchSettings, dim: int | None, word_analyzer:
     }
     if dim:
         bodies[names[2]] = {
-            "template": {"mappings": vector_mappings(cfg, dim)},
+            # k-NN validates a component template on its own: its vector mapping needs index.knn beside it
+            "template": {"settings": {"index": {"knn": True}}, "mappings": vector_mappings(cfg, dim)},
             "version": TEMPLATE_VERSION,
             "_meta": dict(OWNER_META),
         }
