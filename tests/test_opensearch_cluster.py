@@ -18,6 +18,7 @@ import numpy as np
 import opensearchpy
 import pytest
 
+from middleware import fusion
 from middleware.backends import opensearch_bodies as bodies
 from middleware.backends.opensearch import OpenSearchBackend
 from middleware.config import Settings
@@ -209,3 +210,85 @@ class TestAnalyze:
             assert tokens(field="title", text="红色 Dress") == ["红", "色", "dress"]
         for name in bodies.WORD_ANALYZERS:
             assert backend.analyzer_available(name) == (name == "standard" or backend.word_analyzer == name)
+
+
+FUSION_QUERIES = (
+    ("红色 连衣裙", None),
+    ("真丝 围巾", Filters(brand="Acme")),
+    ("纯棉 衬衫 夏季", Filters(in_stock=True)),
+    ("运动 外套", Filters(price_min=10, price_max=60)),
+)
+
+
+def normalised(candidates: list, stage: str, technique: str) -> dict[str, float]:
+    """One sub-query's scores as neural-search normalises them (min_max floors at 0.001, so the
+    lowest hit still counts a little)."""
+    scores = np.array([getattr(c, stage) for c in candidates], dtype=np.float64)
+    if technique == "min_max":
+        low, high = scores.min(), scores.max()
+        scaled = np.ones_like(scores) if high == low else np.maximum((scores - low) / (high - low), 0.001)
+    elif technique == "l2":
+        scaled = scores / np.sqrt((scores**2).sum())
+    else:  # z_score
+        std = scores.std()
+        scaled = np.zeros_like(scores) if std == 0 else (scores - scores.mean()) / std
+    return {c.id: float(s) for c, s in zip(candidates, scaled, strict=True)}
+
+
+def client_side_fusion(bm25: list, knn: list, technique: str, settings: Settings) -> dict[str, float]:
+    """id -> fused score from the two lists the middleware would fetch, fused as the pipeline does."""
+    if technique == "rrf":
+        return {c.id: float(c.fused) for c in fusion.rrf({"bm25": bm25, "knn": knn}, k=settings.fusion.rrf_k)}
+    w_bm25, w_knn = bodies.normalized_weights(settings.fusion)
+    by_bm25, by_knn = normalised(bm25, "bm25", technique), normalised(knn, "knn", technique)
+    return {i: w_bm25 * by_bm25.get(i, 0.0) + w_knn * by_knn.get(i, 0.0) for i in by_bm25.keys() | by_knn.keys()}
+
+
+class TestHybridAgainstClientFusion:
+    @pytest.mark.parametrize("technique", ["min_max", "l2", "z_score", "rrf"])
+    def test_hybrid_query_matches_client_side_fusion(self, wide, prefix: str, os_url: str, technique: str) -> None:
+        """The hybrid query through each pipeline returns the client-side fusion's top 10: the same fused
+        score at every rank, and every hit carrying its client-side score. Only the order inside a tie
+        differs (the middleware breaks ties by id, OpenSearch by internal doc id)."""
+        base, _products, _vectors = wide
+        cfg = make_settings(
+            os_url,
+            index_prefix=prefix,
+            knn_engine=KNN_ENGINE,
+            retrieval="hybrid",
+            hybrid_normalization=technique,
+            search_pipeline=f"{prefix}-{technique}",
+        )
+        backend = OpenSearchBackend.from_settings(cfg, dim=RECALL_DIM)
+        try:
+            report = backend.install()
+            if technique == "z_score" and not backend.client.search_pipeline.get(
+                id=cfg.opensearch.search_pipeline, ignore=[404]
+            ):
+                major = int(backend.client.info()["version"]["number"].split(".")[0])
+                assert major < 3, report.render()  # z_score exists from neural-search 3.0 on
+                pytest.skip(
+                    "z_score normalization needs neural-search >= 3.0: org.opensearch.plugin:neural-search:3.x "
+                    "zips are not served on Maven Central (2.19.1.0: 'provided normalization technique is not "
+                    "supported')"
+                )
+            queries = vectors_of(len(FUSION_QUERIES), RECALL_DIM, seed=10)
+            ties = 0
+            for (text, filters), vector in zip(FUSION_QUERIES, queries, strict=True):
+                hybrid = backend.hybrid(text, vector, filters, 10)
+                expected = client_side_fusion(
+                    base.bm25(text, filters, 10), base.knn(vector, filters, 10), technique, cfg
+                )
+                ranked = sorted(expected.items(), key=lambda item: (-item[1], item[0]))[:10]
+                assert [c.fused for c in hybrid] == pytest.approx([s for _, s in ranked], abs=1e-4), text
+                for cand in hybrid:
+                    assert cand.fused == pytest.approx(expected[cand.id], abs=1e-4), (text, cand.id)
+                    assert filters is None or filters.matches(cand.product)
+                ties += [c.id for c in hybrid] != [i for i, _ in ranked]
+            print(
+                f"\nhybrid {technique}: same top 10 in {len(FUSION_QUERIES)}/{len(FUSION_QUERIES)} queries, "
+                f"{ties} with a tie ordered differently"
+            )
+        finally:
+            backend.client.search_pipeline.delete(id=cfg.opensearch.search_pipeline, ignore=[404])
+            backend.close()
