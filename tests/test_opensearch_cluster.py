@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -292,3 +294,51 @@ class TestHybridAgainstClientFusion:
         finally:
             backend.client.search_pipeline.delete(id=cfg.opensearch.search_pipeline, ignore=[404])
             backend.close()
+
+
+class TestReindexUnderReads:
+    def test_alias_swap_while_a_reader_searches_throughout(self, wide, settings: Settings) -> None:
+        """A reader searching (BM25 and k-NN) all through a rebuild never fails and never sees an empty
+        or partial store: before the swap it reads the old index, after it the new one, complete."""
+        backend, products, vectors = wide
+        renamed = [p.model_copy(update={"title": f"新款 {p.title}"}) for p in products]
+        reader = OpenSearchBackend.from_settings(settings, dim=RECALL_DIM)
+        stop = threading.Event()
+        failures: list[str] = []
+        seen = {"old": 0, "new": 0}
+        reads = 0
+
+        def read_loop() -> None:
+            nonlocal reads
+            query = vectors_of(1, RECALL_DIM, seed=20)[0]
+            while not stop.is_set():
+                try:
+                    total = reader.count()
+                    knn = reader.knn(query, None, 10)
+                    words = reader.bm25("连衣裙", None, 5)
+                except Exception as err:  # a failed read is what this test counts
+                    failures.append(repr(err))
+                    continue
+                reads += 1
+                if total != len(products) or len(knn) != 10 or not words:
+                    failures.append(f"partial store: count={total} knn={len(knn)} bm25={len(words)}")
+                seen["new" if words[0].product and words[0].product.title.startswith("新款") else "old"] += 1
+
+        thread = threading.Thread(target=read_loop)
+        thread.start()
+        started = time.perf_counter()
+        try:
+            report = backend.reindex(zip(renamed, vectors, strict=True), batch_size=50)
+        finally:
+            time.sleep(0.5)  # keep reading a moment after the swap
+            stop.set()
+            thread.join(timeout=30)
+            reader.close()
+        elapsed = time.perf_counter() - started
+        print(
+            f"\nreindex of {report.indexed} products under reads: {reads} reads in {elapsed:.1f}s, "
+            f"{len(failures)} failed, {seen['old']} saw the old index, {seen['new']} the new one"
+        )
+        assert failures == []
+        assert report.indexed == len(products) and seen["old"] > 0 and seen["new"] > 0
+        assert backend.get(["w0"])[0].title.startswith("新款")
