@@ -342,3 +342,78 @@ class TestReindexUnderReads:
         assert failures == []
         assert report.indexed == len(products) and seen["old"] > 0 and seen["new"] > 0
         assert backend.get(["w0"])[0].title.startswith("新款")
+
+
+class TestCommandLine:
+    @pytest.fixture
+    def cli_env(
+        self, os_url: str, prefix: str, tiny_embedder_dir, model_cache_dir, tmp_path, monkeypatch: pytest.MonkeyPatch
+    ) -> Settings:
+        for key in list(os.environ):
+            if key.startswith("SHOPSEARCH_"):
+                monkeypatch.delenv(key)
+        env = {
+            "SHOPSEARCH_BACKEND": "opensearch",
+            "SHOPSEARCH_OPENSEARCH__URL": os_url,
+            "SHOPSEARCH_OPENSEARCH__INDEX_PREFIX": prefix,
+            "SHOPSEARCH_OPENSEARCH__SEARCH_PIPELINE": f"{prefix}-hybrid",
+            "SHOPSEARCH_OPENSEARCH__KNN_ENGINE": KNN_ENGINE,
+            "SHOPSEARCH_OPENSEARCH__REPLICAS": "0",
+            "SHOPSEARCH_OPENSEARCH__WRITE_REFRESH": "true",
+            "SHOPSEARCH_EMBEDDER": str(tiny_embedder_dir),
+            "SHOPSEARCH_RERANKER": "none",
+            "SHOPSEARCH_MODEL_CACHE_DIR": str(model_cache_dir),
+            "SHOPSEARCH_DATA_DIR": str(tmp_path / "state"),
+        }
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        yield Settings()
+        opensearchpy.OpenSearch(hosts=[os_url]).search_pipeline.delete(id=f"{prefix}-hybrid", ignore=[404])
+
+    def test_check_init_index_search_update_delete_reindex(self, cli_env: Settings, tmp_path, capsys) -> None:
+        from tests.test_loaders_pipeline import catalog as loader_catalog
+        from tests.test_loaders_pipeline import run_cli, write_jsonl
+
+        code, out, err = run_cli(capsys, "opensearch", "init")
+        assert code == 0, out + err
+        code, out, err = run_cli(capsys, "opensearch", "check")
+        assert code == 0, out + err
+        assert "k-NN plugin" in out and "neural-search plugin" in out
+
+        source = write_jsonl(tmp_path / "c.jsonl", loader_catalog(40))
+        code, out, err = run_cli(capsys, "index", str(source), "--json", "--batch-size", "16")
+        assert code == 0, err
+        assert json.loads(out)["indexed"] == 40
+        backend = OpenSearchBackend.from_settings(cli_env)
+        stats = backend.stats()
+        assert stats["products"] == 40 and stats["vectors"] == 40
+
+        code, out, err = run_cli(capsys, "search", "卡西欧 手表", "--json", "--no-rerank", "--size", "5")
+        assert code == 0, err
+        hits = json.loads(out)["hits"]
+        assert len(hits) == 5 and any(h["id"] in {"p1", "p6", "p11"} for h in hits)
+
+        def stored(pid: str) -> dict:
+            return backend.client.get(index=backend.read_alias, id=pid)["_source"]
+
+        before = stored("p3")
+        changes = write_jsonl(tmp_path / "s.jsonl", [{"id": "p3", "price": 1, "stock": 0, "sales": 5}])
+        code, out, err = run_cli(capsys, "update-signals", str(changes), "--json")
+        assert code == 0 and json.loads(out)["updated"] == 1, out + err
+        after = stored("p3")
+        assert after["vector"] == before["vector"] and after["title"] == before["title"]
+        assert (after["price"], after["stock"], after["sales"]) == (1, 0, 5)
+
+        code, out, err = run_cli(capsys, "delete", "--ids", "p0,nope", "--json")
+        assert json.loads(out)["deleted"] == 1, out + err
+
+        prefix = cli_env.opensearch.index_prefix
+        old_index = backend.stats()["indexes"]
+        code, out, err = run_cli(capsys, "opensearch", "reindex", str(source))
+        assert code == 0, out + err
+        assert "40 indexed" in out and f"{prefix} -> {prefix}-v2" in out
+        assert backend.stats()["indexes"] == [f"{prefix}-v2"] != old_index
+        assert backend.count() == 40 and backend.get(["p0"])  # the catalog is the truth again
+        code, out, err = run_cli(capsys, "search", "华为", "--json", "--no-rerank", "--retrieval", "vector")
+        assert code == 0 and len(json.loads(out)["hits"]) == 10, err
+        backend.close()
