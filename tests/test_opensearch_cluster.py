@@ -417,3 +417,63 @@ class TestCommandLine:
         code, out, err = run_cli(capsys, "search", "华为", "--json", "--no-rerank", "--retrieval", "vector")
         assert code == 0 and len(json.loads(out)["hits"]) == 10, err
         backend.close()
+
+
+class TestServe:
+    def test_serve_on_the_opensearch_backend_passes_aggs_highlight_and_sort_through(
+        self, os_url: str, prefix: str, tiny_embedder_dir, tiny_reranker_dir, model_cache_dir
+    ) -> None:
+        """The service on the OpenSearch backend answers text queries itself and passes what the pipeline
+        does not answer (aggregations, highlight, sorts on fields) to the node, unchanged."""
+        import httpx
+
+        from middleware.cli.search import load_demo_catalog
+        from middleware.models import Embedder, Reranker
+        from middleware.pipeline import Pipeline
+        from middleware.server.app import create_app
+        from tests.test_server_support import LiveServer
+
+        embedder = Embedder(str(tiny_embedder_dir), cache_dir=model_cache_dir)
+        reranker = Reranker(str(tiny_reranker_dir), cache_dir=model_cache_dir, precision="fp32")
+        settings = Settings(
+            _env_file=None,
+            backend="opensearch",
+            rerank_k=10,
+            deadline_ms=5000,
+            opensearch={
+                "url": os_url,
+                "index_prefix": prefix,
+                "knn_engine": KNN_ENGINE,
+                "replicas": 0,
+                "write_refresh": "true",
+            },
+            server={"allowed_indices": [f"{prefix}*"], "index_name": prefix},
+        )
+        store = OpenSearchBackend.from_settings(settings, dim=embedder.dim)
+        products = load_demo_catalog(None)
+        store.upsert(products, embedder.encode_documents([p.embedding_text() for p in products]))
+        app = create_app(settings, Pipeline(settings, store, embedder, reranker))
+        with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as c:
+            aggs = c.post(
+                f"/{prefix}/_search", json={"size": 0, "aggs": {"b": {"terms": {"field": "brand.keyword", "size": 50}}}}
+            )
+            assert aggs.status_code == 200, aggs.text
+            assert aggs.headers["x-shopsearch-passthrough"] == "1"
+            buckets = aggs.json()["aggregations"]["b"]["buckets"]
+            assert sum(b["doc_count"] for b in buckets) == len(products)
+
+            body = {"query": {"match": {"title": "手表"}}, "highlight": {"fields": {"title": {}}}, "size": 3}
+            lit = c.post(f"/{prefix}/_search", json=body)
+            assert lit.status_code == 200 and lit.headers["x-shopsearch-passthrough"] == "1", lit.text
+            assert all("<em>" in h["highlight"]["title"][0] for h in lit.json()["hits"]["hits"])
+
+            by_price = c.post(f"/{prefix}/_search", json={"query": {"match_all": {}}, "sort": [{"price": "asc"}]})
+            assert by_price.status_code == 200 and by_price.headers["x-shopsearch-passthrough"] == "1"
+            prices = [h["_source"]["price"] for h in by_price.json()["hits"]["hits"]]
+            assert prices == sorted(prices) and len(prices) == 10
+
+            text = c.post(f"/{prefix}/_search", json={"query": {"match": {"title": "手表"}}, "size": 3})
+            assert text.status_code == 200 and "x-shopsearch-passthrough" not in text.headers, text.text
+            assert len(text.json()["hits"]["hits"]) == 3
+            assert "vector" not in text.json()["hits"]["hits"][0]["_source"]
+        store.close()
