@@ -72,6 +72,9 @@ class OpenSearchSettings(BaseModel):
     hnsw_m: int = Field(16, ge=2)
     hnsw_ef_construction: int = Field(128, ge=2)
     hnsw_ef_search: int = Field(100, ge=2)
+    # k-NN engine of the vector field: faiss (native, as in docker-compose) or lucene (pure-Java HNSW,
+    # for clusters without the faiss natives, such as the Maven-built test node)
+    knn_engine: Literal["faiss", "lucene"] = "faiss"
     vector_compression: Literal["none", "fp16"] = "none"
     vector_mode: Literal["in_memory", "on_disk"] = "in_memory"
     shards: int = Field(1, ge=1)

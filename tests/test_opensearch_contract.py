@@ -44,6 +44,8 @@ def _variants() -> dict[str, OpenSearchSettings]:
         "fp16": CFG.model_copy(update={"vector_compression": "fp16"}),
         "on_disk": CFG.model_copy(update={"vector_mode": "on_disk"}),
         "tuned": CFG.model_copy(update={"hnsw_m": 32, "hnsw_ef_construction": 256, "hnsw_ef_search": 64}),
+        "lucene": CFG.model_copy(update={"knn_engine": "lucene"}),
+        "lucene-on_disk": CFG.model_copy(update={"knn_engine": "lucene", "vector_mode": "on_disk"}),
     }
 
 
@@ -286,6 +288,16 @@ def test_knn_mapping_follows_settings() -> None:
     assert bodies.vector_field(CFG.model_copy(update={"vector_mode": "on_disk"}), 4)["mode"] == "on_disk"
     with pytest.raises(ValueError, match="cannot be combined"):
         bodies.vector_field(CFG.model_copy(update={"vector_compression": "fp16", "vector_mode": "on_disk"}), 4)
+
+
+def test_lucene_engine_mapping_has_no_ef_search_and_no_fp16() -> None:
+    """lucene refuses ef_search in the mapping and has no fp16 encoder (both checked on the test node)."""
+    lucene = CFG.model_copy(update={"knn_engine": "lucene", "hnsw_m": 24, "hnsw_ef_construction": 200})
+    field = bodies.vector_field(lucene, 4)
+    assert field["method"] == {"name": "hnsw", "engine": "lucene", "parameters": {"m": 24, "ef_construction": 200}}
+    assert field["space_type"] == "innerproduct"
+    with pytest.raises(ValueError, match=r"opensearch\.knn_engine=faiss"):
+        bodies.vector_field(lucene.model_copy(update={"vector_compression": "fp16"}), 4)
 
 
 def test_text_fields_analysed_twice_and_queried_together() -> None:

@@ -118,7 +118,7 @@ class TestSetup:
         mapping = backend.client.indices.get_mapping(index=backend.read_alias)
         vector = next(iter(mapping.values()))["mappings"]["properties"]["vector"]
         assert vector["dimension"] == DIM
-        assert vector["method"]["engine"] == "faiss" and vector["space_type"] == "innerproduct"
+        assert vector["method"]["engine"] == backend.cfg.knn_engine and vector["space_type"] == "innerproduct"
         stats = backend.stats()
         assert stats.products == len(products) and stats.dim == DIM
         assert stats.vectors == len(products) and stats.size_bytes > 0

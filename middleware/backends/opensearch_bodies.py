@@ -111,7 +111,7 @@ def text_mappings(word_analyzer: str) -> dict[str, Any]:
 
 
 def vector_field(cfg: OpenSearchSettings, dim: int) -> dict[str, Any]:
-    """knn_vector: HNSW on faiss, inner product (vectors are L2-normalised by the embedder)."""
+    """knn_vector: HNSW on the configured engine, inner product (vectors are L2-normalised by the embedder)."""
     if dim < 1:
         raise ValueError(f"vector dimension must be positive, got {dim}")
     if cfg.vector_compression == "fp16" and cfg.vector_mode == "on_disk":
@@ -119,18 +119,22 @@ def vector_field(cfg: OpenSearchSettings, dim: int) -> dict[str, Any]:
             "opensearch.vector_compression=fp16 and vector_mode=on_disk cannot be combined: "
             "on_disk chooses its own quantisation; pick one"
         )
-    parameters: dict[str, Any] = {
-        "m": cfg.hnsw_m,
-        "ef_construction": cfg.hnsw_ef_construction,
-        "ef_search": cfg.hnsw_ef_search,
-    }
+    if cfg.vector_compression == "fp16" and cfg.knn_engine == "lucene":
+        raise ValueError(
+            "opensearch.vector_compression=fp16 needs opensearch.knn_engine=faiss: "
+            "the lucene engine has no fp16 encoder"
+        )
+    parameters: dict[str, Any] = {"m": cfg.hnsw_m, "ef_construction": cfg.hnsw_ef_construction}
+    if cfg.knn_engine == "faiss":
+        # lucene refuses ef_search in the mapping; every query passes it as method_parameters anyway
+        parameters["ef_search"] = cfg.hnsw_ef_search
     if cfg.vector_compression == "fp16":
         parameters["encoder"] = {"name": "sq", "parameters": {"type": "fp16"}}
     field: dict[str, Any] = {
         "type": "knn_vector",
         "dimension": dim,
         "space_type": "innerproduct",
-        "method": {"name": "hnsw", "engine": "faiss", "parameters": parameters},
+        "method": {"name": "hnsw", "engine": cfg.knn_engine, "parameters": parameters},
     }
     if cfg.vector_mode == "on_disk":
         field["mode"] = "on_disk"
@@ -168,7 +172,8 @@ def component_templates(cfg: OpenSearchSettings, dim: int | None, word_analyzer:
     }
     if dim:
         bodies[names[2]] = {
-            "template": {"mappings": vector_mappings(cfg, dim)},
+            # k-NN validates a component template on its own: its vector mapping needs index.knn beside it
+            "template": {"settings": {"index": {"knn": True}}, "mappings": vector_mappings(cfg, dim)},
             "version": TEMPLATE_VERSION,
             "_meta": dict(OWNER_META),
         }
