@@ -197,7 +197,7 @@ class RemoteClient:
                         f"TLS error talking to {self.display_url}: {err} (set remote_models.ca_certs to the "
                         "server's CA, or remote_models.verify_certs=false for a test server)"
                     ) from None
-                problem = f"cannot reach {self.display_url}: {err or type(err).__name__}"
+                problem = f"cannot reach {self.display_url} ({err or type(err).__name__})"
             else:
                 status = response.status_code
                 if status < 300:

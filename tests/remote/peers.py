@@ -3,6 +3,7 @@ model server would (a 401, NaN vectors, a 503 burst), over a real socket on loop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable
@@ -43,7 +44,8 @@ class HttpPeer:
                 for key, value in extra.items():
                     self.send_header(key, value)
                 self.end_headers()
-                self.wfile.write(data)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client that gave up
+                    self.wfile.write(data)
 
             do_GET = do_POST = _answer
 
