@@ -17,10 +17,12 @@ from __future__ import annotations
 import logging
 import math
 import ssl
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
     from middleware.config import RemoteModelSettings, Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 EmbedderApi = Literal["openai", "tei"]
 RerankerApi = Literal["tei", "cohere"]
@@ -165,8 +169,27 @@ class RemoteClient:
             follow_redirects=False,
         )
 
+        # a long input list or a batch of several searches' rerank pairs goes out as concurrent requests
+        self._parallel = max(1, min(max_connections, 8))
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
     def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
         self._http.close()
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """`[fn(item) for item in items]`, the calls made concurrently (one request each)."""
+        if len(items) <= 1 or self._parallel == 1:
+            return [fn(item) for item in items]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self._parallel, thread_name_prefix="shopsearch-remote")
+            pool = self._pool
+        return list(pool.map(fn, items))
 
     def _fail(self, message: str) -> RemoteModelError:
         return RemoteModelError(f"{self.setting}: {message}", setting=self.setting)
@@ -329,11 +352,10 @@ class RemoteEmbedder:
         return self._encode(check_texts(texts, "texts"))
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for start in range(0, len(texts), self.max_batch_size):
-            chunk = texts[start : start + self.max_batch_size]
-            out[start : start + len(chunk)] = self._embed_batch(chunk, dim=self.dim)
-        return out
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        chunks = [texts[i : i + self.max_batch_size] for i in range(0, len(texts), self.max_batch_size)]
+        return np.concatenate(self._client.map(lambda chunk: self._embed_batch(chunk, dim=self.dim), chunks))
 
     def _embed_batch(self, texts: list[str], *, dim: int | None) -> np.ndarray:
         answer = self._post_openai(texts) if self.api == "openai" else self._post_tei(texts)
@@ -491,23 +513,31 @@ class RemoteReranker:
         if not isinstance(query, str):
             raise TypeError(f"query must be a string, got {type(query).__name__}")
         docs = check_texts(docs, "docs")
-        out = np.zeros(len(docs), dtype=np.float32)
-        for start in range(0, len(docs), self.max_batch_size):
-            chunk = docs[start : start + self.max_batch_size]
-            out[start : start + len(chunk)] = self._score_batch(query, chunk)
-        return out
+        if not docs:
+            return np.zeros(0, dtype=np.float32)
+        chunks = [docs[i : i + self.max_batch_size] for i in range(0, len(docs), self.max_batch_size)]
+        return np.concatenate(self._client.map(lambda chunk: self._score_batch(query, chunk), chunks))
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-        """Scores for (query, doc) pairs of possibly different queries, in input order: one request
-        per query (the rerank APIs take one query each)."""
+        """Scores for (query, doc) pairs of possibly different queries, in input order (the server's
+        batching queue hands several searches' pairs at once): the rerank APIs take one query per
+        request, so each query's documents go as their own requests, concurrently."""
         by_query: dict[str, list[int]] = {}
         for i, (query, _doc) in enumerate(pairs):
             if not isinstance(query, str):
                 raise TypeError(f"query must be a string, got {type(query).__name__}")
             by_query.setdefault(query, []).append(i)
+        docs = check_texts([doc for _query, doc in pairs], "docs")
+        # one unit per request (a query and at most max_batch_size of its documents), all sent at once
+        units = [
+            (query, indices[i : i + self.max_batch_size])
+            for query, indices in by_query.items()
+            for i in range(0, len(indices), self.max_batch_size)
+        ]
+        scores = self._client.map(lambda unit: self._score_batch(unit[0], [docs[i] for i in unit[1]]), units)
         out = np.zeros(len(pairs), dtype=np.float32)
-        for query, indices in by_query.items():
-            out[indices] = self.score(query, [pairs[i][1] for i in indices])
+        for (_query, indices), values in zip(units, scores, strict=True):
+            out[indices] = values
         return out
 
     def rerank(self, query: str, docs: Sequence[str], top_n: int | None = None) -> list[tuple[int, float]]:
