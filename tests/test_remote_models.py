@@ -10,6 +10,7 @@ Two kinds of peers, both real HTTP servers on loopback:
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,14 @@ from middleware.models import Embedder, Reranker, load_embedder, load_reranker
 from middleware.models.remote import RemoteEmbedder, RemoteModelError, RemoteReranker, redact_url
 from middleware.pipeline import Pipeline
 from middleware.schema import SearchRequest
-from tests.remote.infinity import EMBEDDER_NAME, INSTALL_HINT, RERANKER_NAME, InfinityServer, infinity_executable
+from tests.remote.infinity import (
+    EMBEDDER_NAME,
+    INSTALL_HINT,
+    REQUIRE_ENV,
+    RERANKER_NAME,
+    InfinityServer,
+    infinity_executable,
+)
 from tests.remote.peers import HttpPeer
 from tests.remote.relay import Relay
 
@@ -343,6 +351,8 @@ def test_models_check_reports_each_problem_on_one_line(
 @pytest.fixture(scope="module")
 def infinity(tiny_reranker_dir: Path) -> Iterator[InfinityServer]:
     if infinity_executable() is None:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(INSTALL_HINT)
         pytest.skip(INSTALL_HINT)
     from tests.remote.infinity import minilm_dir
 

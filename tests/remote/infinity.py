@@ -22,7 +22,12 @@ import httpx
 
 DEFAULT_VENV = Path("/work/venvs/infinity")
 VENV_ENV = "SHOPSEARCH_INFINITY_VENV"
-INSTALL_HINT = "infinity-emb is not installed: run tests/remote/setup-infinity (venv in $SHOPSEARCH_INFINITY_VENV)"
+INSTALL_HINT = (
+    "infinity-emb is not installed: run tests/remote/setup-infinity "
+    f"(its venv: $SHOPSEARCH_INFINITY_VENV, default {DEFAULT_VENV})"
+)
+# CI sets this where it ran setup-infinity: a missing server is then a failure, not a skip
+REQUIRE_ENV = "SHOPSEARCH_REQUIRE_INFINITY"
 EMBEDDER_NAME = "minilm"
 RERANKER_NAME = "tiny-reranker"
 
