@@ -141,6 +141,19 @@ def _split_csv(v: Any) -> Any:
     return v
 
 
+class RemoteModelSettings(BaseModel):
+    """How we talk to model servers when `embedder` / `reranker` is a URL (shared by both clients)."""
+
+    timeout_s: float = Field(5.0, gt=0)  # one call's whole budget, retries and backoff included
+    connect_timeout_s: float = Field(2.0, gt=0)
+    max_retries: int = Field(2, ge=0)  # on 429, 502, 503, 504 and connection errors
+    backoff_s: float = Field(0.1, gt=0)  # doubles per retry; a Retry-After header is honoured up to the budget
+    max_batch_size: int = Field(32, ge=1)  # inputs per request (servers cap it: TEI 32, OpenAI 2048)
+    max_connections: int = Field(16, ge=1)  # pooled connections per server
+    verify_certs: bool = True
+    ca_certs: Path | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SHOPSEARCH_",
@@ -166,6 +179,14 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, ge=1)
     threads: int | None = Field(None, ge=1)  # onnxruntime intra-op threads; None = core count
     onnx_io_binding: bool = False  # bind model inputs/outputs explicitly (saves copies on CUDA)
+    # remote model servers: `embedder` / `reranker` given as an http(s) URL
+    embedder_api: Literal["openai", "tei"] = "openai"  # openai: POST {url}/embeddings; tei: POST {url}/embed
+    embedder_model: str | None = None  # the served model name (openai: required; tei: read from /info)
+    embedder_api_key: SecretStr | None = None  # sent as Authorization: Bearer
+    reranker_api: Literal["tei", "cohere"] = "tei"  # tei: POST {url}/rerank; cohere: POST {url}/v1/rerank
+    reranker_model: str | None = None
+    reranker_api_key: SecretStr | None = None
+    remote_models: RemoteModelSettings = Field(default_factory=RemoteModelSettings)
 
     # query pipeline
     retrieve_n: int = Field(100, ge=1)

@@ -15,6 +15,7 @@ from middleware.models.reranker import Reranker
 
 if TYPE_CHECKING:
     from middleware.config import Settings
+    from middleware.models.remote import RemoteEmbedder, RemoteReranker
 
 __all__ = [
     "BGE_ZH_QUERY_INSTRUCTION",
@@ -26,10 +27,14 @@ __all__ = [
 ]
 
 
-def load_embedder(settings: Settings) -> Embedder | None:
+def load_embedder(settings: Settings) -> Embedder | RemoteEmbedder | None:
     """The embedder the settings describe, or None when `embedder` is "none"."""
     if not settings.embedder_enabled:
         return None
+    from middleware.models.remote import is_remote, load_remote_embedder  # httpx only when used
+
+    if is_remote(settings.embedder):  # a model server (OpenAI / TEI API)
+        return load_remote_embedder(settings)
     return Embedder(
         settings.embedder,
         runtime=settings.embedder_runtime,
@@ -44,10 +49,14 @@ def load_embedder(settings: Settings) -> Embedder | None:
     )
 
 
-def load_reranker(settings: Settings) -> Reranker | None:
+def load_reranker(settings: Settings) -> Reranker | RemoteReranker | None:
     """The reranker the settings describe, or None when `reranker` is "none"."""
     if not settings.reranker_enabled:
         return None
+    from middleware.models.remote import is_remote, load_remote_reranker
+
+    if is_remote(settings.reranker):  # a model server (TEI / Cohere API)
+        return load_remote_reranker(settings)
     return Reranker(
         settings.reranker,
         precision=settings.reranker_precision,
