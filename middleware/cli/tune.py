@@ -16,6 +16,8 @@ from middleware.cli import EXIT_OK, EXIT_USAGE, CliError, load_settings
 
 log = logging.getLogger(__name__)
 
+EXIT_SHORT_OF_NEGATIVES = 3  # mine-negatives wrote its output, but most records got too few negatives
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     tune = subparsers.add_parser("tune", help="fine-tune the embedder/reranker on your own judgments")
@@ -33,7 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=run_make_pairs)
 
-    p = sub.add_parser("mine-negatives", help="add hard negatives found with the current embedder")
+    p = sub.add_parser(
+        "mine-negatives",
+        help="add hard negatives found with the current embedder",
+        epilog="exit codes: 0 done; 3 output written but most records got fewer than --negatives (the "
+        "reason on stderr); 2 usage; 1 fatal",
+    )
     p.add_argument("--input", required=True, help='pairs JSONL: {"query", "pos": [...]} a line')
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", help="BEIR corpus.jsonl to embed and search (in-memory faiss)")
@@ -210,6 +217,15 @@ def run_mine(args: argparse.Namespace) -> int:
             "seed": config.seed,
         }
     )
+    if stats.records and stats.short * 2 > stats.records:
+        excluded = ", ".join(f"{k} {v}" for k, v in stats.excluded.items() if v) or "none"
+        print(
+            f"shopsearch: {stats.short} of {stats.records} records got fewer than {config.negatives} negatives "
+            f"({stats.negatives} mined in all; candidates excluded: {excluded}): widen --range, loosen "
+            "--dup-threshold/--margin, or check the embedder",
+            file=sys.stderr,
+        )
+        return EXIT_SHORT_OF_NEGATIVES
     return EXIT_OK
 
 
