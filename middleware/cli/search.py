@@ -87,6 +87,7 @@ def parse_filters(items: list[str]) -> Filters | None:
 
 
 def _pipeline(settings: Settings):  # -> Pipeline
+    from middleware.backends.base import BackendError
     from middleware.models import ModelLoadError
     from middleware.pipeline import Pipeline
 
@@ -94,6 +95,17 @@ def _pipeline(settings: Settings):  # -> Pipeline
         return Pipeline.from_settings(settings)
     except ModelLoadError as err:
         raise CliError(str(err)) from None
+    except BackendError as err:
+        raise CliError(f"backend unavailable: {err}") from None
+    except ValueError as err:  # the store holds vectors of another dimension than the embedder's
+        raise CliError(f"{err} (--embedder)") from None
+
+
+def require_store(settings: Settings) -> None:
+    """A read-only command on a missing embedded store: say so, and do not create the directory."""
+    data_dir = Path(settings.data_dir)
+    if settings.backend == "embedded" and not data_dir.is_dir():
+        raise CliError(f"no store at {data_dir}: run `shopsearch index FILE` first (or pass --data-dir)")
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -111,11 +123,17 @@ def run_search(args: argparse.Namespace) -> int:
         )
     except ValidationError as err:
         raise CliError(describe_validation_error(err), EXIT_USAGE) from None
+    if request.retrieval == "vector" and not settings.embedder_enabled:
+        raise CliError("--retrieval vector needs an embedder: pass --embedder or use bm25/hybrid", EXIT_USAGE)
+    require_store(settings)
     pipeline = _pipeline(settings)
     try:
         if pipeline.backend.count() == 0:
             raise CliError(f"no products indexed in {settings.data_dir}: run `shopsearch index CATALOG` first")
-        response = pipeline.search(request)
+        try:
+            response = pipeline.search(request)
+        except ValueError as err:  # a request the store or models cannot serve
+            raise CliError(str(err), EXIT_USAGE) from None
     finally:
         pipeline.close()
     if args.json:
