@@ -140,6 +140,8 @@ def index_rows(
         summary.resumed_rows_skipped = summary.read
         dead_letters.count = summary.rejected
         dead_letters.drop_after(resume_line)
+        if progress is not None:
+            progress.resume_from(summary.read)
     committed_line = resume_line
     seen = _SeenIds() if prune else None
 

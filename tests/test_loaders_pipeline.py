@@ -21,6 +21,7 @@ import pytest
 from loaders.checkpoint import Checkpoint
 from loaders.embed_cache import EmbeddingCache
 from loaders.pipeline import index_rows
+from loaders.report import Progress
 from loaders.sources import read_rows
 from loaders.validate import DeadLetters
 from middleware.backends.embedded import DB_NAME, EmbeddedBackend
@@ -252,7 +253,11 @@ def test_resume_after_failure_loses_and_duplicates_nothing(tmp_path: Path, embed
         checkpoint=checkpoint,
         resume_state=state,
         batch_size=10,
+        progress=Progress("indexing", stream=(log := io.StringIO()), every_s=0.0),
     )
+    # progress lines count the rows the first attempt committed too, as the counts beside them do
+    last = log.getvalue().splitlines()[-1]
+    assert last.startswith("indexing: 100 rows (") and last.endswith(", indexed 100, updated 0, rejected 0")
     assert sorted(backend.iter_ids()) == sorted(r["id"] for r in rows) and backend.count() == 100
     assert summary.indexed == 100 and summary.read == 100 and summary.resumed_from_line == 20
     assert len(embedder.texts) == 80  # rows 21..100 only
