@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             backend.upsert(products[start : start + 2000], None)
         index_s = time.perf_counter() - t0
         pk = {p.id: i for i, p in enumerate(products)}  # fresh store: rowids follow insertion order
-        print(f"indexed in {index_s:.1f} s ({backend.stats()['bytes_on_disk'] / 1e6:.1f} MB)", flush=True)
+        print(f"indexed in {index_s:.1f} s ({backend.stats().size_bytes / 1e6:.1f} MB)", flush=True)
 
         sums = {name: np.zeros(4) for name, *_ in CONFIGS}
         t0 = time.perf_counter()

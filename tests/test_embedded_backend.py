@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import shutil
 import sqlite3
 import struct
@@ -13,6 +16,7 @@ import numpy as np
 import pytest
 
 from middleware.backends import Backend, BackendError
+from middleware.backends.base import EmbedderBinding, EmbedderMismatch
 from middleware.backends.embedded import DB_NAME, FAISS_NAME, EmbeddedBackend
 from middleware.products import Filters, Product, SignalUpdate
 
@@ -111,8 +115,8 @@ def test_upsert_get_count_iter_and_hashes(store: EmbeddedBackend, catalog) -> No
     assert store.get(["p3", "missing", "p1"]) == [products[3], products[1]]
     assert store.content_hashes(["p0", "nope"]) == {"p0": products[0].content_hash()}
     stats = store.stats()
-    assert stats["products"] == stats["vectors"] == len(products)
-    assert stats["dim"] == DIM and stats["index_type"] == "flat" and stats["bytes_on_disk"] > 0
+    assert stats.products == stats.vectors == len(products)
+    assert stats.dim == DIM and stats.details["index_type"] == "flat" and stats.size_bytes > 0
 
 
 def test_upsert_replaces_text_vector_and_signals(store: EmbeddedBackend) -> None:
@@ -126,7 +130,7 @@ def test_upsert_replaces_text_vector_and_signals(store: EmbeddedBackend) -> None
     assert [c.id for c in store.bm25("连衣裙", None, 10)] == ["1"]
     top = store.knn(new_vector[0], None, 1)[0]
     assert top.id == "1" and top.knn == pytest.approx(1.0, abs=1e-5)
-    assert store.stats()["index_vectors"] == 2  # the old vector is gone from the flat index
+    assert store.stats().details["index_vectors"] == 2  # the old vector is gone from the flat index
 
 
 def test_duplicate_id_in_one_batch_is_one_product_last_wins(store: EmbeddedBackend) -> None:
@@ -157,7 +161,7 @@ def test_upsert_without_vectors_is_bm25_only_and_drops_an_old_vector(store: Embe
     store.upsert([Product(id="y", title="耳机"), Product(id="z", title="口红")], vectors)
     store.upsert([Product(id="y", title="蓝牙耳机")], None)  # new text, no vector computed for it
     assert [c.id for c in store.knn(vectors[0], None, 5)] == ["z"]
-    assert store.stats()["vectors"] == 1 and store.count() == 3
+    assert store.stats().vectors == 1 and store.count() == 3
 
 
 def test_dimension_is_fixed_and_mismatches_are_clear(tmp_path: Path) -> None:
@@ -208,7 +212,7 @@ def test_filters_inside_knn_equal_brute_force(tmp_path: Path, catalog, kind: str
     rng = np.random.default_rng(11)
     with EmbeddedBackend(tmp_path, **options) as store:
         store.upsert(products, vectors)
-        assert store.stats()["index_type"] == ("flat" if kind == "flat" else "hnsw")
+        assert store.stats().details["index_type"] == ("flat" if kind == "flat" else "hnsw")
         for _ in range(40):
             f = random_filters(rng, [p.id for p in products])
             query = unit(rng, 1)[0]
@@ -319,7 +323,7 @@ def test_update_signals_touches_neither_text_nor_vectors(tmp_path: Path, catalog
         before = _text_and_vector_state(data)
         faiss_file = data / FAISS_NAME
         faiss_stat, faiss_bytes = faiss_file.stat(), faiss_file.read_bytes()
-        generation = store.stats()["generation"]
+        generation = store.stats().generation
 
         missing = store.update_signals(
             [
@@ -336,7 +340,7 @@ def test_update_signals_touches_neither_text_nor_vectors(tmp_path: Path, catalog
         # filters read the new signals
         assert "p0" not in {c.id for c in store.knn(vectors[0], Filters(in_stock=True), 300)}
         assert store.knn(vectors[1], Filters(price_min=89, price_max=89), 1)[0].id == "p1"
-        assert store.stats()["generation"] == generation
+        assert store.stats().generation == generation
     assert _text_and_vector_state(data) == before
     assert faiss_file.read_bytes() == faiss_bytes
     assert faiss_file.stat().st_mtime_ns == faiss_stat.st_mtime_ns  # not rewritten, even on close
@@ -373,8 +377,8 @@ def test_reopen_keeps_everything(tmp_path: Path, catalog, hnsw_threshold: int) -
     with EmbeddedBackend(tmp_path, hnsw_threshold=hnsw_threshold) as store:
         assert _snapshot(store, queries) == before
         reopened = store.stats()
-        assert reopened.pop("bytes_on_disk") > 0 and stats.pop("bytes_on_disk") > 0  # the WAL is checkpointed
-        assert reopened == stats
+        assert reopened.size_bytes > 0 and stats.size_bytes > 0  # the WAL is checkpointed
+        assert dataclasses.replace(reopened, size_bytes=0) == dataclasses.replace(stats, size_bytes=0)
         assert store.get(["p6"])[0].title == "新标题手表" and store.get(["p7"])[0].stock == 0
 
 
@@ -422,14 +426,14 @@ def test_crash_between_commit_and_faiss_save_is_caught_up_on_open(tmp_path: Path
         store.delete(["p1", "p2"])
         store.upsert([products[3].model_copy(update={"title": "换了标题"})], unit(np.random.default_rng(9), 1))
         saved_generation = _faiss_generation(live / FAISS_NAME)
-        assert store.stats()["generation"] > saved_generation  # the save really was deferred
+        assert store.stats().generation > saved_generation  # the save really was deferred
         shutil.copytree(live, crashed)
         expected = _snapshot(store, queries)
     finally:
         store.close()
     with EmbeddedBackend(crashed, hnsw_threshold=hnsw_threshold) as recovered:
         assert _snapshot(recovered, queries) == expected
-        assert _faiss_generation(crashed / FAISS_NAME) == recovered.stats()["generation"]
+        assert _faiss_generation(crashed / FAISS_NAME) == recovered.stats().generation
         assert recovered.count() == len(products) - 2
 
 
@@ -437,13 +441,13 @@ def test_index_switches_to_hnsw_above_threshold_and_excludes_dead_vectors(tmp_pa
     products, vectors = catalog
     with EmbeddedBackend(tmp_path, hnsw_threshold=100) as store:
         store.upsert(products[:60], vectors[:60])
-        assert store.stats()["index_type"] == "flat"
+        assert store.stats().details["index_type"] == "flat"
         store.upsert(products[60:], vectors[60:])
-        assert store.stats()["index_type"] == "hnsw"
+        assert store.stats().details["index_type"] == "hnsw"
         replacement = unit(np.random.default_rng(30), 1)
         store.upsert([products[0]], replacement)  # p0's old vector stays in the graph, dead
         store.delete(["p1"])
-        assert store.stats()["index_dead"] == 2
+        assert store.stats().details["index_dead"] == 2
         assert [c.id for c in store.knn(vectors[0], None, 240)].count("p0") == 1
         assert "p1" not in {c.id for c in store.knn(vectors[1], None, 240)}
         assert store.knn(replacement[0], None, 1)[0].id == "p0"
@@ -593,3 +597,93 @@ def test_bm25_with_a_single_analysis(tmp_path, combine, words_weight, cjk_weight
     hits = store.bm25("珐琅手表", None, 10)
     assert [h.id for h in hits][:2] == ["a", "b"] and all(h.bm25 > 0 for h in hits)
     store.close()
+
+
+# ---------------------------------------------------------------------------------------- embedder binding
+
+
+def test_fresh_store_is_unbound_and_its_stats_say_so(store: EmbeddedBackend) -> None:
+    stats = store.stats()
+    assert store.embedder_binding() is None
+    assert (stats.backend, stats.products, stats.vectors, stats.dim, stats.embedder) == ("embedded", 0, 0, None, None)
+    assert stats.generation == 0 and stats.size_bytes > 0
+
+
+def test_binding_is_recorded_and_survives_reopening(tmp_path: Path) -> None:
+    binding = EmbedderBinding("bge-small-zh-v1.5", DIM)
+    with EmbeddedBackend(tmp_path) as store:
+        store.bind_embedder(binding)
+        store.bind_embedder(binding)  # the same binding again: nothing to do
+        assert store.embedder_binding() == binding and store.stats().dim == DIM
+        store.upsert([Product(id="a", title="手表")], unit(np.random.default_rng(0), 1))
+    with EmbeddedBackend(tmp_path) as store:
+        assert store.embedder_binding() == binding and store.stats().embedder == binding
+
+
+def test_another_embedder_on_a_store_with_products_is_refused(store: EmbeddedBackend) -> None:
+    store.bind_embedder(EmbedderBinding("model-a", DIM))
+    store.upsert([Product(id="a", title="手表")], unit(np.random.default_rng(0), 1))
+    for other in (EmbedderBinding("model-b", DIM), EmbedderBinding("model-a", DIM * 2), EmbedderBinding("none", None)):
+        with pytest.raises(EmbedderMismatch, match="model-a") as err:
+            store.bind_embedder(other)
+        assert "new data directory" in str(err.value) and (other.model in str(err.value) or "lexical" in str(err.value))
+    assert store.embedder_binding() == EmbedderBinding("model-a", DIM)
+    assert isinstance(EmbedderMismatch("x", "y", "z", "w"), BackendError)
+
+
+def test_an_emptied_store_can_be_rebound_to_another_dimension(store: EmbeddedBackend) -> None:
+    store.bind_embedder(EmbedderBinding("model-a", DIM))
+    store.upsert([Product(id="a", title="手表")], unit(np.random.default_rng(0), 1))
+    store.delete(["a"])
+    store.bind_embedder(EmbedderBinding("model-b", 8))
+    assert store.embedder_binding() == EmbedderBinding("model-b", 8)
+    with pytest.raises(ValueError, match="8-d"):
+        store.upsert([Product(id="b", title="耳机")], unit(np.random.default_rng(1), 1))
+    vector = unit(np.random.default_rng(2), 1, dim=8)
+    store.upsert([Product(id="b", title="耳机")], vector)
+    assert [c.id for c in store.knn(vector[0], None, 5)] == ["b"] and store.stats().dim == 8
+
+
+def test_a_lexical_only_store_refuses_vectors(store: EmbeddedBackend) -> None:
+    store.bind_embedder(EmbedderBinding("none", None))
+    store.upsert([Product(id="a", title="手表")], None)
+    with pytest.raises(EmbedderMismatch, match="no embedder"):
+        store.upsert([Product(id="b", title="耳机")], unit(np.random.default_rng(0), 1))
+    assert store.count() == 1 and store.stats().vectors == 0 and store.stats().dim is None
+
+
+def test_a_store_indexed_before_bindings_adopts_one_of_its_dimension(store: EmbeddedBackend) -> None:
+    store.upsert([Product(id="a", title="手表")], unit(np.random.default_rng(0), 1))
+    assert store.embedder_binding() is None
+    with pytest.raises(EmbedderMismatch, match=f"{DIM}-d vectors"):
+        store.bind_embedder(EmbedderBinding("model-b", DIM + 1))
+    store.bind_embedder(EmbedderBinding("model-a", DIM))
+    assert store.embedder_binding() == EmbedderBinding("model-a", DIM)
+
+
+@pytest.mark.parametrize(
+    ("model", "dim"), [("", 4), ("m", 0), ("m", -1), ("m", True), ("m", 4.0), ("m", None), ("none", 4)]
+)
+def test_a_malformed_binding_is_a_clear_error(model: str, dim: object) -> None:
+    with pytest.raises(ValueError, match="embedder binding"):
+        EmbedderBinding(model, dim)  # type: ignore[arg-type]
+
+
+def test_cli_stats_of_a_fresh_and_a_bound_store(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`shopsearch stats` shows no "0 × None-d" on a fresh store, and the recorded embedder once bound."""
+    from middleware.cli import main
+
+    for key in [k for k in os.environ if k.startswith("SHOPSEARCH_")]:
+        monkeypatch.delenv(key)
+    data_dir = tmp_path / "store"
+    EmbeddedBackend(data_dir).close()
+    assert main(["--data-dir", str(data_dir), "stats"]) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out and "vectors      0\n" in out and "embedder     -\n" in out
+    with EmbeddedBackend(data_dir) as store:
+        store.bind_embedder(EmbedderBinding("model-a", DIM))
+        store.upsert([Product(id="a", title="手表")], unit(np.random.default_rng(0), 1))
+    assert main(["--data-dir", str(data_dir), "stats", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["products"], stats["vectors"], stats["dim"], stats["embedder"]) == (1, 1, DIM, "model-a")
+    assert stats["bytes_on_disk"] > 0 and stats["backend_stats"]["embedder"] == {"model": "model-a", "dim": DIM}

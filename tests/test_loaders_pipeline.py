@@ -306,7 +306,7 @@ def test_bm25_only_indexing_without_embedder(tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "c.jsonl", catalog(10))
     summary, backend = run_index(source, tmp_path / "store", None)
     stats = backend.stats()
-    assert summary.indexed == 10 and stats["products"] == 10 and stats["vectors"] == 0
+    assert summary.indexed == 10 and stats.products == 10 and stats.vectors == 0
     assert backend.bm25("卡西欧 手表", None, 3)
     backend.close()
 
@@ -366,7 +366,7 @@ def test_cli_parquet_and_stdin(
     assert code == 0, err
     assert json.loads(out)["indexed"] == 1
     backend = EmbeddedBackend(cli_env)
-    assert backend.count() == 31 and backend.stats()["vectors"] == 31
+    assert backend.count() == 31 and backend.stats().vectors == 31
     backend.close()
 
 
@@ -513,7 +513,7 @@ def test_kill_9_mid_run_then_resume(tmp_path: Path, cli_env: Path, capsys: pytes
     assert summary["rejected"] == 2 and summary["read"] == 90
     backend = EmbeddedBackend(cli_env)
     ids = list(backend.iter_ids())
-    assert len(ids) == len(set(ids)) == 88 and backend.stats()["vectors"] == 88
+    assert len(ids) == len(set(ids)) == 88 and backend.stats().vectors == 88
     backend.close()
     dead = Path(summary["dead_letter_path"]).read_text().splitlines()
     assert [json.loads(d)["line"] for d in dead] == [41, 65]  # each once, though line 65 was rejected twice

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from middleware.backends import opensearch_bodies as bodies
-from middleware.backends.base import BackendError
+from middleware.backends.base import BackendError, EmbedderBinding
 from middleware.backends.opensearch import client_kwargs, redact_url
 from middleware.backends.opensearch_spec import KNOWN_GAPS, SpecNotFoundError, find_spec, load_contract
 from middleware.config import FusionSettings, OpenSearchSettings, Settings
@@ -65,6 +65,10 @@ def _valid_bodies() -> list[tuple[str, str, Any]]:
         )
     )
     cases.append(("create-bm25-only", "indices.create", bodies.create_index(CFG, None, "standard")))
+    bound = EmbedderBinding("bge-small-zh-v1.5", DIM)
+    cases.append(("create-with-embedder", "indices.create", bodies.create_index(CFG, DIM, "smartcn", embedder=bound)))
+    meta = bodies.put_mapping_meta(dict(bodies.OWNER_META), EmbedderBinding("none", None))
+    cases.append(("put-mapping-embedder", "indices.put_mapping", meta))
     cases.append(("restore-settings", "indices.put_settings", bodies.restore_settings(CFG)))
     for technique in ("min_max", "l2", "z_score", "rrf"):
         cfg = CFG.model_copy(update={"hybrid_normalization": technique})

@@ -17,7 +17,7 @@ import opensearchpy
 import pytest
 
 from middleware.backends import opensearch_bodies as bodies
-from middleware.backends.base import Backend, BackendError
+from middleware.backends.base import Backend, BackendError, EmbedderBinding, EmbedderMismatch
 from middleware.backends.opensearch import AsyncOpenSearchBackend, OpenSearchBackend
 from middleware.config import Settings
 from middleware.products import Filters, Product, SignalUpdate
@@ -114,14 +114,14 @@ class TestSetup:
 
     def test_first_write_creates_knn_index_behind_aliases(self, loaded) -> None:
         backend, products, _ = loaded
-        assert backend.stats()["indexes"] == [bodies.index_name(backend.cfg, 1)]
+        assert backend.stats().details["indexes"] == [bodies.index_name(backend.cfg, 1)]
         mapping = backend.client.indices.get_mapping(index=backend.read_alias)
         vector = next(iter(mapping.values()))["mappings"]["properties"]["vector"]
         assert vector["dimension"] == DIM
         assert vector["method"]["engine"] == "faiss" and vector["space_type"] == "innerproduct"
         stats = backend.stats()
-        assert stats["products"] == len(products) and stats["dim"] == DIM
-        assert stats["vectors"] == len(products)
+        assert stats.products == len(products) and stats.dim == DIM
+        assert stats.vectors == len(products) and stats.size_bytes > 0
 
     def test_check_says_what_is_missing(self, backend: OpenSearchBackend, target) -> None:
         report = backend.check()
@@ -190,7 +190,7 @@ class TestWrites:
         assert (p1.price, p1.stock, p1.sales) == (1.5, 0, products[1].sales)
         assert (p2.sales, p2.price, p2.title) == (999, products[2].price, products[2].title)
         assert backend.content_hashes(["p1", "p2"]) == before  # text untouched: no re-embedding needed
-        assert backend.stats()["vectors"] == len(products)  # vectors untouched
+        assert backend.stats().vectors == len(products)  # vectors untouched
 
     def test_delete_and_get_order(self, loaded) -> None:
         backend, products, _ = loaded
@@ -307,6 +307,63 @@ class TestVectors:
             backend.knn(vectors[0], None, 3)
 
 
+class TestEmbedderBinding:
+    def test_fresh_store_is_unbound(self, backend: OpenSearchBackend) -> None:
+        stats = backend.stats()
+        assert backend.embedder_binding() is None
+        assert (stats.backend, stats.products, stats.vectors, stats.dim, stats.embedder) == (
+            "opensearch",
+            0,
+            0,
+            None,
+            None,
+        )
+        assert stats.generation is None and stats.size_bytes == 0 and stats.details["indexes"] == []
+
+    def test_first_bind_creates_the_index_with_the_binding_in_its_mapping(self, backend: OpenSearchBackend) -> None:
+        binding = EmbedderBinding("bge-small-zh-v1.5", DIM)
+        backend.bind_embedder(binding)
+        mapping = next(iter(backend.client.indices.get_mapping(index=backend.write_alias).values()))["mappings"]
+        assert mapping["_meta"]["shopsearch"] == {"embedder": "bge-small-zh-v1.5", "dim": DIM}
+        assert mapping["_meta"]["owner"] == "shopsearch" and mapping["properties"]["vector"]["dimension"] == DIM
+        backend.bind_embedder(binding)  # the same again: nothing to do
+        backend.upsert(catalog(2), unit_vectors(2))
+        assert backend.embedder_binding() == binding and backend.stats().embedder == binding
+
+    def test_an_unbound_index_with_products_adopts_a_binding_of_its_dimension(self, loaded) -> None:
+        backend, _products, _ = loaded
+        with pytest.raises(EmbedderMismatch, match=f"mapping for {DIM}-d vectors"):
+            backend.bind_embedder(EmbedderBinding("wide", DIM * 2))
+        backend.bind_embedder(EmbedderBinding("model-a", DIM))
+        meta = next(iter(backend.client.indices.get_mapping(index=backend.read_alias).values()))["mappings"]["_meta"]
+        assert meta["owner"] == "shopsearch" and meta["shopsearch"] == {"embedder": "model-a", "dim": DIM}
+        fresh = OpenSearchBackend(backend.client, backend.cfg)  # another process sees it
+        assert fresh.embedder_binding() == EmbedderBinding("model-a", DIM)
+
+    def test_another_embedder_on_an_index_with_products_is_refused(self, backend: OpenSearchBackend) -> None:
+        backend.bind_embedder(EmbedderBinding("model-a", DIM))
+        for other in (EmbedderBinding("model-b", DIM), EmbedderBinding("none", None)):
+            backend.bind_embedder(other)  # no products yet: re-binding is allowed
+            backend.bind_embedder(EmbedderBinding("model-a", DIM))
+        backend.upsert(catalog(3), unit_vectors(3))
+        with pytest.raises(EmbedderMismatch, match=r"model-a.*not embedder 'model-b'.*reindex"):
+            backend.bind_embedder(EmbedderBinding("model-b", DIM))
+        assert backend.embedder_binding() == EmbedderBinding("model-a", DIM)
+
+    def test_reindex_records_the_new_embedder(self, loaded) -> None:
+        backend, products, vectors = loaded
+        backend.bind_embedder(EmbedderBinding("model-a", DIM))
+        report = backend.reindex(zip(products, vectors, strict=True), embedder=EmbedderBinding("model-b", DIM))
+        assert backend.stats().details["indexes"] == [report.new_index]
+        assert backend.embedder_binding() == EmbedderBinding("model-b", DIM)
+
+    def test_a_malformed_record_is_a_clear_error(self, backend: OpenSearchBackend) -> None:
+        backend.upsert(catalog(1), unit_vectors(1))
+        backend.client.indices.put_mapping(index=backend.write_alias, body={"_meta": {"shopsearch": {"dim": "x"}}})
+        with pytest.raises(BackendError, match=r"_meta\.shopsearch is not a shopsearch embedder record"):
+            backend.embedder_binding()
+
+
 class TestReindex:
     def test_alias_swap_while_reads_keep_working(self, loaded) -> None:
         backend, products, vectors = loaded
@@ -318,7 +375,7 @@ class TestReindex:
             for i, (product, vector) in enumerate(zip(new_catalog, vectors, strict=False)):
                 if i == 3:  # mid-build: the read alias still serves the old index, complete
                     reads_during_build.append({c.id for c in backend.bm25("款", None, 50)})
-                    assert backend.stats()["indexes"] == [old_index]
+                    assert backend.stats().details["indexes"] == [old_index]
                 yield product, vector
 
         log: list[str] = []
@@ -344,7 +401,7 @@ class TestReindex:
         # a vector of the wrong size is rejected before anything is created or swapped
         with pytest.raises(ValueError, match="dimension"):
             backend.reindex([(products[0], np.ones(DIM + 1, dtype=np.float32))])
-        assert backend.stats()["indexes"] == [report.new_index]
+        assert backend.stats().details["indexes"] == [report.new_index]
 
     def test_reindex_bm25_only_then_cli(self, os_url: str, tmp_path, capsys) -> None:
         from middleware.cli import main
@@ -362,7 +419,7 @@ class TestReindex:
         assert "kept old: products-v1" in out
         assert "2 rows rejected; first: line 6: invalid JSON" in err
         b = OpenSearchBackend.from_settings(make_settings(os_url))
-        assert b.count() == 5 and b.stats()["dim"] is None and b.stats()["vectors"] == 0
+        assert b.count() == 5 and b.stats().dim is None and b.stats().vectors == 0
         assert (
             main(["opensearch", "reindex", str(tmp_path / "missing.jsonl"), "--url", os_url, "--embedder", "none"]) == 2
         )

@@ -285,7 +285,7 @@ def verify_index_store(data_dir: Path, expected: dict[str, Product], model_work:
     served = _index_vectors(loaded[1])
     sql_vectors = {pk: blob for pk, (_, blob) in with_vector.items()}
     out["faiss_ntotal"] = int(loaded[1].ntotal)
-    out["faiss_equals_sqlite"] = served == sql_vectors and stats["index_vectors"] == len(with_vector)
+    out["faiss_equals_sqlite"] = served == sql_vectors and stats.details["index_vectors"] == len(with_vector)
     out["knn_self_first"] = f"{self_first}/{len(sample_pks)}"
 
     (data_dir / FAISS_NAME).unlink()

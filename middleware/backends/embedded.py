@@ -49,7 +49,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
-from middleware.backends.base import BackendError
+from middleware.backends.base import NO_EMBEDDER, BackendError, EmbedderBinding, EmbedderMismatch, StoreStats
 from middleware.products import Candidate, Filters, Product, SignalUpdate
 from middleware.text import FTS5_TOKENIZE, cjk_tokens, jieba_tokens
 
@@ -559,6 +559,10 @@ class EmbeddedBackend:
             added_ids: list[int] = []
             with self._transaction() as conn:
                 if vecs is not None and self._dim is None:
+                    bound = self._binding(conn)
+                    if bound is not None and bound.dim is None:
+                        wanted = f"{vecs.shape[1]}-d vectors"
+                        raise EmbedderMismatch(str(self.data_dir), bound, wanted, "index into a new data directory")
                     conn.execute("INSERT INTO meta (key, value) VALUES ('dim', ?)", (str(vecs.shape[1]),))
                 for p, blob, words_title, words_body, cjk_title, cjk_body in rows:
                     old = conn.execute("SELECT pk, vector IS NOT NULL FROM products WHERE id = ?", (p.id,)).fetchone()
@@ -874,32 +878,77 @@ class EmbeddedBackend:
         with self._reader() as conn:
             return int(conn.execute("SELECT count(*) FROM products").fetchone()[0])
 
-    def stats(self) -> dict[str, Any]:
+    def embedder_binding(self) -> EmbedderBinding | None:
+        with self._reader() as conn:
+            return self._binding(conn)
+
+    def _binding(self, conn: sqlite3.Connection) -> EmbedderBinding | None:
+        rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('embedder', 'dim')").fetchall())
+        if "embedder" not in rows:
+            return None
+        model = rows["embedder"]
+        return EmbedderBinding(model, None if model == NO_EMBEDDER else int(rows["dim"]))
+
+    def bind_embedder(self, binding: EmbedderBinding) -> None:
+        """Record the embedder in the meta table. An empty store may be re-bound (its vector dimension
+        changes with it); a store with products keeps its embedder. A store indexed before bindings
+        were recorded adopts the binding when its vectors have the binding's dimension."""
+        self._check_open()
+        if not isinstance(binding, EmbedderBinding):
+            raise TypeError(f"binding must be an EmbedderBinding, got {type(binding).__name__}")
+        remedy = "index into a new data directory (--data-dir)"
+        with self._write_mutex, self._faiss_lock.write():
+            with self._transaction() as conn:
+                recorded = self._binding(conn)
+                if recorded == binding:
+                    return
+                products, vectors = conn.execute("SELECT count(*), count(vector) FROM products").fetchone()
+                if products and recorded is not None:
+                    raise EmbedderMismatch(str(self.data_dir), recorded, binding, remedy)
+                stored_dim = self._meta_int("dim", conn)
+                if vectors and binding.dim != stored_dim:
+                    raise EmbedderMismatch(str(self.data_dir), f"{stored_dim}-d vectors", binding, remedy)
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('embedder', ?)", (binding.model,))
+                if binding.dim is not None:
+                    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('dim', ?)", (str(binding.dim),))
+                elif not vectors:
+                    conn.execute("DELETE FROM meta WHERE key = 'dim'")
+            if not vectors and self._dim != binding.dim:
+                # no vector is left to keep: the next vector write builds an index of the new dimension
+                self._dim = binding.dim
+                self._index, self._index_kind = None, None
+                self._dead, self._dead_selector, self._positions = set(), None, None
+
+    def stats(self) -> StoreStats:
         with self._reader() as conn:
             products, vectors = conn.execute("SELECT count(*), count(vector) FROM products").fetchone()
             generation = self._meta_int("generation", conn)
+            binding = self._binding(conn)
         with self._faiss_lock.read():
             index_vectors = 0 if self._index is None else self._index.ntotal
             dead = len(self._dead)
             kind = self._index_kind
         size = sum(f.stat().st_size for f in self.data_dir.iterdir() if f.is_file())
-        return {
-            "backend": "embedded",
-            "data_dir": str(self.data_dir),
-            "products": int(products),
-            "vectors": int(vectors),
-            "dim": self._dim,
-            "index_type": kind,
-            "index_vectors": int(index_vectors),
-            "index_dead": dead,
-            "generation": generation,
-            "bytes_on_disk": size,
-            "analysis": {
-                "words_weight": self.words_weight,
-                "cjk_weight": self.cjk_weight,
-                "combine": self.combine,
+        return StoreStats(
+            backend="embedded",
+            products=int(products),
+            vectors=int(vectors),
+            dim=self._dim,
+            size_bytes=size,
+            embedder=binding,
+            generation=generation,
+            details={
+                "data_dir": str(self.data_dir),
+                "index_type": kind,
+                "index_vectors": int(index_vectors),
+                "index_dead": dead,
+                "analysis": {
+                    "words_weight": self.words_weight,
+                    "cjk_weight": self.cjk_weight,
+                    "combine": self.combine,
+                },
             },
-        }
+        )
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,8 +23,9 @@ import opensearchpy
 from opensearchpy import helpers
 
 from middleware.backends import opensearch_bodies as bodies
-from middleware.backends.base import BackendError
+from middleware.backends.base import BackendError, EmbedderBinding, EmbedderMismatch, StoreStats
 from middleware.config import FusionSettings, OpenSearchSettings
+from middleware.credentials import CredentialsError, resolve_cluster_credentials
 from middleware.products import Candidate, Filters, Product, SignalUpdate
 
 if TYPE_CHECKING:
@@ -53,18 +53,8 @@ def redact_url(url: str) -> str:
     return url
 
 
-def _read_secret(path: Path, what: str) -> str:
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-    except OSError as err:
-        raise BackendError(f"cannot read opensearch.{what} {path}: {err.strerror or err}") from None
-    if not value:
-        raise BackendError(f"opensearch.{what} {path} is empty")
-    return value
-
-
 def client_kwargs(cfg: OpenSearchSettings) -> dict[str, Any]:
-    """Keyword arguments for OpenSearch / AsyncOpenSearch from the settings (secrets resolved here)."""
+    """Keyword arguments for the OpenSearch client from the settings (credentials by the one rule)."""
     kwargs: dict[str, Any] = {
         "hosts": list(cfg.url),
         "timeout": cfg.timeout_s,
@@ -76,20 +66,14 @@ def client_kwargs(cfg: OpenSearchSettings) -> dict[str, Any]:
     }
     if cfg.ca_certs:
         kwargs["ca_certs"] = str(cfg.ca_certs)
-    password = cfg.password.get_secret_value() if cfg.password else None
-    if cfg.password_file:
-        password = _read_secret(cfg.password_file, "password_file")
-    api_key = cfg.api_key.get_secret_value() if cfg.api_key else None
-    if cfg.api_key_file:
-        api_key = _read_secret(cfg.api_key_file, "api_key_file")
-    if api_key and cfg.username:
-        raise BackendError("set either opensearch.username/password or opensearch.api_key, not both")
-    if cfg.username:
-        if not password:
-            raise BackendError("opensearch.username is set but no password (password or password_file)")
-        kwargs["http_auth"] = (cfg.username, password)
-    elif api_key:
-        kwargs["headers"] = {"Authorization": f"ApiKey {api_key}"}
+    try:
+        creds = resolve_cluster_credentials(cfg)
+    except CredentialsError as err:
+        raise BackendError(str(err)) from None
+    if creds.username is not None:
+        kwargs["http_auth"] = (creds.username, creds.password)
+    elif creds.api_key is not None:
+        kwargs["headers"] = {"Authorization": f"ApiKey {creds.api_key}"}
     return kwargs
 
 
@@ -258,6 +242,7 @@ class OpenSearchBackend:
         self.write_alias = bodies.write_alias(cfg)
         self._word_analyzer: str | None = None
         self._has_write_alias = False
+        self._binding: EmbedderBinding | None = None  # recorded in the first index this backend creates
 
     @classmethod
     def from_settings(cls, settings: Settings, *, dim: int | None = None) -> OpenSearchBackend:
@@ -366,7 +351,7 @@ class OpenSearchBackend:
             return
         if not self._alias_indexes(self.write_alias):
             name = self._next_index()
-            body = bodies.create_index(self.cfg, self.dim, self.word_analyzer, aliases=True)
+            body = bodies.create_index(self.cfg, self.dim, self.word_analyzer, aliases=True, embedder=self._binding)
             with self._errors(f"create index {name}"):
                 self.client.indices.create(index=name, body=body)
             log.info("created %s with aliases %s, %s", name, self.read_alias, self.write_alias)
@@ -535,32 +520,89 @@ class OpenSearchBackend:
     def count(self) -> int:
         return self._count()
 
-    def stats(self) -> dict[str, Any]:
+    def _mappings(self, alias: str) -> dict[str, dict[str, Any]]:
+        """index name -> its mapping, for the indexes behind `alias` ({} when there are none)."""
+        with self._errors(f"get mapping {alias}"):
+            try:
+                response = self.client.indices.get_mapping(index=alias)
+            except opensearchpy.NotFoundError:
+                return {}
+        return {name: body.get("mappings", {}) for name, body in sorted(response.items())}
+
+    def embedder_binding(self) -> EmbedderBinding | None:
+        """The binding recorded in the mapping `_meta` of the index behind the read alias."""
+        for name, mapping in self._mappings(self.read_alias).items():
+            return _recorded_binding(name, mapping)
+        return None
+
+    def bind_embedder(self, binding: EmbedderBinding) -> None:
+        """Record the binding in the write index's mapping `_meta` (at creation when there is no index
+        yet). A vector dimension the mapping cannot hold is a mismatch even on an empty index: a
+        mapping's dimension is fixed, only a reindex changes it."""
+        if not isinstance(binding, EmbedderBinding):
+            raise TypeError(f"binding must be an EmbedderBinding, got {type(binding).__name__}")
+        remedy = "rebuild the index with `shopsearch opensearch reindex`"
+        if not self._alias_indexes(self.write_alias):
+            if binding.dim is not None:
+                self.dim = binding.dim
+            self._binding = binding
+            self.ensure_index()
+        updates: dict[str, dict[str, Any]] = {}
+        for name, mapping in self._mappings(self.write_alias).items():
+            recorded = _recorded_binding(name, mapping)
+            if recorded == binding:
+                continue
+            where = f"OpenSearch index {name}"
+            if recorded is not None and self._index_count(name) > 0:
+                raise EmbedderMismatch(where, recorded, binding, remedy)
+            mapped_dim = _mapped_dim(mapping)
+            if binding.dim is not None and mapped_dim != binding.dim:
+                held = f"a mapping for {mapped_dim}-d vectors" if mapped_dim else "a mapping without vectors"
+                raise EmbedderMismatch(where, held, binding, remedy)
+            updates[name] = bodies.put_mapping_meta(mapping.get("_meta") or {}, binding)
+        for name, body in updates.items():
+            with self._errors(f"record the embedder in {name}"):
+                self.client.indices.put_mapping(index=name, body=body)
+        if binding.dim is not None:
+            self.dim = binding.dim
+        self._binding = binding
+
+    def _index_count(self, index: str) -> int:
+        """Documents in `index`, including writes not yet refreshed (a bind must see a fresh load)."""
+        with self._errors(f"count {index}"):
+            self.client.indices.refresh(index=index)
+            return int(self.client.count(index=index)["count"])
+
+    def stats(self) -> StoreStats:
         indexes = self._alias_indexes(self.read_alias)
-        stats: dict[str, Any] = {
-            "backend": "opensearch",
+        size_bytes = 0
+        dim: int | None = None
+        binding: EmbedderBinding | None = None
+        details: dict[str, Any] = {
             "read_alias": self.read_alias,
             "write_alias": self.write_alias,
             "indexes": indexes,
-            "products": self._count(),
-            "vectors": self._count(bodies.exists_query(bodies.VECTOR_FIELD)),
-            "dim": None,
-            "size_bytes": 0,
             "retrieval": self.cfg.retrieval,
         }
         if indexes:
             with self._errors("index stats"):
                 store = self.client.indices.stats(index=self.read_alias, metric="store")
-                stats["size_bytes"] = int(store["_all"]["total"]["store"]["size_in_bytes"])
-                mapping = self.client.indices.get_mapping(index=self.read_alias)
-            for index_mapping in mapping.values():
-                props = index_mapping["mappings"].get("properties", {})
-                vector = props.get(bodies.VECTOR_FIELD)
-                if vector:
-                    stats["dim"] = vector.get("dimension")
-                title = props.get("title", {})
-                stats["word_analyzer"] = title.get("analyzer", "standard")
-        return stats
+                size_bytes = int(store["_all"]["total"]["store"]["size_in_bytes"])
+            for name, mapping in self._mappings(self.read_alias).items():
+                dim = _mapped_dim(mapping) or dim
+                binding = binding or _recorded_binding(name, mapping)
+                title = mapping.get("properties", {}).get("title", {})
+                details["word_analyzer"] = title.get("analyzer", "standard")
+        return StoreStats(
+            backend="opensearch",
+            products=self._count(),
+            vectors=self._count(bodies.exists_query(bodies.VECTOR_FIELD)),
+            dim=dim,
+            size_bytes=size_bytes,
+            embedder=binding,
+            generation=None,
+            details=details,
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -618,13 +660,14 @@ class OpenSearchBackend:
         max_failures: int = 0,
         batch_size: int = 500,
         progress: Callable[[str], None] | None = None,
+        embedder: EmbedderBinding | None = None,
     ) -> ReindexReport:
         """Build a new versioned index from a catalog and swap both aliases to it atomically.
 
         Bulk-load settings (no refresh, no replicas) are restored before the swap; the count is
         verified first. On too many failed documents or a count mismatch, nothing is swapped and the
         new index is left for inspection. Writes sent to the write alias during the build land in the
-        old index (they are not carried over).
+        old index (they are not carried over). `embedder` is recorded in the new index's mapping.
         """
         say = progress or (lambda _msg: None)
         started = time.perf_counter()
@@ -636,7 +679,7 @@ class OpenSearchBackend:
         first = next(batches, [])
         first_vectors = _stack([v for _, v in first])
         self._check_dim(first_vectors)
-        body = bodies.create_index(self.cfg, self.dim, self.word_analyzer, bulk_load=True)
+        body = bodies.create_index(self.cfg, self.dim, self.word_analyzer, bulk_load=True, embedder=embedder)
         with self._errors(f"create index {new_index}"):
             self.client.indices.create(index=new_index, body=body)
         say(f"created {new_index} (refresh_interval=-1, replicas=0); aliases still on {old_read or 'nothing'}")
@@ -664,6 +707,7 @@ class OpenSearchBackend:
         with self._errors("swap aliases"):
             self.client.indices.update_aliases(body=swap)
         self._has_write_alias = True
+        self._binding = embedder
         say(f"swapped {self.read_alias} and {self.write_alias} to {new_index} in one _aliases call")
         old = sorted(set(old_read) | set(old_write))
         deleted: list[str] = []
@@ -681,6 +725,24 @@ class OpenSearchBackend:
             seconds=time.perf_counter() - started,
             aliases={a: self._alias_indexes(a) for a in (self.read_alias, self.write_alias)},
         )
+
+
+def _mapped_dim(mapping: dict[str, Any]) -> int | None:
+    vector = mapping.get("properties", {}).get(bodies.VECTOR_FIELD)
+    return int(vector["dimension"]) if vector and vector.get("dimension") else None
+
+
+def _recorded_binding(index: str, mapping: dict[str, Any]) -> EmbedderBinding | None:
+    recorded = (mapping.get("_meta") or {}).get(bodies.EMBEDDER_META_KEY)
+    if recorded is None:
+        return None
+    try:
+        return EmbedderBinding(recorded["embedder"], recorded["dim"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise BackendError(
+            f"OpenSearch index {index}: mapping _meta.{bodies.EMBEDDER_META_KEY} is not a shopsearch "
+            f"embedder record ({err}): rebuild with `shopsearch opensearch reindex`"
+        ) from None
 
 
 def _stack(vectors: Sequence[np.ndarray | None]) -> np.ndarray | None:

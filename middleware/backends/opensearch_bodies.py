@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from middleware.backends.base import EmbedderBinding
 from middleware.config import FusionSettings, OpenSearchSettings
 from middleware.products import Filters, Product, SignalUpdate
 
@@ -23,6 +24,7 @@ FIELD_BOOSTS: dict[str, float] = {"title": 3.0, "description": 1.0, "brand": 1.0
 WORD_ANALYZERS: tuple[str, ...] = ("smartcn", "ik_smart", "standard")  # "auto" tries them in this order
 TEMPLATE_VERSION = 1  # bump when a template body changes: `init` compares it with what the cluster holds
 OWNER_META = {"owner": "shopsearch", "template_version": TEMPLATE_VERSION}
+EMBEDDER_META_KEY = "shopsearch"  # mapping _meta: {"shopsearch": {"embedder": ..., "dim": ...}}
 
 
 # ---------------------------------------------------------------- names
@@ -191,19 +193,32 @@ def create_index(
     *,
     bulk_load: bool = False,
     aliases: bool = False,
+    embedder: EmbedderBinding | None = None,
 ) -> dict[str, Any]:
     """PUT <index> body, complete on its own (it does not rely on the templates being installed).
 
     `aliases`: attach the read and write aliases at creation (the very first index only; a rebuild
-    swaps them with `alias_swap`).
+    swaps them with `alias_swap`). `embedder`: recorded in the mapping's `_meta`.
     """
     body: dict[str, Any] = {
         "settings": index_settings(cfg, with_vector=bool(dim), bulk_load=bulk_load),
         "mappings": mappings(cfg, dim, word_analyzer),
     }
+    if embedder is not None:
+        body["mappings"]["_meta"].update(embedder_meta(embedder))
     if aliases:
         body["aliases"] = {read_alias(cfg): {}, write_alias(cfg): {"is_write_index": True}}
     return body
+
+
+def embedder_meta(binding: EmbedderBinding) -> dict[str, Any]:
+    """The mapping `_meta` entry recording which embedder an index's vectors come from."""
+    return {EMBEDDER_META_KEY: {"embedder": binding.model, "dim": binding.dim}}
+
+
+def put_mapping_meta(current_meta: dict[str, Any], binding: EmbedderBinding) -> dict[str, Any]:
+    """PUT <index>/_mapping body recording the embedder. `_meta` is replaced whole: keep what it held."""
+    return {"_meta": {**current_meta, **embedder_meta(binding)}}
 
 
 def normalized_weights(fusion: FusionSettings) -> list[float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -395,26 +396,27 @@ def run_stats(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "backend": settings.backend,
         "data_dir": str(data_dir),
-        "products": backend_stats.get("products"),
-        "vectors": backend_stats.get("vectors"),
-        "dim": backend_stats.get("dim") or meta.get("dim"),
-        "bytes_on_disk": backend_stats.get("bytes_on_disk"),
+        "products": backend_stats.products,
+        "vectors": backend_stats.vectors,
+        "dim": backend_stats.dim or meta.get("dim"),
+        "bytes_on_disk": backend_stats.size_bytes,
         "data_dir_bytes": data_dir_bytes,
-        "embedder": meta.get("embedder"),
+        "embedder": backend_stats.embedder.model if backend_stats.embedder else meta.get("embedder"),
         "reranker": settings.reranker if settings.reranker_enabled else None,
         "embedding_cache_bytes": cache_path.stat().st_size if cache_path.exists() else 0,
         "last_index_run": _read_json(loader_dir(settings) / "last-index.json"),
         "last_signal_update": _read_json(loader_dir(settings) / "last-update-signals.json"),
-        "backend_stats": backend_stats,
+        "backend_stats": dataclasses.asdict(backend_stats),
     }
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2, default=str))
         return EXIT_OK
     print(f"backend      {result['backend']} ({data_dir})")
     print(f"products     {result['products']}")
-    print(f"vectors      {result['vectors']} × {result['dim']}-d")
+    dim = f" × {result['dim']}-d" if result["dim"] else ""
+    print(f"vectors      {result['vectors']}{dim}")
     print(f"index size   {_human(result['bytes_on_disk'])} (data dir {_human(result['data_dir_bytes'])})")
-    print(f"embedder     {result['embedder'] or '-'}  (dim {result['dim']})")
+    print(f"embedder     {result['embedder'] or '-'}" + (f"  (dim {result['dim']})" if result["dim"] else ""))
     print(f"reranker     {result['reranker'] or 'none'} (configured)")
     print(f"emb. cache   {_human(result['embedding_cache_bytes'])}")
     for label, last in (("last index", result["last_index_run"]), ("last signals", result["last_signal_update"])):

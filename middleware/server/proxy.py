@@ -527,7 +527,7 @@ async def cat(what: str, request: Request) -> Response:
             raise _no_index(names)
     stats = await state.admitted(state.base.backend.stats)
     total = await state.admitted(state.base.backend.count)
-    size = str(stats.get("size_bytes", stats.get("bytes", 0))) if isinstance(stats, dict) else "0"
+    size = str(stats.size_bytes)
     row = {
         "health": "green",
         "status": "open",
