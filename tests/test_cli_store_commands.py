@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def test_search_errors_are_one_line(
         store.upsert([Product(id="1", title="手表")], np.full((1, 8), 8**-0.5, np.float32))
     code, _, err = run_cli(capsys, "--data-dir", str(odd), "search", "手表", "--embedder", str(tiny_embedder_dir))
     line = _one_line(err)
-    assert code == 1 and "8-d" in line and "32-d" in line
+    assert code == 2 and "8-d" in line and "32-d" in line
 
 
 def test_stats_into_a_closed_pipe_exits_quietly(tmp_path: Path, cli_env: Path) -> None:
@@ -85,3 +86,26 @@ def test_in_process_main_still_prints(cli_env: Path, capsys: pytest.CaptureFixtu
         store.upsert([Product(id="1", title="手表")], None)
     assert main(["stats"]) == 0
     assert "products     1" in capsys.readouterr().out
+
+
+def test_store_reading_commands_use_the_embedder_the_store_is_bound_to(
+    tmp_path: Path, cli_env: Path, tiny_embedder_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = write_jsonl(tmp_path / "c.jsonl", catalog(6))
+    assert run_cli(capsys, "index", str(source), "--embedder", str(tiny_embedder_dir), "-q")[0] == 0
+    # no --embedder and no SHOPSEARCH_EMBEDDER: the configured default (a hub model, not available
+    # offline) is not loaded; the store's own embedder is
+    code, out, err = run_cli(capsys, "search", "手表", "--retrieval", "vector", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["hits"]) == 6
+    code, out, _ = run_cli(capsys, "stats", "--json")
+    assert code == 0 and json.loads(out)["embedder"] == str(tiny_embedder_dir.resolve())
+    # a second load keeps the binding too (nothing re-embedded)
+    code, out, err = run_cli(capsys, "index", str(source), "--json")
+    assert code == 0, err
+    assert json.loads(out)["unchanged"] == 6
+    # told otherwise: the user's choice wins, and a lexical-only choice is honoured
+    code, out, _ = run_cli(capsys, "search", "手表", "--embedder", "none", "--json")
+    assert code == 0 and json.loads(out)["hits"]
+    code, _, err = run_cli(capsys, "search", "手表", "--embedder", str(tmp_path / "no-such-model"))
+    assert code == 1 and "no-such-model" in err

@@ -14,6 +14,7 @@ from typing import Any
 
 from loaders.pipeline import DEFAULT_MAX_PRUNE_SHARE
 from middleware.cli import EXIT_OK, EXIT_USAGE, CliError, load_settings
+from middleware.cli.store import open_store, require_store
 from middleware.config import Settings
 
 EXIT_REJECTED = 3  # some rows were rejected (or not found); every valid row was applied
@@ -134,7 +135,7 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
 
 
 def loader_dir(settings: Settings) -> Path:
-    """Loader bookkeeping (model meta, last run) beside the store, outside the backend's own files."""
+    """Loader bookkeeping (the last runs' summaries) beside the store, outside the backend's own files."""
     return Path(settings.data_dir) / "loader"
 
 
@@ -148,28 +149,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
-
-
-def _open_backend(settings: Settings, dim: int | None):  # -> Backend
-    from middleware.backends import BackendError, open_backend
-
-    try:
-        return open_backend(settings, dim=dim)
-    except BackendError as err:
-        raise CliError(f"backend unavailable: {err}") from None
-    except ValueError as err:  # e.g. a dimension mismatch with the stored vectors
-        raise CliError(str(err)) from None
-
-
-def _load_embedder(settings: Settings):  # -> Embedder | None
-    if not settings.embedder_enabled:
-        return None
-    from middleware.models import ModelLoadError, load_embedder
-
-    try:
-        return load_embedder(settings)
-    except ModelLoadError as err:
-        raise CliError(str(err)) from None
 
 
 def _rows(args: argparse.Namespace, fields: Any):
@@ -225,10 +204,13 @@ def _run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Expected failures in the middle of a run → CliError (one line on stderr, no traceback)."""
     from loaders.sources import SourceError
     from middleware.backends import BackendError
+    from middleware.backends.base import EmbedderMismatch
     from middleware.models import ModelLoadError
 
     try:
         return fn(*args, **kwargs)
+    except EmbedderMismatch as err:
+        raise CliError(str(err)) from None
     except SourceError as err:
         raise CliError(f"{err} (batches before it are committed; re-running the fixed file is safe)") from None
     except BackendError as err:
@@ -243,11 +225,12 @@ def _run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from loaders.checkpoint import Checkpoint, atomic_write_json
+    from loaders.checkpoint import Checkpoint
     from loaders.embed_cache import EmbeddingCache
-    from loaders.pipeline import index_rows
+    from loaders.indexer import Indexer
     from loaders.report import Progress, Summary
     from loaders.validate import DeadLetters
+    from middleware.cli.store import bound_settings, load_embedder
     from middleware.products import Product
 
     settings = load_settings(args, embedder=args.embedder)
@@ -259,42 +242,30 @@ def run_index(args: argparse.Namespace) -> int:
         raise CliError("--resume needs a file: stdin cannot be re-read", EXIT_USAGE)
     rows = _rows(args, Product.model_fields)
 
-    embedder = _load_embedder(settings)
-    model_id = embedder.model_id if embedder is not None else "none"
-    dim = embedder.dim if embedder is not None else None
-    backend = _open_backend(settings, dim)
+    backend = open_store(settings)  # the dimension comes from the binding the indexer records
     cache = None
     dead_letters = None
     try:
-        meta_path = loader_dir(settings) / "index-meta.json"
-        meta = _read_json(meta_path) or {}
-        if meta.get("embedder") not in (None, model_id) and _run_guarded(backend.count) > 0:
-            raise CliError(
-                f"{settings.data_dir} was indexed with embedder {meta['embedder']!r}, not {model_id!r}: vectors of "
-                "different models cannot be mixed; use the same SHOPSEARCH_EMBEDDER or a new --data-dir"
-            )
-        atomic_write_json(meta_path, {"embedder": model_id, "dim": dim, "backend": settings.backend})
-
+        settings = bound_settings(settings, backend)  # a bound store keeps its embedder by default
+        embedder = load_embedder(settings)
         checkpoint = Checkpoint(Path(settings.data_dir) / "checkpoints", args.file) if args.file != "-" else None
         state = checkpoint.load() if (checkpoint is not None and args.resume) else None
         if args.resume and state is None:
             print(f"shopsearch: no checkpoint for {args.file}: indexing from the start", file=sys.stderr)
         dead_letters = DeadLetters(_dead_letter_path(args, settings, (state or {}).get("dead_letter_path")))
         if embedder is not None and not args.no_embedding_cache:
-            cache = EmbeddingCache(embedding_cache_path(settings), model_id, embedder.dim)
+            cache = EmbeddingCache(embedding_cache_path(settings), embedder.model_id, embedder.dim)
+        indexer = Indexer(embedder, cache=cache, batch_size=args.batch_size)
         summary = _run_guarded(
-            index_rows,
+            indexer.index,
             rows,
             backend,
-            embedder,
             dead_letters=dead_letters,
-            cache=cache,
             checkpoint=checkpoint,
             resume_state=state,
             prune=args.prune,
             force_prune=args.force_prune,
             max_prune_share=args.max_prune_share,
-            batch_size=args.batch_size,
             progress=Progress("indexing", every_s=args.progress_every, enabled=not args.quiet),
             summary=Summary(command="index", source=args.file),
         )
@@ -318,8 +289,8 @@ def run_update_signals(args: argparse.Namespace) -> int:
 
     settings = load_settings(args)
     rows = _rows(args, SignalUpdate.model_fields)
-    meta = _read_json(loader_dir(settings) / "index-meta.json") or {}
-    backend = _open_backend(settings, meta.get("dim"))
+    require_store(settings)
+    backend = open_store(settings)
     dead_letters = DeadLetters(_dead_letter_path(args, settings))
     try:
         summary = _run_guarded(
@@ -355,8 +326,8 @@ def run_delete(args: argparse.Namespace) -> int:
     if not args.ids and not args.ids_file:
         raise CliError("delete needs --ids a,b,c or --ids-file FILE", EXIT_USAGE)
     ids = list(dict.fromkeys(ids))
-    meta = _read_json(loader_dir(settings) / "index-meta.json") or {}
-    backend = _open_backend(settings, meta.get("dim"))
+    require_store(settings)
+    backend = open_store(settings)
     deleted = 0
     try:
         for i in range(0, len(ids), 1000):
@@ -383,10 +354,8 @@ def _dir_bytes(path: Path) -> int:
 def run_stats(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     data_dir = Path(settings.data_dir)
-    if settings.backend == "embedded" and not data_dir.is_dir():
-        raise CliError(f"no store at {data_dir}: run `shopsearch index FILE` first (or pass --data-dir)")
-    meta = _read_json(loader_dir(settings) / "index-meta.json") or {}
-    backend = _open_backend(settings, meta.get("dim"))
+    require_store(settings)
+    backend = open_store(settings)
     try:
         backend_stats = _run_guarded(backend.stats)
         data_dir_bytes = _dir_bytes(data_dir) if data_dir.is_dir() else 0  # measured while open, as the backend's
@@ -398,10 +367,10 @@ def run_stats(args: argparse.Namespace) -> int:
         "data_dir": str(data_dir),
         "products": backend_stats.products,
         "vectors": backend_stats.vectors,
-        "dim": backend_stats.dim or meta.get("dim"),
+        "dim": backend_stats.dim,
         "bytes_on_disk": backend_stats.size_bytes,
         "data_dir_bytes": data_dir_bytes,
-        "embedder": backend_stats.embedder.model if backend_stats.embedder else meta.get("embedder"),
+        "embedder": backend_stats.embedder.model if backend_stats.embedder else None,
         "reranker": settings.reranker if settings.reranker_enabled else None,
         "embedding_cache_bytes": cache_path.stat().st_size if cache_path.exists() else 0,
         "last_index_run": _read_json(loader_dir(settings) / "last-index.json"),

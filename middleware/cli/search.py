@@ -14,7 +14,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from middleware.cli import EXIT_OK, EXIT_USAGE, CliError, load_settings
-from middleware.config import Settings
 from middleware.products import Filters, Product, describe_validation_error
 from middleware.schema import SearchRequest, SearchResponse
 
@@ -86,28 +85,6 @@ def parse_filters(items: list[str]) -> Filters | None:
         raise CliError(f"--filter: {describe_validation_error(err)}", EXIT_USAGE) from None
 
 
-def _pipeline(settings: Settings):  # -> Pipeline
-    from middleware.backends.base import BackendError
-    from middleware.models import ModelLoadError
-    from middleware.pipeline import Pipeline
-
-    try:
-        return Pipeline.from_settings(settings)
-    except ModelLoadError as err:
-        raise CliError(str(err)) from None
-    except BackendError as err:
-        raise CliError(f"backend unavailable: {err}") from None
-    except ValueError as err:  # the store holds vectors of another dimension than the embedder's
-        raise CliError(f"{err} (--embedder)") from None
-
-
-def require_store(settings: Settings) -> None:
-    """A read-only command on a missing embedded store: say so, and do not create the directory."""
-    data_dir = Path(settings.data_dir)
-    if settings.backend == "embedded" and not data_dir.is_dir():
-        raise CliError(f"no store at {data_dir}: run `shopsearch index FILE` first (or pass --data-dir)")
-
-
 def run_search(args: argparse.Namespace) -> int:
     settings = load_settings(args, embedder=args.embedder, reranker=args.reranker)
     try:
@@ -123,11 +100,12 @@ def run_search(args: argparse.Namespace) -> int:
         )
     except ValidationError as err:
         raise CliError(describe_validation_error(err), EXIT_USAGE) from None
-    if request.retrieval == "vector" and not settings.embedder_enabled:
-        raise CliError("--retrieval vector needs an embedder: pass --embedder or use bm25/hybrid", EXIT_USAGE)
-    require_store(settings)
-    pipeline = _pipeline(settings)
+    from middleware.cli.store import open_pipeline
+
+    pipeline, settings = open_pipeline(settings)
     try:
+        if request.retrieval == "vector" and pipeline.embedder is None:
+            raise CliError("--retrieval vector needs an embedder: pass --embedder or use bm25/hybrid", EXIT_USAGE)
         if pipeline.backend.count() == 0:
             raise CliError(f"no products indexed in {settings.data_dir}: run `shopsearch index CATALOG` first")
         try:
