@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("file", metavar="FILE", help='catalog path, or "-" for stdin')
-    _source_flags(p)
+    source_flags(p)
     p.add_argument("--embedder", help="hub id, local directory, or none for BM25 only (env SHOPSEARCH_EMBEDDER)")
     p.add_argument("--batch-size", type=int, default=512, help="rows per embed + write batch (default 512)")
     p.add_argument("--resume", action="store_true", help="continue after the last committed batch of FILE")
@@ -93,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("file", metavar="FILE", help='changes file, or "-" for stdin')
-    _source_flags(s)
+    source_flags(s)
     s.add_argument("--batch-size", type=int, default=1000, help="updates per write (default 1000)")
     _output_flags(s)
     s.set_defaults(func=run_update_signals)
@@ -113,7 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.set_defaults(func=run_stats)
 
 
-def _source_flags(p: argparse.ArgumentParser) -> None:
+def source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["jsonl", "csv", "parquet"], help="default: from the file extension")
     p.add_argument("--encoding", default="utf-8", help="text encoding of JSONL/CSV, e.g. gbk (default utf-8)")
     p.add_argument(
@@ -151,7 +151,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _rows(args: argparse.Namespace, fields: Any):
+def source_rows(args: argparse.Namespace, fields: Any):
     from loaders.sources import SourceError, detect_format, parse_mapping, read_rows
 
     try:
@@ -172,7 +172,7 @@ def _rows(args: argparse.Namespace, fields: Any):
     return read_rows(args.file, fmt, encoding=args.encoding, mapping=mapping)
 
 
-def _dead_letter_path(args: argparse.Namespace, settings: Settings, previous: str | None = None) -> Path:
+def dead_letter_path(args: argparse.Namespace, settings: Settings, previous: str | None = None) -> Path:
     if args.dead_letter:
         return Path(args.dead_letter)
     if previous:
@@ -200,7 +200,7 @@ def _finish(args: argparse.Namespace, settings: Settings, summary: Any) -> None:
         print(f"shopsearch: prune refused: {summary.prune_refused}", file=sys.stderr)
 
 
-def _run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
+def run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Expected failures in the middle of a run → CliError (one line on stderr, no traceback)."""
     from loaders.sources import SourceError
     from middleware.backends import BackendError
@@ -240,7 +240,7 @@ def run_index(args: argparse.Namespace) -> int:
         raise CliError(f"--max-prune-share must be between 0 and 1, got {args.max_prune_share}", EXIT_USAGE)
     if args.resume and args.file == "-":
         raise CliError("--resume needs a file: stdin cannot be re-read", EXIT_USAGE)
-    rows = _rows(args, Product.model_fields)
+    rows = source_rows(args, Product.model_fields)
 
     backend = open_store(settings)  # the dimension comes from the binding the indexer records
     cache = None
@@ -252,11 +252,11 @@ def run_index(args: argparse.Namespace) -> int:
         state = checkpoint.load() if (checkpoint is not None and args.resume) else None
         if args.resume and state is None:
             print(f"shopsearch: no checkpoint for {args.file}: indexing from the start", file=sys.stderr)
-        dead_letters = DeadLetters(_dead_letter_path(args, settings, (state or {}).get("dead_letter_path")))
+        dead_letters = DeadLetters(dead_letter_path(args, settings, (state or {}).get("dead_letter_path")))
         if embedder is not None and not args.no_embedding_cache:
             cache = EmbeddingCache(embedding_cache_path(settings), embedder.model_id, embedder.dim)
         indexer = Indexer(embedder, cache=cache, batch_size=args.batch_size)
-        summary = _run_guarded(
+        summary = run_guarded(
             indexer.index,
             rows,
             backend,
@@ -288,12 +288,12 @@ def run_update_signals(args: argparse.Namespace) -> int:
     from middleware.products import SignalUpdate
 
     settings = load_settings(args)
-    rows = _rows(args, SignalUpdate.model_fields)
+    rows = source_rows(args, SignalUpdate.model_fields)
     require_store(settings)
     backend = open_store(settings)
-    dead_letters = DeadLetters(_dead_letter_path(args, settings))
+    dead_letters = DeadLetters(dead_letter_path(args, settings))
     try:
-        summary = _run_guarded(
+        summary = run_guarded(
             apply_signal_rows,
             rows,
             backend,
@@ -331,7 +331,7 @@ def run_delete(args: argparse.Namespace) -> int:
     deleted = 0
     try:
         for i in range(0, len(ids), 1000):
-            deleted += _run_guarded(backend.delete, ids[i : i + 1000])
+            deleted += run_guarded(backend.delete, ids[i : i + 1000])
     finally:
         backend.close()
     result = {"requested": len(ids), "deleted": deleted, "not_found": len(ids) - deleted}
@@ -357,7 +357,7 @@ def run_stats(args: argparse.Namespace) -> int:
     require_store(settings)
     backend = open_store(settings)
     try:
-        backend_stats = _run_guarded(backend.stats)
+        backend_stats = run_guarded(backend.stats)
         data_dir_bytes = _dir_bytes(data_dir) if data_dir.is_dir() else 0  # measured while open, as the backend's
     finally:
         backend.close()

@@ -56,7 +56,12 @@ def embedder_chosen(settings: Settings) -> bool:
 
 def bound_settings(settings: Settings, backend: Any) -> Settings:
     """`settings` with the store's recorded embedder, unless the user chose one or the store has none."""
-    binding = backend.embedder_binding()
+    from middleware.backends.base import BackendError
+
+    try:
+        binding = backend.embedder_binding()
+    except BackendError as err:
+        raise CliError(f"backend unavailable: {err}") from None
     if binding is None or embedder_chosen(settings) or binding.model == settings.embedder:
         return settings
     return settings.model_copy(update={"embedder": binding.model})
