@@ -154,19 +154,20 @@ def run_make_pairs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _load_embedder(args: argparse.Namespace) -> Any:
-    from middleware.models import ModelLoadError, load_embedder
-
+def _embedder_settings(args: argparse.Namespace) -> Any:  # -> Settings
     overrides: dict[str, Any] = {"embedder": args.embedder}
     if args.query_instruction is not None:
         overrides["query_instruction"] = args.query_instruction
-    settings = load_settings(args, **overrides)
-    if not settings.embedder_enabled:
-        raise CliError("mining needs an embedder: set --embedder or SHOPSEARCH_EMBEDDER", EXIT_USAGE)
-    try:
-        return settings, load_embedder(settings)
-    except ModelLoadError as err:
-        raise CliError(str(err)) from None
+    return load_settings(args, **overrides)
+
+
+def _require_embedder(settings: Any, purpose: str = "mining") -> Any:  # -> Embedder
+    from middleware.cli.store import load_embedder
+
+    embedder = load_embedder(settings)
+    if embedder is None:
+        raise CliError(f"{purpose} needs an embedder: set --embedder or SHOPSEARCH_EMBEDDER", EXIT_USAGE)
+    return embedder
 
 
 def run_mine(args: argparse.Namespace) -> int:
@@ -186,19 +187,24 @@ def run_mine(args: argparse.Namespace) -> int:
         corpus = load_corpus(args.corpus) if args.corpus else None
     except TuningDataError as err:
         raise CliError(str(err), EXIT_USAGE) from None
-    settings, embedder = _load_embedder(args)
+    settings = _embedder_settings(args)
     if corpus is not None:
+        embedder = _require_embedder(settings)
         log.info("embedding %d corpus documents", len(corpus))
         searcher: Any = CorpusSearcher(corpus, embedder, cache=args.corpus_cache)
         backend = None
     else:
-        from middleware.backends import open_backend
-        from middleware.backends.base import BackendError
+        from middleware.cli.store import bound_settings, check_embedder_fits, open_store, require_store
 
+        require_store(settings)
+        backend = open_store(settings)
         try:
-            backend = open_backend(settings, dim=embedder.dim)
-        except BackendError as err:
-            raise CliError(str(err)) from None
+            settings = bound_settings(settings, backend)  # the live store's own embedder by default
+            embedder = _require_embedder(settings)
+            check_embedder_fits(backend, embedder, settings)
+        except BaseException:
+            backend.close()
+            raise
         searcher = IndexSearcher(backend, embedder)
     try:
         mined, stats = mine_negatives(records, embedder, searcher, config)
@@ -233,7 +239,8 @@ def run_separation(args: argparse.Namespace) -> int:
     from middleware.tuning.separation import similarity_separation
 
     records = _read(args.input)
-    settings, embedder = _load_embedder(args)
+    settings = _embedder_settings(args)
+    embedder = _require_embedder(settings, "separation")
     try:
         figures = similarity_separation(embedder, records)
     except ValueError as err:
