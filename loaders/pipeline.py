@@ -5,9 +5,9 @@ write, one thread per stage.
          ▲                                                                                         │
          └──────────────────── `max_inflight` slots (a semaphore): the bounded hand-off ◀──────────┘
 
-The backend is only ever touched from the calling thread (SQLite connections belong to one thread), so
-that thread both classifies batches before embedding and writes them after. Batches are written in read
-order, which is what makes "last committed line" a correct resume point. Rows of a batch whose ids are
+The backend is only ever touched from the calling thread, which both classifies batches before
+embedding and writes them after: one thread of backend calls keeps writes in read order, which is what
+makes "last committed line" a correct resume point. Rows of a batch whose ids are
 still in flight in an earlier batch are always rewritten, so a later duplicate id wins.
 """
 

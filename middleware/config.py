@@ -111,7 +111,7 @@ class ServerSettings(BaseModel):
     embedding_cache_size: int = Field(10_000, ge=0)
     rerank_cache_size: int = Field(100_000, ge=0)
     cache_ttl_s: float = Field(600.0, gt=0)
-    # added for the HTTP service (issue 5)
+    # the HTTP service's batching, limits and model endpoints
     batching_enabled: bool = True  # gather concurrent model calls into shared batches
     max_deadline_ms: float = Field(10_000.0, gt=0)  # cap on a request's own deadline_ms
     allow_scripts: bool = False  # pass bodies carrying scripts to the upstream (code runs on the cluster)
