@@ -109,3 +109,19 @@ def test_store_reading_commands_use_the_embedder_the_store_is_bound_to(
     assert code == 0 and json.loads(out)["hits"]
     code, _, err = run_cli(capsys, "search", "手表", "--embedder", str(tmp_path / "no-such-model"))
     assert code == 1 and "no-such-model" in err
+
+
+def test_readme_worked_catalog_answers_the_readme_search_example(
+    tmp_path: Path, cli_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("$ cat catalog.jsonl\n", 1)[1].split("\n$ ", 1)[0]
+    (tmp_path / "catalog.jsonl").write_text(block + "\n", encoding="utf-8")
+    command = next(line for line in readme.splitlines() if line.startswith("shopsearch --data-dir ./shop search"))
+    filters = [part for part in command.split() if "=" in part and not part.startswith("--")]
+    assert filters == ["category=手表", "price_max=3000"]
+    assert run_cli(capsys, "index", str(tmp_path / "catalog.jsonl"), "--embedder", "none", "-q")[0] == 3
+    args = ["search", "适合送女友的轻奢小众手表", "--json"] + [a for f in filters for a in ("--filter", f)]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert sorted(hit["id"] for hit in json.loads(out)["hits"]) == ["w1", "w2"]
