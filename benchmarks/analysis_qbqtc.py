@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # the SQL path must rank as the computation above, and its latency is worth knowing
         check = random.Random(args.seed + 1).sample(evaluated, min(args.check, len(evaluated)))
-        backend.combine, backend.words_weight, backend.cjk_weight = best[1], best[2], best[3]
+        backend.lexical.combine, backend.lexical.words_weight, backend.lexical.cjk_weight = best[1], best[2], best[3]
         agree, latencies = 0, []
         for qid in check:
             t = time.perf_counter()

@@ -12,7 +12,7 @@ Every product is written under the same rules whichever door it came in by:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -126,29 +126,24 @@ class Indexer:
             commit_batch(batch, backend, summary, None, None)
         return summary
 
-    def embedded(
-        self, rows: Iterable[SourceRow], *, dead_letters: DeadLetters, summary: Summary
-    ) -> Iterator[tuple[Product, np.ndarray | None]]:
-        """Validated, embedded products for a new, empty index (`shopsearch opensearch reindex`).
+    def fill(self, rows: Iterable[SourceRow], target: Any, *, dead_letters: DeadLetters, summary: Summary) -> None:
+        """Load catalog rows into a new, empty index (`shopsearch opensearch reindex`'s load step).
 
-        Nothing is read from a store: every product is new there. Rejected rows go to `dead_letters`
-        and are counted in `summary`, as are duplicates (the last row of an id in a batch wins).
+        `target` needs only `upsert(products, vectors)`: nothing is read back, since every product is
+        new there. Rejected rows go to `dead_letters`; all is counted in `summary` (the last row of an id
+        in a batch wins, as in `index`).
         """
         batch = Batch(seq=0)
-
-        def flush(batch: Batch) -> Iterator[tuple[Product, np.ndarray | None]]:
-            batch.to_write = list(batch.products.values())
-            batch.indexed = len(batch.to_write)
-            embed_batch(batch, self.embed)
-            commit_batch(batch, None, summary, dead_letters, None)
-            vectors = batch.vectors
-            for i, product in enumerate(batch.to_write):
-                yield product, None if vectors is None else vectors[i]
-
         for row in rows:
             batch.add_row(row)
             if batch.rows >= self.batch_size:
-                yield from flush(batch)
+                self._fill_batch(batch, target, dead_letters, summary)
                 batch = Batch(seq=batch.seq + 1)
         if batch.rows:
-            yield from flush(batch)
+            self._fill_batch(batch, target, dead_letters, summary)
+
+    def _fill_batch(self, batch: Batch, target: Any, dead_letters: DeadLetters, summary: Summary) -> None:
+        batch.to_write = list(batch.products.values())
+        batch.indexed = len(batch.to_write)
+        embed_batch(batch, self.embed)
+        commit_batch(batch, target, summary, dead_letters, None)

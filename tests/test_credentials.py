@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from middleware.backends.base import BackendError
-from middleware.backends.opensearch import client_kwargs
+from middleware.backends.opensearch_client import client_kwargs
 from middleware.config import OpenSearchSettings
 from middleware.credentials import ClusterCredentials, CredentialsError, resolve_cluster_credentials
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 from middleware.backends import Backend, BackendError
 from middleware.backends.base import EmbedderBinding, EmbedderMismatch
 from middleware.backends.embedded import DB_NAME, FAISS_NAME, EmbeddedBackend
+from middleware.backends.embedded.vectors import VectorIndex
 from middleware.products import Filters, Product, SignalUpdate
 
 DIM = 16
@@ -687,3 +689,84 @@ def test_cli_stats_of_a_fresh_and_a_bound_store(tmp_path: Path, monkeypatch, cap
     stats = json.loads(capsys.readouterr().out)
     assert (stats["products"], stats["vectors"], stats["dim"], stats["embedder"]) == (1, 1, DIM, "model-a")
     assert stats["bytes_on_disk"] > 0 and stats["backend_stats"]["embedder"] == {"model": "model-a", "dim": DIM}
+
+
+# ---------------------------------------------------------------------------------------- seams
+
+
+class _ArraySource:
+    """Vectors held in plain arrays: the vector index needs no SQL, only (pks, vectors, generation)."""
+
+    def __init__(self, pks: np.ndarray, vectors: np.ndarray, generation: int) -> None:
+        self.pks, self.vectors, self.generation = pks, vectors, generation
+        self.snapshots = 0
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        self.snapshots += 1
+        batches = [(self.pks[i : i + 7], self.vectors[i : i + 7]) for i in range(0, len(self.pks), 7)]
+        yield self.generation, len(self.pks), batches
+
+
+@pytest.mark.parametrize("hnsw_threshold", [10_000, 10])
+def test_vector_index_is_fed_pks_vectors_and_generation(tmp_path: Path, hnsw_threshold: int) -> None:
+    rng = np.random.default_rng(5)
+    source = _ArraySource(np.arange(1, 31, dtype=np.int64) * 3, unit(rng, 30), generation=4)
+    index = VectorIndex(tmp_path / "v.faiss", source.snapshot, hnsw_threshold=hnsw_threshold, exact_max=5)
+    index.open(4, 30, DIM, lambda: set(source.pks.tolist()))
+    assert (index.generation, index.ntotal, index.kind) == (4, 30, "flat" if hnsw_threshold > 30 else "hnsw")
+    query = source.vectors[7:8]  # pk 24's own vector
+    scores = source.vectors @ query[0]
+    brute = [int(source.pks[i]) for i in np.argsort(-scores, kind="stable")]
+    allowed = source.pks[::2]
+    with index.lock.read():
+        assert [pk for pk, _ in index.search(query, None, 3)] == brute[:3]
+        filtered = index.search(query, allowed, 4)  # HNSW: a subset this small is searched exactly
+    assert [pk for pk, _ in filtered] == [pk for pk in brute if pk in set(allowed.tolist())][:4]
+    # one committed write: pk 24 replaced by pk 100
+    with index.lock.write():
+        index.apply([24], [100], query.copy(), generation=5)
+    with index.lock.read():
+        assert index.search(query, None, 1)[0][0] == 100 and index.generation == 5
+    # a write that skipped a generation (another process) rebuilds from the source
+    source.generation, before = 9, source.snapshots
+    with index.lock.write():
+        index.apply([], [101], query.copy(), generation=7)
+    assert source.snapshots == before + 1 and index.generation == 9
+    # saved stamped with its generation: a store at another generation is not served from the file
+    index.save()
+    reopened = VectorIndex(tmp_path / "v.faiss", source.snapshot, hnsw_threshold=hnsw_threshold)
+    reopened.open(9, 30, DIM, lambda: set(source.pks.tolist()))
+    assert reopened.unsaved == 0 and reopened.ntotal == 30
+    stale = VectorIndex(tmp_path / "v.faiss", source.snapshot, hnsw_threshold=hnsw_threshold)
+    source.generation, before = 10, source.snapshots
+    stale.open(10, 30, DIM, lambda: set(source.pks.tolist()))
+    assert stale.generation == 10 and source.snapshots == before + 1
+
+
+def test_lexical_index_keeps_in_step_with_the_store(store: EmbeddedBackend) -> None:
+    products = [Product(id=str(i), title=t) for i, t in enumerate(["珐琅手表", "运动手表", "蓝牙耳机"])]
+    store.upsert(products, None)
+    store.upsert([Product(id="1", title="机械手表 手表")], None)  # replaced: a new pk, the old text removed
+    store.delete(["2"])
+    query = store.lexical.query("手表")
+    assert query and not store.lexical.query("   ")
+    with store.store.reader() as conn:
+        assert store.lexical.count(conn) == store.count() == 2
+        hits = store.lexical.search(conn, query, None, 10)
+        assert [score for _, score in hits] == sorted((score for _, score in hits), reverse=True)
+        ids = {pk: p.id for pk, p in store.store.products_by_pk(conn, [pk for pk, _ in hits]).items()}
+        assert sorted(ids.values()) == ["0", "1"] and all(score > 0 for _, score in hits)
+        assert store.lexical.search(conn, query, Filters(ids=["0"]), 10)[0][0] in ids
+
+
+def test_reopening_a_bound_store_without_vectors_for_another_embedder(tmp_path: Path) -> None:
+    """A first run that bound the store but wrote nothing does not lock the next run's dimension."""
+    with EmbeddedBackend(tmp_path, dim=DIM) as store:
+        store.bind_embedder(EmbedderBinding("model-a", DIM))
+    with EmbeddedBackend(tmp_path, dim=8) as store:
+        store.bind_embedder(EmbedderBinding("model-b", 8))
+        store.upsert([Product(id="a", title="手表")], unit(np.random.default_rng(0), 1, dim=8))
+        assert store.stats().dim == 8 and store.embedder_binding() == EmbedderBinding("model-b", 8)
+    with pytest.raises(ValueError, match="holds 8-d vectors but 16-d were asked for"):
+        EmbeddedBackend(tmp_path, dim=DIM)

@@ -47,9 +47,7 @@ def test_upsert_of_validated_products_skips_unchanged_and_binds_the_store(
             Indexer(None).upsert(products, store)  # vectors of one model, a lexical-only writer
 
 
-def test_embedded_products_for_a_fresh_index_use_the_cache_and_dead_letters(
-    tmp_path: Path, embedder: CountingEmbedder
-) -> None:
+def test_filling_a_fresh_index_uses_the_cache_and_dead_letters(tmp_path: Path, embedder: CountingEmbedder) -> None:
     rows = [*catalog(5), {"id": "bad", "title": ""}, {"id": "p9", "title": "长", "description": "x" * 20_000}]
     source = write_jsonl(tmp_path / "c.jsonl", rows)
     cache = EmbeddingCache(tmp_path / "cache.sqlite", embedder.model_id, embedder.dim)
@@ -58,11 +56,12 @@ def test_embedded_products_for_a_fresh_index_use_the_cache_and_dead_letters(
         for attempt in range(2):
             dead = DeadLetters(tmp_path / f"dead-{attempt}.jsonl")
             summary = Summary(command="reindex")
-            pairs = list(indexer.embedded(read_rows(str(source), "jsonl"), dead_letters=dead, summary=summary))
-            dead.close()
-            assert [p.id for p, _ in pairs] == ["p0", "p1", "p2", "p3", "p4", "p9"]
-            assert all(v is not None and v.shape == (embedder.dim,) for _, v in pairs)
-            assert len(pairs[-1][0].description or "") <= MAX_DESCRIPTION_CHARS
+            with EmbeddedBackend(tmp_path / f"fresh-{attempt}") as target:  # only its upsert is used
+                indexer.fill(read_rows(str(source), "jsonl"), target, dead_letters=dead, summary=summary)
+                dead.close()
+                assert sorted(target.iter_ids()) == ["p0", "p1", "p2", "p3", "p4", "p9"]
+                assert target.stats().vectors == 6 and target.stats().dim == embedder.dim
+                assert len(target.get(["p9"])[0].description or "") <= MAX_DESCRIPTION_CHARS
             assert (summary.rejected, summary.truncated, dead.count) == (1, 1, 1)
             # the second build reads every vector from the cache
             assert (summary.embedded, summary.cache_hits) == ((6, 0) if attempt == 0 else (0, 6))

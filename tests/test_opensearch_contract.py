@@ -17,7 +17,7 @@ import yaml
 
 from middleware.backends import opensearch_bodies as bodies
 from middleware.backends.base import BackendError, EmbedderBinding
-from middleware.backends.opensearch import client_kwargs, redact_url
+from middleware.backends.opensearch_client import client_kwargs, redact_url
 from middleware.backends.opensearch_spec import KNOWN_GAPS, SpecNotFoundError, find_spec, load_contract
 from middleware.config import FusionSettings, OpenSearchSettings, Settings
 from middleware.products import Filters, Product, SignalUpdate

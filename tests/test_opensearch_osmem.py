@@ -7,7 +7,6 @@ k-NN and hybrid tests run instead of skipping. One osmem process per session (th
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 from collections.abc import Iterator
@@ -16,9 +15,10 @@ import numpy as np
 import opensearchpy
 import pytest
 
+from middleware.backends import opensearch_admin as admin
 from middleware.backends import opensearch_bodies as bodies
 from middleware.backends.base import Backend, BackendError, EmbedderBinding, EmbedderMismatch
-from middleware.backends.opensearch import AsyncOpenSearchBackend, OpenSearchBackend
+from middleware.backends.opensearch import OpenSearchBackend
 from middleware.config import Settings
 from middleware.products import Filters, Product, SignalUpdate
 
@@ -98,8 +98,8 @@ class TestSetup:
         assert isinstance(backend, Backend)
 
     def test_install_is_idempotent_and_templates_apply(self, backend: OpenSearchBackend) -> None:
-        first = backend.install()
-        second = backend.install()
+        first = admin.install(backend)
+        second = admin.install(backend)
         assert [t for s, t in first.lines if s == "OK"] == [t for s, t in second.lines if s == "OK"]
         names = bodies.component_template_names(backend.cfg, with_vector=True)
         for name in names:
@@ -124,7 +124,7 @@ class TestSetup:
         assert stats.vectors == len(products) and stats.size_bytes > 0
 
     def test_check_says_what_is_missing(self, backend: OpenSearchBackend, target) -> None:
-        report = backend.check()
+        report = admin.check(backend)
         text = report.render()
         assert "word analyzer:" in text
         if target.knn_skip_reason:
@@ -263,20 +263,6 @@ class TestReads:
         assert list(backend.iter_ids()) == [] and backend.get(["a"]) == [] and backend.content_hashes(["a"]) == {}
         assert backend.update_signals([SignalUpdate(id="a", sales=1)]) == ["a"] and backend.delete(["a"]) == 0
 
-    def test_async_read_path(self, loaded, settings: Settings) -> None:
-        backend, products, _ = loaded
-
-        async def run() -> tuple[list, list, int]:
-            ab = AsyncOpenSearchBackend.from_settings(settings)
-            try:
-                return await ab.bm25("连衣裙", Filters(brand="Acme"), 10), await ab.get(["p2", "p0"]), await ab.count()
-            finally:
-                await ab.close()
-
-        hits, got, count = asyncio.run(run())
-        assert [c.id for c in hits] == [c.id for c in backend.bm25("连衣裙", Filters(brand="Acme"), 10)]
-        assert [p.id for p in got] == ["p2", "p0"] and count == len(products)
-
 
 class TestVectors:
     def test_knn_with_filters_inside(self, loaded, target) -> None:
@@ -294,7 +280,7 @@ class TestVectors:
         if target.pipeline_skip_reason:
             pytest.skip(target.pipeline_skip_reason)
         backend, _products, vectors = loaded
-        backend.install()
+        admin.install(backend)
         hits = backend.hybrid("连衣裙", vectors[0], Filters(in_stock=True), 10)
         assert hits and all(c.fused is not None for c in hits)
         assert all(Filters(in_stock=True).matches(c.product) for c in hits)
@@ -353,7 +339,7 @@ class TestEmbedderBinding:
     def test_reindex_records_the_new_embedder(self, loaded) -> None:
         backend, products, vectors = loaded
         backend.bind_embedder(EmbedderBinding("model-a", DIM))
-        report = backend.reindex(zip(products, vectors, strict=True), embedder=EmbedderBinding("model-b", DIM))
+        report = admin.reindex(backend, zip(products, vectors, strict=True), embedder=EmbedderBinding("model-b", DIM))
         assert backend.stats().details["indexes"] == [report.new_index]
         assert backend.embedder_binding() == EmbedderBinding("model-b", DIM)
 
@@ -379,7 +365,7 @@ class TestReindex:
                 yield product, vector
 
         log: list[str] = []
-        report = backend.reindex(feed(), batch_size=2, progress=log.append)
+        report = admin.reindex(backend, feed(), batch_size=2, progress=log.append)
         assert reads_during_build == [{p.id for p in products}]
         assert report.new_index == bodies.index_name(backend.cfg, 2)
         assert report.indexed == report.count == 6 and report.deleted_old == [old_index]
@@ -394,13 +380,41 @@ class TestReindex:
         backend.update_signals([SignalUpdate(id="p0", sales=1)])
         assert backend.get(["p0"])[0].sales == 1
 
+    def test_rebuild_takes_the_load_step_as_a_callable(self, loaded) -> None:
+        backend, products, vectors = loaded
+        old_index = backend.alias_indexes(backend.read_alias)
+
+        def load(target: admin.IndexLoader) -> None:
+            target.upsert(products[:4], vectors[:4])
+            target.upsert([products[4].model_copy(update={"title": "换新 连衣裙"})], vectors[4:5])
+            assert backend.alias_indexes(backend.read_alias) == old_index  # nothing swapped while loading
+
+        report = admin.rebuild(backend, load, embedder=EmbedderBinding("model-a", DIM))
+        assert (report.indexed, report.count, report.failed) == (5, 5, [])
+        assert backend.alias_indexes(backend.write_alias) == [report.new_index] and backend.count() == 5
+        assert backend.get(["p4"])[0].title == "换新 连衣裙"
+        assert backend.embedder_binding() == EmbedderBinding("model-a", DIM)
+
+        def load_with_a_bad_document(target: admin.IndexLoader) -> None:
+            target.upsert(products[:2], vectors[:2])
+            # a price the mapping cannot hold: one failed item, reported rather than raised
+            pairs = list(bodies.bulk_index_actions(target.index, products[2:3], vectors[2:3], require_alias=False))
+            pairs[0][1]["price"] = "not a number"
+            target.report.merge(backend.write_bulk(pairs, refresh="false"))
+
+        with pytest.raises(BackendError, match="aborted, aliases unchanged: 1 failed"):
+            admin.rebuild(backend, load_with_a_bad_document)
+        assert backend.alias_indexes(backend.read_alias) == [report.new_index]
+        partial = admin.rebuild(backend, load_with_a_bad_document, max_failures=1, keep_old=True)
+        assert (partial.indexed, len(partial.failed), backend.count()) == (2, 1, 2)
+
     def test_keep_old_and_abort_keeps_aliases(self, loaded) -> None:
         backend, products, vectors = loaded
-        report = backend.reindex(zip(products, vectors, strict=True), keep_old=True)
+        report = admin.reindex(backend, zip(products, vectors, strict=True), keep_old=True)
         assert report.deleted_old == [] and backend.client.indices.exists(index=report.old_indexes[0])
         # a vector of the wrong size is rejected before anything is created or swapped
         with pytest.raises(ValueError, match="dimension"):
-            backend.reindex([(products[0], np.ones(DIM + 1, dtype=np.float32))])
+            admin.reindex(backend, [(products[0], np.ones(DIM + 1, dtype=np.float32))])
         assert backend.stats().details["indexes"] == [report.new_index]
 
     def test_reindex_bm25_only_then_cli(self, os_url: str, tmp_path, capsys) -> None:

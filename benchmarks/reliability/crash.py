@@ -167,7 +167,8 @@ def index_crash(
 
 def _faiss_state(data_dir: Path) -> str:
     """Does vectors.faiss (header only) reflect SQLite's current generation, as a kill left them?"""
-    from middleware.backends.embedded import _FAISS_HEADER, DB_NAME, FAISS_NAME
+    from middleware.backends.embedded import DB_NAME, FAISS_NAME
+    from middleware.backends.embedded.vectors import FAISS_HEADER
 
     db = sqlite3.connect(data_dir / DB_NAME)
     try:
@@ -181,7 +182,7 @@ def _faiss_state(data_dir: Path) -> str:
     if not path.exists():
         return "missing" if vectors else "none (no vectors)"
     with open(path, "rb") as f:
-        _, generation, _ = _FAISS_HEADER.unpack(f.read(_FAISS_HEADER.size))
+        _, generation, _ = FAISS_HEADER.unpack(f.read(FAISS_HEADER.size))
     return "current" if row is not None and generation == int(row[0]) else "stale"
 
 
@@ -189,13 +190,14 @@ def _faiss_file(data_dir: Path) -> tuple[int, Any] | None:
     """(generation stamped in vectors.faiss, the faiss index) or None when there is no file."""
     import faiss
 
-    from middleware.backends.embedded import _FAISS_HEADER, FAISS_NAME
+    from middleware.backends.embedded import FAISS_NAME
+    from middleware.backends.embedded.vectors import FAISS_HEADER
 
     path = data_dir / FAISS_NAME
     if not path.exists():
         return None
     with open(path, "rb") as f:
-        _, generation, _ = _FAISS_HEADER.unpack(f.read(_FAISS_HEADER.size))
+        _, generation, _ = FAISS_HEADER.unpack(f.read(FAISS_HEADER.size))
         index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
     return generation, index
 

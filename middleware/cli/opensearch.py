@@ -99,10 +99,12 @@ def _backend(settings: Settings, dim: int | None) -> Any:
 
 
 def run_init(args: argparse.Namespace) -> int:
+    from middleware.backends import opensearch_admin
+
     settings = _settings(args)
     backend = _backend(settings, _dim(args, settings))
     try:
-        report = backend.install()
+        report = opensearch_admin.install(backend)
     except (BackendError, ValueError) as err:
         raise CliError(str(err)) from None
     finally:
@@ -112,11 +114,13 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from middleware.backends import opensearch_admin
+
     settings = _settings(args)
     dim = args.dim if args.dim is not None else (1 if settings.embedder_enabled else None)
     backend = _backend(settings, dim)  # only "is a vector expected" matters for the check
     try:
-        report = backend.check()
+        report = opensearch_admin.check(backend)
     except BackendError as err:
         raise CliError(str(err)) from None
     finally:
@@ -131,6 +135,7 @@ def run_reindex(args: argparse.Namespace) -> int:
     from loaders.report import Summary
     from loaders.sources import SourceError
     from loaders.validate import DeadLetters
+    from middleware.backends import opensearch_admin
     from middleware.backends.base import EmbedderMismatch
     from middleware.cli.index import dead_letter_path, embedding_cache_path, source_rows
 
@@ -148,8 +153,9 @@ def run_reindex(args: argparse.Namespace) -> int:
         if embedder is not None and not args.no_embedding_cache:
             cache = EmbeddingCache(embedding_cache_path(settings), embedder.model_id, embedder.dim)
         indexer = Indexer(embedder, cache=cache, batch_size=args.batch_size)
-        report = backend.reindex(
-            indexer.embedded(rows, dead_letters=dead_letters, summary=summary),
+        report = opensearch_admin.rebuild(
+            backend,
+            lambda target: indexer.fill(rows, target, dead_letters=dead_letters, summary=summary),
             keep_old=args.keep_old,
             max_failures=args.max_failures,
             progress=print,

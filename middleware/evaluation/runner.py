@@ -125,11 +125,11 @@ def _slug(text: str) -> str:
 @functools.cache  # once per process: the code that runs is the code first read, even if files change
 def _analysis_version() -> str:
     """Changes when the lexical analysis or the embedded store changes: part of the index cache key."""
-    import middleware.backends.embedded as embedded
     import middleware.text as text
+    from middleware.backends.embedded import backend, lexical, store, vectors
 
     digest = hashlib.sha1()
-    for module in (text, embedded):
+    for module in (text, backend, lexical, store, vectors):
         digest.update(inspect.getsource(module).encode("utf-8"))
     return digest.hexdigest()[:10]
 
