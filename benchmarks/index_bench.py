@@ -1,6 +1,6 @@
 """Indexing throughput: `shopsearch index`'s pipeline (read → validate → classify → embed → write).
 
-Two runs into a fresh embedded store, through `loaders.pipeline.index_rows` from a JSONL file:
+Two runs into a fresh embedded store, through `loaders.indexer.Indexer.index` from a JSONL file:
 - pipeline overhead: 100k synthetic products with the factory's tiny BERT (the model costs almost
   nothing, so docs/s measures parsing, validation, hashing, the cache, jieba + CJK analysis, SQLite
   and faiss); then the same file again, every row unchanged (the daily re-index case);
@@ -94,7 +94,7 @@ def synthetic_catalog(n: int, path: Path, seed: int = 0) -> dict[str, float]:
 
 def _index_once(source: Path, store: Path, embedder: TimedEmbedder) -> dict[str, Any]:
     from loaders.embed_cache import EmbeddingCache
-    from loaders.pipeline import index_rows
+    from loaders.indexer import Indexer
     from loaders.sources import read_rows
     from loaders.validate import DeadLetters
     from middleware.backends.embedded import EmbeddedBackend
@@ -104,13 +104,8 @@ def _index_once(source: Path, store: Path, embedder: TimedEmbedder) -> dict[str,
     backend = EmbeddedBackend(store, dim=embedder.dim)
     cache = EmbeddingCache(store / "cache" / "embeddings.sqlite", embedder.model_id, embedder.dim)
     try:
-        summary = index_rows(
-            read_rows(str(source), "jsonl"),
-            backend,
-            embedder,
-            dead_letters=DeadLetters(store / "dead.jsonl"),
-            cache=cache,
-            batch_size=BATCH_SIZE,
+        summary = Indexer(embedder, cache=cache, batch_size=BATCH_SIZE).index(
+            read_rows(str(source), "jsonl"), backend, dead_letters=DeadLetters(store / "dead.jsonl")
         )
     finally:
         cache.close()

@@ -1,6 +1,6 @@
 """Embedding cache: (model id, sha256 of the exact embedded text) → float32 vector, in one SQLite file.
 
-It lives in the data directory (`<data_dir>/embedding-cache.sqlite`), not the model cache: its size
+It lives in the data directory (`<data_dir>/cache/embeddings.sqlite`), not the model cache: its size
 grows with the catalog, not with the model, and deleting a store should delete its cache too. Losing it
 is harmless (vectors are recomputed), so it is written with synchronous=NORMAL.
 """

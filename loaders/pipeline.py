@@ -1,12 +1,13 @@
-"""Bulk indexing as a pipeline: read + validate → classify → embed → write, one thread per stage.
+"""The streaming machinery behind `loaders.indexer.Indexer.index`: read + validate → classify → embed →
+write, one thread per stage.
 
     reader thread ──batch──▶ backend thread: classify (content hashes) ──▶ embed thread ──▶ backend thread: write
          ▲                                                                                         │
          └──────────────────── `max_inflight` slots (a semaphore): the bounded hand-off ◀──────────┘
 
-The backend is only ever touched from the calling thread (SQLite connections belong to one thread), so
-that thread both classifies batches before embedding and writes them after. Batches are written in read
-order, which is what makes "last committed line" a correct resume point. Rows of a batch whose ids are
+The backend is only ever touched from the calling thread, which both classifies batches before
+embedding and writes them after: one thread of backend calls keeps writes in read order, which is what
+makes "last committed line" a correct resume point. Rows of a batch whose ids are
 still in flight in an earlier batch are always rewritten, so a later duplicate id wins.
 """
 
@@ -18,14 +19,13 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from loaders.checkpoint import Checkpoint
-from loaders.embed_cache import EmbeddingCache
 from loaders.report import Progress, Summary
 from loaders.sources import SourceRow
 from loaders.validate import DeadLetters, Rejection, validate_product, validate_signal
@@ -61,6 +61,26 @@ class Batch:
     embedded: int = 0
     cache_hits: int = 0
     embed_seconds: float = 0.0
+
+    def add(self, product: Product) -> None:
+        """A valid product; a later one with the same id replaces the earlier, in the later position."""
+        if product.id in self.products:
+            self.duplicates += 1
+            del self.products[product.id]
+        self.products[product.id] = product
+
+    def add_row(self, row: SourceRow) -> None:
+        """A source row: validated, then added or rejected; fields cut to their bounds are noted."""
+        self.rows += 1
+        self.last_line = row.line
+        result = validate_product(row)
+        if isinstance(result, Rejection):
+            self.rejections.append(result)
+            return
+        for name, length in result.truncated.items():
+            cut = len(getattr(result, name) or "")
+            self.truncations.append(f"line {row.line}: {name} cut from {length} to {cut} characters")
+        self.add(result)
 
 
 class _SeenIds:
@@ -101,13 +121,16 @@ def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
+# products -> (their vectors in order, or None for a lexical-only store; how many came from a cache)
+Embed = Callable[[Sequence[Product]], "tuple[np.ndarray | None, int]"]
+
+
 def index_rows(
     rows: Iterable[SourceRow],
     backend: Backend,
-    embedder: Any | None,
+    embed: Embed,
     *,
     dead_letters: DeadLetters,
-    cache: EmbeddingCache | None = None,
     checkpoint: Checkpoint | None = None,
     resume_state: dict[str, Any] | None = None,
     prune: bool = False,
@@ -118,7 +141,7 @@ def index_rows(
     progress: Progress | None = None,
     summary: Summary | None = None,
 ) -> Summary:
-    """Index `rows` into `backend`, embedding with `embedder` (None: BM25 only). Returns the summary.
+    """Index `rows` into `backend`, embedding changed products with `embed`. Returns the summary.
 
     With `prune`, stored products absent from `rows` are deleted afterwards, unless the snapshot looks
     incomplete (`summary.prune_refused` says why): it holds no valid product (always refused), rows were
@@ -140,6 +163,8 @@ def index_rows(
         summary.resumed_rows_skipped = summary.read
         dead_letters.count = summary.rejected
         dead_letters.drop_after(resume_line)
+        if progress is not None:
+            progress.resume_from(summary.read)
     committed_line = resume_line
     seen = _SeenIds() if prune else None
 
@@ -155,7 +180,7 @@ def index_rows(
         daemon=True,
     )
     embed_thread = threading.Thread(
-        target=_embed_stage, args=(embedder, cache, to_embed, events, stop), name="shopsearch-embed", daemon=True
+        target=_embed_stage, args=(embed, to_embed, events, stop), name="shopsearch-embed", daemon=True
     )
     pending: Counter[str] = Counter()  # ids classified but not yet written
     inflight = 0
@@ -170,12 +195,12 @@ def index_rows(
             if kind == "done":
                 reading_done = True
             elif kind == "read":
-                _classify(payload, backend, pending)
+                classify(payload, backend, pending)
                 inflight += 1
                 to_embed.put(payload)
             elif kind == "embedded":
                 batch: Batch = payload
-                _commit(batch, backend, summary, dead_letters, seen)
+                commit_batch(batch, backend, summary, dead_letters, seen)
                 for product in batch.to_write:
                     pending[product.id] -= 1
                 for update in batch.signal_updates:
@@ -254,19 +279,7 @@ def _read_stage(
                         seq += 1
                         batch = Batch(seq)
                 continue
-            batch.rows += 1
-            batch.last_line = row.line
-            result = validate_product(row)
-            if isinstance(result, Rejection):
-                batch.rejections.append(result)
-            else:
-                for name, length in result.truncated.items():
-                    cut = len(getattr(result, name) or "")
-                    batch.truncations.append(f"line {row.line}: {name} cut from {length} to {cut} characters")
-                if result.id in batch.products:
-                    batch.duplicates += 1
-                    del batch.products[result.id]  # re-insert: the batch keeps file order of last occurrences
-                batch.products[result.id] = result
+            batch.add_row(row)
             if batch.rows >= batch_size:
                 emit(batch)
                 seq += 1
@@ -280,7 +293,7 @@ def _read_stage(
         events.put(("error", err))
 
 
-def _classify(batch: Batch, backend: Backend, pending: Counter[str]) -> None:
+def classify(batch: Batch, backend: Backend, pending: Counter[str]) -> None:
     """Sort a batch's products into new / changed (write + embed) / signals only / unchanged."""
     products = list(batch.products.values())
     stored_hashes = backend.content_hashes([p.id for p in products if p.id not in pending])
@@ -325,8 +338,7 @@ def _classify(batch: Batch, backend: Backend, pending: Counter[str]) -> None:
 
 
 def _embed_stage(
-    embedder: Any | None,
-    cache: EmbeddingCache | None,
+    embed: Embed,
     to_embed: queue.Queue[Batch | None],
     events: queue.Queue[tuple[str, Any]],
     stop: threading.Event,
@@ -336,26 +348,35 @@ def _embed_stage(
         if batch is None or stop.is_set():  # after a failure, queued batches are not worth embedding
             return
         try:
-            if embedder is not None and batch.to_write:
-                texts = [p.embedding_text() for p in batch.to_write]
-                t0 = time.monotonic()
-                if cache is not None:
-                    batch.vectors, batch.cache_hits = cache.encode(embedder, texts)
-                else:
-                    batch.vectors = np.asarray(embedder.encode_documents(texts), dtype=np.float32)
-                batch.embed_seconds = time.monotonic() - t0
-                batch.embedded = len(texts) - batch.cache_hits
+            embed_batch(batch, embed)
             events.put(("embedded", batch))
         except BaseException as err:
             events.put(("error", err))
             return
 
 
-def _commit(batch: Batch, backend: Backend, summary: Summary, dead_letters: DeadLetters, seen: _SeenIds | None) -> None:
+def embed_batch(batch: Batch, embed: Embed) -> None:
+    if not batch.to_write:
+        return
     t0 = time.monotonic()
-    if batch.to_write:
+    batch.vectors, batch.cache_hits = embed(batch.to_write)
+    batch.embed_seconds = time.monotonic() - t0
+    if batch.vectors is not None:
+        batch.embedded = len(batch.to_write) - batch.cache_hits
+
+
+def commit_batch(
+    batch: Batch,
+    backend: Backend | None,
+    summary: Summary,
+    dead_letters: DeadLetters | None,
+    seen: _SeenIds | None,
+) -> None:
+    """Write a classified, embedded batch (backend None: the caller writes it) and count it."""
+    t0 = time.monotonic()
+    if batch.to_write and backend is not None:
         backend.upsert(batch.to_write, batch.vectors)  # one transaction / one bulk request per batch
-    if batch.signal_updates:
+    if batch.signal_updates and backend is not None:
         missing = backend.update_signals(batch.signal_updates)
         if missing:  # deleted by someone else since classification: write them whole
             gone = set(missing)
@@ -363,7 +384,8 @@ def _commit(batch: Batch, backend: Backend, summary: Summary, dead_letters: Dead
             log.warning("%d products vanished during indexing and were re-added without vectors", len(gone))
     summary.seconds_writing += time.monotonic() - t0
     summary.seconds_embedding += batch.embed_seconds
-    dead_letters.write(batch.rejections)
+    if dead_letters is not None:
+        dead_letters.write(batch.rejections)
     if seen is not None:
         seen.add(batch.products)
         seen.add(batch.skipped_ids)

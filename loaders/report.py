@@ -82,7 +82,8 @@ class Progress:
         self.label = label
         self.every_s = every_s
         self.enabled = enabled
-        self.rows = 0
+        self.rows = 0  # rows of this run
+        self.resumed_rows = 0  # rows an earlier, resumed attempt committed: shown in the total, not the rate
         self.start = time.monotonic()
         self._last_log = self.start
         self._bar: Any = None
@@ -90,6 +91,13 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(desc=label, unit=" rows", file=self.stream, dynamic_ncols=True)
+
+    def resume_from(self, rows: int) -> None:
+        """Count `rows` committed by an earlier attempt, so the total agrees with the run's counts."""
+        self.resumed_rows = rows
+        if self._bar is not None:
+            self._bar.initial = self._bar.n = rows  # tqdm's rate counts from `initial`
+            self._bar.refresh()
 
     def update(self, rows: int, **counts: int) -> None:
         self.rows += rows
@@ -105,7 +113,8 @@ class Progress:
             self._last_log = now
             rate = self.rows / max(now - self.start, 1e-9)
             extra = "".join(f", {k} {v}" for k, v in counts.items())
-            print(f"{self.label}: {self.rows} rows ({rate:.0f}/s){extra}", file=self.stream, flush=True)
+            total = self.resumed_rows + self.rows
+            print(f"{self.label}: {total} rows ({rate:.0f}/s){extra}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

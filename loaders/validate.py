@@ -72,11 +72,13 @@ class DeadLetters:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.count = 0
+        self.first: Rejection | None = None  # this run's first reject, for a one-line mention
         self._file: IO[str] | None = None
 
     def write(self, rejections: list[Rejection]) -> None:
         if not rejections:
             return
+        self.first = self.first or rejections[0]
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()

@@ -96,3 +96,38 @@ def test_unreachable_cluster_is_one_line_exit_1(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "unreachable" in proc.stderr, proc.stderr
+
+
+def test_reindex_reads_csv_with_a_mapping_through_the_indexer(
+    os_env: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`opensearch reindex` writes by the loader's rules: any source format, --map, dead letters, cuts."""
+    from middleware.backends.opensearch import OpenSearchBackend
+
+    long_text = "珐琅 " * 8000
+    csv_path = tmp_path / "export.csv"
+    csv_path.write_text(
+        "sku,name,description,price\n"
+        "a1,珐琅手表,礼盒装,1299\n"
+        f"a2,机械表,{long_text},799\n"
+        "a3,,没有标题,10\n"
+        "a1,珐琅手表 新款,礼盒装,1399\n",
+        encoding="utf-8",
+    )
+    dead = tmp_path / "rejects.jsonl"
+    code, out, err = run_cli(
+        capsys, "opensearch", "reindex", str(csv_path), "--map", "id=sku,title=name", "--dead-letter", str(dead)
+    )
+    assert code == 3, err
+    assert "built products-v1: 2 indexed" in out
+    assert "cut 1 over-long text fields" in out and "duplicates 1" in out
+    assert "1 rows rejected; first: line 4: title: Field required" in err
+    assert [json.loads(line)["line"] for line in dead.read_text().splitlines()] == [4]
+    backend = OpenSearchBackend.from_settings(os_env)
+    try:
+        a1, a2 = backend.get(["a1", "a2"])
+        assert (a1.title, a1.price) == ("珐琅手表 新款", 1399.0)  # the later row of an id wins
+        assert len(a2.description or "") <= 10_000
+        assert backend.embedder_binding() is not None and backend.embedder_binding().model == "none"
+    finally:
+        backend.close()

@@ -20,7 +20,8 @@ import pytest
 
 from loaders.checkpoint import Checkpoint
 from loaders.embed_cache import EmbeddingCache
-from loaders.pipeline import index_rows
+from loaders.indexer import Indexer
+from loaders.report import Progress
 from loaders.sources import read_rows
 from loaders.validate import DeadLetters
 from middleware.backends.embedded import DB_NAME, EmbeddedBackend
@@ -120,14 +121,8 @@ def run_index(
     backend = EmbeddedBackend(data_dir, dim=embedder.dim if embedder else None)
     cache = EmbeddingCache(data_dir / "cache.sqlite", embedder.model_id, embedder.dim) if embedder else None
     try:
-        summary = index_rows(
-            read_rows(str(path), "jsonl"),
-            backend,
-            embedder,
-            dead_letters=DeadLetters(data_dir / "dead.jsonl"),
-            cache=cache,
-            batch_size=batch_size,
-            **kw,
+        summary = Indexer(embedder, cache=cache, batch_size=batch_size).index(
+            read_rows(str(path), "jsonl"), backend, dead_letters=DeadLetters(data_dir / "dead.jsonl"), **kw
         )
     finally:
         if cache:
@@ -229,13 +224,11 @@ def test_resume_after_failure_loses_and_duplicates_nothing(tmp_path: Path, embed
     checkpoint = Checkpoint(data_dir / "checkpoints", str(source))
     backend = FailingBackend(data_dir, dim=embedder.dim)
     with pytest.raises(OSError, match="disk unplugged"):
-        index_rows(
+        Indexer(embedder, batch_size=10).index(
             read_rows(str(source), "jsonl"),
             backend,
-            embedder,
             dead_letters=DeadLetters(data_dir / "dead.jsonl"),
             checkpoint=checkpoint,
-            batch_size=10,
         )
     assert backend.count() == 20
     backend.close()
@@ -244,15 +237,17 @@ def test_resume_after_failure_loses_and_duplicates_nothing(tmp_path: Path, embed
 
     embedder.texts.clear()
     backend = EmbeddedBackend(data_dir, dim=embedder.dim)
-    summary = index_rows(
+    summary = Indexer(embedder, batch_size=10).index(
         read_rows(str(source), "jsonl"),
         backend,
-        embedder,
         dead_letters=DeadLetters(data_dir / "dead.jsonl"),
         checkpoint=checkpoint,
         resume_state=state,
-        batch_size=10,
+        progress=Progress("indexing", stream=(log := io.StringIO()), every_s=0.0),
     )
+    # progress lines count the rows the first attempt committed too, as the counts beside them do
+    last = log.getvalue().splitlines()[-1]
+    assert last.startswith("indexing: 100 rows (") and last.endswith(", indexed 100, updated 0, rejected 0")
     assert sorted(backend.iter_ids()) == sorted(r["id"] for r in rows) and backend.count() == 100
     assert summary.indexed == 100 and summary.read == 100 and summary.resumed_from_line == 20
     assert len(embedder.texts) == 80  # rows 21..100 only
@@ -269,27 +264,23 @@ def test_resumed_prune_keeps_products_committed_before_the_crash(tmp_path: Path)
     checkpoint = Checkpoint(data_dir / "checkpoints", str(source))
     failing = FailingBackend(data_dir)
     with pytest.raises(OSError):
-        index_rows(
+        Indexer(None, batch_size=10).index(
             read_rows(str(source), "jsonl"),
             failing,
-            None,
             dead_letters=DeadLetters(data_dir / "dead.jsonl"),
             checkpoint=checkpoint,
             prune=True,
-            batch_size=10,
         )
     failing.close()
     backend = EmbeddedBackend(data_dir)
     assert backend.count() == 21  # nothing pruned by the failed run
-    summary = index_rows(
+    summary = Indexer(None, batch_size=10).index(
         read_rows(str(source), "jsonl"),
         backend,
-        None,
         dead_letters=DeadLetters(data_dir / "dead.jsonl"),
         checkpoint=checkpoint,
         resume_state=checkpoint.load(),
         prune=True,
-        batch_size=10,
     )
     # the rows skipped on resume still count as present in the snapshot: only "gone" is deleted
     assert summary.deleted == 1 and summary.resumed_from_line == 20

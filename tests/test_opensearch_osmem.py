@@ -425,6 +425,7 @@ class TestReindex:
         lines = [json.dumps(r, ensure_ascii=False) for r in rows] + ["{not json", json.dumps({"id": "x"})]
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         args = ["opensearch", "reindex", str(path), "--url", os_url, "--embedder", "none"]
+        args += ["--dead-letter", str(tmp_path / "rejects.jsonl")]
         assert main(args) == 3  # two rejected rows, five indexed
         assert main([*args, "--keep-old"]) == 3
         out, err = capsys.readouterr()

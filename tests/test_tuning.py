@@ -347,6 +347,17 @@ def test_cli_loop_on_tiny_data(
     assert "手表" in first  # Chinese kept readable, not \\u-escaped
     assert main([*argv, "--range", "2-30", "--negatives", "7", "--seed", "1"]) == 0
     assert mined.read_text(encoding="utf-8") == first
+    # a rule that excludes every candidate: the output is written, but the run says so and fails
+    capsys.readouterr()
+    starved = tmp_path / "starved.jsonl"
+    argv_starved = [*argv[:-4], "--output", str(starved), *argv[-2:]]
+    assert main([*argv_starved, "--range", "2-30", "--negatives", "7", "--dup-threshold", "-1"]) == 3
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert summary["negatives"] == 0 and summary["records_short_of_negatives"] == summary["records"]
+    assert err.startswith(f"shopsearch: {summary['records']} of {summary['records']} records got fewer than 7")
+    assert "cosine" in err and err.count("\n") == 1
+    assert all(r["neg"] == [] for r in read_pairs(starved))
     scored = tmp_path / "scored.jsonl"
     teacher = ["tune", "teacher-scores", "--input", str(mined), "--output", str(scored)]
     assert main([*teacher, "--reranker", str(tiny_reranker_dir)]) == 0

@@ -14,6 +14,7 @@ from typing import Any
 
 from loaders.pipeline import DEFAULT_MAX_PRUNE_SHARE
 from middleware.cli import EXIT_OK, EXIT_USAGE, CliError, load_settings
+from middleware.cli.store import open_store, require_store
 from middleware.config import Settings
 
 EXIT_REJECTED = 3  # some rows were rejected (or not found); every valid row was applied
@@ -63,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("file", metavar="FILE", help='catalog path, or "-" for stdin')
-    _source_flags(p)
+    source_flags(p)
     p.add_argument("--embedder", help="hub id, local directory, or none for BM25 only (env SHOPSEARCH_EMBEDDER)")
     p.add_argument("--batch-size", type=int, default=512, help="rows per embed + write batch (default 512)")
     p.add_argument("--resume", action="store_true", help="continue after the last committed batch of FILE")
@@ -92,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("file", metavar="FILE", help='changes file, or "-" for stdin')
-    _source_flags(s)
+    source_flags(s)
     s.add_argument("--batch-size", type=int, default=1000, help="updates per write (default 1000)")
     _output_flags(s)
     s.set_defaults(func=run_update_signals)
@@ -112,7 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.set_defaults(func=run_stats)
 
 
-def _source_flags(p: argparse.ArgumentParser) -> None:
+def source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["jsonl", "csv", "parquet"], help="default: from the file extension")
     p.add_argument("--encoding", default="utf-8", help="text encoding of JSONL/CSV, e.g. gbk (default utf-8)")
     p.add_argument(
@@ -134,7 +135,7 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
 
 
 def loader_dir(settings: Settings) -> Path:
-    """Loader bookkeeping (model meta, last run) beside the store, outside the backend's own files."""
+    """Loader bookkeeping (the last runs' summaries) beside the store, outside the backend's own files."""
     return Path(settings.data_dir) / "loader"
 
 
@@ -150,29 +151,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _open_backend(settings: Settings, dim: int | None):  # -> Backend
-    from middleware.backends import BackendError, open_backend
-
-    try:
-        return open_backend(settings, dim=dim)
-    except BackendError as err:
-        raise CliError(f"backend unavailable: {err}") from None
-    except ValueError as err:  # e.g. a dimension mismatch with the stored vectors
-        raise CliError(str(err)) from None
-
-
-def _load_embedder(settings: Settings):  # -> Embedder | None
-    if not settings.embedder_enabled:
-        return None
-    from middleware.models import ModelLoadError, load_embedder
-
-    try:
-        return load_embedder(settings)
-    except ModelLoadError as err:
-        raise CliError(str(err)) from None
-
-
-def _rows(args: argparse.Namespace, fields: Any):
+def source_rows(args: argparse.Namespace, fields: Any):
     from loaders.sources import SourceError, detect_format, parse_mapping, read_rows
 
     try:
@@ -193,7 +172,7 @@ def _rows(args: argparse.Namespace, fields: Any):
     return read_rows(args.file, fmt, encoding=args.encoding, mapping=mapping)
 
 
-def _dead_letter_path(args: argparse.Namespace, settings: Settings, previous: str | None = None) -> Path:
+def dead_letter_path(args: argparse.Namespace, settings: Settings, previous: str | None = None) -> Path:
     if args.dead_letter:
         return Path(args.dead_letter)
     if previous:
@@ -221,14 +200,17 @@ def _finish(args: argparse.Namespace, settings: Settings, summary: Any) -> None:
         print(f"shopsearch: prune refused: {summary.prune_refused}", file=sys.stderr)
 
 
-def _run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
+def run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Expected failures in the middle of a run → CliError (one line on stderr, no traceback)."""
     from loaders.sources import SourceError
     from middleware.backends import BackendError
+    from middleware.backends.base import EmbedderMismatch
     from middleware.models import ModelLoadError
 
     try:
         return fn(*args, **kwargs)
+    except EmbedderMismatch as err:
+        raise CliError(str(err)) from None
     except SourceError as err:
         raise CliError(f"{err} (batches before it are committed; re-running the fixed file is safe)") from None
     except BackendError as err:
@@ -243,11 +225,12 @@ def _run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from loaders.checkpoint import Checkpoint, atomic_write_json
+    from loaders.checkpoint import Checkpoint
     from loaders.embed_cache import EmbeddingCache
-    from loaders.pipeline import index_rows
+    from loaders.indexer import Indexer
     from loaders.report import Progress, Summary
     from loaders.validate import DeadLetters
+    from middleware.cli.store import bound_settings, load_embedder
     from middleware.products import Product
 
     settings = load_settings(args, embedder=args.embedder)
@@ -257,44 +240,32 @@ def run_index(args: argparse.Namespace) -> int:
         raise CliError(f"--max-prune-share must be between 0 and 1, got {args.max_prune_share}", EXIT_USAGE)
     if args.resume and args.file == "-":
         raise CliError("--resume needs a file: stdin cannot be re-read", EXIT_USAGE)
-    rows = _rows(args, Product.model_fields)
+    rows = source_rows(args, Product.model_fields)
 
-    embedder = _load_embedder(settings)
-    model_id = embedder.model_id if embedder is not None else "none"
-    dim = embedder.dim if embedder is not None else None
-    backend = _open_backend(settings, dim)
+    backend = open_store(settings)  # the dimension comes from the binding the indexer records
     cache = None
     dead_letters = None
     try:
-        meta_path = loader_dir(settings) / "index-meta.json"
-        meta = _read_json(meta_path) or {}
-        if meta.get("embedder") not in (None, model_id) and _run_guarded(backend.count) > 0:
-            raise CliError(
-                f"{settings.data_dir} was indexed with embedder {meta['embedder']!r}, not {model_id!r}: vectors of "
-                "different models cannot be mixed; use the same SHOPSEARCH_EMBEDDER or a new --data-dir"
-            )
-        atomic_write_json(meta_path, {"embedder": model_id, "dim": dim, "backend": settings.backend})
-
+        settings = bound_settings(settings, backend)  # a bound store keeps its embedder by default
+        embedder = load_embedder(settings)
         checkpoint = Checkpoint(Path(settings.data_dir) / "checkpoints", args.file) if args.file != "-" else None
         state = checkpoint.load() if (checkpoint is not None and args.resume) else None
         if args.resume and state is None:
             print(f"shopsearch: no checkpoint for {args.file}: indexing from the start", file=sys.stderr)
-        dead_letters = DeadLetters(_dead_letter_path(args, settings, (state or {}).get("dead_letter_path")))
+        dead_letters = DeadLetters(dead_letter_path(args, settings, (state or {}).get("dead_letter_path")))
         if embedder is not None and not args.no_embedding_cache:
-            cache = EmbeddingCache(embedding_cache_path(settings), model_id, embedder.dim)
-        summary = _run_guarded(
-            index_rows,
+            cache = EmbeddingCache(embedding_cache_path(settings), embedder.model_id, embedder.dim)
+        indexer = Indexer(embedder, cache=cache, batch_size=args.batch_size)
+        summary = run_guarded(
+            indexer.index,
             rows,
             backend,
-            embedder,
             dead_letters=dead_letters,
-            cache=cache,
             checkpoint=checkpoint,
             resume_state=state,
             prune=args.prune,
             force_prune=args.force_prune,
             max_prune_share=args.max_prune_share,
-            batch_size=args.batch_size,
             progress=Progress("indexing", every_s=args.progress_every, enabled=not args.quiet),
             summary=Summary(command="index", source=args.file),
         )
@@ -317,12 +288,12 @@ def run_update_signals(args: argparse.Namespace) -> int:
     from middleware.products import SignalUpdate
 
     settings = load_settings(args)
-    rows = _rows(args, SignalUpdate.model_fields)
-    meta = _read_json(loader_dir(settings) / "index-meta.json") or {}
-    backend = _open_backend(settings, meta.get("dim"))
-    dead_letters = DeadLetters(_dead_letter_path(args, settings))
+    rows = source_rows(args, SignalUpdate.model_fields)
+    require_store(settings)
+    backend = open_store(settings)
+    dead_letters = DeadLetters(dead_letter_path(args, settings))
     try:
-        summary = _run_guarded(
+        summary = run_guarded(
             apply_signal_rows,
             rows,
             backend,
@@ -355,12 +326,12 @@ def run_delete(args: argparse.Namespace) -> int:
     if not args.ids and not args.ids_file:
         raise CliError("delete needs --ids a,b,c or --ids-file FILE", EXIT_USAGE)
     ids = list(dict.fromkeys(ids))
-    meta = _read_json(loader_dir(settings) / "index-meta.json") or {}
-    backend = _open_backend(settings, meta.get("dim"))
+    require_store(settings)
+    backend = open_store(settings)
     deleted = 0
     try:
         for i in range(0, len(ids), 1000):
-            deleted += _run_guarded(backend.delete, ids[i : i + 1000])
+            deleted += run_guarded(backend.delete, ids[i : i + 1000])
     finally:
         backend.close()
     result = {"requested": len(ids), "deleted": deleted, "not_found": len(ids) - deleted}
@@ -383,12 +354,10 @@ def _dir_bytes(path: Path) -> int:
 def run_stats(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     data_dir = Path(settings.data_dir)
-    if settings.backend == "embedded" and not data_dir.is_dir():
-        raise CliError(f"no store at {data_dir}: run `shopsearch index FILE` first (or pass --data-dir)")
-    meta = _read_json(loader_dir(settings) / "index-meta.json") or {}
-    backend = _open_backend(settings, meta.get("dim"))
+    require_store(settings)
+    backend = open_store(settings)
     try:
-        backend_stats = _run_guarded(backend.stats)
+        backend_stats = run_guarded(backend.stats)
         data_dir_bytes = _dir_bytes(data_dir) if data_dir.is_dir() else 0  # measured while open, as the backend's
     finally:
         backend.close()
@@ -398,10 +367,10 @@ def run_stats(args: argparse.Namespace) -> int:
         "data_dir": str(data_dir),
         "products": backend_stats.products,
         "vectors": backend_stats.vectors,
-        "dim": backend_stats.dim or meta.get("dim"),
+        "dim": backend_stats.dim,
         "bytes_on_disk": backend_stats.size_bytes,
         "data_dir_bytes": data_dir_bytes,
-        "embedder": backend_stats.embedder.model if backend_stats.embedder else meta.get("embedder"),
+        "embedder": backend_stats.embedder.model if backend_stats.embedder else None,
         "reranker": settings.reranker if settings.reranker_enabled else None,
         "embedding_cache_bytes": cache_path.stat().st_size if cache_path.exists() else 0,
         "last_index_run": _read_json(loader_dir(settings) / "last-index.json"),

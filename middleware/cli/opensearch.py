@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from pydantic import ValidationError
-
 from middleware.backends.base import BackendError
 from middleware.cli import EXIT_FATAL, EXIT_OK, EXIT_USAGE, CliError, load_settings
+from middleware.cli.index import source_flags
+from middleware.cli.store import load_embedder
 from middleware.config import Settings
-from middleware.products import Product, describe_validation_error
+from middleware.products import Product
 
 EXIT_REJECTED = 3  # some catalog rows were rejected; every valid row was indexed
 
@@ -34,14 +32,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     reindex = sub.add_parser(
         "reindex",
-        help="build a new versioned index from a JSONL catalog, verify it, swap both aliases atomically",
+        help="build a new versioned index from a catalog (JSONL, CSV, Parquet), verify it, swap both aliases",
+        description="Validate, embed and bulk-load a whole catalog into a new index, the same way "
+        "`shopsearch index` writes (dead letters, --map, the embedding cache), then swap the aliases.",
     )
-    reindex.add_argument("file", metavar="FILE", help="JSONL catalog, one product per line")
+    reindex.add_argument("file", metavar="FILE", help='catalog path, or "-" for stdin')
+    source_flags(reindex)
     reindex.add_argument("--keep-old", action="store_true", help="keep the previous index (default: delete)")
     reindex.add_argument("--batch-size", type=int, default=256, help="products per embedding batch")
     reindex.add_argument(
         "--max-failures", type=int, default=0, help="documents the cluster may reject before aborting (0)"
     )
+    reindex.add_argument("--no-embedding-cache", action="store_true", help="embed every text afresh")
     _common(reindex)
     reindex.set_defaults(func=run_reindex)
 
@@ -77,26 +79,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _load_embedder(settings: Settings) -> Any:
-    if not settings.embedder_enabled:
-        return None
-    try:
-        from middleware.models import ModelLoadError, load_embedder
-    except ImportError as err:
-        raise CliError(f"embedder support is not available ({err}); set SHOPSEARCH_EMBEDDER=none") from None
-    try:
-        return load_embedder(settings)
-    except ModelLoadError as err:
-        raise CliError(str(err)) from None
-
-
 def _dim(args: argparse.Namespace, settings: Settings, embedder: Any = None) -> int | None:
     if args.dim is not None:
         if args.dim < 1:
             raise CliError(f"--dim must be positive, got {args.dim}", EXIT_USAGE)
         return args.dim
     if embedder is None:
-        embedder = _load_embedder(settings)
+        embedder = load_embedder(settings)
     return None if embedder is None else int(embedder.dim)
 
 
@@ -140,67 +129,61 @@ def run_check(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FATAL
 
 
-def read_jsonl(path: Path, rejected: list[str]) -> Iterator[Product]:
-    """Products from a JSONL file; bad lines are recorded in `rejected` as "line N: reason"."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield Product.model_validate(json.loads(line))
-            except json.JSONDecodeError as err:
-                rejected.append(f"line {number}: invalid JSON ({err.msg})")
-            except ValidationError as err:
-                rejected.append(f"line {number}: {describe_validation_error(err)}")
-
-
-def _embedded(products: Iterator[Product], embedder: Any, batch: int) -> Iterator[tuple[Product, np.ndarray | None]]:
-    chunk: list[Product] = []
-
-    def flush() -> Iterator[tuple[Product, np.ndarray | None]]:
-        if embedder is None:
-            yield from ((p, None) for p in chunk)
-            return
-        vectors = embedder.encode_documents([p.embedding_text() for p in chunk])
-        yield from zip(chunk, vectors, strict=True)
-
-    for product in products:
-        chunk.append(product)
-        if len(chunk) >= batch:
-            yield from flush()
-            chunk = []
-    if chunk:
-        yield from flush()
-
-
 def run_reindex(args: argparse.Namespace) -> int:
+    from loaders.embed_cache import EmbeddingCache
+    from loaders.indexer import Indexer
+    from loaders.report import Summary
+    from loaders.sources import SourceError
+    from loaders.validate import DeadLetters
     from middleware.backends import opensearch_admin
+    from middleware.backends.base import EmbedderMismatch
+    from middleware.cli.index import dead_letter_path, embedding_cache_path, source_rows
 
-    path = Path(args.file)
-    if not path.is_file():
-        raise CliError(f"catalog file not found: {path}", EXIT_USAGE)
     if args.batch_size < 1 or args.max_failures < 0:
         raise CliError("--batch-size must be >= 1 and --max-failures >= 0", EXIT_USAGE)
     settings = _settings(args)
-    embedder = _load_embedder(settings)
+    rows = source_rows(args, Product.model_fields)
+    embedder = load_embedder(settings)
     dim = _dim(args, settings, embedder)
     backend = _backend(settings, dim)
-    rejected: list[str] = []
+    dead_letters = DeadLetters(dead_letter_path(args, settings))
+    cache = None
+    summary = Summary(command="reindex", source=args.file)
     try:
-        report = opensearch_admin.reindex(
+        if embedder is not None and not args.no_embedding_cache:
+            cache = EmbeddingCache(embedding_cache_path(settings), embedder.model_id, embedder.dim)
+        indexer = Indexer(embedder, cache=cache, batch_size=args.batch_size)
+        report = opensearch_admin.rebuild(
             backend,
-            _embedded(read_jsonl(path, rejected), embedder, args.batch_size),
+            lambda target: indexer.fill(rows, target, dead_letters=dead_letters, summary=summary),
             keep_old=args.keep_old,
             max_failures=args.max_failures,
             progress=print,
+            embedder=indexer.binding,
         )
-    except (BackendError, ValueError, OSError, UnicodeDecodeError) as err:
+    except EmbedderMismatch as err:
+        raise CliError(str(err)) from None
+    except SourceError as err:
+        raise CliError(f"{err}; nothing was swapped", EXIT_FATAL) from None
+    except (BackendError, ValueError, OSError) as err:
         raise CliError(str(err)) from None
     finally:
+        dead_letters.close()
+        if cache is not None:
+            cache.close()
         backend.close()
+    summary.finish(report.seconds)
+    summary.dead_letter_path = str(dead_letters.path) if dead_letters.count else None
     print(report.render())
-    if rejected:
-        print(f"shopsearch: {len(rejected)} rows rejected; first: {rejected[0]}", file=sys.stderr)
+    for line in summary.lines():  # the rows read: rejected, duplicates, cut fields, cache hits
+        print(line)
+    if dead_letters.first is not None:
+        first = dead_letters.first
+        print(
+            f"shopsearch: {summary.rejected} rows rejected; first: line {first.line}: {first.reason} "
+            f"(all in {dead_letters.path})",
+            file=sys.stderr,
+        )
         return EXIT_REJECTED
     return EXIT_OK
 

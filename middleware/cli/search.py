@@ -14,7 +14,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from middleware.cli import EXIT_OK, EXIT_USAGE, CliError, load_settings
-from middleware.config import Settings
 from middleware.products import Filters, Product, describe_validation_error
 from middleware.schema import SearchRequest, SearchResponse
 
@@ -86,16 +85,6 @@ def parse_filters(items: list[str]) -> Filters | None:
         raise CliError(f"--filter: {describe_validation_error(err)}", EXIT_USAGE) from None
 
 
-def _pipeline(settings: Settings):  # -> Pipeline
-    from middleware.models import ModelLoadError
-    from middleware.pipeline import Pipeline
-
-    try:
-        return Pipeline.from_settings(settings)
-    except ModelLoadError as err:
-        raise CliError(str(err)) from None
-
-
 def run_search(args: argparse.Namespace) -> int:
     settings = load_settings(args, embedder=args.embedder, reranker=args.reranker)
     try:
@@ -111,11 +100,18 @@ def run_search(args: argparse.Namespace) -> int:
         )
     except ValidationError as err:
         raise CliError(describe_validation_error(err), EXIT_USAGE) from None
-    pipeline = _pipeline(settings)
+    from middleware.cli.store import open_pipeline
+
+    pipeline, settings = open_pipeline(settings)
     try:
+        if request.retrieval == "vector" and pipeline.embedder is None:
+            raise CliError("--retrieval vector needs an embedder: pass --embedder or use bm25/hybrid", EXIT_USAGE)
         if pipeline.backend.count() == 0:
             raise CliError(f"no products indexed in {settings.data_dir}: run `shopsearch index CATALOG` first")
-        response = pipeline.search(request)
+        try:
+            response = pipeline.search(request)
+        except ValueError as err:  # a request the store or models cannot serve
+            raise CliError(str(err), EXIT_USAGE) from None
     finally:
         pipeline.close()
     if args.json:

@@ -16,6 +16,8 @@ from middleware.cli import EXIT_OK, EXIT_USAGE, CliError, load_settings
 
 log = logging.getLogger(__name__)
 
+EXIT_SHORT_OF_NEGATIVES = 3  # mine-negatives wrote its output, but most records got too few negatives
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     tune = subparsers.add_parser("tune", help="fine-tune the embedder/reranker on your own judgments")
@@ -33,7 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=run_make_pairs)
 
-    p = sub.add_parser("mine-negatives", help="add hard negatives found with the current embedder")
+    p = sub.add_parser(
+        "mine-negatives",
+        help="add hard negatives found with the current embedder",
+        epilog="exit codes: 0 done; 3 output written but most records got fewer than --negatives (the "
+        "reason on stderr); 2 usage; 1 fatal",
+    )
     p.add_argument("--input", required=True, help='pairs JSONL: {"query", "pos": [...]} a line')
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", help="BEIR corpus.jsonl to embed and search (in-memory faiss)")
@@ -147,19 +154,20 @@ def run_make_pairs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _load_embedder(args: argparse.Namespace) -> Any:
-    from middleware.models import ModelLoadError, load_embedder
-
+def _embedder_settings(args: argparse.Namespace) -> Any:  # -> Settings
     overrides: dict[str, Any] = {"embedder": args.embedder}
     if args.query_instruction is not None:
         overrides["query_instruction"] = args.query_instruction
-    settings = load_settings(args, **overrides)
-    if not settings.embedder_enabled:
-        raise CliError("mining needs an embedder: set --embedder or SHOPSEARCH_EMBEDDER", EXIT_USAGE)
-    try:
-        return settings, load_embedder(settings)
-    except ModelLoadError as err:
-        raise CliError(str(err)) from None
+    return load_settings(args, **overrides)
+
+
+def _require_embedder(settings: Any, purpose: str = "mining") -> Any:  # -> Embedder
+    from middleware.cli.store import load_embedder
+
+    embedder = load_embedder(settings)
+    if embedder is None:
+        raise CliError(f"{purpose} needs an embedder: set --embedder or SHOPSEARCH_EMBEDDER", EXIT_USAGE)
+    return embedder
 
 
 def run_mine(args: argparse.Namespace) -> int:
@@ -179,19 +187,24 @@ def run_mine(args: argparse.Namespace) -> int:
         corpus = load_corpus(args.corpus) if args.corpus else None
     except TuningDataError as err:
         raise CliError(str(err), EXIT_USAGE) from None
-    settings, embedder = _load_embedder(args)
+    settings = _embedder_settings(args)
     if corpus is not None:
+        embedder = _require_embedder(settings)
         log.info("embedding %d corpus documents", len(corpus))
         searcher: Any = CorpusSearcher(corpus, embedder, cache=args.corpus_cache)
         backend = None
     else:
-        from middleware.backends import open_backend
-        from middleware.backends.base import BackendError
+        from middleware.cli.store import bound_settings, check_embedder_fits, open_store, require_store
 
+        require_store(settings)
+        backend = open_store(settings)
         try:
-            backend = open_backend(settings, dim=embedder.dim)
-        except BackendError as err:
-            raise CliError(str(err)) from None
+            settings = bound_settings(settings, backend)  # the live store's own embedder by default
+            embedder = _require_embedder(settings)
+            check_embedder_fits(backend, embedder, settings)
+        except BaseException:
+            backend.close()
+            raise
         searcher = IndexSearcher(backend, embedder)
     try:
         mined, stats = mine_negatives(records, embedder, searcher, config)
@@ -210,6 +223,15 @@ def run_mine(args: argparse.Namespace) -> int:
             "seed": config.seed,
         }
     )
+    if stats.records and stats.short * 2 > stats.records:
+        excluded = ", ".join(f"{k} {v}" for k, v in stats.excluded.items() if v) or "none"
+        print(
+            f"shopsearch: {stats.short} of {stats.records} records got fewer than {config.negatives} negatives "
+            f"({stats.negatives} mined in all; candidates excluded: {excluded}): widen --range, loosen "
+            "--dup-threshold/--margin, or check the embedder",
+            file=sys.stderr,
+        )
+        return EXIT_SHORT_OF_NEGATIVES
     return EXIT_OK
 
 
@@ -217,7 +239,8 @@ def run_separation(args: argparse.Namespace) -> int:
     from middleware.tuning.separation import similarity_separation
 
     records = _read(args.input)
-    settings, embedder = _load_embedder(args)
+    settings = _embedder_settings(args)
+    embedder = _require_embedder(settings, "separation")
     try:
         figures = similarity_separation(embedder, records)
     except ValueError as err:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from middleware.backends.base import EmbedderMismatch
 from middleware.products import MAX_DESCRIPTION_CHARS, MAX_QUERY_CHARS, Product, SignalUpdate
 from middleware.schema import SearchRequest, SearchResponse
 from middleware.server.errors import ApiError
@@ -232,10 +233,12 @@ async def upsert_products(body: ProductsBody, request: Request) -> dict[str, Any
     _writes_enabled(state)
 
     def write() -> int:
-        vectors = None
-        if state.embedder is not None:
-            vectors = state.embedder.encode_documents([p.embedding_text() for p in body.products])
-        state.base.backend.upsert(body.products, vectors)
+        from loaders.indexer import Indexer  # the one write path: the loader's rules for every product
+
+        try:
+            Indexer(state.embedder).upsert(body.products, state.base.backend)
+        except EmbedderMismatch as err:  # the store holds another embedder's vectors: not an outage (503)
+            raise ApiError(409, str(err), os_type="illegal_argument_exception") from None
         return len(body.products)
 
     return {"upserted": await state.admitted(write, bounded=False)}
