@@ -21,6 +21,7 @@ import opensearchpy
 import pytest
 
 from middleware import fusion
+from middleware.backends import opensearch_admin as admin
 from middleware.backends import opensearch_bodies as bodies
 from middleware.backends.opensearch import OpenSearchBackend
 from middleware.config import Settings
@@ -267,7 +268,7 @@ class TestHybridAgainstClientFusion:
         )
         backend = OpenSearchBackend.from_settings(cfg, dim=RECALL_DIM)
         try:
-            report = backend.install()
+            report = admin.install(backend)
             if technique == "z_score" and not backend.client.search_pipeline.get(
                 id=cfg.opensearch.search_pipeline, ignore=[404]
             ):
@@ -332,7 +333,7 @@ class TestReindexUnderReads:
         thread.start()
         started = time.perf_counter()
         try:
-            report = backend.reindex(zip(renamed, vectors, strict=True), batch_size=50)
+            report = admin.reindex(backend, zip(renamed, vectors, strict=True), batch_size=50)
         finally:
             time.sleep(0.5)  # keep reading a moment after the swap
             stop.set()
@@ -390,7 +391,7 @@ class TestCommandLine:
         assert json.loads(out)["indexed"] == 40
         backend = OpenSearchBackend.from_settings(cli_env)
         stats = backend.stats()
-        assert stats["products"] == 40 and stats["vectors"] == 40
+        assert stats.products == 40 and stats.vectors == 40
 
         code, out, err = run_cli(capsys, "search", "卡西欧 手表", "--json", "--no-rerank", "--size", "5")
         assert code == 0, err
@@ -412,11 +413,11 @@ class TestCommandLine:
         assert json.loads(out)["deleted"] == 1, out + err
 
         prefix = cli_env.opensearch.index_prefix
-        old_index = backend.stats()["indexes"]
+        old_index = backend.stats().details["indexes"]
         code, out, err = run_cli(capsys, "opensearch", "reindex", str(source))
         assert code == 0, out + err
         assert "40 indexed" in out and f"{prefix} -> {prefix}-v2" in out
-        assert backend.stats()["indexes"] == [f"{prefix}-v2"] != old_index
+        assert backend.stats().details["indexes"] == [f"{prefix}-v2"] != old_index
         assert backend.count() == 40 and backend.get(["p0"])  # the catalog is the truth again
         code, out, err = run_cli(capsys, "search", "华为", "--json", "--no-rerank", "--retrieval", "vector")
         assert code == 0 and len(json.loads(out)["hits"]) == 10, err
