@@ -223,3 +223,30 @@ def test_a_model_that_cannot_load_keeps_readiness_false_until_it_can(
         assert len(httpx.post(srv.url + "/embed", json={"inputs": ["x"]}, headers={"x-api-key": KEY}).json()) == 1
     finally:
         srv.close()
+
+
+def test_models_check_compares_the_store_binding_with_the_served_model(
+    server: ModelServer, local_embedder: Embedder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    from middleware.backends.base import EmbedderBinding
+    from middleware.backends.embedded import EmbeddedBackend
+    from middleware.cli import main as cli_main
+
+    def store(name: str, model: str) -> Path:
+        data_dir = tmp_path / name
+        backend = EmbeddedBackend(data_dir, dim=local_embedder.dim)
+        backend.bind_embedder(EmbedderBinding(model=model, dim=local_embedder.dim))
+        backend.close()
+        return data_dir
+
+    args = ["models", "check", "--embedder", server.url + "/v1", "--reranker", "none"]
+    env = {"SHOPSEARCH_EMBEDDER_MODEL": local_embedder.model_id, "SHOPSEARCH_EMBEDDER_API_KEY": KEY}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        assert cli_main(["--data-dir", str(store("same", local_embedder.model_id)), *args]) == 0
+        assert capsys.readouterr().out.startswith(f"embedder: ok {local_embedder.model_id!r} at ")
+        assert cli_main(["--data-dir", str(store("other", "bge-large-zh-v1.5")), *args]) == 1
+        line = capsys.readouterr().out.splitlines()[0]
+        assert line.startswith(f"embedder: FAIL {local_embedder.model_id!r} at ")
+        assert f"was indexed with ('bge-large-zh-v1.5', {local_embedder.dim}-d)" in line
