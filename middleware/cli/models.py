@@ -37,20 +37,21 @@ def _where(model: Any) -> str:
     return f" at {url} ({api})" if url else f" ({getattr(model, 'runtime', '?')}, {getattr(model, 'device', '?')})"
 
 
-def _store_dim(settings: Settings) -> tuple[int | None, str | None]:
-    """The vector dimension the configured store holds (None: no vectors yet), and a note when the
-    store could not be read (a store problem is `shopsearch opensearch check`'s, not ours)."""
+def _store_dim(settings: Settings) -> tuple[int | None, Any, str | None]:
+    """The vector dimension the configured store holds (None: no vectors yet), its recorded embedder
+    binding (None: never bound), and a note when the store could not be read (a store problem is
+    `shopsearch opensearch check`'s, not ours)."""
     if settings.backend == "embedded":
         from middleware.backends.embedded import DB_NAME, EmbeddedBackend
 
         if not (settings.data_dir / DB_NAME).is_file():
-            return None, None  # nothing indexed yet: any dimension fits
+            return None, None, None  # nothing indexed yet: any dimension fits
         backend: Any = None
         try:
             backend = EmbeddedBackend(settings.data_dir)
             stats = backend.stats()
         except Exception as err:  # a broken store is reported, not a model failure
-            return None, f"store: cannot read {settings.data_dir}: {err}"
+            return None, None, f"store: cannot read {settings.data_dir}: {err}"
         finally:
             if backend is not None:
                 backend.close()
@@ -64,9 +65,10 @@ def _store_dim(settings: Settings) -> tuple[int | None, str | None]:
             finally:
                 backend.close()
         except Exception as err:
-            return None, f"store: cannot read the OpenSearch index ({err}); dimension not compared"
+            return None, None, f"store: cannot read the OpenSearch index ({err}); dimension not compared"
     dim = stats.get("dim") if isinstance(stats, dict) else getattr(stats, "dim", None)
-    return (int(dim) if isinstance(dim, int) else None), None
+    binding = getattr(stats, "embedder", None)
+    return (int(dim) if isinstance(dim, int) else None), binding, None
 
 
 def _check_embedder(settings: Settings) -> dict[str, Any]:
@@ -83,11 +85,26 @@ def _check_embedder(settings: Settings) -> dict[str, Any]:
     try:
         took_ms = (time.perf_counter() - started) * 1000
         result: dict[str, Any] = {"model": "embedder", "ok": True, "model_id": embedder.model_id, "dim": embedder.dim}
-        store_dim, note = _store_dim(settings)
+        store_dim, binding, note = _store_dim(settings)
         if note:
             result["note"] = note
-        if store_dim is not None and store_dim != embedder.dim:
-            where = settings.data_dir if settings.backend == "embedded" else "the OpenSearch index"
+        where = settings.data_dir if settings.backend == "embedded" else "the OpenSearch index"
+        if binding is not None:
+            result["store_embedder"] = {"model": binding.model, "dim": binding.dim}
+        if binding is not None and binding.model != "none" and binding.model != embedder.model_id:
+            result["ok"] = False
+            result["line"] = (
+                f"embedder: FAIL {embedder.model_id!r}{_where(embedder)} is not the embedder {where} was indexed "
+                f"with ({binding.model!r}, {binding.dim}-d): set embedder (and embedder_model, for a model server) "
+                "to that model, or re-index into a new store"
+            )
+        elif binding is not None and binding.dim is not None and binding.dim != embedder.dim:
+            result["ok"] = False
+            result["line"] = (
+                f"embedder: FAIL {embedder.model_id!r}{_where(embedder)} gives {embedder.dim}-d vectors but {where} "
+                f"was bound to {binding.model!r} at {binding.dim}-d: the server serves another model under that name"
+            )
+        elif store_dim is not None and store_dim != embedder.dim:
             result["ok"] = False
             result["line"] = (
                 f"embedder: FAIL {embedder.model_id!r}{_where(embedder)} gives {embedder.dim}-d vectors but {where} "

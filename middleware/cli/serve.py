@@ -8,6 +8,7 @@ import logging
 import socket
 
 from middleware.cli import EXIT_OK, EXIT_USAGE, CliError, load_settings
+from middleware.config import Settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="port (env SHOPSEARCH_SERVER__PORT, default 8080)")
     p.add_argument("--embedder", help="hub id, local directory, or none (env SHOPSEARCH_EMBEDDER)")
     p.add_argument("--reranker", help="hub id, local directory, or none (env SHOPSEARCH_RERANKER)")
+    p.add_argument(
+        "--models-only",
+        action="store_true",
+        help="serve the models only, no store: OpenAI /v1/embeddings, TEI /embed and /rerank, Cohere /v1/rerank",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
 
@@ -49,6 +55,8 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"server": server.model_copy(update=updates)})
         server = settings.server
     _check_port(server.host, server.port)
+    if args.models_only:
+        return _serve_models(settings, args.log_level)
 
     import uvicorn
 
@@ -83,4 +91,26 @@ def run_serve(args: argparse.Namespace) -> int:
         uvicorn.run(app, host=server.host, port=server.port, log_level=args.log_level, access_log=False)
     finally:
         pipeline.close()
+    return EXIT_OK
+
+
+def _serve_models(settings: Settings, log_level: str) -> int:
+    """The models-only server: models load in the background (readiness false until they do)."""
+    import uvicorn
+
+    from middleware.server.auth import ApiKeyError
+    from middleware.server.errors import RedactingFilter
+    from middleware.server.model_routes import create_models_app
+
+    if not settings.embedder_enabled and not settings.reranker_enabled:
+        raise CliError("--models-only with embedder=none and reranker=none serves nothing", EXIT_USAGE)
+    try:
+        app = create_models_app(settings)
+    except ApiKeyError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
+    server = settings.server
+    print(f"shopsearch: serving models on http://{server.host}:{server.port} (readiness at /readyz)", flush=True)
+    uvicorn.run(app, host=server.host, port=server.port, log_level=log_level, access_log=False)
     return EXIT_OK

@@ -103,13 +103,17 @@ class Reranker:
                 encodings[i] = encoding
         return encodings
 
-    def score_encoded(self, encodings: Sequence[Encoding]) -> np.ndarray:
-        """sigmoid(logit) for already tokenised pairs, in one model call over exactly this batch."""
+    def logits_encoded(self, encodings: Sequence[Encoding]) -> np.ndarray:
+        """Raw logits for already tokenised pairs, in one model call over exactly this batch."""
         if not encodings:
             return np.zeros(0, dtype=np.float32)
         batch = self._tokenizer.pad(encodings)
         logits = self._runner.run(batch.feeds(self._runner.input_names))
-        return sigmoid(np.asarray(logits, dtype=np.float32).reshape(len(encodings), -1)[:, 0])
+        return np.asarray(logits, dtype=np.float32).reshape(len(encodings), -1)[:, 0]
+
+    def score_encoded(self, encodings: Sequence[Encoding]) -> np.ndarray:
+        """sigmoid(logit) for already tokenised pairs, in one model call over exactly this batch."""
+        return sigmoid(self.logits_encoded(encodings))
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         """sigmoid(logit) for (query, doc) pairs, in input order."""

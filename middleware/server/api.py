@@ -16,7 +16,7 @@ from middleware.schema import SearchRequest, SearchResponse
 from middleware.server.errors import ApiError
 from middleware.server.limits import capped_deadline_ms, check_paging
 from middleware.server.metrics import CONTENT_TYPE_LATEST
-from middleware.server.state import ServiceState, get_state
+from middleware.server.state import ModelService, ServiceState, get_state
 
 router = APIRouter()
 
@@ -62,6 +62,7 @@ class RerankBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     query: str = Field(min_length=1)
+    model: str | None = Field(None, description="Cohere's field: when given, the served reranker's name")
     documents: list[str | RerankDocument] | None = Field(None, min_length=1, description="Cohere's field")
     texts: list[str] | None = Field(None, min_length=1, description="TEI's field")
     top_n: int | None = Field(None, ge=1)
@@ -110,9 +111,16 @@ class TeiRank(BaseModel):
 async def rerank(body: RerankBody, request: Request) -> RerankResponse | JSONResponse:
     """Score documents against a query with the cross-encoder (0–1, higher is more relevant; TEI's
     `raw_scores`: the logits). Cohere's request gets Cohere's answer, TEI's gets TEI's."""
-    state = get_state(request)
+    return await answer_rerank(get_state(request), body)
+
+
+async def answer_rerank(state: ModelService, body: RerankBody) -> RerankResponse | JSONResponse:
+    """The rerank answer, for this service's routes and the models-only server's."""
     if state.reranker is None:
         raise ApiError(503, "the reranker is disabled (SHOPSEARCH_RERANKER=none)")
+    if body.model is not None and body.model != state.reranker.model_id:
+        served = state.reranker.model_id
+        raise ApiError(404, f"model {body.model!r} is not served here (it serves: {served})", param="model")
     texts = body.all_texts()
     field = "texts" if body.texts is not None else "documents"
     limit = state.settings.server.max_rerank_documents
@@ -120,10 +128,9 @@ async def rerank(body: RerankBody, request: Request) -> RerankResponse | JSONRes
         raise ApiError(400, f"at most {limit} documents (server.max_rerank_documents)", param=field)
     query = body.query[: state.settings.server.max_query_chars]
     if body.raw_scores:
-        logits = getattr(state.base.reranker, "score_logits", None)
-        if not callable(logits):
+        if state.logit_reranker is None:
             raise ApiError(400, "this reranker gives no raw scores", param="raw_scores")
-        scores = await state.admitted(logits, query, texts)
+        scores = await state.admitted(state.logit_reranker.score, query, texts)
     else:
         scores = await state.admitted(state.reranker.score, query, texts)
     order = sorted(range(len(texts)), key=lambda i: (-float(scores[i]), i))

@@ -33,7 +33,7 @@ from middleware.pipeline import Pipeline
 from middleware.server import api, proxy
 from middleware.server.auth import ApiKeyChecker, load_api_keys
 from middleware.server.errors import ApiError, opensearch_error, redact, render, route_group, v1_error
-from middleware.server.state import ServiceState
+from middleware.server.state import ModelService, ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,19 @@ def _metric_route(path: str, method: str) -> str:
 class ServiceMiddleware:
     """Auth, body size limit and request metrics, before any route runs (pure ASGI: cheap)."""
 
-    def __init__(self, app: ASGIApp, get: Callable[[], ServiceState | None], settings: Settings) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        get: Callable[[], ModelService | None],
+        settings: Settings,
+        render_error: Callable[[str, ApiError], JSONResponse] = render,
+        route_label: Callable[[str, str], str] = _metric_route,
+    ) -> None:
         self.app = app
         self.get = get
         self.settings = settings
+        self.render_error = render_error  # the error shape the app's routes answer in
+        self.route_label = route_label
         self.auth = ApiKeyChecker(load_api_keys(settings.server))  # checked even before models load
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -86,29 +95,26 @@ class ServiceMiddleware:
                 return
             status["code"] = 500
             message = "internal error; the service log has the details"
-            if route_group(path) == "proxy":
-                response = opensearch_error(500, "internal_server_error", message)
-            else:
-                response = v1_error(500, message)
+            response = self.render_error(path, ApiError(500, message, os_type="internal_server_error"))
             await response(scope, receive, send)
         finally:
             if state is not None:
-                label = _metric_route(path, scope["method"])
+                label = self.route_label(path, scope["method"])
                 state.metrics.requests.labels(label, scope["method"], str(status["code"])).inc()
                 state.metrics.request_seconds.labels(label).observe(time.perf_counter() - started)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, state: ServiceState | None, path: str) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, state: ModelService | None, path: str) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         if route_group(path) != "health" and not self.auth.allows(headers):
             if state is not None:
                 state.metrics.rejected.labels("unauthorized").inc()
             err = ApiError(
                 401,
-                "missing or invalid API key (Authorization: ApiKey <key> or x-api-key)",
+                "missing or invalid API key (Authorization: Bearer <key> or ApiKey <key>, or x-api-key)",
                 os_type="security_exception",
                 headers={"WWW-Authenticate": 'ApiKey, Basic realm="shopsearch"'},
             )
-            await render(path, err)(scope, receive, send)
+            await self.render_error(path, err)(scope, receive, send)
             return
         limit = self.settings.server.max_body_bytes
         declared = headers.get("content-length")
@@ -142,14 +148,13 @@ class ServiceMiddleware:
 
         await self.app(scope, replay, send)
 
-    @staticmethod
     async def _too_large(
-        scope: Scope, receive: Receive, send: Send, path: str, state: ServiceState | None, limit: int
+        self, scope: Scope, receive: Receive, send: Send, path: str, state: ModelService | None, limit: int
     ) -> None:
         if state is not None:
             state.metrics.rejected.labels("body_too_large").inc()
         err = ApiError(413, f"request body exceeds server.max_body_bytes ({limit} bytes)")
-        await render(path, err)(scope, receive, send)
+        await self.render_error(path, err)(scope, receive, send)
 
 
 def _validation_response(request: Request, exc: RequestValidationError) -> JSONResponse:

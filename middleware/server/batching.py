@@ -465,6 +465,40 @@ class BatchingEmbedder:
         self._runner.close()
 
 
+class _EncodedLogits:
+    """A tokenising reranker's raw logits as a scorer of its own (its own cache keys)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.model_id = f"{_model_id(inner)} (logits)"
+
+    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Any]:
+        return self.inner.tokenize_pairs(pairs)  # type: ignore[no-any-return]
+
+    def score_encoded(self, encodings: Sequence[Any]) -> np.ndarray:
+        return np.asarray(self.inner.logits_encoded(encodings), dtype=np.float32)
+
+
+class _QueryLogits:
+    """Any reranker with `score_logits(query, docs)` as a scorer of raw logits."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.model_id = f"{_model_id(inner)} (logits)"
+
+    def score(self, query: str, docs: list[str]) -> np.ndarray:
+        return np.asarray(self.inner.score_logits(query, docs), dtype=np.float32)
+
+
+def logit_scorer(reranker: Any) -> _PairScorer | None:
+    """The reranker's raw logits as a scorer for `BatchingReranker`, or None when it gives none."""
+    if callable(getattr(reranker, "logits_encoded", None)) and callable(getattr(reranker, "tokenize_pairs", None)):
+        return _EncodedLogits(reranker)
+    if callable(getattr(reranker, "score_logits", None)):
+        return _QueryLogits(reranker)
+    return None
+
+
 class BatchingReranker:
     """Rerank scores through the rerank-score cache and the shared batching queue. Pairs of different
     requests (different queries) share model calls."""

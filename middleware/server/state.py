@@ -16,7 +16,7 @@ from middleware.backends.base import BackendError
 from middleware.config import Settings
 from middleware.pipeline import Pipeline
 from middleware.schema import SearchRequest, SearchResponse
-from middleware.server.batching import BatchingEmbedder, BatchingReranker
+from middleware.server.batching import BatchingEmbedder, BatchingReranker, logit_scorer
 from middleware.server.caches import LruTtlCache
 from middleware.server.errors import ApiError, redact
 from middleware.server.limits import InflightLimiter, capped_deadline_ms, queue_full
@@ -27,18 +27,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class ServiceState:
-    """Everything a request handler needs, built once per app."""
+class ModelService:
+    """The models behind caches and shared batches, the in-flight limit and metrics: all a models-only
+    server has, and the part of every service that answers model calls."""
 
-    def __init__(self, settings: Settings, base: Pipeline, *, owns_pipeline: bool) -> None:
+    def __init__(self, settings: Settings, embedder: Any, reranker: Any, *, owns_models: bool) -> None:
         srv = settings.server
         self.settings = settings
-        self.base = base
-        self.owns_pipeline = owns_pipeline
+        self.owns_models = owns_models
         self.metrics = ServiceMetrics()
         self.limiter = InflightLimiter(srv.max_queue)
         self.embedder: BatchingEmbedder | None = None
         self.reranker: BatchingReranker | None = None
+        self.logit_reranker: BatchingReranker | None = None  # TEI's raw_scores, batched and cached too
         batching: dict[str, Any] = {
             "batching": srv.batching_enabled,
             "max_batch_size": srv.batch_max_size,
@@ -48,22 +49,16 @@ class ServiceState:
             "more_expected": self._more_expected,
             "workers": srv.max_queue,
         }
-        if base.embedder is not None:
+        if embedder is not None:
             cache = LruTtlCache("embedding", srv.embedding_cache_size, srv.cache_ttl_s, self.metrics.observe_cache)
-            self.embedder = BatchingEmbedder(base.embedder, cache=cache, **batching)
-        if base.reranker is not None:
+            self.embedder = BatchingEmbedder(embedder, cache=cache, **batching)
+        if reranker is not None:
             cache = LruTtlCache("rerank", srv.rerank_cache_size, srv.cache_ttl_s, self.metrics.observe_cache)
-            self.reranker = BatchingReranker(base.reranker, cache=cache, **batching)
-        # `settings` govern the service's searches, its query cut included; model calls wait in the
-        # batching queues, not on stage threads: a search holds at most two (its BM25 and kNN queries)
-        self.pipeline = base.with_models(
-            self.embedder,
-            self.reranker,
-            settings=settings.model_copy(update={"max_query_chars": srv.max_query_chars}),
-            stage_workers=2 * srv.max_queue + 4,
-        )
+            self.reranker = BatchingReranker(reranker, cache=cache, **batching)
+            logits = logit_scorer(reranker)
+            if logits is not None:
+                self.logit_reranker = BatchingReranker(logits, cache=cache, **batching)
         self.executor = ThreadPoolExecutor(max_workers=srv.max_queue + 4, thread_name_prefix="shopsearch-req")
-        self.upstream = Upstream.from_settings(settings, self.metrics)
         self.started = time.time()
 
     def _more_expected(self, callers_waiting: int) -> bool:
@@ -72,6 +67,21 @@ class ServiceState:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def close_models(self) -> None:
+        """The batchers and the request threads; the models themselves when this service loaded them."""
+        for wrapper in (self.embedder, self.reranker, self.logit_reranker):
+            if wrapper is not None:
+                wrapper.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.owns_models:
+            for wrapper in (self.embedder, self.reranker):
+                close = getattr(wrapper.inner, "close", None) if wrapper is not None else None
+                if callable(close):
+                    close()
+
+    async def close(self) -> None:
+        self.close_models()
 
     async def admitted(
         self, fn: Callable[..., T], *args: Any, bounded: bool = True, deadline_ms: float | None = None
@@ -112,6 +122,25 @@ class ServiceState:
                 headers={"Retry-After": "1"},
             ) from None
 
+
+class ServiceState(ModelService):
+    """Everything a request handler needs, built once per app."""
+
+    def __init__(self, settings: Settings, base: Pipeline, *, owns_pipeline: bool) -> None:
+        super().__init__(settings, base.embedder, base.reranker, owns_models=False)
+        srv = settings.server
+        self.base = base
+        self.owns_pipeline = owns_pipeline
+        # `settings` govern the service's searches, its query cut included; model calls wait in the
+        # batching queues, not on stage threads: a search holds at most two (its BM25 and kNN queries)
+        self.pipeline = base.with_models(
+            self.embedder,
+            self.reranker,
+            settings=settings.model_copy(update={"max_query_chars": srv.max_query_chars}),
+            stage_workers=2 * srv.max_queue + 4,
+        )
+        self.upstream = Upstream.from_settings(settings, self.metrics)
+
     async def search(self, req: SearchRequest) -> SearchResponse:
         try:
             resp = await self.admitted(self.pipeline.search, req, deadline_ms=req.deadline_ms)
@@ -131,11 +160,8 @@ class ServiceState:
         log.info("warm-up search took %.0f ms", (time.perf_counter() - started) * 1000.0)
 
     async def close(self) -> None:
-        for model in (self.embedder, self.reranker):
-            if model is not None:
-                model.close()
+        self.close_models()
         self.pipeline.close()  # its stage threads; the backend stays with the base pipeline
-        self.executor.shutdown(wait=False, cancel_futures=True)
         if self.upstream is not None:
             await self.upstream.aclose()
         if self.owns_pipeline:

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import httpx
 
-DEFAULT_VENV = Path("/work/venvs/infinity")
+# per user, outside any checkout: a fresh clone reuses it (setup-infinity uses the same rule)
+DEFAULT_VENV = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shopsearch" / "infinity-venv"
 VENV_ENV = "SHOPSEARCH_INFINITY_VENV"
 INSTALL_HINT = (
     "infinity-emb is not installed: run tests/remote/setup-infinity "
     f"(its venv: $SHOPSEARCH_INFINITY_VENV, default {DEFAULT_VENV})"
 )
-# CI sets this where it ran setup-infinity: a missing server is then a failure, not a skip
+# .ci/run sets this: its command runs setup-infinity first, so a missing or broken server is a failure there
 REQUIRE_ENV = "SHOPSEARCH_REQUIRE_INFINITY"
 EMBEDDER_NAME = "minilm"
 RERANKER_NAME = "tiny-reranker"
