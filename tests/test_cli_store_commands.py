@@ -13,6 +13,7 @@ import pytest
 
 from middleware.backends.embedded import EmbeddedBackend
 from middleware.cli import main
+from middleware.config import Settings
 from middleware.products import Product
 from tests.test_loaders_pipeline import catalog, run_cli, write_jsonl
 
@@ -101,6 +102,11 @@ def test_store_reading_commands_use_the_embedder_the_store_is_bound_to(
     assert len(json.loads(out)["hits"]) == 6
     code, out, _ = run_cli(capsys, "stats", "--json")
     assert code == 0 and json.loads(out)["embedder"] == str(tiny_embedder_dir.resolve())
+    # serve reads the same store: it loads the store's embedder, not the configured default
+    from middleware.cli.serve import _with_store_embedder
+
+    assert _with_store_embedder(Settings()).embedder == str(tiny_embedder_dir.resolve())
+    assert _with_store_embedder(Settings(embedder="none")).embedder == "none"  # told otherwise
     # a second load keeps the binding too (nothing re-embedded)
     code, out, err = run_cli(capsys, "index", str(source), "--json")
     assert code == 0, err

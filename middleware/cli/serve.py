@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import socket
+from pathlib import Path
 
 from middleware.cli import EXIT_OK, EXIT_USAGE, CliError, load_settings
 from middleware.config import Settings
@@ -44,6 +45,26 @@ def _check_port(host: str, port: int) -> None:
             raise CliError(f"cannot listen on {host}:{port}: {err.strerror} (--host/--port)", EXIT_USAGE) from None
 
 
+def _with_store_embedder(settings: Settings) -> Settings:
+    """The store's recorded embedder unless one was chosen, as for every command that reads a store.
+
+    A store that cannot be opened here is left to the pipeline, which reports it in one line."""
+    from middleware.cli.store import bound_settings, embedder_chosen, open_store
+
+    if embedder_chosen(settings) or (settings.backend == "embedded" and not Path(settings.data_dir).is_dir()):
+        return settings
+    try:
+        backend = open_store(settings)
+    except CliError:
+        return settings
+    try:
+        return bound_settings(settings, backend)
+    except CliError:
+        return settings
+    finally:
+        backend.close()
+
+
 def run_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {"embedder": args.embedder, "reranker": args.reranker}
     settings = load_settings(args, **overrides)
@@ -67,6 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from middleware.server.app import create_app
     from middleware.server.auth import ApiKeyError
 
+    settings = _with_store_embedder(settings)
     try:
         pipeline = Pipeline.from_settings(settings)
     except ModelLoadError as err:
