@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from middleware.cli import EXIT_FATAL, EXIT_OK, EXIT_USAGE, CliError
+from middleware.cli import EXIT_FATAL, EXIT_OK, EXIT_USAGE, CliError, load_settings
 
 DEFAULT_MODES = "bm25,bm25s-peer,vector,hybrid-rrf,hybrid-minmax,hybrid+rerank,hybrid+rerank+business"
 
@@ -80,6 +80,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--per-query", help="write per-query metric values (JSON) here")
     p.add_argument("--plot", help="write a PNG chart here")
     p.add_argument("--workdir", default="./eval-work", help="cached vectors and indexes (default ./eval-work)")
+    p.add_argument(
+        "--backend",
+        choices=["embedded", "opensearch"],
+        help="where the product modes search (default: the configured backend, SHOPSEARCH_BACKEND); "
+        "opensearch loads the corpus into an index prefix of its own (shopsearch-eval-<key>) on the configured "
+        "cluster and reuses it while corpus, pool, embedder and mapping are unchanged",
+    )
+    p.add_argument("--config", help="settings file (the cluster of --backend opensearch)")
     p.add_argument("--threads", type=_positive_int, help="onnxruntime threads (default: core count)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=run_eval)
@@ -97,8 +105,13 @@ def run_eval(args: argparse.Namespace) -> int:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False  # the root handler would print every line twice
+    from middleware.backends.base import BackendError
+
+    settings = load_settings(args)
     try:
         config = EvalConfig(
+            backend=args.backend or settings.backend,
+            opensearch=settings.opensearch,
             modes=list(dict.fromkeys(_csv(args.modes))),
             pools=list(dict.fromkeys(_csv(args.pools))),
             embedder=args.embedder,
@@ -122,7 +135,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     try:
         results = Evaluation(dataset, config).run()
-    except ValueError as err:  # nothing to evaluate (no evaluable query, no runnable mode)
+    except (ValueError, BackendError) as err:  # nothing to evaluate, or the cluster failed
         raise CliError(str(err), EXIT_FATAL) from None
     for warning in results.get("warnings", []):
         print(f"shopsearch: warning: {warning}", file=sys.stderr)

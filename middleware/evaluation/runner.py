@@ -1,7 +1,9 @@
 """One evaluation run: index the corpus per pool, search every query in every mode, score, time.
 
-Every product mode goes through the product's own `Pipeline` over an `EmbeddedBackend` holding the
-BEIR documents as Products (id=_id, title=title, description=text), so the figures are what users get.
+Every product mode goes through the product's own `Pipeline` over the configured backend holding the
+BEIR documents as Products (id=_id, title=title, description=text), so the figures are what users get:
+an `EmbeddedBackend` under the workdir, or OpenSearch, loaded through the one `Indexer` into an index
+prefix of its own (`shopsearch-eval-<key>`) so that no production index is read or written.
 `bm25s-peer` is the outside reference: the `bm25s` library with its defaults over the same tokens.
 """
 
@@ -64,6 +66,8 @@ PEER_MODES: dict[str, str] = {"bm25s-peer": "default", "bm25s-jieba": "jieba", "
 ALL_MODES: tuple[str, ...] = (*PIPELINE_MODES, *PEER_MODES)
 NEEDS_EMBEDDER = {"vector", "hybrid-rrf", "hybrid-minmax", "hybrid+rerank", "hybrid+rerank+business"}
 NEEDS_RERANKER = {"hybrid+rerank", "hybrid+rerank+business"}
+EMBEDDED_ONLY_MODES = set(MODE_ANALYSIS)  # analysis variants: query-time weights of the embedded store
+EVAL_INDEX_PREFIX = "shopsearch-eval-"
 EVAL_DEADLINE_MS = 600_000.0  # a loaded machine must not turn slow stages into "degraded" results
 
 
@@ -89,8 +93,12 @@ class EvalConfig:
     embedder_precision: str | None = None
     reranker_precision: str | None = None
     threads: int | None = None
+    backend: str = "embedded"  # or "opensearch": the cluster of `opensearch` (its index_prefix is replaced)
+    opensearch: Any = None  # OpenSearchSettings; None: the Settings default
 
     def __post_init__(self) -> None:
+        if self.backend not in ("embedded", "opensearch"):
+            raise ValueError(f"backend must be embedded or opensearch, got {self.backend!r}")
         unknown = [m for m in self.modes if m not in ALL_MODES]
         if unknown:
             raise ValueError(f"unknown mode(s): {', '.join(unknown)}; choose from {', '.join(ALL_MODES)}")
@@ -120,6 +128,22 @@ class ModeRun:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "model"
+
+
+@functools.cache
+def _opensearch_code_version() -> str:
+    """Changes when the OpenSearch mappings, analysis or writes change: part of the eval index key."""
+    import loaders.indexer as indexer
+    from middleware.backends import opensearch, opensearch_bodies
+
+    digest = hashlib.sha1()
+    for module in (opensearch_bodies, opensearch, indexer):
+        digest.update(inspect.getsource(module).encode("utf-8"))
+    return digest.hexdigest()[:10]
+
+
+# the OpenSearch settings that shape an index (the rest, such as the url or timeouts, do not)
+_INDEX_SHAPING = ("word_analyzer", "knn_engine", "hnsw_m", "hnsw_ef_construction", "vector_compression", "shards")
 
 
 @functools.cache  # once per process: the code that runs is the code first read, even if files change
@@ -219,6 +243,10 @@ class Evaluation:
         return Settings(**values)
 
     def _load_models(self) -> None:
+        if self.config.backend != "embedded":
+            self._skip(
+                EMBEDDED_ONLY_MODES, f"an analysis variant of the embedded store (backend {self.config.backend})"
+            )
         modes = set(self.config.modes)
         if not modes & NEEDS_EMBEDDER:
             return  # lexical modes only: no model code needed
@@ -322,6 +350,72 @@ class Evaluation:
         self.notes.append(f"indexed the {pool.name} pool ({len(pool)} documents) in {seconds:.1f} s")
         return path, dim
 
+    def _opensearch_settings(self, pool: Pool) -> Any:
+        """Settings for the pool's eval index on the configured cluster: its own prefix and aliases."""
+        from middleware.config import OpenSearchSettings
+
+        base = self.config.opensearch if self.config.opensearch is not None else OpenSearchSettings()
+        model = self._model_key() if self.embedder is not None else "lexical"
+        shape = json.dumps({k: getattr(base, k) for k in _INDEX_SHAPING}, sort_keys=True, default=str)
+        key = hashlib.sha1(
+            f"{self.dataset.fingerprint}|{pool.fingerprint}|{model}|{shape}|{_opensearch_code_version()}".encode()
+        ).hexdigest()[:12]
+        cfg = base.model_copy(update={"index_prefix": EVAL_INDEX_PREFIX + key, "read_alias": None, "write_alias": None})
+        return self._settings(backend="opensearch", opensearch=cfg)
+
+    def _open_opensearch_index(self, pool: Pool) -> Any:
+        """The pool's documents in an eval index of their own, loaded through the `Indexer`; an index
+        already holding exactly them (same corpus, pool, embedder, mapping code) is searched as it is."""
+        from loaders.embed_cache import EmbeddingCache
+        from loaders.indexer import Indexer
+        from middleware.backends import opensearch_admin
+        from middleware.backends.opensearch import OpenSearchBackend
+
+        settings = self._opensearch_settings(pool)
+        dim = self.embedder.dim if self.embedder is not None else None
+        backend = OpenSearchBackend.from_settings(settings, dim=dim)
+        indexer_binding = (
+            (self.embedder.model_id, int(self.embedder.dim)) if self.embedder is not None else ("none", None)
+        )
+        binding = backend.embedder_binding()
+        if binding is not None and (binding.model, binding.dim) == indexer_binding and backend.count() == len(pool):
+            log.info("index for the %s pool reused: %s", pool.name, settings.opensearch.index_prefix)
+            self.notes.append(f"{pool.name} pool: reused OpenSearch index {backend.read_alias}")
+            return backend
+        stale = backend.versioned_indexes()  # only under the eval prefix: never a shop's index
+        if stale:
+            backend.client.indices.delete(index=",".join(stale))
+            backend.close()
+            backend = OpenSearchBackend.from_settings(settings, dim=dim)
+        if settings.opensearch.retrieval == "hybrid":
+            opensearch_admin.install(backend)  # the search pipeline of the hybrid query
+        cache = None
+        if self.embedder is not None:
+            cache = EmbeddingCache(
+                self.config.workdir / "embedding-cache.sqlite", self.embedder.model_id, self.embedder.dim
+            )
+        started = time.perf_counter()
+        try:
+            indexer = Indexer(self.embedder, cache=cache)
+            products = [self.dataset.corpus[i].to_product() for i in pool.doc_ids]
+            step = 5000
+            for start in range(0, len(products), step):
+                indexer.upsert(products[start : start + step], backend)
+                log.info("%s pool: indexed %d/%d documents", pool.name, min(start + step, len(products)), len(pool))
+        finally:
+            if cache is not None:
+                cache.close()
+        backend.refresh()
+        count = backend.count()
+        if count != len(pool):
+            raise ValueError(f"the eval index {backend.read_alias} holds {count} documents, expected {len(pool)}")
+        seconds = time.perf_counter() - started
+        self.notes.append(
+            f"indexed the {pool.name} pool ({len(pool)} documents) into OpenSearch {backend.read_alias}"
+            f" in {seconds:.1f} s"
+        )
+        return backend
+
     # ---------------------------------------------------------------- searching
     def _run_pipeline_mode(self, pipeline: Any, mode: str, query_ids: list[str]) -> ModeRun:
         from middleware.schema import SearchRequest
@@ -385,14 +479,26 @@ class Evaluation:
             raise ValueError(f"no mode can run: {reasons}")
         pools = [build_pool(name, ds.corpus, ds.qrels, query_ids) for name in cfg.pools]
         pipeline_modes = [m for m in self.active_modes if m in PIPELINE_MODES]
-        vectors = self._document_vectors() if pipeline_modes else None
+        on_opensearch = cfg.backend == "opensearch"
+        vectors = self._document_vectors() if pipeline_modes and not on_opensearch else None
 
         evaluations: dict[str, dict[str, RunEvaluation]] = {}
         rankings: dict[str, dict[str, dict[str, list[str]]]] = {}
         results: dict[str, dict[str, Any]] = {m: {} for m in self.active_modes}
         for pool in pools:
             runs: dict[str, ModeRun] = {}
-            if pipeline_modes:
+            if pipeline_modes and on_opensearch:
+                pipeline = Pipeline(
+                    self._opensearch_settings(pool), self._open_opensearch_index(pool), self.embedder, self.reranker
+                )
+                try:
+                    for mode in pipeline_modes:
+                        t = time.perf_counter()
+                        runs[mode] = self._run_pipeline_mode(pipeline, mode, query_ids)
+                        log.info("%s pool, %s: %.1f s", pool.name, mode, time.perf_counter() - t)
+                finally:
+                    pipeline.close()
+            elif pipeline_modes:
                 from middleware.backends.embedded import EmbeddedBackend
 
                 path, dim = self._open_index(pool, vectors)
@@ -438,7 +544,8 @@ class Evaluation:
                 "fingerprint": ds.fingerprint,
             },
             "settings": {
-                **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "opensearch"},
+                "opensearch": _opensearch_summary(cfg.opensearch) if on_opensearch else None,
                 "modes": list(cfg.modes),
                 "pools": list(cfg.pools),
                 "compare_metrics": list(cfg.compare_metrics),
@@ -495,6 +602,14 @@ class Evaluation:
                     )
                     out.append({"pool": pool, **result.to_dict()})
         return out
+
+
+def _opensearch_summary(cfg: Any) -> dict[str, Any]:
+    """The cluster settings a reader of the results needs (no credentials)."""
+    from middleware.config import OpenSearchSettings
+
+    cfg = cfg if cfg is not None else OpenSearchSettings()
+    return {k: getattr(cfg, k) for k in ("url", "retrieval", "hybrid_normalization", *_INDEX_SHAPING)}
 
 
 def _percentile(values: list[float], q: float) -> float:
