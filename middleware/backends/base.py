@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -64,6 +64,110 @@ class StoreStats:
     details: dict[str, Any]  # engine-specific extras, for display only
 
 
+# ---------------------------------------------------------------------- storefront primitives
+
+SORT_FIELDS = ("price", "sales", "stock")  # numeric product fields a listing can be ordered by
+TERM_FACET_FIELDS = ("brand", "category")
+NUMERIC_FACET_FIELDS = ("price", "sales", "stock")
+HIGHLIGHT_FIELDS = ("title", "description")
+
+
+@dataclass(frozen=True)
+class SortKey:
+    """One sort criterion. `field`: one of SORT_FIELDS, or "_score" (lexical relevance).
+    Products without the field sort last in either direction (OpenSearch's `missing: _last`)."""
+
+    field: str
+    descending: bool = False
+
+    def __post_init__(self) -> None:
+        if self.field != "_score" and self.field not in SORT_FIELDS:
+            raise ValueError(f"sort field must be one of {('_score', *SORT_FIELDS)}, got {self.field!r}")
+
+
+@dataclass(frozen=True)
+class MatchSet:
+    """The products a count, listing or facet is over: those matching `text` lexically (any of its
+    tokens; every product when `text` is None) plus `ids`, all restricted by `filters`."""
+
+    text: str | None = None
+    filters: Filters | None = None
+    ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FacetSpec:
+    """Value counts of a term field (the `size` most frequent), or, for a numeric field, counts per
+    `ranges` bucket ([start, end), None open) or `stats`."""
+
+    field: str
+    size: int = 10
+    ranges: tuple[tuple[float | None, float | None], ...] | None = None
+    stats: bool = False
+
+    def __post_init__(self) -> None:
+        if self.field in TERM_FACET_FIELDS:
+            if self.ranges is not None or self.stats:
+                raise ValueError(f"facet {self.field!r}: ranges and stats are for numeric fields")
+        elif self.field in NUMERIC_FACET_FIELDS:
+            if (self.ranges is None) == (not self.stats):
+                raise ValueError(f"facet {self.field!r}: give exactly one of ranges or stats")
+        else:
+            raise ValueError(
+                f"facet field must be one of {TERM_FACET_FIELDS + NUMERIC_FACET_FIELDS}, got {self.field!r}"
+            )
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"facet {self.field!r}: size must be a positive integer, got {self.size!r}")
+
+
+@dataclass(frozen=True)
+class FacetValue:
+    value: str
+    count: int
+
+
+@dataclass(frozen=True)
+class FacetRange:
+    start: float | None  # inclusive; None: open
+    end: float | None  # exclusive; None: open
+    count: int
+
+
+@dataclass(frozen=True)
+class FacetStats:
+    count: int  # products in the match set with a value
+    min: float | None
+    max: float | None
+    sum: float
+    avg: float | None
+
+
+@dataclass(frozen=True)
+class Facet:
+    """One FacetSpec's answer; exactly one of values / ranges / stats is set, as asked."""
+
+    spec: FacetSpec
+    values: list[FacetValue] | None = None  # most frequent first, ties by value
+    other: int = 0  # products whose values fell outside the `size` returned (OpenSearch's sum_other_doc_count)
+    ranges: list[FacetRange] | None = None
+    stats: FacetStats | None = None
+
+
+@dataclass(frozen=True)
+class HighlightTags:
+    pre: str = "<em>"
+    post: str = "</em>"
+    fragment_chars: int = 100  # a fragment around the matches, about this long
+    fragments: int = 3  # at most this many per field
+
+
+@dataclass(frozen=True)
+class TermCount:
+    term: str
+    doc_freq: int  # products whose title holds it
+    kind: Literal["term", "brand", "category"] = field(default="term")
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Storage + retrieval. Scores are higher-is-better; candidates carry their Product."""
@@ -112,6 +216,32 @@ class Backend(Protocol):
 
     def stats(self) -> StoreStats:
         """Products, vectors, vector dimension, size on disk / in the cluster, the embedder binding."""
+        ...
+
+    def count_matches(self, match: MatchSet) -> int:
+        """The exact number of products in the match set."""
+        ...
+
+    def listing(self, match: MatchSet, sort: Sequence[SortKey], offset: int, n: int) -> list[Candidate]:
+        """The match set ordered by `sort`, then by id; positions [offset, offset + n). bm25 set on text matches."""
+        ...
+
+    def facets(self, match: MatchSet, specs: Sequence[FacetSpec]) -> list[Facet]:
+        """One Facet per spec, in order, counted over the match set (never the whole store)."""
+        ...
+
+    def highlight(
+        self, text: str, ids: Sequence[str], fields: Sequence[str], tags: HighlightTags
+    ) -> dict[str, dict[str, list[str]]]:
+        """{id: {field: fragments}} where `text`'s tokens occur; HTML-escaped except the tags."""
+        ...
+
+    def prefix_terms(self, prefix: str, n: int) -> list[TermCount]:
+        """Up to n indexed words of titles, brands and categories starting with `prefix`, most frequent first."""
+        ...
+
+    def fuzzy_terms(self, word: str, max_edits: int, n: int) -> list[TermCount]:
+        """Up to n indexed title words within `max_edits` (1 or 2) edits of `word`, nearest then most frequent."""
         ...
 
     def close(self) -> None: ...
