@@ -102,3 +102,30 @@ def cjk_tokens(text: str) -> list[str]:
             if i + 1 < len(run):
                 out.append(run[i : i + 2])
     return out
+
+
+# ---------------------------------------------------------------------- the lexical index's fields
+# What the embedded lexical engine indexes: each field is a list of tokens (pre-tokenised, stored
+# space-joined), scored by BM25 per field and summed with FIELD_BOOSTS. Changing any analysis or
+# field changes ANALYSIS_VERSION, which makes a store rebuild its lexical index from its products.
+
+ANALYSIS_VERSION = 1
+FIELD_BOOSTS: dict[str, float] = {"words_title": 2.0, "words_body": 1.0, "cjk_title": 2.0, "cjk_body": 1.0}
+LEXICAL_FIELDS: tuple[str, ...] = tuple(FIELD_BOOSTS)
+
+
+def analyze_product(title: str, body: str) -> dict[str, list[str]]:
+    """A product's tokens per lexical field (`body`: everything indexed besides the title)."""
+    return {
+        "words_title": jieba_tokens(title),
+        "words_body": jieba_tokens(body),
+        "cjk_title": cjk_tokens(title),
+        "cjk_body": cjk_tokens(body),
+    }
+
+
+def analyze_query(text: str) -> dict[str, list[str]]:
+    """A query's distinct tokens per lexical field, in order of first occurrence."""
+    words = list(dict.fromkeys(jieba_tokens(text)))
+    chars = list(dict.fromkeys(cjk_tokens(text)))
+    return {"words_title": words, "words_body": words, "cjk_title": chars, "cjk_body": chars}
