@@ -192,21 +192,30 @@ class TantivyLexicalIndex:
         """Open the index (creating it), take the writer if free, and catch up with the store."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with self._lock:
+            locked = self._try_lock()
             stamp = self._stamp.read()
             usable = stamp is not None and stamp[1:] == (analysis.ANALYSIS_VERSION, SCHEMA_REVISION)
+            if locked and not usable:
+                self._wipe()  # only the writer may start the index afresh
             try:
-                self._index = tantivy.Index(self._schema, path=str(self.dir), reuse=usable)
+                self._index = tantivy.Index(self._schema, path=str(self.dir), reuse=True)
             except (OSError, ValueError) as exc:
+                if not locked:
+                    raise
                 log.warning("lexical index of %s is unreadable (%s); rebuilding", self.dir.parent, exc)
                 usable = False
-                self._index = tantivy.Index(self._schema, path=str(self.dir), reuse=False)
-            if not usable:
-                self._stamp.path.unlink(missing_ok=True)
+                self._wipe()
+                self._index = tantivy.Index(self._schema, path=str(self.dir), reuse=True)
             self.generation = stamp[0] if usable and stamp else -1
             self._stamp_seen = self._stamp.mtime_ns()
             if self._try_own():
                 self._sync(store_generation)
         self._start_poller()
+
+    def _wipe(self) -> None:
+        for path in self.dir.iterdir():
+            if path.name != "writer.lock" and path.is_file():
+                path.unlink()
 
     def close(self) -> None:
         self._closed.set()
@@ -214,9 +223,9 @@ class TantivyLexicalIndex:
             self._release()
             self._index = None
 
-    def _try_own(self) -> bool:
-        """Take the one writer role if no process holds it (the caller holds `_lock`)."""
-        if self._writer is not None:
+    def _try_lock(self) -> bool:
+        """Take `writer.lock` if no process holds it (the caller holds `_lock`)."""
+        if self._lock_fd is not None:
             return True
         fd = os.open(self.dir / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -224,14 +233,18 @@ class TantivyLexicalIndex:
         except OSError:
             os.close(fd)
             return False
-        try:
-            assert self._index is not None
-            self._index.reload()  # the last owner's commits
-            self._writer = self._index.writer(heap_size=self._writer_heap, num_threads=self._writer_threads)
-        except BaseException:
-            os.close(fd)
-            raise
         self._lock_fd = fd
+        return True
+
+    def _try_own(self) -> bool:
+        """Hold the one writer role, taking it if no process holds it (the caller holds `_lock`)."""
+        if self._writer is not None:
+            return True
+        if not self._try_lock():
+            return False
+        assert self._index is not None
+        self._index.reload()  # the last owner's commits
+        self._writer = self._index.writer(heap_size=self._writer_heap, num_threads=self._writer_threads)
         return True
 
     def _release(self) -> None:
