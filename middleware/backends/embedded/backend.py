@@ -35,7 +35,7 @@ from middleware.backends.base import (
     TermCount,
 )
 from middleware.backends.embedded import lexical
-from middleware.backends.embedded.lexical import SUGGEST_FIELD, TantivyLexicalIndex, tokens_json
+from middleware.backends.embedded.lexical import SUGGEST_FIELD, ParallelAnalysis, TantivyLexicalIndex
 from middleware.backends.embedded.store import SqliteStore, filter_sql
 from middleware.backends.embedded.vectors import VectorIndex
 from middleware.products import Candidate, Filters, Product, SignalUpdate
@@ -59,6 +59,7 @@ class EmbeddedBackend:
         dim: int | None = None,
         *,
         field_boosts: dict[str, float] | None = None,  # query-time BM25 boost per lexical field (text.FIELD_BOOSTS)
+        analysis_workers: int | None = None,  # processes analysing large write batches (None: one per core)
         hnsw_threshold: int = 50_000,
         hnsw_m: int = 32,
         hnsw_ef_construction: int = 128,
@@ -83,6 +84,8 @@ class EmbeddedBackend:
         )
         self.lexical = TantivyLexicalIndex(self.data_dir, self.store.reader, field_boosts=field_boosts)
         self._writes = 0
+        workers = (os.cpu_count() or 1) if analysis_workers is None else analysis_workers
+        self._analysis = ParallelAnalysis(workers if workers >= 2 else 0)
         self.vectors = VectorIndex(
             self.data_dir / FAISS_NAME,
             self.store.vector_snapshot,
@@ -121,7 +124,7 @@ class EmbeddedBackend:
                 self.data_dir,
             )
 
-    def _analyse_stale_rows(self, batch: int = 500) -> None:
+    def _analyse_stale_rows(self, batch: int = 2000) -> None:
         """Store the current analysis's tokens of products that lack them (a store of an older analysis
         or format): the lexical index rebuilds from them, and nothing is lost on the way."""
         from middleware.text import ANALYSIS_VERSION
@@ -135,7 +138,8 @@ class EmbeddedBackend:
                 ).fetchall()
             if not rows:
                 return
-            tokens = [(pk, tokens_json(Product.model_validate_json(doc))) for pk, doc in rows]
+            analysed = self._analysis.tokens([Product.model_validate_json(doc) for _, doc in rows])
+            tokens = [(pk, fields) for (pk, _), fields in zip(rows, analysed, strict=True)]
             with self.store.write_mutex, self.store.transaction() as conn:
                 generation = self.store.bump_counter(conn, LEXICAL_GENERATION)
                 for pk, fields in tokens:
@@ -223,9 +227,10 @@ class EmbeddedBackend:
         last = {p.id: i for i, p in enumerate(products)}
         order = sorted(last.values())
         # analyse before taking any lock: jieba is the slow part of a write
+        tokens = self._analysis.tokens([products[i] for i in order])
         rows = [
-            (products[i], None if vecs is None else vecs[i].astype("<f4").tobytes(), tokens_json(products[i]))
-            for i in order
+            (products[i], None if vecs is None else vecs[i].astype("<f4").tobytes(), tokens[k])
+            for k, i in enumerate(order)
         ]
         with self.store.write_mutex, self.vectors.lock.write():
             removed: list[int] = []
@@ -600,6 +605,7 @@ class EmbeddedBackend:
                 self.flush()
             finally:
                 self._closed = True
+                self._analysis.close()
                 self.lexical.close()
                 self.store.close()
 

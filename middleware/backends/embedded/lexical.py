@@ -35,6 +35,8 @@ import json
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -119,8 +121,97 @@ class TextRow:
 
 def tokens_json(product: Product) -> str:
     """The product's analysed tokens as stored in product_text (the slow part of a write: jieba)."""
-    tokens = analysis.analyze_product(product.title, product.search_text())
+    return _tokens_json(product.title, product.search_text())
+
+
+def _tokens_json(title: str, body: str) -> str:
+    tokens = analysis.analyze_product(title, body)
     return json.dumps({f: " ".join(tokens[f]) for f in analysis.LEXICAL_FIELDS}, ensure_ascii=False)
+
+
+def analyse_texts(texts: Sequence[tuple[str, str]]) -> list[str]:
+    """`tokens_json` of (title, body) pairs."""
+    return [_tokens_json(title, body) for title, body in texts]
+
+
+class ParallelAnalysis:
+    """Analysis of large batches in worker processes: jieba is pure Python, so threads cannot share it
+    out, and a bulk load without an embedder is bound by it. The workers are plain subprocesses
+    (`analysis_worker`), not multiprocessing ones: those would fork this threaded process or re-run the
+    caller's `__main__`. They start on first use and live until `close`; any failure falls back to
+    analysing in this process."""
+
+    def __init__(self, workers: int, min_batch: int = 256) -> None:
+        self.workers = workers
+        self.min_batch = min_batch
+        self._procs: list[subprocess.Popen[str]] = []
+        self._lock = threading.Lock()
+
+    def tokens(self, products: Sequence[Product]) -> list[str]:
+        """tokens_json of each product, in order."""
+        texts = [(p.title, p.search_text()) for p in products]
+        if self.workers < 2 or len(texts) < self.min_batch:
+            return analyse_texts(texts)
+        with self._lock:
+            try:
+                procs = self._ensure_workers()
+                size = -(-len(texts) // len(procs))
+                chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
+                for proc, chunk in zip(procs, chunks, strict=False):  # every worker reads its input whole first
+                    assert proc.stdin is not None
+                    proc.stdin.write(json.dumps(chunk, ensure_ascii=False) + "\n")
+                    proc.stdin.flush()
+                out: list[str] = []
+                for proc, chunk in zip(procs, chunks, strict=False):
+                    assert proc.stdout is not None
+                    part = json.loads(proc.stdout.readline() or "null")
+                    if not isinstance(part, list) or len(part) != len(chunk):
+                        raise OSError(f"analysis worker {proc.pid} answered {type(part).__name__}")
+                    out.extend(part)
+                return out
+            except (OSError, ValueError) as exc:
+                log.warning("parallel analysis unavailable (%s); analysing in this process", exc)
+                self._stop()
+                self.workers = 0
+        return analyse_texts(texts)
+
+    def _ensure_workers(self) -> list[subprocess.Popen[str]]:
+        if not self._procs:
+            package_root = str(Path(__file__).resolve().parents[3])  # this tree, wherever it is imported from
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p),
+            }
+            for _ in range(self.workers):
+                self._procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "middleware.backends.embedded.analysis_worker"],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        text=True,
+                        encoding="utf-8",
+                        env=env,
+                    )
+                )
+        return self._procs
+
+    def _stop(self) -> None:
+        for proc in self._procs:
+            with contextlib.suppress(OSError):
+                if proc.stdin is not None:
+                    proc.stdin.close()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self._procs = []
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
 
 
 class _Stamp:
