@@ -602,8 +602,7 @@ def highlight_search(
         "_source": False,
         "track_total_hits": False,
         "highlight": {
-            "type": "unified",
-            "encoder": "html",
+            "encoder": "html",  # the unified highlighter: the default one
             "pre_tags": [pre],
             "post_tags": [post],
             "fragment_size": fragment_chars,
@@ -646,7 +645,9 @@ def prefix_terms_search(prefix: str, size: int) -> dict[str, Any]:
                         "shard_size": max(10_000, size),
                         "min_doc_count": 1,
                         "shard_min_doc_count": 1,
-                        "script_heuristic": {"script": {"lang": "painless", "source": "params._subset_freq.longValue()"}},
+                        "script_heuristic": {
+                            "script": {"lang": "painless", "source": "params._subset_freq.longValue()"}
+                        },
                     }
                 }
             },
@@ -676,8 +677,8 @@ def fuzzy_terms_search(word: str, max_edits: int, size: int) -> dict[str, Any]:
         "query": {"term": {TERMS_FIELD: token}},
         "track_total_hits": True,
         "suggest": {
+            "text": word,
             "fuzzy": {
-                "text": word,
                 "term": {
                     "field": TERMS_FIELD,
                     "suggest_mode": "always",
@@ -691,6 +692,6 @@ def fuzzy_terms_search(word: str, max_edits: int, size: int) -> dict[str, Any]:
                     "sort": "score",
                     "string_distance": "damerau_levenshtein",
                 },
-            }
+            },
         },
     }
