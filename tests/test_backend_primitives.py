@@ -214,6 +214,10 @@ class TestCount:
         assert want < 288 + 7
         assert backend.count_matches(MatchSet(text="sneakers", filters=ACME, ids=ids)) == want
 
+    def test_bad_match_set(self, backend: Backend) -> None:
+        with pytest.raises(ValueError, match="ids"):
+            backend.count_matches(MatchSet(ids="p001"))  # type: ignore[arg-type]
+
     def test_gibberish_counts_zero(self, backend: Backend) -> None:
         assert backend.count_matches(MatchSet(text="qzxvbn")) == 0
         assert backend.count_matches(MatchSet(text="qzxvbn", ids=("p001",))) == 1
@@ -426,6 +430,11 @@ class TestHighlight:
             if hasattr(backend, "refresh"):
                 backend.refresh()
 
+    def test_many_ids(self, backend: Backend) -> None:
+        ids = [p.id for p in CATALOG]
+        got = backend.highlight("sneakers", ids, ["title"], HighlightTags())
+        assert set(got) == {p.id for p in CATALOG if "sneakers" in title_words(p)}
+
     def test_nothing_to_highlight(self, backend: Backend) -> None:
         assert backend.highlight("qzxvbn", ["p001"], ["title"], HighlightTags()) == {}
         assert backend.highlight("", ["p001"], ["title"], HighlightTags()) == {}
@@ -472,6 +481,10 @@ class TestTerms:
         for hostile in ("(.*", "s.*", "[a-z]", "\\", "s|b", "*", '"', "~1"):
             assert backend.prefix_terms(hostile, 5) == [], hostile
         assert backend.prefix_terms("qzx", 5) == []
+        assert backend.prefix_terms("s" * 5000, 5) == []
+        assert backend.prefix_terms("ßẞ" * 40, 5) == []
+        assert backend.fuzzy_terms("s" * 5000, 2, 5) == []
+        assert len(backend.prefix_terms("s", 10**9)) == len(backend.prefix_terms("s", 100))
 
     def test_fuzzy_finds_the_word(self, backend: Backend) -> None:
         for typo, edits in (("sneakrs", 1), ("snekers", 1), ("sneekrs", 2), ("bots", 1)):

@@ -455,7 +455,9 @@ class OpenSearchBackend:
             raise ValueError(f"match.text must be a string or None, got {type(match.text).__name__}")
         if match.filters is not None and not isinstance(match.filters, Filters):
             raise ValueError(f"match.filters must be Filters or None, got {type(match.filters).__name__}")
-        ids = [str(i) for i in match.ids]
+        if isinstance(match.ids, str) or not all(isinstance(i, str) for i in match.ids):
+            raise ValueError(f"match.ids must be a sequence of product id strings, got {match.ids!r:.80}")
+        ids = list(match.ids)
         return bodies.match_set_query(match.text, match.filters, ids)
 
     def count_matches(self, match: MatchSet) -> int:
@@ -550,9 +552,14 @@ class OpenSearchBackend:
         ids = list(dict.fromkeys(str(i) for i in ids))
         if not text.strip() or not ids or not fields:
             return {}
-        body = bodies.highlight_search(text, ids, fields, tags.pre, tags.post, tags.fragment_chars, tags.fragments)
         out: dict[str, dict[str, list[str]]] = {}
-        for hit in _hits(self._search(body, "highlight")):
+        hits: list[dict[str, Any]] = []
+        for chunk in _chunks(ids, min(1000, self._result_window())):
+            body = bodies.highlight_search(
+                text, chunk, fields, tags.pre, tags.post, tags.fragment_chars, tags.fragments
+            )
+            hits += _hits(self._search(body, "highlight"))
+        for hit in hits:
             found = hit.get("highlight") or {}
             per_field = {}
             for name in fields:
@@ -568,13 +575,14 @@ class OpenSearchBackend:
     def prefix_terms(self, prefix: str, n: int) -> list[TermCount]:
         """Title words (lowercase, unstemmed; CJK bigrams) and brand / category values (case-insensitive
         prefix) starting with `prefix`; most frequent first, then by term, then title words before brands
-        before categories."""
+        before categories. A prefix longer than MAX_PREFIX_CHARS matches nothing; n is capped at MAX_TERMS."""
         if not isinstance(prefix, str):
             raise ValueError(f"prefix_terms: prefix must be a string, got {type(prefix).__name__}")
         _check_n("prefix_terms", n)
         prefix = prefix.strip()
-        if not prefix or n <= 0:
+        if not prefix or n <= 0 or len(prefix) > bodies.MAX_PREFIX_CHARS:
             return []
+        n = min(n, bodies.MAX_TERMS)
         aggs = self._search(bodies.prefix_terms_search(prefix, n), "prefix terms").get("aggregations", {})
         found: list[TermCount] = [
             TermCount(term=str(b["key"]), doc_freq=int(b["doc_count"]), kind="term")
@@ -599,8 +607,9 @@ class OpenSearchBackend:
             raise ValueError(f"fuzzy_terms: max_edits must be 1 or 2, got {max_edits!r}")
         _check_n("fuzzy_terms", n)
         word = word.strip()
-        if not word or n <= 0:
+        if not word or n <= 0 or len(word) > bodies.MAX_PREFIX_CHARS:
             return []
+        n = min(n, bodies.MAX_TERMS)
         # the suggester ranks by its own similarity: ask for more, then order by edits here
         response = self._search(bodies.fuzzy_terms_search(word, max_edits, max(n * 4, 20)), "fuzzy terms")
         token = word.lower()

@@ -483,6 +483,10 @@ TERMS_FIELD = "title.cjk"  # prefix/fuzzy terms: unstemmed lowercase words (CJK:
 TERMS_SOURCE_FIELD = "title"
 FACET_FIELDS: dict[str, str] = {"brand": "brand.keyword", "category": "category.keyword"}
 SORT_TIEBREAK = "id"
+# Longer prefixes match nothing: the case-insensitive value regexp must stay under the index's
+# max_regex_length (1,000 by default), and no shopper types 100 characters to get a completion.
+MAX_PREFIX_CHARS = 100
+MAX_TERMS = 10_000  # prefix/fuzzy terms asked for beyond this are capped to it
 # Lucene RegExp operators (terms `include`): every other character stands for itself
 _REGEXP_SPECIAL = set('.?+*|{}[]()"\\#@&<>~^$')
 
@@ -616,9 +620,14 @@ def regexp_literal(text: str, *, ignore_case: bool) -> str:
     """`text` as a Lucene RegExp matching it literally (operators escaped), letters in either case when asked."""
     out = []
     for char in text:
-        variants = dict.fromkeys([char, char.lower(), char.upper()]) if ignore_case else {char: None}
+        variants = list(dict.fromkeys([char, char.lower(), char.upper()])) if ignore_case else [char]
         escaped = ["".join("\\" + c if c in _REGEXP_SPECIAL else c for c in v) for v in variants]
-        out.append(escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")")
+        if len(escaped) == 1:
+            out.append(escaped[0])
+        elif all(len(v) == 1 for v in variants):
+            out.append("[" + "".join(escaped) + "]")  # letters only: no class operator among them
+        else:
+            out.append("(" + "|".join(escaped) + ")")  # a case form of several characters (ß → SS)
     return "".join(out)
 
 
