@@ -503,6 +503,14 @@ class OpenSearchBackend:
         out: list[Candidate] = []
         position = 0
         after: list[Any] | None = None
+        if offset:
+            # the last position the window reaches, in one hit: search_after starts from its sort values
+            jump = min(offset, window)
+            body = bodies.listing_search(query, clauses, 1, offset=jump - 1, source=False)
+            hits = _hits(self._search(body, "listing (deep offset)"))
+            if not hits:
+                return []
+            position, after = jump, hits[-1]["sort"]
         while len(out) < n:
             skipping = position < offset
             size = min(window, offset - position if skipping else n - len(out))

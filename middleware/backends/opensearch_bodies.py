@@ -544,15 +544,18 @@ def listing_search(
     search_after: list[Any] | None = None,
     source: bool = True,
 ) -> dict[str, Any]:
-    """One page of a listing: from/size within the result window, search_after beyond it."""
+    """One page of a listing: from/size within the result window, search_after beyond it.
+    `source` False: a page skipped on the way to a deep offset, only its sort values come back."""
     body: dict[str, Any] = {
         "size": size,
         "query": query,
         "sort": sort,
-        "track_scores": True,
+        "track_scores": source,
         "track_total_hits": False,
         "_source": _source_spec() if source else False,
     }
+    if not source:
+        body["stored_fields"] = "_none_"
     if search_after is not None:
         body["search_after"] = search_after
     elif offset:
