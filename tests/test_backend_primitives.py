@@ -36,6 +36,7 @@ SKIP_REASON = os.environ.get("SHOPSEARCH_TEST_OPENSEARCH_UNAVAILABLE") or (
     "OPENSEARCH_URL is not set: run through tests/opensearch/with-node, or point it at a cluster"
 )
 SMALL_RESULT_WINDOW = 100  # opensearch: listings past it walk pages with search_after
+SHARDS = 2  # opensearch: counts, terms and pages must come out exact across shards, not just on one
 
 N_GENERATED = 600
 COLORS = ("red", "blue", "green", "black", "white")
@@ -155,7 +156,7 @@ def _opensearch() -> Iterator[Backend]:
     from tests.test_opensearch_osmem import make_settings
 
     prefix = f"shopsearch-test-{uuid.uuid4().hex[:8]}"
-    backend = OpenSearchBackend.from_settings(make_settings(OPENSEARCH_URL, index_prefix=prefix))
+    backend = OpenSearchBackend.from_settings(make_settings(OPENSEARCH_URL, index_prefix=prefix, shards=SHARDS))
     try:
         backend.upsert(CATALOG, None)
         backend.client.indices.put_settings(

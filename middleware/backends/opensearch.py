@@ -484,7 +484,8 @@ class OpenSearchBackend:
     def listing(self, match: MatchSet, sort: Sequence[SortKey], offset: int, n: int) -> list[Candidate]:
         """The match set ordered by `sort` then id, positions [offset, offset + n). Within
         index.max_result_window one from/size search; past it the pages are walked with search_after
-        (sort values only until `offset`), so any depth works, at a cost growing with the offset."""
+        (sort values only until `offset`), so any depth works, at a cost growing with the offset.
+        A `_score` order uses dfs_query_then_fetch: index-wide term statistics, the same on any shard count."""
         for name, value in (("offset", offset), ("n", n)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"listing: {name} must be a non-negative integer, got {value!r}")
@@ -497,8 +498,13 @@ class OpenSearchBackend:
             return []
         clauses = bodies.sort_clauses([(k.field, k.descending) for k in keys])
         window = self._result_window()
+        # by relevance: term statistics of the whole index (dfs), not of each shard, so that the order
+        # does not depend on which shard a product landed in
+        params = (
+            {"search_type": "dfs_query_then_fetch"} if match.text and any(k.field == "_score" for k in keys) else {}
+        )
         if offset + n <= window:
-            response = self._search(bodies.listing_search(query, clauses, n, offset=offset), "listing")
+            response = self._search(bodies.listing_search(query, clauses, n, offset=offset), "listing", **params)
             return _listing_candidates(_hits(response))
         out: list[Candidate] = []
         position = 0
@@ -507,7 +513,7 @@ class OpenSearchBackend:
             # the last position the window reaches, in one hit: search_after starts from its sort values
             jump = min(offset, window)
             body = bodies.listing_search(query, clauses, 1, offset=jump - 1, source=False)
-            hits = _hits(self._search(body, "listing (deep offset)"))
+            hits = _hits(self._search(body, "listing (deep offset)", **params))
             if not hits:
                 return []
             position, after = jump, hits[-1]["sort"]
@@ -515,7 +521,7 @@ class OpenSearchBackend:
             skipping = position < offset
             size = min(window, offset - position if skipping else n - len(out))
             body = bodies.listing_search(query, clauses, size, search_after=after, source=not skipping)
-            hits = _hits(self._search(body, "listing (search_after)"))
+            hits = _hits(self._search(body, "listing (search_after)", **params))
             if not hits:
                 break
             if not skipping:
