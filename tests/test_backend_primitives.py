@@ -215,6 +215,13 @@ class TestCount:
         assert want < 288 + 7
         assert backend.count_matches(MatchSet(text="sneakers", filters=ACME, ids=ids)) == want
 
+    def test_pasted_document_is_bounded_not_refused(self, backend: Backend) -> None:
+        noise = " ".join(f"zq{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}x" for i in range(3000))
+        assert backend.count_matches(MatchSet(text=f"sneakers {noise}")) == 288
+        assert backend.count_matches(MatchSet(text="连衣裙" * 3000)) == 1
+        got = backend.listing(MatchSet(text=f"sneakers {noise}"), [SortKey("_score", descending=True)], 0, 5)
+        assert len(got) == 5
+
     def test_bad_match_set(self, backend: Backend) -> None:
         with pytest.raises(ValueError, match="ids"):
             backend.count_matches(MatchSet(ids="p001"))  # type: ignore[arg-type]

@@ -430,3 +430,17 @@ def test_compose_file_is_consistent() -> None:
     assert middleware["depends_on"]["opensearch"]["condition"] == "service_healthy"
     mw = (REPO / middleware["build"]["dockerfile"]).read_text(encoding="utf-8")
     assert mw.index("torch==2.13.0") < mw.index('pip install ".[cpu]"')
+
+
+def test_query_text_bounded_to_the_clause_limit() -> None:
+    assert bodies.bounded_text("red dress") == "red dress"
+    long_words = " ".join(f"w{i}" for i in range(5000))
+    cut = bodies.bounded_text(long_words)
+    assert cut.split() == long_words.split()[: bodies.MAX_QUERY_TOKENS]
+    cjk = bodies.bounded_text("连衣裙" * 1000)
+    assert len(cjk) == bodies.MAX_QUERY_TOKENS
+    fields = len(bodies.bm25_fields())
+    assert fields * bodies.MAX_QUERY_TOKENS < bodies.MAX_CLAUSES
+    query = bodies.match_set_query(long_words, None)
+    assert query["bool"]["must"][0]["bool"]["should"][0]["multi_match"]["query"] == cut
+    assert bodies.bm25_clause(long_words, None)["bool"]["must"][0]["multi_match"]["query"] == cut

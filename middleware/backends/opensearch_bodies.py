@@ -7,6 +7,7 @@ are these same bodies rendered for the default settings.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -307,11 +308,28 @@ def bm25_fields() -> list[str]:
     return fields
 
 
+# A query's tokens: Lucene counts every leaf clause of the whole query against
+# indices.query.bool.max_clause_count (1,024 by default), and each token is one clause per queried
+# field (8 of them), so longer text (a pasted document) is cut to what fits, with room for the filters.
+MAX_CLAUSES = 1024
+MAX_QUERY_TOKENS = (MAX_CLAUSES - 64) // (2 * len(FIELD_BOOSTS))
+# over-counts what the analyzers make (a word or one CJK character each), so the cut is always safe
+_TOKEN_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|[^\W_]+")
+
+
+def bounded_text(text: str) -> str:
+    """`text` cut after its MAX_QUERY_TOKENS-th token (pasted documents), unchanged when shorter."""
+    for i, match in enumerate(_TOKEN_RE.finditer(text), start=1):
+        if i == MAX_QUERY_TOKENS:
+            return text[: match.end()]
+    return text
+
+
 def bm25_clause(text: str, filters: Filters | None) -> dict[str, Any]:
     """The lexical query: words and bigram sub-fields summed (most_fields), filters in bool.filter."""
     query: dict[str, Any] = {
         "bool": {
-            "must": [{"multi_match": {"query": text, "fields": bm25_fields(), "type": "most_fields"}}],
+            "must": [{"multi_match": {"query": bounded_text(text), "fields": bm25_fields(), "type": "most_fields"}}],
         }
     }
     clauses = filter_clauses(filters)
@@ -499,7 +517,7 @@ def match_set_query(text: str | None, filters: Filters | None, ids: Sequence[str
         should: list[dict[str, Any]] = [
             {
                 "multi_match": {
-                    "query": text,
+                    "query": bounded_text(text),
                     "fields": bm25_fields(),
                     "type": "most_fields",
                     "_name": TEXT_QUERY_NAME,
