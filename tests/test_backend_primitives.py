@@ -229,6 +229,9 @@ class TestCount:
     def test_gibberish_counts_zero(self, backend: Backend) -> None:
         assert backend.count_matches(MatchSet(text="qzxvbn")) == 0
         assert backend.count_matches(MatchSet(text="qzxvbn", ids=("p001",))) == 1
+        # blank text has no tokens: it matches nothing lexically (None is the way to browse)
+        assert backend.count_matches(MatchSet(text="  ")) == 0
+        assert backend.count_matches(MatchSet(text="", ids=("p001", "p002"))) == 2
 
 
 # ------------------------------------------------------------------ listing
