@@ -129,3 +129,8 @@ def analyze_query(text: str) -> dict[str, list[str]]:
     words = list(dict.fromkeys(jieba_tokens(text)))
     chars = list(dict.fromkeys(cjk_tokens(text)))
     return {"words_title": words, "words_body": words, "cjk_title": chars, "cjk_body": chars}
+
+
+def suggest_terms(title: str) -> list[str]:
+    """The words of a title as a shopper types them (lower-cased, unstemmed): what autocomplete offers."""
+    return list(dict.fromkeys(jieba_tokens(title)))

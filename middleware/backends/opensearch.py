@@ -24,7 +24,6 @@ from rapidfuzz.distance import OSA
 
 from middleware.backends import opensearch_bodies as bodies
 from middleware.backends.base import (
-    HIGHLIGHT_FIELDS,
     BackendError,
     EmbedderBinding,
     EmbedderMismatch,
@@ -38,6 +37,7 @@ from middleware.backends.base import (
     SortKey,
     StoreStats,
     TermCount,
+    check_highlight_fields,
 )
 from middleware.backends.opensearch_client import make_client, translate_errors
 from middleware.config import FusionSettings, OpenSearchSettings
@@ -451,13 +451,7 @@ class OpenSearchBackend:
     def _match_query(self, match: MatchSet) -> dict[str, Any]:
         if not isinstance(match, MatchSet):
             raise TypeError(f"match must be a MatchSet, got {type(match).__name__}")
-        if match.text is not None and not isinstance(match.text, str):
-            raise ValueError(f"match.text must be a string or None, got {type(match.text).__name__}")
-        if match.filters is not None and not isinstance(match.filters, Filters):
-            raise ValueError(f"match.filters must be Filters or None, got {type(match.filters).__name__}")
-        if isinstance(match.ids, str) or not all(isinstance(i, str) for i in match.ids):
-            raise ValueError(f"match.ids must be a sequence of product id strings, got {match.ids!r:.80}")
-        ids = list(match.ids)
+        ids = list(match.ids)  # checked by MatchSet itself
         return bodies.match_set_query(match.text, match.filters, ids)
 
     def count_matches(self, match: MatchSet) -> int:
@@ -551,18 +545,9 @@ class OpenSearchBackend:
         sub-field's."""
         if not isinstance(text, str):
             raise ValueError(f"highlight: text must be a string, got {type(text).__name__}")
-        fields = list(fields)
-        for name in fields:
-            if name not in HIGHLIGHT_FIELDS:
-                raise ValueError(f"highlight: fields must be among {HIGHLIGHT_FIELDS}, got {name!r}")
+        fields = check_highlight_fields(fields)
         if not isinstance(tags, HighlightTags):
             raise ValueError(f"highlight: tags must be HighlightTags, got {type(tags).__name__}")
-        for name in ("fragment_chars", "fragments"):
-            value = getattr(tags, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"highlight: tags.{name} must be a positive integer, got {value!r}")
-        if not isinstance(tags.pre, str) or not isinstance(tags.post, str):
-            raise ValueError("highlight: tags.pre and tags.post must be strings")
         ids = list(dict.fromkeys(str(i) for i in ids))
         if not text.strip() or not ids or not fields:
             return {}

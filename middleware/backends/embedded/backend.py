@@ -33,9 +33,10 @@ from middleware.backends.base import (
     SortKey,
     StoreStats,
     TermCount,
+    check_highlight_fields,
 )
 from middleware.backends.embedded import lexical
-from middleware.backends.embedded.lexical import SUGGEST_FIELD, ParallelAnalysis, TantivyLexicalIndex
+from middleware.backends.embedded.lexical import KEY_SEPARATOR, SUGGEST_FIELD, ParallelAnalysis, TantivyLexicalIndex
 from middleware.backends.embedded.store import SqliteStore, filter_sql
 from middleware.backends.embedded.vectors import VectorIndex
 from middleware.products import Candidate, Filters, Product, SignalUpdate
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 DB_NAME = "catalog.sqlite3"
 LEXICAL_GENERATION = "lexical_generation"  # meta key: counts the commits that changed what BM25 indexes
 _PRUNE_EVERY = 64  # write transactions between prunes of the lexical change log
+MAX_TERMS = 10_000  # prefix_terms / fuzzy_terms: at most this many, whatever n asks
+MAX_TERM_CHARS = 100  # longer prefixes and words match no indexed term worth offering
 FAISS_NAME = "vectors.faiss"
 _NEW_DATA_DIR = "index into a new data directory (--data-dir)"
 
@@ -492,8 +495,15 @@ class EmbeddedBackend:
         from middleware.highlight import highlight_fragments
 
         self._check_open()
+        if not isinstance(text, str):
+            raise ValueError(f"highlight: text must be a string, got {type(text).__name__}")
+        fields = check_highlight_fields(fields)
+        if not isinstance(tags, HighlightTags):
+            raise ValueError(f"highlight: tags must be HighlightTags, got {type(tags).__name__}")
         out: dict[str, dict[str, list[str]]] = {}
-        for product in self.get(ids):
+        if not text.strip() or not fields:
+            return out
+        for product in self.get(list(dict.fromkeys(str(i) for i in ids))):
             found: dict[str, list[str]] = {}
             for name in fields:
                 value = getattr(product, name, None) if name in ("title", "description") else None
@@ -514,38 +524,44 @@ class EmbeddedBackend:
         return out
 
     def prefix_terms(self, prefix: str, n: int) -> list[TermCount]:
+        """Title words from the `suggest` field; brands and categories whose whole value starts with the
+        prefix, case-insensitively."""
         self._check_open()
-        if not isinstance(prefix, str) or n <= 0:
+        if not isinstance(prefix, str) or isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             return []
-        folded = normalize(prefix).strip().lower()
-        if not folded:
+        n = min(n, MAX_TERMS)
+        folded = normalize(prefix).strip().casefold()
+        if not folded or len(folded) > MAX_TERM_CHARS or KEY_SEPARATOR in folded:
             return []
         found = [TermCount(t, c) for t, c in self.lexical.terms_with_prefix(SUGGEST_FIELD, folded, n)]
         for kind in ("brand", "category"):
-            found += [TermCount(t, c, kind) for t, c in self.lexical.terms_with_prefix(kind, prefix.strip(), n)]  # type: ignore[arg-type]
-        found.sort(key=lambda t: (-t.doc_freq, t.term, t.kind))
+            for key, count in self.lexical.terms_with_prefix(f"{kind}_key", folded, n):
+                found.append(TermCount(key.split(KEY_SEPARATOR, 1)[-1], count, kind))  # type: ignore[arg-type]
+        rank = {"term": 0, "brand": 1, "category": 2}
+        found.sort(key=lambda t: (-t.doc_freq, t.term, rank[t.kind]))
         return found[:n]
 
     def fuzzy_terms(self, word: str, max_edits: int, n: int) -> list[TermCount]:
-        """Candidates share the word's first character (as Lucene's fuzzy `prefix_length` 1): typos in
-        the first letter are rare, and the term dictionary is walked for one letter only."""
-        from rapidfuzz.distance import Levenshtein
+        """Title words within `max_edits` edits (a swap of two letters is one), the word itself at 0.
+        Candidates share the word's first character (as Lucene's fuzzy `prefix_length` 1): first-letter
+        typos are rare, and only one letter's part of the term dictionary is walked."""
+        from rapidfuzz.distance import OSA
 
         self._check_open()
-        if max_edits not in (1, 2):
+        if isinstance(max_edits, bool) or max_edits not in (1, 2):
             raise ValueError(f"max_edits must be 1 or 2, got {max_edits!r}")
-        if not isinstance(word, str) or n <= 0:
+        if not isinstance(word, str) or isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             return []
-        folded = normalize(word).strip().lower()
-        if not folded:
+        folded = normalize(word).strip().casefold()
+        if not folded or len(folded) > MAX_TERM_CHARS:
             return []
         scored = []
         for term, count in self.lexical.terms_with_prefix(SUGGEST_FIELD, folded[0], None):
-            distance = Levenshtein.distance(folded, term, score_cutoff=max_edits)
+            distance = OSA.distance(folded, term, score_cutoff=max_edits)
             if distance <= max_edits:
                 scored.append((distance, -count, term))
         scored.sort()
-        return [TermCount(term, -negative) for _, negative, term in scored[:n]]
+        return [TermCount(term, -negative) for _, negative, term in scored[: min(n, MAX_TERMS)]]
 
     def iter_ids(self) -> Iterator[str]:
         self._check_open()

@@ -56,8 +56,9 @@ log = logging.getLogger(__name__)
 MAX_QUERY_TOKENS = 512
 INDEX_DIR = "lexical"
 STAMP_NAME = "STAMP"
-SUGGEST_FIELD = "words_title"  # the field whose terms complete a prefix and correct a typo
-SCHEMA_REVISION = 1  # of the tantivy schema below; a change rebuilds the index
+SUGGEST_FIELD = "suggest"  # title words as typed (text.suggest_terms): completions and typo corrections
+KEY_SEPARATOR = "\x00"  # brand_key / category_key terms: casefolded value, separator, the value as stored
+SCHEMA_REVISION = 2  # of the tantivy schema below; a change rebuilds the index
 _ADD_BATCH = 2000  # pks re-synced per SQLite read
 
 SCHEMA = """
@@ -95,8 +96,11 @@ def migrate(conn: sqlite3.Connection) -> bool:
 def _schema() -> tantivy.Schema:
     builder = tantivy.SchemaBuilder()
     builder.add_unsigned_field("pk", stored=True, indexed=True, fast=True)
-    for name in analysis.LEXICAL_FIELDS:
+    for name in (*analysis.LEXICAL_FIELDS, SUGGEST_FIELD):
         builder.add_text_field(name, stored=False, tokenizer_name="whitespace")
+    # case-insensitive prefixes of whole brand and category values, shown as stored
+    builder.add_text_field("brand_key", stored=False, tokenizer_name="raw")
+    builder.add_text_field("category_key", stored=False, tokenizer_name="raw")
     # filter and facet fields: exact values ("raw"), fast for aggregations
     builder.add_text_field("id", stored=False, tokenizer_name="raw")
     builder.add_text_field("brand", stored=False, fast=True, tokenizer_name="raw")
@@ -126,7 +130,9 @@ def tokens_json(product: Product) -> str:
 
 def _tokens_json(title: str, body: str) -> str:
     tokens = analysis.analyze_product(title, body)
-    return json.dumps({f: " ".join(tokens[f]) for f in analysis.LEXICAL_FIELDS}, ensure_ascii=False)
+    fields = {f: " ".join(tokens[f]) for f in analysis.LEXICAL_FIELDS}
+    fields[SUGGEST_FIELD] = " ".join(analysis.suggest_terms(title))
+    return json.dumps(fields, ensure_ascii=False)
 
 
 def analyse_texts(texts: Sequence[tuple[str, str]]) -> list[str]:
@@ -212,6 +218,11 @@ class ParallelAnalysis:
     def close(self) -> None:
         with self._lock:
             self._stop()
+
+
+def value_key(value: str) -> str:
+    """The brand_key / category_key term of a value: its prefix-matchable form, then the value itself."""
+    return analysis.normalize(value).casefold() + KEY_SEPARATOR + value
 
 
 class _Stamp:
@@ -498,15 +509,17 @@ class TantivyLexicalIndex:
     def _document(self, row: TextRow) -> tantivy.Document:
         doc = tantivy.Document()
         doc.add_unsigned("pk", row.pk)
-        for name in analysis.LEXICAL_FIELDS:
+        for name in (*analysis.LEXICAL_FIELDS, SUGGEST_FIELD):
             value = row.fields.get(name)
             if value:
                 doc.add_text(name, value)
         doc.add_text("id", row.id)
         if row.brand is not None:
             doc.add_text("brand", row.brand)
+            doc.add_text("brand_key", value_key(row.brand))
         for category in row.categories:
             doc.add_text("category", category)
+            doc.add_text("category_key", value_key(category))
         if row.price is not None:
             doc.add_float("price", row.price)
         doc.add_unsigned("in_stock", 1 if row.in_stock else 0)
@@ -634,7 +647,9 @@ class TantivyLexicalIndex:
         return int(self._searcher().search(query, limit=1, count=True).count)
 
     def terms_with_prefix(self, field: str, prefix: str, limit: int | None) -> list[tuple[str, int]]:
-        return [(str(t), int(c)) for t, c in self._searcher().terms_with_prefix(field, prefix, limit=limit)]
+        """(term, documents holding it), most frequent first; deleted documents are not counted."""
+        found = self._searcher().terms_with_prefix(field, prefix, filter_query=tantivy.Query.all_query(), limit=limit)
+        return [(str(t), int(c)) for t, c in found if c > 0]
 
     def num_docs(self) -> int:
         return int(self._searcher().num_docs)
