@@ -35,7 +35,7 @@ from middleware.pipeline import Pipeline
 from middleware.server import api, proxy
 from middleware.server.auth import ApiKeyChecker, load_api_keys
 from middleware.server.errors import ApiError, opensearch_error, redact, render, route_group, v1_error
-from middleware.server.model_routes import BackgroundLoader
+from middleware.server.loader import BackgroundLoader
 from middleware.server.state import ModelService, ServiceState
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -40,17 +40,13 @@ from middleware import __version__
 from middleware.config import Settings
 from middleware.server.api import RerankBody, RerankResponse, answer_rerank
 from middleware.server.errors import ApiError, redact
+from middleware.server.loader import BackgroundLoader
 from middleware.server.metrics import CONTENT_TYPE_LATEST
 from middleware.server.state import ModelService
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
-S = TypeVar("S")
-
-# how long a failed model load waits before the next try (doubling up to the cap)
-RETRY_FIRST_S = 1.0
-RETRY_MAX_S = 30.0
 
 MODEL_ROUTES = frozenset(
     {"/v1/embeddings", "/v1/models", "/v1/rerank", "/embed", "/rerank", "/info", "/healthz", "/readyz", "/metrics"}
@@ -266,31 +262,6 @@ def models_only_settings(settings: Settings) -> Settings:
     """The settings the model server loads its models with: no query instruction (the text sent is
     the text embedded)."""
     return settings.model_copy(update={"query_instruction": ""})
-
-
-class BackgroundLoader(Generic[S]):
-    """Builds a service with `build`, retrying with backoff; `error` holds the last failure's line.
-
-    Every server that loads models uses it (models-only and the full service, one per worker), so
-    readiness reads the same everywhere: false with the reason while loading, true once loaded."""
-
-    def __init__(self, build: Callable[[], S], what: str) -> None:
-        self.build = build
-        self.what = what  # for the log: "models", "the service"
-        self.error: str | None = None
-        self.attempts = 0
-
-    async def load(self) -> S:
-        delay = RETRY_FIRST_S
-        while True:
-            self.attempts += 1
-            try:
-                return await asyncio.to_thread(self.build)
-            except Exception as err:
-                self.error = " ".join(redact(str(err)).split())[:500] or type(err).__name__
-                log.error("%s not loaded (try %d, next in %.0f s): %s", self.what, self.attempts, delay, self.error)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
 
 
 class ModelLoader(BackgroundLoader[ModelService]):
