@@ -175,3 +175,18 @@ def test_workers_flag_is_checked_before_anything_starts(tmp_path: Path) -> None:
     assert main(["--data-dir", str(tmp_path), "serve", "--workers", "0", "--port", str(free_port())]) == 2
     code = main(["--data-dir", str(tmp_path), "serve", "--models-only", "--workers", "2", "--port", str(free_port())])
     assert code == 2
+
+
+def test_workers_refuse_contradictory_cluster_credentials_in_one_line(capsys, tmp_path: Path, monkeypatch) -> None:
+    """Checked by the command before any worker starts (a worker would only retry them)."""
+    from middleware.cli import main
+
+    (tmp_path / "pw").write_text("from-file\n")
+    monkeypatch.setenv("SHOPSEARCH_SERVER__UPSTREAM_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("SHOPSEARCH_OPENSEARCH__USERNAME", "admin")
+    monkeypatch.setenv("SHOPSEARCH_OPENSEARCH__PASSWORD", "inline")
+    monkeypatch.setenv("SHOPSEARCH_OPENSEARCH__PASSWORD_FILE", str(tmp_path / "pw"))
+    argv = ["--data-dir", str(tmp_path), "serve", "--workers", "2", "--port", str(free_port()), "--embedder", "none"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "opensearch.password" in err and "from-file" not in err
