@@ -112,6 +112,7 @@ class EmbeddedBackend:
                 stored_dim = None  # bound, but no vector written yet: the first vector write sets it
             self._dim: int | None = stored_dim
             generation = self.store.meta_int("generation") or 0
+            self._dim_generation: int | None = generation  # the generation `_dim` was last read at
             self.vectors.open(generation, n_vectors, stored_dim, self.store.vector_pks)
             self._analyse_stale_rows()
             self.lexical.open(self.store.meta_int(LEXICAL_GENERATION) or 0)
@@ -196,6 +197,18 @@ class EmbeddedBackend:
                 self._dim = binding.dim
                 self.vectors.reset()
 
+    def _stored_dim(self) -> int | None:
+        """The store's vector dimension; read again while unknown here (another process sharing the
+        store may have written the first vectors since this one opened it)."""
+        if self._dim is None:
+            with self.store.reader() as conn:
+                generation = self.store.meta_int("generation", conn)
+                if generation != self._dim_generation:  # every vector write bumps it
+                    self._dim_generation = generation
+                    if conn.execute("SELECT 1 FROM products WHERE vector IS NOT NULL LIMIT 1").fetchone():
+                        self._dim = self.store.meta_int("dim", conn)
+        return self._dim
+
     # ------------------------------------------------------------------ writes
 
     def _check_vectors(self, vectors: np.ndarray | None, n: int) -> np.ndarray | None:
@@ -204,7 +217,8 @@ class EmbeddedBackend:
         arr = np.asarray(vectors, dtype=np.float32)
         if arr.ndim != 2 or arr.shape[0] != n:
             raise ValueError(f"vectors must have shape ({n}, dim) for {n} products, got {arr.shape}")
-        dim = self._dim if self._dim is not None else self._expected_dim
+        dim = self._stored_dim()
+        dim = dim if dim is not None else self._expected_dim
         if dim is not None and arr.shape[1] != dim:
             raise ValueError(f"vector dimension mismatch: the store holds {dim}-d vectors, got {arr.shape[1]}-d")
         if arr.shape[1] == 0:
@@ -357,7 +371,7 @@ class EmbeddedBackend:
     def knn(self, vector: np.ndarray, filters: Filters | None, n: int) -> list[Candidate]:
         """Exact (flat) or HNSW inner-product top-n among the products matching `filters`."""
         self._check_open()
-        if n <= 0 or self._dim is None:
+        if n <= 0 or self._stored_dim() is None:
             return []
         query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
         if query.shape[1] != self._dim:
