@@ -3,6 +3,8 @@ sees the other's writes (BM25 and kNN), and the saved vector index is never repl
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +19,22 @@ def _unit(n: int, dim: int, seed: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+def eventually(check: Callable[[], bool], within_s: float = 1.0) -> None:
+    """The lexical index of a backend that does not own its writer shows another's writes once the
+    owner commits (its poll and commit intervals): well within a second."""
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, "not visible within the interval"
+        time.sleep(0.01)
+
+
 def test_a_backend_sees_the_first_vectors_another_wrote_into_an_empty_store(tmp_path: Path) -> None:
     a, b = EmbeddedBackend(tmp_path), EmbeddedBackend(tmp_path)  # both opened while empty: no dimension yet
     try:
         vectors = _unit(3, 8, seed=1)
         a.upsert([Product(id=f"p{i}", title=f"蓝牙耳机 {i}") for i in range(3)], vectors)
         assert [c.id for c in b.knn(vectors[2], None, 1)] == ["p2"]
-        assert {c.id for c in b.bm25("蓝牙耳机", None, 10)} == {"p0", "p1", "p2"}
+        eventually(lambda: {c.id for c in b.bm25("蓝牙耳机", None, 10)} == {"p0", "p1", "p2"})
         b.upsert([Product(id="q", title="保温杯")], _unit(1, 8, seed=2))  # b now knows the dimension too
         assert [c.id for c in a.knn(_unit(1, 8, seed=2)[0], None, 1)] == ["q"]
         a.delete(["p2"])
