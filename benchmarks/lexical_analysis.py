@@ -59,7 +59,7 @@ VARIANTS: list[Variant] = [
     Variant("+stopwords drop", Analysis(stopwords="drop", unigrams="all", latin_in_cjk=True)),
     Variant("+stopwords index", Analysis(stopwords="index", unigrams="all", latin_in_cjk=True)),
     Variant("+lone unigrams", Analysis(unigrams="lone", latin_in_cjk=True)),
-    Variant("+lone unigrams -latin in cjk", Analysis(unigrams="lone")),
+    Variant("+lone unigrams -latin in cjk", Analysis(unigrams="lone", latin_in_cjk=False)),
     Variant("unigram field 0.25", Analysis(unigrams="field", uni_boost=0.25, latin_in_cjk=True)),
     Variant("unigram field 0.5", Analysis(unigrams="field", uni_boost=0.5, latin_in_cjk=True)),
     Variant("unigram field 1", Analysis(unigrams="field", uni_boost=1.0, latin_in_cjk=True)),
@@ -272,9 +272,17 @@ def main(argv: list[str] | None = None) -> int:
         peer = bm25s_peer(*hd)
         print(f"{'bm25s + stem + stopwords (peer)':<36} {peer['ndcg@10']:>9.4f} {'-':>7}  homedepot: {peer['total_s']}")
     titles = [d["title"] for d in qb_corpus]
-    timing = {"current": speed(titles, args.speed_docs, args.seed)}
+    modules = {"current": text_module}
     if args.speed_baseline:
-        timing["baseline"] = speed(titles, args.speed_docs, args.seed, _load_module(args.speed_baseline))
+        modules["baseline"] = _load_module(args.speed_baseline)
+    timing: dict[str, dict[str, Any]] = {}
+    for _ in range(2):  # interleaved rounds, the better of two: the machine is shared
+        for name, module in modules.items():
+            t = speed(titles, args.speed_docs, args.seed, module)
+            best = timing.setdefault(name, t)
+            for key in ("cold_docs_per_s", "warm_docs_per_s"):
+                best[key] = max(best[key], t[key])
+    if args.speed_baseline:
         timing["baseline"]["file"] = str(args.speed_baseline)
     for name, t in timing.items():
         print(
