@@ -214,6 +214,15 @@ class Analysis:
     cjk_boost: float = 2.0
     uni_boost: float = 1.0
 
+    def __post_init__(self) -> None:
+        for name, allowed in (("stopwords", ("index", "drop", "keep")), ("unigrams", ("lone", "all", "field"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("words_boost", "cjk_boost", "uni_boost"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+
     @property
     def field_boosts(self) -> dict[str, float]:
         boosts = {

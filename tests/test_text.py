@@ -167,6 +167,15 @@ def test_tokens_are_non_empty_and_whitespace_free(text: str) -> None:
         assert " ".join(tokens).split() == tokens
 
 
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [({"stopwords": "remove"}, "stopwords"), ({"unigrams": 2}, "unigrams"), ({"uni_boost": 0}, "uni_boost")],
+)
+def test_bad_analysis_options_are_named(options: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        Analysis(**options)
+
+
 def test_overlong_words_are_dropped() -> None:
     assert jieba_tokens("a" * 300 + " ok") == ["ok"]
 
