@@ -49,7 +49,8 @@ _LETTER = regex.compile(r"\p{L}")
 # Lucene's English stopword set (EnglishAnalyzer.ENGLISH_STOP_WORDS_SET).
 _LUCENE_STOPWORDS = "a an and are as at be but by for if in into is it no not of on or such that the their then there"
 STOPWORDS: frozenset[str] = frozenset(f"{_LUCENE_STOPWORDS} these they this to was will with".split(" "))
-# Longer words are dropped (Lucene's default maximum token length): no real word is that long.
+# Longer words (and kana / hangul runs) are dropped, as Lucene's default maximum token length: no
+# real word is that long, and a search engine's terms have a length limit.
 MAX_WORD_CHARS = 255
 
 # The FTS5 tokenizer that reads the space-joined tokens back (the SQLite engine): same character
@@ -175,7 +176,8 @@ def _han_words(run: str) -> tuple[str, ...]:
                             gram = word[i : i + size]
                             if freq.get(gram):
                                 out.append(gram)
-            out.append(word)
+            if len(word) <= MAX_WORD_CHARS:
+                out.append(word)
     out.extend(run[pos:])
     return tuple(out)
 
@@ -275,11 +277,11 @@ class Analysis:
     def _cjk_words(run: str) -> Iterator[str]:
         pos = 0
         for han in _HAN_RUN.finditer(run):
-            if han.start() > pos:
+            if pos < han.start() <= pos + MAX_WORD_CHARS:
                 yield run[pos : han.start()]  # kana / hangul whole
             yield from _han_words(han.group())
             pos = han.end()
-        if pos < len(run):
+        if pos < len(run) <= pos + MAX_WORD_CHARS:
             yield run[pos:]
 
     def _cjk_grams(self, run: str, cjk: list[str], uni: list[str]) -> None:

@@ -178,6 +178,9 @@ def test_bad_analysis_options_are_named(options: dict, name: str) -> None:
 
 def test_overlong_words_are_dropped() -> None:
     assert jieba_tokens("a" * 300 + " ok") == ["ok"]
+    assert jieba_tokens("カ" * 300 + "手表" + "한" * 300) == ["手表"]
+    fields = analyze_product("カ" * 300 + " " + "手" * 300, "")
+    assert max(len(t) for tokens in fields.values() for t in tokens) <= text_module.MAX_WORD_CHARS
 
 
 def test_jieba_initialises_once_quietly_and_thread_safely(monkeypatch, capfd) -> None:
