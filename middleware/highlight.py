@@ -19,6 +19,10 @@ import regex
 from middleware import text as text_analysis
 
 _GRAPHEME = regex.compile(r"\X")
+_MAX_ANCHORS = 500
+# Characters NFKC leaves alone and lower-cases one to one (ASCII, CJK unified ideographs), not
+# followed by a combining mark that NFKC could compose with them.
+_STABLE = regex.compile(r"[\x00-\x7f\u4e00-\u9fff]+(?!\p{M})")
 
 
 @dataclass
@@ -68,11 +72,22 @@ def _normalized(text: str) -> tuple[str, list[int], list[int]]:
     pieces: list[str] = []
     starts: list[int] = []
     ends: list[int] = []
-    for grapheme in _GRAPHEME.finditer(text):
-        piece = unicodedata.normalize("NFKC", grapheme.group()).lower()
-        pieces.append(piece)
-        starts.extend([grapheme.start()] * len(piece))
-        ends.extend([grapheme.end()] * len(piece))
+
+    def graphemes(a: int, b: int) -> None:
+        for grapheme in _GRAPHEME.finditer(text, a, b):
+            piece = unicodedata.normalize("NFKC", grapheme.group()).lower()
+            pieces.append(piece)
+            starts.extend([grapheme.start()] * len(piece))
+            ends.extend([grapheme.end()] * len(piece))
+
+    pos = 0
+    for stable in _STABLE.finditer(text):
+        graphemes(pos, stable.start())
+        pieces.append(stable.group().lower())
+        starts.extend(range(stable.start(), stable.end()))
+        ends.extend(range(stable.start() + 1, stable.end() + 1))
+        pos = stable.end()
+    graphemes(pos, len(text))
     return "".join(pieces), starts, ends
 
 
@@ -178,7 +193,8 @@ def highlight_fragments(
     remaining = list(spans)
     while remaining and len(chosen) < fragments:
         best: tuple[tuple[int, int, int], int, int] | None = None
-        for span in remaining:
+        step = -(-len(remaining) // _MAX_ANCHORS)  # a very long text: every step-th match as an anchor
+        for span in remaining[::step]:
             start, end = _window(text, span, fragment_chars)
             for a, b in chosen:  # fragments never overlap
                 if b <= span.start:
