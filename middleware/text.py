@@ -1,14 +1,14 @@
 """Text analysis for lexical retrieval: words (jieba for Han, stemmed Latin) and CJK bigrams.
 
 Every analysis NFKC-normalises (full-width ＡＢＣ１２３ → ABC123), lower-cases and drops punctuation
-and whitespace. Two token streams come out of one pass over the text:
+and whitespace. Three token streams come out of one pass over the text:
 
 - words: Han runs cut by jieba in search mode (each word plus its dictionary 2- and 3-grams); kana
   and hangul runs whole; every other word split at letter/digit boundaries ("iphone15" → "iphone",
   "15"; decimals such as "3.5" stay whole) with its letter parts Snowball-stemmed ("sneakers" →
   "sneaker"). English stopwords are indexed, and a query leaves them out unless it has nothing else.
 - cjk: overlapping bigrams of each run of CJK characters (han, kana, hangul, as Lucene's
-  CJKBigramFilter), and the words stream's other word parts ("iphone", "15").
+  CJKBigramFilter), and the words stream's stems and numbers of non-CJK words.
 - uni: every CJK character, in fields of their own with half the bigram fields' boost, so that a
   shared character adds recall without outweighing a shared bigram (a query 手机壳 ranks 手机
   products above a 手表 that only shares 手).
