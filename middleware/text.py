@@ -53,9 +53,6 @@ STOPWORDS: frozenset[str] = frozenset(f"{_LUCENE_STOPWORDS} these they this to w
 # real word is that long, and a search engine's terms have a length limit.
 MAX_WORD_CHARS = 255
 
-# The FTS5 tokenizer that reads the space-joined tokens back (the SQLite engine): same character
-# classes as the words, no diacritic folding (tokens are already final), "._'" as token characters.
-FTS5_TOKENIZE = "unicode61 remove_diacritics 0 categories 'L* N* Co M*' tokenchars '._'''"
 
 _jieba_lock = threading.Lock()
 _jieba: jieba.Tokenizer | None = None

@@ -196,4 +196,4 @@ def test_parallel_analysis_gives_the_tokens_of_in_process_analysis(tmp_path: Pat
         pool.close()
     with EmbeddedBackend(tmp_path, analysis_workers=2) as store:
         store.upsert(products, None)
-        assert ids(store, "iphone15") == ["x"] and len(store.bm25("款式", None, 1000)) == 300
+        assert ids(store, "iphone") == ["x"] and len(store.bm25("款式", None, 1000)) == 300
