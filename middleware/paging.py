@@ -66,12 +66,39 @@ def _model_key(embedder: str) -> str:
     return name
 
 
-def above_floor(hits: Sequence[Candidate], floor: Floor) -> tuple[list[Candidate], float | None]:
-    """The kNN hits that clear the floor (in their order) and the similarity they had to reach."""
+# How a backend's kNN score relates to the inner product of the vectors: "similarity" (the score is it),
+# or "opensearch_innerproduct" (OpenSearch's innerproduct space: 1 + d for d >= 0, 1 / (1 - d) below).
+SIMILARITY = "similarity"
+OPENSEARCH_INNERPRODUCT = "opensearch_innerproduct"
+
+
+def knn_score_scale(backend: object) -> str:
+    return str(getattr(backend, "knn_score_scale", SIMILARITY))
+
+
+def to_similarity(score: float, scale: str) -> float:
+    if scale == OPENSEARCH_INNERPRODUCT:
+        return score - 1.0 if score >= 1.0 else 1.0 - 1.0 / score if score > 0 else -1.0
+    return score
+
+
+def from_similarity(similarity: float, scale: str) -> float:
+    if scale == OPENSEARCH_INNERPRODUCT:
+        return 1.0 + similarity if similarity >= 0 else 1.0 / (1.0 - similarity)
+    return similarity
+
+
+def score_threshold(best_score: float, floor: Floor, scale: str) -> float:
+    """The kNN score (in the backend's scale) a hit must reach, given the query's best score."""
+    return from_similarity(floor.threshold(to_similarity(best_score, scale)), scale)
+
+
+def above_floor(hits: Sequence[Candidate], floor: Floor, scale: str) -> tuple[list[Candidate], float | None]:
+    """The kNN hits that clear the floor (in their order) and the score they had to reach."""
     scores = [c.knn for c in hits if c.knn is not None]
     if not scores:
         return [], None
-    threshold = floor.threshold(max(scores))
+    threshold = score_threshold(max(scores), floor, scale)
     return [c for c in hits if c.knn is not None and c.knn >= threshold], threshold
 
 

@@ -178,14 +178,15 @@ class Pipeline:
 
         # vector hits match only above the floor; lexical hits always do
         floor = paging.knn_floor(cfg.knn_floor, cfg.embedder)
+        scale = paging.knn_score_scale(self.backend)
         threshold = None
         if found.fused is not None:
             best = max((c.knn for c in found.fused if c.knn is not None), default=None)
-            threshold = floor.threshold(best) if best is not None else None
+            threshold = paging.score_threshold(best, floor, scale) if best is not None else None
             fused = [c for c in found.fused if c.bm25 is not None or (c.knn is not None and c.knn >= (threshold or 0))]
             vector_ids = tuple(c.id for c in fused if c.bm25 is None)
         else:
-            kept, threshold = paging.above_floor(found.lists.get("knn", []), floor)
+            kept, threshold = paging.above_floor(found.lists.get("knn", []), floor, scale)
             if "knn" in found.lists:
                 found.lists["knn"] = kept
             vector_ids = tuple(c.id for c in kept)

@@ -16,6 +16,7 @@ import opensearchpy
 import pytest
 from fastapi.testclient import TestClient
 
+from middleware import paging
 from middleware.backends.base import Backend
 from middleware.config import Settings
 from middleware.models import Embedder, Reranker
@@ -147,7 +148,10 @@ def test_hybrid_hits_are_lexical_matches_or_vectors_above_the_floor(pipeline, fi
         assert hit.explain.knn >= hit.explain.knn_floor
     knn_scores = [h.explain.knn for h in resp.hits if h.explain.knn is not None]
     if knn_scores:  # the floor is relative to the best vector hit of the query (absolute 0 for this embedder)
-        assert resp.hits[0].explain.knn_floor == pytest.approx(0.62 * max(knn_scores), abs=1e-6)
+        scale = paging.knn_score_scale(pipeline.backend)  # OpenSearch scores a dot product d as 1 + d
+        best = paging.to_similarity(max(knn_scores), scale)
+        want = paging.from_similarity(paging.UNCALIBRATED_FLOOR[0] * best, scale)
+        assert resp.hits[0].explain.knn_floor == pytest.approx(want, abs=1e-6)
 
 
 def test_track_total_hits_caps_or_counts_exactly(pipeline):
