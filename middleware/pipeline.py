@@ -181,10 +181,18 @@ class Pipeline:
         scale = paging.knn_score_scale(self.backend)
         threshold = None
         if found.fused is not None:
-            best = max((c.knn for c in found.fused if c.knn is not None), default=None)
-            threshold = paging.score_threshold(best, floor, scale) if best is not None else None
-            fused = [c for c in found.fused if c.bm25 is not None or (c.knn is not None and c.knn >= (threshold or 0))]
-            vector_ids = tuple(c.id for c in fused if c.bm25 is None)
+            # the server's fused hits do not say why they matched: the lexical ones are asked for by id,
+            # the vector ones are the kNN hits above the floor (one more kNN query, for their scores)
+            assert found.vector is not None
+            knn_hits = self.backend.knn(found.vector, filters, req.retrieve_n or cfg.retrieve_n)
+            kept, threshold = paging.above_floor(knn_hits, floor, scale)
+            ids = [c.id for c in found.fused if c.bm25 is None]
+            lexical = {c.id for c in found.fused if c.bm25 is not None} | self._lexical_ids(query, filters, ids)
+            similarity = {c.id: c.knn for c in kept}
+            fused = [c for c in found.fused if c.id in lexical or c.id in similarity]
+            for cand in fused:
+                cand.knn = similarity.get(cand.id, cand.knn)
+            vector_ids = tuple(c.id for c in fused if c.id not in lexical)
         else:
             kept, threshold = paging.above_floor(found.lists.get("knn", []), floor, scale)
             if "knn" in found.lists:
@@ -232,6 +240,13 @@ class Pipeline:
             candidates = business.apply(candidates[:reranked], weights) + business.apply(candidates[reranked:], weights)
         watch.record("business", t)
         return candidates, match, threshold, degraded, reranked
+
+    def _lexical_ids(self, query: str, filters: Filters | None, ids: list[str]) -> set[str]:
+        """Which of `ids` match `query` lexically under the filters."""
+        if not ids:
+            return set()
+        restricted = (filters or Filters()).model_copy(update={"ids": ids})
+        return {c.id for c in self.backend.listing(MatchSet(text=query, filters=restricted), [], 0, len(ids))}
 
     def _ranked_page(
         self, head: list[Candidate], match: MatchSet, cursor: paging.Cursor, size: int

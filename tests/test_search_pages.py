@@ -315,3 +315,35 @@ def test_rest_sort_browse_cursor_and_400s(backend, models):
             assert too_deep.status_code == 400 and too_deep.json()["param"] == "from"
     finally:
         p.close()
+
+
+def test_server_side_hybrid_counts_and_pages_the_same_way(backend, models, doc_vectors):
+    """OpenSearch's hybrid query (search pipeline): its fused hits are sorted into lexical matches and
+    vector hits above the floor; nothing else is kept, and pages walk one order."""
+    if not OPENSEARCH_URL or not hasattr(backend, "cfg"):
+        pytest.skip("the hybrid query is OpenSearch's")
+    from middleware.backends import opensearch_admin as admin
+    from middleware.backends.opensearch import OpenSearchBackend
+
+    name = f"{backend.cfg.index_prefix}-hybrid"
+    cfg = backend.cfg.model_copy(update={"retrieval": "hybrid", "search_pipeline": name})
+    hybrid = OpenSearchBackend(backend.client, cfg, dim=models[0].dim)
+    try:
+        admin.install(hybrid)
+        p = make_pipeline(hybrid, models)
+        everything = search(p, query="sleek snug", size=1000, explain=True)
+        ids = [h.id for h in everything.hits]
+        assert len(ids) == len(set(ids)) == everything.total
+        assert lexical("sleek snug") <= set(ids)
+        for hit in everything.hits:
+            if hit.id not in lexical("sleek snug"):
+                assert hit.explain.knn is not None and hit.explain.knn >= hit.explain.knn_floor
+        pages = [search(p, query="sleek snug", size=25, **{"from": i * 25}) for i in range(len(ids) // 25 + 1)]
+        assert [h.id for page in pages for h in page.hits] == ids
+        best = float((doc_vectors @ models[0].encode_queries([GIBBERISH])[0]).max())
+        strict = make_pipeline(hybrid, models, knn_floor={"absolute": best + 0.01})
+        assert search(strict, query=GIBBERISH).total == 0
+        p.close()
+        strict.close()
+    finally:
+        backend.client.search_pipeline.delete(id=name, ignore=[404])
