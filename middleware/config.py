@@ -50,6 +50,14 @@ class BusinessSettings(BaseModel):
     out_of_stock: Literal["demote", "filter"] = "demote"
 
 
+class KnnFloorSettings(BaseModel):
+    """A vector hit matches when its similarity is at least max(absolute, relative × the query's best).
+    None: the value calibrated for the configured embedder (middleware.paging.CALIBRATED_FLOORS)."""
+
+    relative: float | None = Field(None, ge=0, le=1)
+    absolute: float | None = Field(None, ge=-1, le=1)
+
+
 class OpenSearchSettings(BaseModel):
     url: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["http://localhost:9200"])
     username: str | None = None
@@ -196,6 +204,7 @@ class Settings(BaseSettings):
     max_query_chars: int = Field(512, ge=1)  # longer queries are cut before retrieval and the models
     fusion: FusionSettings = Field(default_factory=FusionSettings)
     business: BusinessSettings = Field(default_factory=BusinessSettings)
+    knn_floor: KnnFloorSettings = Field(default_factory=KnnFloorSettings)
 
     server: ServerSettings = Field(default_factory=ServerSettings)
 

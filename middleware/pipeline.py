@@ -7,14 +7,18 @@ A stage that fails or runs out of budget is listed in `degraded` and the previou
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
+import math
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from middleware import business, fusion
-from middleware.backends.base import Backend
+from middleware import business, fusion, paging
+from middleware.backends.base import Backend, MatchSet, SortKey
 from middleware.budget import Deadline, Stopwatch
-from middleware.config import Settings
+from middleware.config import BusinessSettings, Settings
 from middleware.products import Candidate, Filters
 from middleware.redaction import redact
 from middleware.rerank import PairScorer, QueuedPairScorer, rerank_head
@@ -88,18 +92,82 @@ class Pipeline:
         deadline = Deadline(req.deadline_ms or cfg.deadline_ms)
         watch = Stopwatch()
         weights = req.business or cfg.business
-        query = req.query.strip()[: cfg.max_query_chars]  # longer text is cut for retrieval and the models
+        query = (req.query or "").strip()[: cfg.max_query_chars]  # longer text is cut for retrieval and the models
         filters = _with_stock_filter(req.filters, weights.out_of_stock == "filter" and req.business_enabled)
-        n = max(req.retrieve_n or cfg.retrieve_n, req.from_ + req.size)
+        sort = paging.parse_sort(req.sort)
+        if not query and (req.filters is None or req.filters.is_empty()):
+            raise paging.InvalidRequest("give a query, or filters to browse (e.g. a category) without one", "query")
+        if req.search_after is not None and req.from_:
+            raise paging.InvalidRequest("give either search_after or from, not both", "search_after")
+        default_order = not sort or (query and [(k.field, k.descending) for k in sort] == [("_score", True)])
+        key = paging.query_key(_order_parts(req, query, filters, weights, sort if not default_order else []))
+        mark: str | None = None
+        cursor = paging.Cursor(position=req.from_, listing_offset=0)
+        if req.search_after is not None:
+            mark = paging.store_mark(self.backend.stats())
+            cursor = paging.decode_cursor(req.search_after, key, mark)
 
-        # 1. retrieve
+        degraded: list[str] = []
+        reranked = 0
+        floor: float | None = None
+        if not query:  # a category page: the business order, or the requested one
+            match = MatchSet(text=None, filters=filters)
+            if sort:
+                page, listing_offset = self._sorted_page(match, sort, cursor.position, req.size)
+            else:
+                page = self._business_browse(match, filters, weights, req.business_enabled, cursor.position, req.size)
+                listing_offset = 0
+        else:
+            head, match, floor, degraded, reranked = self._ranked_head(req, query, filters, weights, deadline, watch)
+            if default_order:
+                page, listing_offset = self._ranked_page(head, match, cursor, req.size)
+            else:
+                page, listing_offset = self._sorted_page(match, sort, cursor.position, req.size)
+
+        t = time.perf_counter()
+        if req.track_total_hits is False:
+            total, relation = cursor.position + len(page), "gte"
+        else:
+            total, relation = paging.capped_total(self.backend.count_matches(match), req.track_total_hits)
+        watch.record("count", t)
+
+        next_cursor = None
+        reached = cursor.position + len(page)
+        if page and len(page) == req.size and (relation == "gte" or reached < total):
+            mark = mark or paging.store_mark(self.backend.stats())
+            next_cursor = paging.encode_cursor(key, mark, paging.Cursor(reached, listing_offset))
+        hits = [_hit(c, req.explain, floor) for c in page]
+        return SearchResponse(
+            hits=hits,
+            total=total,
+            relation=relation,
+            next_cursor=next_cursor,
+            took_ms=round(deadline.elapsed_ms(), 3),
+            timings_ms=watch.timings,
+            degraded=degraded,
+            reranked=reranked,
+        )
+
+    def _ranked_head(
+        self,
+        req: SearchRequest,
+        query: str,
+        filters: Filters | None,
+        weights: BusinessSettings,
+        deadline: Deadline,
+        watch: Stopwatch,
+    ) -> tuple[list[Candidate], MatchSet, float | None, list[str], int]:
+        """The reranked, business-scored head of a query; the match set it heads; the kNN floor applied."""
+        cfg = self.settings
+        use_bm25 = req.retrieval != "vector"
+        # 1. retrieve (the same head on every page: pages past it continue with the lexical tail)
         found = retrieve(
             backend=self.backend,
             embed_query=self._embed_query if self.embedder is not None else None,
             text=query,
             filters=filters,
-            n=n,
-            use_bm25=req.retrieval != "vector",
+            n=req.retrieve_n or cfg.retrieve_n,
+            use_bm25=use_bm25,
             # without an embedder, hybrid is BM25 alone (configured, not degraded)
             use_knn=req.retrieval == "vector" or (req.retrieval == "hybrid" and self.embedder is not None),
             deadline=deadline,
@@ -108,11 +176,35 @@ class Pipeline:
         )
         degraded = list(found.degraded)
 
+        # vector hits match only above the floor; lexical hits always do
+        floor = paging.knn_floor(cfg.knn_floor, cfg.embedder)
+        scale = paging.knn_score_scale(self.backend)
+        threshold = None
+        if found.fused is not None:
+            # the server's fused hits do not say why they matched: the lexical ones are asked for by id,
+            # the vector ones are the kNN hits above the floor (one more kNN query, for their scores)
+            assert found.vector is not None
+            knn_hits = self.backend.knn(found.vector, filters, req.retrieve_n or cfg.retrieve_n)
+            kept, threshold = paging.above_floor(knn_hits, floor, scale)
+            ids = [c.id for c in found.fused if c.bm25 is None]
+            lexical = {c.id for c in found.fused if c.bm25 is not None} | self._lexical_ids(query, filters, ids)
+            similarity = {c.id: c.knn for c in kept}
+            fused = [c for c in found.fused if c.id in lexical or c.id in similarity]
+            for cand in fused:
+                cand.knn = similarity.get(cand.id, cand.knn)
+            vector_ids = tuple(c.id for c in fused if c.id not in lexical)
+        else:
+            kept, threshold = paging.above_floor(found.lists.get("knn", []), floor, scale)
+            if "knn" in found.lists:
+                found.lists["knn"] = kept
+            vector_ids = tuple(c.id for c in kept)
+        match = MatchSet(text=query if use_bm25 else "", filters=filters, ids=vector_ids)
+
         # 2. fuse
         t = time.perf_counter()
         method = req.fusion or cfg.fusion.method
         if found.fused is not None:
-            candidates = found.fused
+            candidates = fused
         elif method == "rrf":
             candidates = fusion.rrf(found.lists, k=cfg.fusion.rrf_k)
         else:
@@ -147,18 +239,73 @@ class Pipeline:
         if req.business_enabled:
             candidates = business.apply(candidates[:reranked], weights) + business.apply(candidates[reranked:], weights)
         watch.record("business", t)
+        return candidates, match, threshold, degraded, reranked
 
-        # 5. page and respond
-        page = candidates[req.from_ : req.from_ + req.size]
-        hits = [_hit(c, req.explain) for c in page]
-        return SearchResponse(
-            hits=hits,
-            total=len(candidates),
-            took_ms=round(deadline.elapsed_ms(), 3),
-            timings_ms=watch.timings,
-            degraded=degraded,
-            reranked=reranked,
-        )
+    def _lexical_ids(self, query: str, filters: Filters | None, ids: list[str]) -> set[str]:
+        """Which of `ids` match `query` lexically under the filters."""
+        if not ids:
+            return set()
+        restricted = (filters or Filters()).model_copy(update={"ids": ids})
+        return {c.id for c in self.backend.listing(MatchSet(text=query, filters=restricted), [], 0, len(ids))}
+
+    def _ranked_page(
+        self, head: list[Candidate], match: MatchSet, cursor: paging.Cursor, size: int
+    ) -> tuple[list[Candidate], int]:
+        """Positions [cursor.position, + size) of head-then-lexical-tail; the tail's resume offset."""
+        page = head[cursor.position : cursor.position + size]
+        offset = cursor.listing_offset
+        if len(page) < size and match.text:
+            skip = max(0, cursor.position - len(head)) if offset == 0 else 0
+            tail = paging.walk(self.backend, match, paging.SCORE_ORDER, offset, frozenset(c.id for c in head))
+            for offset, cand in tail:  # noqa: B007 (the offset after the last row taken resumes the walk)
+                if skip:
+                    skip -= 1
+                    continue
+                page.append(cand)
+                if len(page) == size:
+                    break
+        return page, offset
+
+    def _sorted_page(
+        self, match: MatchSet, sort: list[SortKey], position: int, size: int
+    ) -> tuple[list[Candidate], int]:
+        page = self.backend.listing(match, sort, position, size) if size else []
+        return page, 0
+
+    def _business_browse(
+        self,
+        match: MatchSet,
+        filters: Filters | None,
+        weights: BusinessSettings,
+        enabled: bool,
+        position: int,
+        size: int,
+    ) -> list[Candidate]:
+        """A category page by business score: sales (log-scaled to the category's best) plus the stock bonus.
+        In-stock and out-of-stock products each come by sales; merged by score, ties by id."""
+        by_sales = [SortKey("sales", descending=True)]
+        if not enabled or size == 0:
+            return self.backend.listing(match, by_sales, position, size)
+        top = self.backend.listing(match, by_sales, 0, 1)
+        max_sales = top[0].product.sales if top and top[0].product is not None else 0
+        scale = math.log1p(max_sales) if max_sales > 0 else 1.0
+
+        def scored(rows: Iterator[tuple[int, Candidate]]) -> Iterator[Candidate]:
+            for _, cand in rows:
+                product = cand.product
+                sales_term = math.log1p(product.sales) / scale if product is not None else 0.0
+                stock_term = 1.0 if product is None or product.in_stock else 0.0
+                cand.business = weights.w_sales * sales_term + weights.w_stock * stock_term
+                cand.final = cand.business
+                yield cand
+
+        in_stock = MatchSet(text=None, filters=_with_stock_filter(filters, True))
+        streams = [scored(paging.walk(self.backend, in_stock, by_sales))]
+        if not (filters is not None and filters.in_stock):
+            rest = paging.walk(self.backend, match, by_sales)
+            streams.append(scored((o, c) for o, c in rest if c.product is not None and not c.product.in_stock))
+        merged = heapq.merge(*streams, key=lambda c: (-(c.final or 0.0), c.id))
+        return list(itertools.islice(merged, position, position + size))
 
     def _embed_query(self, text: str) -> Future:
         assert self.embedder is not None
@@ -197,11 +344,27 @@ def _score(c: Candidate) -> float:
     return 0.0
 
 
-def _hit(c: Candidate, explain: bool) -> Hit:
+def _order_parts(
+    req: SearchRequest, query: str, filters: Filters | None, weights: BusinessSettings, sort: list[SortKey]
+) -> dict[str, object]:
+    """What decides a query's order (not the page): a cursor is valid only for the same parts."""
+    return {
+        "query": query,
+        "filters": filters.model_dump(mode="json") if filters is not None else None,
+        "sort": [(k.field, k.descending) for k in sort],
+        "request": req.model_dump(
+            mode="json",
+            include={"retrieval", "fusion", "bm25_weight", "knn_weight", "retrieve_n", "rerank", "rerank_k"},
+        ),
+        "business": weights.model_dump(mode="json") if req.business_enabled else None,
+    }
+
+
+def _hit(c: Candidate, explain: bool, floor: float | None = None) -> Hit:
     product = c.product.model_dump(mode="json") if c.product is not None else {"id": c.id}
     return Hit(
         id=c.id,
         score=_score(c),
         product=product,
-        explain=Explanation(**c.scores(), ranks=dict(c.ranks)) if explain else None,
+        explain=Explanation(**c.scores(), ranks=dict(c.ranks), knn_floor=floor) if explain else None,
     )

@@ -39,6 +39,7 @@ class QueuedQueryEncoder(Protocol):
 class Retrieved:
     lists: dict[str, list[Candidate]] = field(default_factory=dict)  # "bm25" / "knn"
     fused: list[Candidate] | None = None  # set when the backend fused server-side
+    vector: np.ndarray | None = None  # the query's embedding, when it was made
     degraded: list[str] = field(default_factory=list)
 
 
@@ -81,6 +82,7 @@ def retrieve(
             out.degraded.append("embed")
         watch.record("embed", t)
 
+    out.vector = vector
     if vector is not None and server_fuses:
         assert isinstance(backend, HybridBackend)
         hybrid = executor.submit(backend.hybrid, text, vector, filters, n)

@@ -15,7 +15,7 @@ Stage = Literal["embed", "bm25", "knn", "hybrid", "rerank", "business"]
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    query: str | None = Field(None, max_length=MAX_QUERY_CHARS)  # empty or absent: browse under the filters
     filters: Filters | None = None
     from_: int = Field(0, ge=0, alias="from")
     size: int = Field(10, ge=0, le=10_000)
@@ -30,6 +30,10 @@ class SearchRequest(BaseModel):
     business_enabled: bool = True
     explain: bool = False
     deadline_ms: float | None = Field(None, gt=0, le=600_000)
+    # paging and order: [{"price": "asc"}] on price, sales, stock or _score; search_after: a response's next_cursor
+    sort: list[str | dict[str, Any]] | None = Field(None, max_length=8)
+    search_after: str | None = Field(None, max_length=1000)
+    track_total_hits: bool | int = Field(10_000, ge=0)  # True: count exactly; N: count up to N (then "gte")
 
 
 class Explanation(BaseModel):
@@ -40,6 +44,7 @@ class Explanation(BaseModel):
     business: float | None = None
     final: float | None = None
     ranks: dict[str, int] = Field(default_factory=dict)
+    knn_floor: float | None = None  # the similarity a vector hit had to reach to match
 
 
 class Hit(BaseModel):
@@ -51,7 +56,9 @@ class Hit(BaseModel):
 
 class SearchResponse(BaseModel):
     hits: list[Hit]
-    total: int  # candidates that survived retrieval and fusion (the pageable set)
+    total: int  # products that match (lexically under the filters, or vector hits above the floor)
+    relation: Literal["eq", "gte"] = "eq"  # "gte": counted up to track_total_hits
+    next_cursor: str | None = None  # search_after for the next page; None on the last one
     took_ms: float
     timings_ms: dict[str, float]
     degraded: list[str] = Field(default_factory=list)

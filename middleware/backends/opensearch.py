@@ -113,6 +113,8 @@ _VERSION_RE = re.compile(r"-v(\d+)$")
 class OpenSearchBackend:
     """Backend Protocol on OpenSearch. Reads go to the read alias, writes to the write alias."""
 
+    knn_score_scale = "opensearch_innerproduct"  # kNN scores: 1 + d for a dot product d >= 0 (middleware.paging)
+
     def __init__(
         self,
         client: opensearchpy.OpenSearch,

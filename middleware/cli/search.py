@@ -143,7 +143,10 @@ def print_response(response: SearchResponse, *, explain: bool) -> None:
         rows.append(row)
     print(_table(header, rows))
     timings = "  ".join(f"{k} {v:.1f}ms" for k, v in response.timings_ms.items())
-    print(f"\n{response.total} candidates, {response.reranked} reranked, took {response.took_ms:.1f} ms ({timings})")
+    print(
+        f"\n{response.total} matches ({response.relation}), {response.reranked} reranked, "
+        f"took {response.took_ms:.1f} ms ({timings})"
+    )
     if response.degraded:
         print(f"degraded: {', '.join(response.degraded)}")
 

@@ -24,7 +24,9 @@ router = APIRouter()
 class SearchBody(SearchRequest):
     """SearchRequest as the API accepts it: a query of any length (cut to server.max_query_chars)."""
 
-    query: str = Field(min_length=1, description="user text; longer than server.max_query_chars is truncated")
+    query: str | None = Field(
+        None, description="user text (longer than server.max_query_chars is truncated); empty: browse the filters"
+    )
     page: int | None = Field(None, ge=1, description="1-based page of `size` hits (instead of `from`)")
 
 
@@ -38,7 +40,7 @@ def _prepare(state: ServiceState, body: SearchBody) -> SearchRequest:
     return body.model_copy(
         update={
             # longer text is cut, never refused
-            "query": body.query[: min(MAX_QUERY_CHARS, settings.server.max_query_chars)],
+            "query": (body.query or "")[: min(MAX_QUERY_CHARS, settings.server.max_query_chars)],
             "deadline_ms": capped_deadline_ms(settings, body.deadline_ms),
         }
     )

@@ -145,7 +145,7 @@ class ServiceState(ModelService):
         try:
             resp = await self.admitted(self.pipeline.search, req, deadline_ms=req.deadline_ms)
         except ValueError as err:  # a request the configuration cannot answer (e.g. vector without embedder)
-            raise ApiError(400, str(err)) from None
+            raise ApiError(400, str(err), param=getattr(err, "param", None)) from None
         self.metrics.observe_search(resp.timings_ms, resp.degraded)
         return resp
 

@@ -534,9 +534,7 @@ def search_response(
                     "shopsearch": hit.explain.model_dump(),
                 }
             hits.append(doc)
-    req = translated.request
-    # the pipeline ranks at most max(retrieve_n, from+size) candidates: a full set means "at least"
-    relation = "gte" if resp is not None and total >= max(retrieve_n, req.from_ + req.size) else "eq"
+    relation = resp.relation if resp is not None else "eq"
     max_score = max((h["_score"] for h in hits), default=None)
     return {
         "took": round(took_ms),
