@@ -11,8 +11,8 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from middleware import business, fusion
-from middleware.backends.base import Backend
+from middleware import business, fusion, storefront
+from middleware.backends.base import Backend, MatchSet
 from middleware.budget import Deadline, Stopwatch
 from middleware.config import Settings
 from middleware.products import Candidate, Filters
@@ -151,14 +151,54 @@ class Pipeline:
         # 5. page and respond
         page = candidates[req.from_ : req.from_ + req.size]
         hits = [_hit(c, req.explain) for c in page]
-        return SearchResponse(
+
+        # 6. storefront: facets over the counted set, highlighted fragments of the page
+        match = storefront.counted_match(query, filters, candidates, lexical=req.retrieval != "vector")
+        facets = self._facets(req, match, watch, degraded)
+        self._highlight(req, query, hits, watch, degraded)
+        resp = SearchResponse(
             hits=hits,
             total=len(candidates),
             took_ms=round(deadline.elapsed_ms(), 3),
             timings_ms=watch.timings,
             degraded=degraded,
             reranked=reranked,
+            facets=facets,
         )
+        resp._match = match
+        return resp
+
+    def _facets(self, req: SearchRequest, match: MatchSet, watch: Stopwatch, degraded: list[str]) -> dict | None:
+        plan = storefront.facet_plan(req.facets)
+        if not plan:
+            return None
+        t = time.perf_counter()
+        try:
+            return storefront.compute_facets(self.backend, match, plan, disjunctive=req.disjunctive_facets)
+        except Exception as err:  # the hits still answer; the shopper sees no counts
+            log.warning("facets degraded: %s", redact(str(err)))
+            degraded.append("facets")
+            return None
+        finally:
+            watch.record("facets", t)
+
+    def _highlight(
+        self, req: SearchRequest, query: str, hits: list[Hit], watch: Stopwatch, degraded: list[str]
+    ) -> None:
+        plan = storefront.highlight_plan(req.highlight)
+        if plan is None or not hits:
+            return
+        t = time.perf_counter()
+        try:
+            found = self.backend.highlight(query, [h.id for h in hits], plan[1], plan[0])
+        except Exception as err:  # hits without fragments; the titles are still there
+            log.warning("highlight degraded: %s", redact(str(err)))
+            degraded.append("highlight")
+            return
+        finally:
+            watch.record("highlight", t)
+        for hit in hits:
+            hit.highlight = found.get(hit.id)
 
     def _embed_query(self, text: str) -> Future:
         assert self.embedder is not None
