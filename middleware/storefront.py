@@ -11,6 +11,7 @@ brands' vector hits were never retrieved); the lexical part is exact.
 
 from __future__ import annotations
 
+import bisect
 import re
 import threading
 import unicodedata
@@ -206,6 +207,9 @@ def normalize_query(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
+MAX_PREFIX_MATCHES = 2000  # recorded queries ranked per lookup (a one-letter prefix may match thousands)
+
+
 class PopularQueries:
     """A bounded count of successful queries in this process (not shared between processes or kept
     across restarts). When it holds twice `capacity` queries, the least frequent are dropped down to
@@ -215,6 +219,7 @@ class PopularQueries:
         self.capacity = capacity
         self.max_chars = max_chars
         self._counts: dict[str, int] = {}
+        self._keys: list[str] = []  # the same queries, sorted: a prefix is one bisect away
         self._lock = threading.Lock()
 
     def record(self, query: str) -> None:
@@ -222,10 +227,14 @@ class PopularQueries:
         if not key or len(key) > self.max_chars:
             return
         with self._lock:
-            self._counts[key] = self._counts.get(key, 0) + 1
+            count = self._counts.get(key)
+            self._counts[key] = 1 if count is None else count + 1
+            if count is None:
+                bisect.insort(self._keys, key)
             if len(self._counts) >= 2 * self.capacity:
                 kept = sorted(self._counts.items(), key=lambda kv: -kv[1])[: self.capacity]
                 self._counts = dict(kept)
+                self._keys = sorted(self._counts)
 
     def __len__(self) -> int:
         return len(self._counts)
@@ -235,8 +244,13 @@ class PopularQueries:
         key = normalize_query(prefix)
         if not key or n <= 0:
             return []
+        found: list[tuple[str, int]] = []
         with self._lock:
-            found = [(q, c) for q, c in self._counts.items() if q.startswith(key) and q != key]
+            i = bisect.bisect_left(self._keys, key)
+            while i < len(self._keys) and self._keys[i].startswith(key) and len(found) < MAX_PREFIX_MATCHES:
+                if self._keys[i] != key:
+                    found.append((self._keys[i], self._counts[self._keys[i]]))
+                i += 1
         found.sort(key=lambda qc: (-qc[1], qc[0]))
         return found[:n]
 
