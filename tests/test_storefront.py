@@ -8,6 +8,7 @@ runs when OPENSEARCH_URL is set (`tests/opensearch/with-node python -m pytest ..
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterator
 
@@ -398,3 +399,12 @@ def test_proxy_completion_suggest(client):
     term = {**body, "suggest": {"s": {"text": "手", "term": {"field": "title"}}}}
     r = client.post("/products/_search", json=term)
     assert r.status_code == 400 and "term suggester" in r.json()["error"]["reason"]
+
+
+def test_msearch_answers_aggs_per_search(client):
+    search_line = {"query": {"match": {"title": "手表"}}, "size": 0, "aggs": {"b": {"terms": {"field": "brand"}}}}
+    ndjson = "\n".join(json.dumps(x, ensure_ascii=False) for x in ({"index": "products"}, search_line)) + "\n"
+    r = client.post("/_msearch", content=ndjson.encode(), headers={"content-type": "application/x-ndjson"})
+    assert r.status_code == 200, r.text
+    item = r.json()["responses"][0]
+    assert item["status"] == 200 and item["aggregations"]["b"]["buckets"]
