@@ -120,6 +120,9 @@ class Pipeline:
             knn_w = cfg.fusion.knn_weight if req.knn_weight is None else req.knn_weight
             candidates = fusion.minmax(found.lists, {"bm25": bm25_w, "knn": knn_w})
         watch.record("fuse", t)
+        # facets need only the counted set: they are counted while the head is reranked
+        match = storefront.counted_match(query, filters, candidates, lexical=req.retrieval != "vector")
+        facets_future = self._start_facets(req, match)
 
         # 3. rerank the head
         k = min(self.default_rerank_k if req.rerank_k is None else req.rerank_k, len(candidates))
@@ -152,10 +155,9 @@ class Pipeline:
         page = candidates[req.from_ : req.from_ + req.size]
         hits = [_hit(c, req.explain) for c in page]
 
-        # 6. storefront: facets over the counted set, highlighted fragments of the page
-        match = storefront.counted_match(query, filters, candidates, lexical=req.retrieval != "vector")
-        facets = self._facets(req, match, watch, degraded)
+        # 6. storefront: highlighted fragments of the page, the facets started after fusion
         self._highlight(req, query, hits, watch, degraded)
+        facets = self._facets(facets_future, watch, degraded)
         resp = SearchResponse(
             hits=hits,
             total=len(candidates),
@@ -168,19 +170,29 @@ class Pipeline:
         resp._match = match
         return resp
 
-    def _facets(self, req: SearchRequest, match: MatchSet, watch: Stopwatch, degraded: list[str]) -> dict | None:
+    def _start_facets(self, req: SearchRequest, match: MatchSet) -> Future | None:
         plan = storefront.facet_plan(req.facets)
         if not plan:
             return None
-        t = time.perf_counter()
+
+        def count() -> tuple[dict, float]:
+            t = time.perf_counter()
+            found = storefront.compute_facets(self.backend, match, plan, disjunctive=req.disjunctive_facets)
+            return found, t
+
+        return self._executor.submit(count)
+
+    def _facets(self, future: Future | None, watch: Stopwatch, degraded: list[str]) -> dict | None:
+        if future is None:
+            return None
         try:
-            return storefront.compute_facets(self.backend, match, plan, disjunctive=req.disjunctive_facets)
+            found, started = future.result()
         except Exception as err:  # the hits still answer; the shopper sees no counts
             log.warning("facets degraded: %s", redact(str(err)))
             degraded.append("facets")
             return None
-        finally:
-            watch.record("facets", t)
+        watch.record("facets", started)  # from when counting began to when the response took them
+        return found
 
     def _highlight(
         self, req: SearchRequest, query: str, hits: list[Hit], watch: Stopwatch, degraded: list[str]

@@ -213,11 +213,14 @@ MAX_PREFIX_MATCHES = 2000  # recorded queries ranked per lookup (a one-letter pr
 class PopularQueries:
     """A bounded count of successful queries in this process (not shared between processes or kept
     across restarts). When it holds twice `capacity` queries, the least frequent are dropped down to
-    `capacity`, so a burst of one-off queries cannot grow it without bound."""
+    `capacity`, so a burst of one-off queries cannot grow it without bound. A query is offered to
+    other shoppers only once it has been searched `min_count` times: one shopper's one-off text (a
+    name, an order number) is not shown to everyone."""
 
-    def __init__(self, capacity: int = 5000, max_chars: int = 64) -> None:
+    def __init__(self, capacity: int = 5000, max_chars: int = 64, min_count: int = 2) -> None:
         self.capacity = capacity
         self.max_chars = max_chars
+        self.min_count = min_count
         self._counts: dict[str, int] = {}
         self._keys: list[str] = []  # the same queries, sorted: a prefix is one bisect away
         self._lock = threading.Lock()
@@ -248,8 +251,9 @@ class PopularQueries:
         with self._lock:
             i = bisect.bisect_left(self._keys, key)
             while i < len(self._keys) and self._keys[i].startswith(key) and len(found) < MAX_PREFIX_MATCHES:
-                if self._keys[i] != key:
-                    found.append((self._keys[i], self._counts[self._keys[i]]))
+                count = self._counts[self._keys[i]]
+                if self._keys[i] != key and count >= self.min_count:
+                    found.append((self._keys[i], count))
                 i += 1
         found.sort(key=lambda qc: (-qc[1], qc[0]))
         return found[:n]

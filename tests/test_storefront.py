@@ -241,7 +241,7 @@ def test_highlight_of_cjk_spans(pipeline):
 
 
 def test_popular_queries_are_bounded_and_ranked():
-    popular = PopularQueries(capacity=3)
+    popular = PopularQueries(capacity=3, min_count=1)
     for q, times in (("送女友 手表", 5), ("送女友礼物", 3), ("送妈妈", 1)):
         for _ in range(times):
             popular.record(q)
@@ -250,6 +250,12 @@ def test_popular_queries_are_bounded_and_ranked():
         assert len(popular) < 6
     assert popular.with_prefix("送女", 5)[0] == ("送女友 手表", 5)
     assert popular.with_prefix("  送女友  ", 5)[1] == ("送女友礼物", 3)
+    assert PopularQueries(min_count=2).with_prefix("送", 5) == []
+    twice = PopularQueries(min_count=2)
+    twice.record("送花")
+    assert twice.with_prefix("送", 5) == []
+    twice.record("送花")
+    assert twice.with_prefix("送", 5) == [("送花", 2)]
 
 
 @pytest.fixture(scope="module")
@@ -266,8 +272,11 @@ def test_suggest_from_the_catalog_and_past_queries(client):
     assert catalog and all(s["text"].startswith("手") and s["kind"] != "query" for s in catalog)
 
     assert client.post("/v1/search", json={"query": "手表礼盒装", "size": 3}).json()["total"] > 0
+    once = client.get("/v1/suggest", params={"q": "手", "size": 8}).json()["suggestions"]
+    assert all(s["kind"] != "query" for s in once)  # a query searched once is not offered to others
+    client.post("/v1/search", json={"query": "手表礼盒装 ", "size": 3})  # the same query, normalised
     after = client.get("/v1/suggest", params={"q": "手", "size": 8}).json()["suggestions"]
-    assert {"text": "手表礼盒装", "kind": "query", "count": 1} in after
+    assert {"text": "手表礼盒装", "kind": "query", "count": 2} in after
 
 
 def test_suggest_bad_input(client):
