@@ -417,3 +417,21 @@ def test_msearch_answers_aggs_per_search(client):
     assert r.status_code == 200, r.text
     item = r.json()["responses"][0]
     assert item["status"] == 200 and item["aggregations"]["b"]["buckets"]
+
+
+def test_proxy_aggs_when_nothing_can_match_and_post_filter_refused(client):
+    contradiction = {
+        "bool": {"must": {"match": {"t": "手表"}}, "filter": [{"term": {"brand": "A"}}, {"term": {"brand": "B"}}]}
+    }
+    aggs = {
+        "b": {"terms": {"field": "brand"}},
+        "p": {"stats": {"field": "price"}},
+        "f": {"filter": {"term": {"brand": "A"}}},
+    }
+    got = proxy(client, {"query": contradiction, "aggs": aggs})["aggregations"]
+    assert got["b"]["buckets"] == [] and got["p"]["count"] == 0 and got["p"]["min"] is None
+    assert got["f"] == {"doc_count": 0}
+    r = client.post(
+        "/products/_search", json={"query": {"match": {"title": "手表"}}, "post_filter": {"term": {"brand": "A"}}}
+    )
+    assert r.status_code == 400 and "post_filter" in r.json()["error"]["reason"]
