@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from middleware import business, fusion, paging
+from middleware import business, fusion, paging, storefront
 from middleware.backends.base import Backend, MatchSet, SortKey
 from middleware.budget import Deadline, Stopwatch
 from middleware.config import BusinessSettings, Settings
@@ -124,6 +124,7 @@ class Pipeline:
             else:
                 page, listing_offset = self._sorted_page(match, sort, cursor.position, req.size)
 
+        facets_future = self._start_facets(req, match)  # counted over the same match set as the total
         t = time.perf_counter()
         if req.track_total_hits is False:
             total, relation = cursor.position + len(page), "gte"
@@ -137,7 +138,11 @@ class Pipeline:
             mark = mark or paging.store_mark(self.backend.stats())
             next_cursor = paging.encode_cursor(key, mark, paging.Cursor(reached, listing_offset))
         hits = [_hit(c, req.explain, floor) for c in page]
-        return SearchResponse(
+
+        # storefront: highlighted fragments of the page, and the facets
+        self._highlight(req, query, hits, watch, degraded)
+        facets = self._facets(facets_future, watch, degraded)
+        resp = SearchResponse(
             hits=hits,
             total=total,
             relation=relation,
@@ -146,7 +151,10 @@ class Pipeline:
             timings_ms=watch.timings,
             degraded=degraded,
             reranked=reranked,
+            facets=facets,
         )
+        resp._match = match
+        return resp
 
     def _ranked_head(
         self,
@@ -306,6 +314,48 @@ class Pipeline:
             streams.append(scored((o, c) for o, c in rest if c.product is not None and not c.product.in_stock))
         merged = heapq.merge(*streams, key=lambda c: (-(c.final or 0.0), c.id))
         return list(itertools.islice(merged, position, position + size))
+
+    def _start_facets(self, req: SearchRequest, match: MatchSet) -> Future | None:
+        plan = storefront.facet_plan(req.facets)
+        if not plan:
+            return None
+
+        def count() -> tuple[dict, float]:
+            t = time.perf_counter()
+            found = storefront.compute_facets(self.backend, match, plan, disjunctive=req.disjunctive_facets)
+            return found, t
+
+        return self._executor.submit(count)
+
+    def _facets(self, future: Future | None, watch: Stopwatch, degraded: list[str]) -> dict | None:
+        if future is None:
+            return None
+        try:
+            found, started = future.result()
+        except Exception as err:  # the hits still answer; the shopper sees no counts
+            log.warning("facets degraded: %s", redact(str(err)))
+            degraded.append("facets")
+            return None
+        watch.record("facets", started)  # from when counting began to when the response took them
+        return found
+
+    def _highlight(
+        self, req: SearchRequest, query: str, hits: list[Hit], watch: Stopwatch, degraded: list[str]
+    ) -> None:
+        plan = storefront.highlight_plan(req.highlight)
+        if plan is None or not hits:
+            return
+        t = time.perf_counter()
+        try:
+            found = self.backend.highlight(query, [h.id for h in hits], plan[1], plan[0])
+        except Exception as err:  # hits without fragments; the titles are still there
+            log.warning("highlight degraded: %s", redact(str(err)))
+            degraded.append("highlight")
+            return
+        finally:
+            watch.record("highlight", t)
+        for hit in hits:
+            hit.highlight = found.get(hit.id)
 
     def _embed_query(self, text: str) -> Future:
         assert self.embedder is not None

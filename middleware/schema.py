@@ -4,12 +4,39 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from middleware.config import BusinessSettings
 from middleware.products import MAX_QUERY_CHARS, Filters
 
-Stage = Literal["embed", "bm25", "knn", "hybrid", "rerank", "business"]
+Stage = Literal["embed", "bm25", "knn", "hybrid", "rerank", "business", "facets", "highlight"]
+
+
+class FacetRequest(BaseModel):
+    """One facet: a field's value counts (brand, category), or a numeric field's `ranges`
+    ([start, end), null open) or `stats`. In the response it is keyed by `name`: by default the field,
+    and the field plus "_stats" for stats, so a range and a stats facet on one field do not collide."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    field: str = Field(max_length=100)
+    name: str | None = Field(None, min_length=1, max_length=100)
+    size: int = Field(10, ge=1, le=1000, description="value facets: the most frequent values returned")
+    ranges: list[tuple[float | None, float | None]] | None = Field(None, min_length=1)
+    stats: bool = False
+
+
+class HighlightRequest(BaseModel):
+    """Highlighted fragments of the hits' title and description. Text is HTML-escaped; the tags are
+    the only markup, and only <em>, <mark>, <b>, <strong>, <i>, <u> or <span class="..."> are allowed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pre_tag: str = Field("<em>", max_length=200)
+    post_tag: str | None = Field(None, max_length=200, description="default: the closing tag of pre_tag")
+    fragment_size: int = Field(100, ge=1, le=10_000)
+    number_of_fragments: int = Field(3, ge=1, le=100)
+    fields: list[str] = Field(default_factory=lambda: ["title", "description"], min_length=1, max_length=10)
 
 
 class SearchRequest(BaseModel):
@@ -34,6 +61,10 @@ class SearchRequest(BaseModel):
     sort: list[str | dict[str, Any]] | None = Field(None, max_length=8)
     search_after: str | None = Field(None, max_length=1000)
     track_total_hits: bool | int = Field(10_000, ge=0)  # True: count exactly; N: count up to N (then "gte")
+    facets: list[str | FacetRequest] | None = Field(None, max_length=100)
+    # False: facets count under every filter (OpenSearch's aggs without post_filter)
+    disjunctive_facets: bool = True
+    highlight: bool | HighlightRequest = False
 
 
 class Explanation(BaseModel):
@@ -52,6 +83,40 @@ class Hit(BaseModel):
     score: float
     product: dict[str, Any]
     explain: Explanation | None = None
+    highlight: dict[str, list[str]] | None = None  # field -> fragments, when asked for and matched
+
+
+class ValueBucket(BaseModel):
+    value: str
+    count: int
+
+
+class RangeBucket(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    from_: float | None = Field(alias="from")  # inclusive; null: open
+    to: float | None  # exclusive; null: open
+    count: int
+
+
+class StatsResult(BaseModel):
+    count: int  # matching products with a value
+    min: float | None
+    max: float | None
+    sum: float
+    avg: float | None
+
+
+class Suggestion(BaseModel):
+    text: str
+    kind: Literal["query", "term", "brand", "category"]  # a popular past query, or a catalog prefix
+    count: int  # times searched (query) or products holding it
+
+
+class SuggestResponse(BaseModel):
+    query: str
+    suggestions: list[Suggestion]
+    took_ms: float
 
 
 class SearchResponse(BaseModel):
@@ -63,3 +128,6 @@ class SearchResponse(BaseModel):
     timings_ms: dict[str, float]
     degraded: list[str] = Field(default_factory=list)
     reranked: int = 0  # how many of the candidates the reranker scored
+    facets: dict[str, list[ValueBucket] | list[RangeBucket] | StatsResult] | None = None
+    # the set `facets` counted (the proxy's aggregations count over it too); not serialised
+    _match: Any = PrivateAttr(default=None)

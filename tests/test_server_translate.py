@@ -97,7 +97,10 @@ def test_contradictory_term_filters_match_nothing():
     [
         {"query": {"match_all": {}}},
         {"query": {"bool": {"filter": {"term": {"brand": "A"}}}}},
-        {"query": {"match": {"title": "x"}}, "aggs": {"brands": {"terms": {"field": "brand"}}}},
+        {"query": {"match": {"title": "x"}}, "aggs": {"n": {"cardinality": {"field": "brand"}}}},
+        {"query": {"match": {"title": "x"}}, "aggs": {"b": {"terms": {"field": "color"}}}},
+        {"query": {"match": {"title": "x"}}, "highlight": {"fields": {"brand": {}}}},
+        {"query": {"match": {"title": "x"}}, "suggest": {"s": {"text": "x", "phrase": {"field": "title"}}}},
         {"query": {"match": {"title": "x"}}, "sort": [{"price": "asc"}]},
         {"query": {"bool": {"must": {"match": {"t": "x"}}, "must_not": {"term": {"brand": "A"}}}}},
         {"query": {"bool": {"must": {"match": {"t": "x"}}, "filter": {"term": {"color": "red"}}}}},

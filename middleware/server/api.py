@@ -1,18 +1,20 @@
-"""REST API for storefront backends: /v1/search, /v1/rerank, /v1/embed, products, health, metrics."""
+"""REST API for storefront backends: /v1/search, /v1/suggest, /v1/rerank, /v1/embed, products, health, metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from middleware import storefront
 from middleware.backends.base import EmbedderMismatch
 from middleware.products import MAX_DESCRIPTION_CHARS, MAX_QUERY_CHARS, Product, SignalUpdate
-from middleware.schema import SearchRequest, SearchResponse
+from middleware.schema import SearchRequest, SearchResponse, SuggestResponse
 from middleware.server.errors import ApiError
 from middleware.server.limits import capped_deadline_ms, check_paging
 from middleware.server.metrics import CONTENT_TYPE_LATEST
@@ -37,6 +39,10 @@ def _prepare(state: ServiceState, body: SearchBody) -> SearchRequest:
             raise ApiError(400, "give either page or from, not both", param="page")
         body = body.model_copy(update={"from_": (body.page - 1) * body.size})
     check_paging(settings.server, body.size, body.from_)
+    try:
+        storefront.check_request(body)
+    except storefront.StorefrontError as err:
+        raise ApiError(400, err.message, param=err.param) from None
     return body.model_copy(
         update={
             # longer text is cut, never refused
@@ -51,6 +57,23 @@ async def search(body: SearchBody, request: Request) -> SearchResponse:
     """Hybrid retrieval → fusion → rerank → business score. `degraded` lists stages skipped."""
     state = get_state(request)
     return await state.search(_prepare(state, body))
+
+
+MAX_SUGGEST_SIZE = 50
+
+
+@router.get("/v1/suggest", response_model=SuggestResponse, tags=["search"])
+async def suggest(
+    request: Request,
+    q: str = Query(min_length=1, max_length=storefront.MAX_SUGGEST_CHARS, description="what the shopper has typed"),
+    size: int = Query(8, ge=1, le=MAX_SUGGEST_SIZE),
+) -> SuggestResponse:
+    """Completions of `q`: popular past queries this process has answered with hits (counted per
+    process, bounded, lost on restart), then catalog prefixes: title words, brands, categories."""
+    state = get_state(request)
+    started = time.perf_counter()
+    found = await state.admitted(storefront.suggest, state.base.backend, state.popular, q, size)
+    return SuggestResponse(query=q, suggestions=found, took_ms=round((time.perf_counter() - started) * 1000.0, 3))
 
 
 class RerankDocument(BaseModel):

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from middleware import __version__
 from middleware.schema import SearchResponse
+from middleware.server.aggs import run_aggs, suggest_section
 from middleware.server.errors import ApiError
 from middleware.server.limits import capped_deadline_ms
 from middleware.server.state import ServiceState, get_state
@@ -169,15 +170,35 @@ async def search(index: str, request: Request) -> Response:
     resp: SearchResponse | None = None
     if not translated.matches_nothing:
         resp = await state.search(req)
-    return _search_answer(state, resp, translated, index=server.index_name, started=started)
+    extras = await _extras(state, resp, translated)
+    return _search_answer(state, resp, translated, index=server.index_name, started=started, extras=extras)
+
+
+async def _extras(state: ServiceState, resp: SearchResponse | None, translated: Translated) -> dict[str, Any]:
+    """The `aggregations` and `suggest` sections, over the set the response counted."""
+    out: dict[str, Any] = {}
+    backend = state.base.backend
+    if translated.aggs is not None:
+        match = resp._match if resp is not None else None
+        out["aggregations"] = await state.admitted(run_aggs, backend, match, translated.aggs)
+    if translated.suggest is not None:
+        out["suggest"] = await state.admitted(suggest_section, backend, state.popular, translated.suggest)
+    return out
 
 
 def _search_answer(
-    state: ServiceState, resp: SearchResponse | None, translated: Translated, *, index: str, started: float
+    state: ServiceState,
+    resp: SearchResponse | None,
+    translated: Translated,
+    *,
+    index: str,
+    started: float,
+    extras: dict[str, Any] | None = None,
 ) -> JSONResponse:
     took_ms = (time.perf_counter() - started) * 1000.0
     retrieve_n = translated.request.retrieve_n or state.settings.retrieve_n
     body = search_response(resp, translated, index=index, took_ms=took_ms, retrieve_n=retrieve_n)
+    body.update(extras or {})
     headers: dict[str, str] = {}
     if resp is not None:
         body["timed_out"] = bool(resp.degraded)  # part of the work was skipped: an incomplete answer
@@ -252,9 +273,11 @@ async def _msearch(request: Request, index: str | None) -> Response:
             return _error_item(ApiError(400, f"{plan}; no upstream OpenSearch configured (server.upstream_url)"))
         try:
             resp = None if plan.matches_nothing else await state.search(plan.request)
+            extras = await _extras(state, resp, plan)
         except ApiError as err:
             return _error_item(err)
-        item = json.loads(_search_answer(state, resp, plan, index=server.index_name, started=time.perf_counter()).body)
+        answer = _search_answer(state, resp, plan, index=server.index_name, started=time.perf_counter(), extras=extras)
+        item = json.loads(answer.body)
         return {**item, "status": 200}
 
     responses = await asyncio.gather(*(answer(p) for _, p in plans))

@@ -22,6 +22,7 @@ from middleware.server.errors import ApiError, redact
 from middleware.server.limits import InflightLimiter, capped_deadline_ms, queue_full
 from middleware.server.metrics import ServiceMetrics
 from middleware.server.upstream import Upstream
+from middleware.storefront import PopularQueries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -140,6 +141,11 @@ class ServiceState(ModelService):
             stage_workers=2 * srv.max_queue + 4,
         )
         self.upstream = Upstream.from_settings(settings, self.metrics)
+        self.popular = PopularQueries()  # autocomplete's past queries: this process's, bounded
+
+    def _record(self, req: SearchRequest, resp: SearchResponse) -> None:
+        if resp.total > 0 and req.from_ == 0:  # a query that found something, counted once (its first page)
+            self.popular.record(req.query)
 
     async def search(self, req: SearchRequest) -> SearchResponse:
         try:
@@ -147,6 +153,7 @@ class ServiceState(ModelService):
         except ValueError as err:  # a request the configuration cannot answer (e.g. vector without embedder)
             raise ApiError(400, str(err), param=getattr(err, "param", None)) from None
         self.metrics.observe_search(resp.timings_ms, resp.degraded)
+        self._record(req, resp)
         return resp
 
     def warm_up(self) -> None:

@@ -19,8 +19,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from middleware.config import ServerSettings
-from middleware.products import MAX_QUERY_CHARS
-from middleware.schema import SearchRequest, SearchResponse
+from middleware.products import MAX_QUERY_CHARS, Filters
+from middleware.schema import HighlightRequest, SearchRequest, SearchResponse
+from middleware.server.aggs import Agg, CompletionSuggest, Unsupported, parse_aggs, parse_highlight, parse_suggest
 from middleware.server.errors import ApiError
 
 TEXT_QUERIES = ("match", "match_phrase", "multi_match", "query_string", "simple_query_string")
@@ -34,8 +35,7 @@ MAX_JSON_DEPTH = 64
 MAX_DEADLINE_MS = 600_000.0  # SearchRequest's bound on deadline_ms
 
 
-class Unsupported(Exception):
-    """The body asks for something the pipeline does not answer; the reason says what."""
+__all__ = ["Unsupported"]  # defined with the aggregations (they raise it too); caught by the proxy
 
 
 # ----------------------------------------------------------------------------------------- safety
@@ -391,6 +391,16 @@ class Translated:
     source: SourceFilter
     matches_nothing: bool = False  # contradictory filters: answer zero hits without searching
     track_total_hits: bool | int = True
+    aggs: list[Agg] | None = None  # answered over the response's match set (aggs.run_aggs)
+    suggest: list[CompletionSuggest] | None = None
+
+
+def filter_clause(clause: Any, where: str) -> tuple[Filters | None, bool]:
+    """One filter clause (a filter aggregation's) as Filters, and whether it can match nothing."""
+    builder = _FilterBuilder()
+    _add_filter(builder, clause, where)
+    found = builder.to_filters()
+    return (Filters(**found) if found else None), builder.contradiction
 
 
 def _int_param(value: Any, param: str) -> int:
@@ -456,7 +466,9 @@ def translate_search(
     source = parse_source(body.get("_source"), params)
 
     for key in body:
-        if key in {"query", "size", "from", "_source", "sort"} or key in HARMLESS_KEYS:
+        if key in {"query", "size", "from", "_source", "sort", "aggs", "aggregations", "highlight", "suggest"}:
+            continue
+        if key in HARMLESS_KEYS:
             continue
         raise Unsupported(f"[{key}] is not answered by the shopsearch pipeline")
     if "sort" in body and not _sort_is_score(body["sort"]):
@@ -474,6 +486,21 @@ def translate_search(
     if not text:
         raise Unsupported("the query carries no user text (match, multi_match, query_string, simple_query_string)")
     filters = builder.to_filters()
+    if "aggs" in body and "aggregations" in body:
+        raise ApiError(400, "give aggs or aggregations, not both", param="aggregations")
+    aggs_key = "aggs" if "aggs" in body else "aggregations"
+    aggs = parse_aggs(body[aggs_key], aggs_key, filter_clause) if aggs_key in body else None
+    highlight: HighlightRequest | None = None
+    if "highlight" in body:
+        tags, fields = parse_highlight(body["highlight"])
+        highlight = HighlightRequest(
+            pre_tag=tags.pre,
+            post_tag=tags.post,
+            fragment_size=tags.fragment_chars,
+            number_of_fragments=tags.fragments,
+            fields=fields,
+        )
+    suggest = parse_suggest(body["suggest"]) if "suggest" in body else None
 
     deadline_ms = default_deadline_ms
     timeout = body.get("timeout", params.get("timeout"))
@@ -491,6 +518,7 @@ def translate_search(
                 "size": size,
                 "explain": explain,
                 "deadline_ms": deadline_ms,
+                "highlight": highlight if highlight is not None else False,
             }
         )
     except ValidationError as err:  # a value the proxy let through but the model bounds: 400, never 500
@@ -502,6 +530,8 @@ def translate_search(
         source=source,
         matches_nothing=builder.contradiction,
         track_total_hits=body.get("track_total_hits", True),
+        aggs=aggs,
+        suggest=suggest,
     )
 
 
@@ -526,6 +556,8 @@ def search_response(
             source = translated.source.apply(hit.product)
             if source is not None:
                 doc["_source"] = source
+            if hit.highlight:
+                doc["highlight"] = hit.highlight
             if hit.explain is not None:
                 doc["_explanation"] = {
                     "value": hit.score,
