@@ -11,7 +11,7 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from middleware import business, fusion
+from middleware import business, caps, fusion
 from middleware.backends.base import Backend
 from middleware.budget import Deadline, Stopwatch
 from middleware.config import Settings
@@ -84,7 +84,9 @@ class Pipeline:
         return cls(settings, backend, embedder, reranker, gpu=gpu)
 
     def search(self, req: SearchRequest) -> SearchResponse:
+        """Raises CapExceeded (a ValueError naming the parameter) for a request above a configured cap."""
         cfg = self.settings
+        caps.check(req, cfg)
         deadline = Deadline(req.deadline_ms or cfg.deadline_ms)
         watch = Stopwatch()
         weights = req.business or cfg.business

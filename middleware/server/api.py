@@ -14,7 +14,7 @@ from middleware.backends.base import EmbedderMismatch
 from middleware.products import MAX_DESCRIPTION_CHARS, MAX_QUERY_CHARS, Product, SignalUpdate
 from middleware.schema import SearchRequest, SearchResponse
 from middleware.server.errors import ApiError
-from middleware.server.limits import capped_deadline_ms, check_paging
+from middleware.server.limits import capped_deadline_ms, check_caps, check_paging
 from middleware.server.metrics import CONTENT_TYPE_LATEST
 from middleware.server.state import ModelService, ServiceState, get_state
 
@@ -35,6 +35,7 @@ def _prepare(state: ServiceState, body: SearchBody) -> SearchRequest:
             raise ApiError(400, "give either page or from, not both", param="page")
         body = body.model_copy(update={"from_": (body.page - 1) * body.size})
     check_paging(settings.server, body.size, body.from_)
+    check_caps(settings, body)
     return body.model_copy(
         update={
             # longer text is cut, never refused

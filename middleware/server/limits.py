@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from middleware import caps
 from middleware.config import ServerSettings, Settings
+from middleware.schema import SearchRequest
 from middleware.server.errors import ApiError
 
 RETRY_AFTER_S = "1"
@@ -20,15 +22,29 @@ MIN_DEADLINE_MS = 50.0
 
 
 def capped_deadline_ms(settings: Settings, requested: float | None, param: str = "deadline_ms") -> float:
-    """The request's own deadline, never above server.max_deadline_ms; the default otherwise.
+    """The request's own deadline, or the configured default when it gives none.
 
-    A deadline under MIN_DEADLINE_MS is the client's error: 400 naming `param`.
+    Under MIN_DEADLINE_MS, or above the `max_deadline_ms` cap, it is the client's error: 400 naming `param`.
     """
     if requested is None:
-        return min(settings.deadline_ms, settings.server.max_deadline_ms)
+        return min(settings.deadline_ms, settings.max_deadline_ms)
     if requested < MIN_DEADLINE_MS:
         raise ApiError(400, f"must be at least {MIN_DEADLINE_MS:.0f} ms", param=param)
-    return min(requested, settings.server.max_deadline_ms)
+    if requested > settings.max_deadline_ms:
+        raise ApiError(
+            400, f"must be at most {settings.max_deadline_ms:g} ms (max_deadline_ms), got {requested:g}", param=param
+        )
+    return requested
+
+
+def check_caps(settings: Settings, req: SearchRequest, location: str = "body", **names: str) -> None:
+    """400 naming the parameter and its cap when the request asks for more than a cap allows."""
+    try:
+        caps.check(req, settings, names=names)
+    except caps.CapExceeded as err:
+        raise ApiError(
+            400, f"must be at most {err.cap:g} ({err.cap_setting}), got {err.value:g}", param=err.param
+        ) from None
 
 
 class InflightLimiter:

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from middleware import __version__
 from middleware.schema import SearchResponse
 from middleware.server.errors import ApiError
-from middleware.server.limits import capped_deadline_ms
+from middleware.server.limits import capped_deadline_ms, check_caps
 from middleware.server.state import ServiceState, get_state
 from middleware.server.translate import (
     Translated,
@@ -166,6 +166,7 @@ async def search(index: str, request: Request) -> Response:
 
     req = translated.request
     req = req.model_copy(update={"deadline_ms": capped_deadline_ms(state.settings, req.deadline_ms, "timeout")})
+    check_caps(state.settings, req, deadline_ms="timeout")
     resp: SearchResponse | None = None
     if not translated.matches_nothing:
         resp = await state.search(req)
@@ -236,6 +237,7 @@ async def _msearch(request: Request, index: str | None) -> Response:
             translated = translate_search(
                 body, {}, server, default_deadline_ms=capped_deadline_ms(state.settings, None)
             )
+            check_caps(state.settings, translated.request, deadline_ms="timeout")
             plans.append((names, translated if _local_names(state, names) else Unsupported("not the local index")))
         except (ApiError, Unsupported) as err:
             plans.append((names, err))
