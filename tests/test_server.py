@@ -415,14 +415,18 @@ def test_requests_above_a_cap_are_refused_naming_it(client, body, param, cap):
     assert client.post("/v1/search", json={"query": QUERY, "size": 1, param: at_cap}).status_code == 200
 
 
-def test_proxy_timeout_above_the_deadline_cap_is_refused(client):
-    r = client.post("/products/_search", json=text_search(timeout="1m"))
-    reason = r.json()["error"]["reason"]
-    assert r.status_code == 400 and "timeout" in reason and "max_deadline_ms" in reason and "10000" in reason
-    many = "\n".join(json.dumps(x) for x in ({}, text_search(timeout="1m"), {}, text_search())) + "\n"
-    answers = client.post("/products/_msearch", content=many, headers={"content-type": "application/x-ndjson"})
-    first, second = answers.json()["responses"]
-    assert first["status"] == 400 and "max_deadline_ms" in first["error"]["reason"] and second["status"] == 200
+def test_proxy_timeout_is_answered_within_the_deadline_cap(server_store, server_models):
+    # OpenSearch's `timeout` is best effort and clients send long ones: the proxy answers within the cap
+    settings = Settings(rerank_k=10, deadline_ms=200, max_deadline_ms=200, server={"warm_up": False})
+    app = make_app(server_store, server_models[0], SlowReranker(server_models[1], delay_s=2.5), settings=settings)
+    with TestClient(app) as c:
+        started = time.perf_counter()
+        p = c.post("/products/_search", json=text_search(timeout="1m"))
+        assert p.status_code == 200 and p.headers["x-shopsearch-degraded"] == "rerank"
+        assert time.perf_counter() - started < 2.0  # not the minute asked for, nor the 2.5 s rerank
+        many = "\n".join(json.dumps(x) for x in ({}, text_search(timeout="1m"), {}, text_search())) + "\n"
+        answers = c.post("/products/_msearch", content=many, headers={"content-type": "application/x-ndjson"})
+        assert [r["status"] for r in answers.json()["responses"]] == [200, 200]
 
 
 def test_caps_are_settings(server_store, server_models):

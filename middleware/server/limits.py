@@ -21,16 +21,23 @@ def check_paging(server: ServerSettings, size: int, from_: int, location: str = 
 MIN_DEADLINE_MS = 50.0
 
 
-def capped_deadline_ms(settings: Settings, requested: float | None, param: str = "deadline_ms") -> float:
+def capped_deadline_ms(
+    settings: Settings, requested: float | None, param: str = "deadline_ms", *, refuse_above: bool = True
+) -> float:
     """The request's own deadline, or the configured default when it gives none.
 
-    Under MIN_DEADLINE_MS, or above the `max_deadline_ms` cap, it is the client's error: 400 naming `param`.
+    Under MIN_DEADLINE_MS it is the client's error: 400 naming `param`. Above the `max_deadline_ms`
+    cap it is a 400 too (`refuse_above`), or is lowered to the cap: the OpenSearch proxy's `timeout`
+    is a best-effort bound that OpenSearch clients send as a matter of course (OpenSearch answers
+    what it has when it runs out, `timed_out: true`), so the proxy answers within the cap instead.
     """
     if requested is None:
         return min(settings.deadline_ms, settings.max_deadline_ms)
     if requested < MIN_DEADLINE_MS:
         raise ApiError(400, f"must be at least {MIN_DEADLINE_MS:.0f} ms", param=param)
     if requested > settings.max_deadline_ms:
+        if not refuse_above:
+            return settings.max_deadline_ms
         raise ApiError(
             400, f"must be at most {settings.max_deadline_ms:g} ms (max_deadline_ms), got {requested:g}", param=param
         )
