@@ -84,6 +84,15 @@ def test_out_of_stock_falls_below_every_comparable_in_stock_product():
     assert [c.id for c in out] == ["g1", "g2", "i"]
 
 
+def test_the_issue_figures_no_longer_let_the_best_seller_win():
+    # the README example as first reported: RRF ranks 1 and 2 in both lists, 6x the sales on the second
+    gift = cand("w1", None, sales=860, stock=35, fused=2 / 61, bm25=1.0e-5, knn=0.79)
+    sports = cand("w2", None, sales=5450, stock=120, fused=2 / 62, bm25=5.8e-6, knn=0.46)
+    out = business.apply([gift, sports], BusinessSettings())
+    assert [c.id for c in out] == ["w1", "w2"]
+    assert out[1].relevance == pytest.approx((0.58 + 0.46 / 0.79) / 2)
+
+
 def test_out_of_stock_filter_and_untracked_stock():
     w = BusinessSettings(out_of_stock="filter")
     out = business.apply([cand("a", 0.9, stock=0), cand("b", 0.1, stock=None)], w)
