@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[str, list[float]] = {"off": [], "relevance-first": [], "linear (previous)": []}
     oos_top3: dict[str, int] = dict.fromkeys(runs, 0)
+    reordered: dict[str, int] = dict.fromkeys(runs, 0)  # queries whose top 10 differs from "off"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         backend = EmbeddedBackend(tmp)
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, ranking in rankings.items():
                     runs[name].append(ndcg_at_k(ranking, ds.qrels[qid], 10, args.gain))
                     oos_top3[name] += sum(1 for i in ranking[:3] if stock_of[i] == 0)
+                    reordered[name] += ranking[:10] != rankings["off"][:10]
         finally:
             pipeline.close()
     elapsed = time.perf_counter() - started
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "ndcg@10_change_vs_off": {
             name: round(statistics.fmean(v) - statistics.fmean(runs["off"]), 4) for name, v in runs.items()
         },
+        "queries_with_top10_reordered": reordered,
         "out_of_stock_in_top3_per_query": {name: round(c / n, 3) for name, c in oos_top3.items()},
         "seconds": round(elapsed, 1),
     }
