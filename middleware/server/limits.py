@@ -44,8 +44,11 @@ def capped_deadline_ms(
     return requested
 
 
-def check_caps(settings: Settings, req: SearchRequest, location: str = "body", **names: str) -> None:
-    """400 naming the parameter and its cap when the request asks for more than a cap allows."""
+def check_caps(settings: Settings, req: SearchRequest, **names: str) -> None:
+    """400 naming the parameter and its cap when the request asks for more than a cap allows.
+
+    `names`: field -> the name the client used for it.
+    """
     try:
         caps.check(req, settings, names=names)
     except caps.CapExceeded as err:
