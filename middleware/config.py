@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -39,14 +39,24 @@ class FusionSettings(BaseModel):
 
 
 class BusinessSettings(BaseModel):
-    """final = w_relevance·relevance + w_sales·log1p(sales)/log1p(max sales) + w_stock·in_stock.
+    """Relevance first: final = relevance + sales_bonus - stock_penalty (`middleware/business.py`).
 
-    Defaults keep relevance dominant: sales and stock can reorder near-ties only.
+    Relevance lies on a 0–1 scale (the reranker's probability, or the retrievals' scores normalised
+    per query). Products whose relevance differs by less than `margin` are comparable: among them the
+    sales bonus decides, and it never lifts a product above one that is `margin` or more more relevant.
     """
 
-    w_relevance: float = Field(1.0, ge=0)
-    w_sales: float = Field(0.1, ge=0)
-    w_stock: float = Field(0.05, ge=0)
+    model_config = ConfigDict(extra="forbid")
+
+    # relevance gap (0–1 scale) under which two products count as comparable; the sales bonus spans it
+    margin: float = Field(0.05, ge=0, le=1)
+    # share of the margin the sales bonus may use: bonus = margin · w_sales · smoothed sales term
+    w_sales: float = Field(1.0, ge=0, le=1)
+    # pseudo-sales added to every product before the log: small counts are noise, new products not buried
+    sales_prior: float = Field(10.0, ge=0)
+    # out-of-stock penalty in margins; at 2 or more an out-of-stock product falls below every in-stock
+    # product of comparable relevance, whatever the sales
+    out_of_stock_penalty: float = Field(3.0, ge=0)
     out_of_stock: Literal["demote", "filter"] = "demote"
 
 
@@ -124,7 +134,6 @@ class ServerSettings(BaseModel):
     rerank_cache_size: int = Field(100_000, ge=0)
     cache_ttl_s: float = Field(600.0, gt=0)
     batching_enabled: bool = True  # gather concurrent model calls into shared batches
-    max_deadline_ms: float = Field(10_000.0, gt=0)  # cap on a request's own deadline_ms
     allow_scripts: bool = False  # pass bodies carrying scripts to the upstream (code runs on the cluster)
     upstream_timeout_s: float = Field(10.0, gt=0)
     max_rerank_documents: int = Field(1000, ge=1)  # /v1/rerank
@@ -201,12 +210,32 @@ class Settings(BaseSettings):
     retrieve_n: int = Field(100, ge=1)
     rerank_k: int | None = Field(None, ge=0)  # None: 100 with a GPU, 20 on CPU
     deadline_ms: float = Field(2000.0, gt=0)
+    # Caps on what one request may ask for (REST, proxy and library alike: above a cap is refused,
+    # naming the parameter). The reranker dominates a request's cost: bge-reranker-v2-m3 scores about
+    # 31-41 pairs/s on two CPU cores as ONNX INT8 (benchmarks/results/SUMMARY.md), so 200 pairs take
+    # 5-6.5 s, within the 10 s deadline cap; on a GPU they take a fraction of a second. Retrieval and
+    # fusion of 1000 candidates per list stay in milliseconds.
+    max_retrieve_n: int = Field(1000, ge=1)
+    max_rerank_k: int = Field(200, ge=0)
+    max_deadline_ms: float = Field(10_000.0, gt=0)
     max_query_chars: int = Field(512, ge=1)  # longer queries are cut before retrieval and the models
     fusion: FusionSettings = Field(default_factory=FusionSettings)
     business: BusinessSettings = Field(default_factory=BusinessSettings)
     knn_floor: KnnFloorSettings = Field(default_factory=KnnFloorSettings)
 
     server: ServerSettings = Field(default_factory=ServerSettings)
+
+    @model_validator(mode="after")
+    def _defaults_within_caps(self) -> Settings:
+        for name, cap in (
+            ("retrieve_n", "max_retrieve_n"),
+            ("rerank_k", "max_rerank_k"),
+            ("deadline_ms", "max_deadline_ms"),
+        ):
+            value, limit = getattr(self, name), getattr(self, cap)
+            if value is not None and value > limit:
+                raise ValueError(f"{name} ({value:g}) must not exceed {cap} ({limit:g})")
+        return self
 
     @classmethod
     def settings_customise_sources(

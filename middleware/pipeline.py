@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from middleware import business, fusion, paging, storefront
+from middleware import business, caps, fusion, paging, storefront
 from middleware.backends.base import Backend, MatchSet, SortKey
 from middleware.budget import Deadline, Stopwatch
 from middleware.config import BusinessSettings, Settings
@@ -88,7 +88,9 @@ class Pipeline:
         return cls(settings, backend, embedder, reranker, gpu=gpu)
 
     def search(self, req: SearchRequest) -> SearchResponse:
+        """Raises CapExceeded (a ValueError naming the parameter) for a request above a configured cap."""
         cfg = self.settings
+        caps.check(req, cfg)
         deadline = Deadline(req.deadline_ms or cfg.deadline_ms)
         watch = Stopwatch()
         weights = req.business or cfg.business
@@ -289,21 +291,26 @@ class Pipeline:
         position: int,
         size: int,
     ) -> list[Candidate]:
-        """A category page by business score: sales (log-scaled to the category's best) plus the stock bonus.
-        In-stock and out-of-stock products each come by sales; merged by score, ties by id."""
+        """A category page by business score: every product is equally relevant here, so the score is
+        business.py's sales bonus (smoothed, scaled to the category's best) less the out-of-stock
+        penalty. In-stock and out-of-stock products each come by sales; merged by score, ties by id."""
         by_sales = [SortKey("sales", descending=True)]
         if not enabled or size == 0:
             return self.backend.listing(match, by_sales, position, size)
         top = self.backend.listing(match, by_sales, 0, 1)
         max_sales = top[0].product.sales if top and top[0].product is not None else 0
-        scale = math.log1p(max_sales) if max_sales > 0 else 1.0
+        prior = weights.sales_prior
+        scale = math.log1p(max_sales + prior)
+        band = weights.margin * weights.w_sales
+        penalty = weights.margin * weights.out_of_stock_penalty
 
         def scored(rows: Iterator[tuple[int, Candidate]]) -> Iterator[Candidate]:
             for _, cand in rows:
                 product = cand.product
-                sales_term = math.log1p(product.sales) / scale if product is not None else 0.0
-                stock_term = 1.0 if product is None or product.in_stock else 0.0
-                cand.business = weights.w_sales * sales_term + weights.w_stock * stock_term
+                sales_term = math.log1p(product.sales + prior) / scale if product is not None and scale > 0 else 0.0
+                cand.sales_bonus = band * sales_term
+                cand.stock_penalty = 0.0 if product is None or product.in_stock else penalty
+                cand.business = cand.sales_bonus - cand.stock_penalty
                 cand.final = cand.business
                 yield cand
 

@@ -266,7 +266,10 @@ class Candidate:
     knn: float | None = None
     fused: float | None = None
     rerank: float | None = None
-    business: float | None = None
+    relevance: float | None = None  # 0–1, what the business score starts from
+    sales_bonus: float | None = None
+    stock_penalty: float | None = None
+    business: float | None = None  # sales_bonus - stock_penalty
     final: float | None = None
     ranks: dict[str, int] = field(default_factory=dict)  # 1-based rank in each retrieval
 
@@ -276,6 +279,9 @@ class Candidate:
             "knn": self.knn,
             "fused": self.fused,
             "rerank": self.rerank,
+            "relevance": self.relevance,
+            "sales_bonus": self.sales_bonus,
+            "stock_penalty": self.stock_penalty,
             "business": self.business,
             "final": self.final,
         }

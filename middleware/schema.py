@@ -68,11 +68,16 @@ class SearchRequest(BaseModel):
 
 
 class Explanation(BaseModel):
+    """Each stage's score; final = relevance + sales_bonus - stock_penalty when business scoring ran."""
+
     bm25: float | None = None
     knn: float | None = None
     fused: float | None = None
     rerank: float | None = None
-    business: float | None = None
+    relevance: float | None = Field(None, description="0–1: the reranker's probability or normalised retrieval scores")
+    sales_bonus: float | None = Field(None, description="margin · w_sales · smoothed sales term, in [0, margin]")
+    stock_penalty: float | None = Field(None, description="out_of_stock_penalty · margin when out of stock, else 0")
+    business: float | None = Field(None, description="sales_bonus - stock_penalty")
     final: float | None = None
     ranks: dict[str, int] = Field(default_factory=dict)
     knn_floor: float | None = None  # the similarity a vector hit had to reach to match

@@ -107,3 +107,15 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     assert RANDOM_WEIGHTS_NOTE in summary and "## Targets" in summary
     machine = json.loads((out / "run.json").read_text())["run"]["machine"]
     assert machine["cpu_model"] and machine["libraries"]["onnxruntime"]
+
+
+def test_business_bench_runs_on_a_tiny_beir_folder(tmp_path: Path) -> None:
+    from benchmarks import business_bench
+
+    out = tmp_path / "business.json"
+    data = Path(__file__).parent / "data" / "tiny_beir"
+    assert business_bench.main([str(data), "--max-queries", "6", "--relevant-min", "1", "--output", str(out)]) == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert set(result["ndcg@10"]) == {"off", "relevance-first", "linear (previous)"}
+    assert result["queries"] == 6 and result["ndcg@10_change_vs_off"]["off"] == 0.0
+    assert all(0.0 <= v <= 1.0 for v in result["ndcg@10"].values())

@@ -53,3 +53,24 @@ def test_unknown_or_bad_settings_are_rejected(tmp_path):
     ini.write_text("[x]\n")
     with pytest.raises(ValueError, match="toml"):
         Settings.from_file(ini)
+
+
+def test_caps_come_from_env_and_bound_the_defaults(monkeypatch):
+    monkeypatch.setenv("SHOPSEARCH_MAX_RERANK_K", "50")
+    monkeypatch.setenv("SHOPSEARCH_MAX_DEADLINE_MS", "3000")
+    s = Settings()
+    assert (s.max_retrieve_n, s.max_rerank_k, s.max_deadline_ms) == (1000, 50, 3000)
+    with pytest.raises(ValidationError, match=r"rerank_k \(60\) must not exceed max_rerank_k \(50\)"):
+        Settings(rerank_k=60)
+    with pytest.raises(ValidationError, match="deadline_ms"):
+        Settings(deadline_ms=5000)
+
+
+def test_business_settings_from_env(monkeypatch):
+    monkeypatch.setenv("SHOPSEARCH_BUSINESS__MARGIN", "0.1")
+    monkeypatch.setenv("SHOPSEARCH_BUSINESS__SALES_PRIOR", "0")
+    s = Settings()
+    assert s.business.margin == 0.1 and s.business.sales_prior == 0 and s.business.out_of_stock_penalty == 3.0
+    monkeypatch.setenv("SHOPSEARCH_BUSINESS__W_STOCK", "0.05")
+    with pytest.raises(ValidationError, match="w_stock"):
+        Settings()

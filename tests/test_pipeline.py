@@ -171,3 +171,20 @@ def test_opensearch_backend_opts_into_server_side_fusion_by_config():
     hybrid = OpenSearchBackend.from_settings(Settings(backend="opensearch", opensearch={"retrieval": "hybrid"}), dim=8)
     assert isinstance(hybrid, HybridBackend)
     assert hybrid.fuses_server_side and not client_side.fuses_server_side
+
+
+@pytest.mark.parametrize(
+    ("override", "cap"),
+    [
+        ({"retrieve_n": 1001}, "max_retrieve_n"),
+        ({"rerank_k": 201}, "max_rerank_k"),
+        ({"deadline_ms": 10_001}, "max_deadline_ms"),
+    ],
+)
+def test_library_requests_above_a_cap_raise_naming_it(store, models, override, cap):
+    pipeline = make_pipeline(store, *models)
+    (param,) = override
+    with pytest.raises(ValueError, match=rf"{param} must be at most .*\({cap}\)"):
+        pipeline.search(SearchRequest(query=QUERY, **override))
+    roomier = make_pipeline(store, *models, **{cap: 20_000})
+    assert roomier.search(SearchRequest(query=QUERY, size=2, **override)).hits

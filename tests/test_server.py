@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from middleware.config import Settings
 from middleware.products import Filters
 from middleware.server.batching import BatchingEmbedder, BatchingReranker
 from tests.test_server_support import (
@@ -399,16 +400,42 @@ def test_slow_reranker_misses_the_deadline_and_the_answer_still_comes_in_time(se
         assert p.headers["x-shopsearch-degraded"] == "rerank"
 
 
-def test_deadline_override_is_capped(server_store, server_models):
-    app = make_app(
-        server_store, server_models[0], SlowReranker(server_models[1], delay_s=2.5), max_deadline_ms=200, warm_up=False
-    )
+@pytest.mark.parametrize(
+    ("body", "param", "cap"),
+    [
+        ({"retrieve_n": 1001}, "retrieve_n", "max_retrieve_n"),
+        ({"rerank_k": 201}, "rerank_k", "max_rerank_k"),
+        ({"deadline_ms": 60_000}, "deadline_ms", "max_deadline_ms"),
+    ],
+)
+def test_requests_above_a_cap_are_refused_naming_it(client, body, param, cap):
+    r = client.post("/v1/search", json={"query": QUERY, **body})
+    assert r.status_code == 400 and r.json()["param"] == param and cap in r.json()["message"]
+    at_cap = {"retrieve_n": 1000, "rerank_k": 200, "deadline_ms": 10_000}[param]
+    assert client.post("/v1/search", json={"query": QUERY, "size": 1, param: at_cap}).status_code == 200
+
+
+def test_proxy_timeout_is_answered_within_the_deadline_cap(server_store, server_models):
+    # OpenSearch's `timeout` is best effort and clients send long ones: the proxy answers within the cap
+    settings = Settings(rerank_k=10, deadline_ms=200, max_deadline_ms=200, server={"warm_up": False})
+    app = make_app(server_store, server_models[0], SlowReranker(server_models[1], delay_s=2.5), settings=settings)
     with TestClient(app) as c:
         started = time.perf_counter()
-        r = c.post("/v1/search", json={"query": QUERY, "deadline_ms": 60_000})
-        assert (
-            r.json()["degraded"] == ["rerank"] and time.perf_counter() - started < 2.0
-        )  # not the 60 s asked for, nor the 2.5 s rerank
+        p = c.post("/products/_search", json=text_search(timeout="1m"))
+        assert p.status_code == 200 and p.headers["x-shopsearch-degraded"] == "rerank"
+        assert time.perf_counter() - started < 2.0  # not the minute asked for, nor the 2.5 s rerank
+        many = "\n".join(json.dumps(x) for x in ({}, text_search(timeout="1m"), {}, text_search())) + "\n"
+        answers = c.post("/products/_msearch", content=many, headers={"content-type": "application/x-ndjson"})
+        assert [r["status"] for r in answers.json()["responses"]] == [200, 200]
+
+
+def test_caps_are_settings(server_store, server_models):
+    settings = Settings(rerank_k=5, deadline_ms=250, max_rerank_k=5, max_deadline_ms=250)
+    with TestClient(make_app(server_store, *server_models, settings=settings, warm_up=False)) as c:
+        r = c.post("/v1/search", json={"query": QUERY, "rerank_k": 6})
+        assert r.status_code == 400 and r.json()["param"] == "rerank_k" and "max_rerank_k" in r.json()["message"]
+        assert c.post("/v1/search", json={"query": QUERY, "deadline_ms": 300}).json()["param"] == "deadline_ms"
+        assert c.post("/v1/search", json={"query": QUERY, "rerank_k": 5, "deadline_ms": 250}).status_code == 200
 
 
 def test_failing_knn_answers_from_bm25(server_store, server_models):

@@ -197,7 +197,9 @@ def test_searches_await_their_embeddings_without_holding_stage_threads(server_mo
     batching = BatchingEmbedder(
         embedder, max_batch_size=6, max_wait_ms=3000, on_batch=lambda _kind, n, _s: calls.append(n)
     )
-    base = Pipeline(Settings(deadline_ms=20_000), server_store, embedder, None, owns_backend=False)
+    base = Pipeline(
+        Settings(deadline_ms=20_000, max_deadline_ms=20_000), server_store, embedder, None, owns_backend=False
+    )
     pipeline = base.with_models(batching, None, stage_workers=2)
     try:
         queries = [f"手表 {i}" for i in range(6)]

@@ -124,7 +124,7 @@ def run_search(args: argparse.Namespace) -> int:
 def print_response(response: SearchResponse, *, explain: bool) -> None:
     header = ["#", "id", "score", "title", "price", "sales", "stock"]
     if explain:
-        header += ["bm25", "knn", "fused", "rerank", "business"]
+        header += ["bm25", "knn", "fused", "rerank", "relevance", "sales_bonus", "stock_penalty"]
     rows = []
     for rank, hit in enumerate(response.hits, start=1):
         p = hit.product
@@ -139,7 +139,8 @@ def print_response(response: SearchResponse, *, explain: bool) -> None:
         ]
         if explain and hit.explain is not None:
             e = hit.explain
-            row += [_num(e.bm25), _num(e.knn), _num(e.fused), _num(e.rerank), _num(e.business)]
+            row += [_num(e.bm25), _num(e.knn), _num(e.fused), _num(e.rerank)]
+            row += [_num(e.relevance), _num(e.sales_bonus), _num(e.stock_penalty)]
         rows.append(row)
     print(_table(header, rows))
     timings = "  ".join(f"{k} {v:.1f}ms" for k, v in response.timings_ms.items())

@@ -48,6 +48,8 @@ PIPELINE_MODES: dict[str, dict[str, Any]] = {
     "vector": {"retrieval": "vector", "rerank": False, "business_enabled": False},
     "hybrid-rrf": {"retrieval": "hybrid", "fusion": "rrf", "rerank": False, "business_enabled": False},
     "hybrid-minmax": {"retrieval": "hybrid", "fusion": "minmax", "rerank": False, "business_enabled": False},
+    "hybrid-rrf+business": {"retrieval": "hybrid", "fusion": "rrf", "rerank": False, "business_enabled": True},
+    "hybrid-minmax+business": {"retrieval": "hybrid", "fusion": "minmax", "rerank": False, "business_enabled": True},
     "hybrid+rerank": {"retrieval": "hybrid", "rerank": True, "business_enabled": False},
     "hybrid+rerank+business": {"retrieval": "hybrid", "rerank": True, "business_enabled": True},
 }
@@ -69,7 +71,15 @@ MODE_ANALYSIS: dict[str, str] = {"bm25-jieba": "jieba", "bm25-cjk": "cjk"}
 # bm25s with its defaults over the tokens of the same analyses (the default: both, combined as ours)
 PEER_MODES: dict[str, str] = {"bm25s-peer": "default", "bm25s-jieba": "jieba", "bm25s-cjk": "cjk"}
 ALL_MODES: tuple[str, ...] = (*PIPELINE_MODES, *PEER_MODES)
-NEEDS_EMBEDDER = {"vector", "hybrid-rrf", "hybrid-minmax", "hybrid+rerank", "hybrid+rerank+business"}
+NEEDS_EMBEDDER = {
+    "vector",
+    "hybrid-rrf",
+    "hybrid-minmax",
+    "hybrid-rrf+business",
+    "hybrid-minmax+business",
+    "hybrid+rerank",
+    "hybrid+rerank+business",
+}
 NEEDS_RERANKER = {"hybrid+rerank", "hybrid+rerank+business"}
 EMBEDDED_ONLY_MODES = set(MODE_ANALYSIS)  # analysis variants: query-time weights of the embedded store
 EVAL_INDEX_PREFIX = "shopsearch-eval-"
@@ -230,6 +240,10 @@ class Evaluation:
             "retrieve_n": cfg.retrieve_n,
             "rerank_k": cfg.rerank_k,
             "deadline_ms": EVAL_DEADLINE_MS,
+            # an evaluation asks for what it measures: the caps of a service do not apply
+            "max_deadline_ms": EVAL_DEADLINE_MS,
+            "max_retrieve_n": max(cfg.retrieve_n, DEPTH),
+            "max_rerank_k": max(cfg.rerank_k or 0, 100),
             "fusion": FusionSettings(method=cfg.rerank_fusion, bm25_weight=cfg.bm25_weight, knn_weight=cfg.knn_weight),
             "threads": cfg.threads,
         }

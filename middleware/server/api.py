@@ -16,7 +16,7 @@ from middleware.backends.base import EmbedderMismatch
 from middleware.products import MAX_DESCRIPTION_CHARS, MAX_QUERY_CHARS, Product, SignalUpdate
 from middleware.schema import SearchRequest, SearchResponse, SuggestResponse
 from middleware.server.errors import ApiError
-from middleware.server.limits import capped_deadline_ms, check_paging
+from middleware.server.limits import capped_deadline_ms, check_caps, check_paging
 from middleware.server.metrics import CONTENT_TYPE_LATEST
 from middleware.server.state import ModelService, ServiceState, get_state
 
@@ -43,6 +43,7 @@ def _prepare(state: ServiceState, body: SearchBody) -> SearchRequest:
         storefront.check_request(body)
     except storefront.StorefrontError as err:
         raise ApiError(400, err.message, param=err.param) from None
+    check_caps(settings, body)
     return body.model_copy(
         update={
             # longer text is cut, never refused

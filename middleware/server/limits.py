@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from middleware import caps
 from middleware.config import ServerSettings, Settings
+from middleware.schema import SearchRequest
 from middleware.server.errors import ApiError
 
 RETRY_AFTER_S = "1"
@@ -19,16 +21,40 @@ def check_paging(server: ServerSettings, size: int, from_: int, location: str = 
 MIN_DEADLINE_MS = 50.0
 
 
-def capped_deadline_ms(settings: Settings, requested: float | None, param: str = "deadline_ms") -> float:
-    """The request's own deadline, never above server.max_deadline_ms; the default otherwise.
+def capped_deadline_ms(
+    settings: Settings, requested: float | None, param: str = "deadline_ms", *, refuse_above: bool = True
+) -> float:
+    """The request's own deadline, or the configured default when it gives none.
 
-    A deadline under MIN_DEADLINE_MS is the client's error: 400 naming `param`.
+    Under MIN_DEADLINE_MS it is the client's error: 400 naming `param`. Above the `max_deadline_ms`
+    cap it is a 400 too (`refuse_above`), or is lowered to the cap: the OpenSearch proxy's `timeout`
+    is a best-effort bound that OpenSearch clients send as a matter of course (OpenSearch answers
+    what it has when it runs out, `timed_out: true`), so the proxy answers within the cap instead.
     """
     if requested is None:
-        return min(settings.deadline_ms, settings.server.max_deadline_ms)
+        return min(settings.deadline_ms, settings.max_deadline_ms)
     if requested < MIN_DEADLINE_MS:
         raise ApiError(400, f"must be at least {MIN_DEADLINE_MS:.0f} ms", param=param)
-    return min(requested, settings.server.max_deadline_ms)
+    if requested > settings.max_deadline_ms:
+        if not refuse_above:
+            return settings.max_deadline_ms
+        raise ApiError(
+            400, f"must be at most {settings.max_deadline_ms:g} ms (max_deadline_ms), got {requested:g}", param=param
+        )
+    return requested
+
+
+def check_caps(settings: Settings, req: SearchRequest, **names: str) -> None:
+    """400 naming the parameter and its cap when the request asks for more than a cap allows.
+
+    `names`: field -> the name the client used for it.
+    """
+    try:
+        caps.check(req, settings, names=names)
+    except caps.CapExceeded as err:
+        raise ApiError(
+            400, f"must be at most {err.cap:g} ({err.cap_setting}), got {err.value:g}", param=err.param
+        ) from None
 
 
 class InflightLimiter:

@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from middleware import __version__
-from middleware.schema import SearchResponse
+from middleware.schema import SearchRequest, SearchResponse
 from middleware.server.aggs import run_aggs, suggest_section
 from middleware.server.errors import ApiError
 from middleware.server.limits import capped_deadline_ms
@@ -166,7 +166,7 @@ async def search(index: str, request: Request) -> Response:
         return await _forward_or(state, request, _index_path(names, "_search"), raw, _no_index(names))
 
     req = translated.request
-    req = req.model_copy(update={"deadline_ms": capped_deadline_ms(state.settings, req.deadline_ms, "timeout")})
+    req = _within_deadline_cap(state, req)
     resp: SearchResponse | None = None
     if not translated.matches_nothing:
         resp = await state.search(req)
@@ -184,6 +184,12 @@ async def _extras(state: ServiceState, resp: SearchResponse | None, translated: 
     if translated.suggest is not None:
         out["suggest"] = await state.admitted(suggest_section, backend, state.popular, translated.suggest)
     return out
+
+
+def _within_deadline_cap(state: ServiceState, req: SearchRequest) -> SearchRequest:
+    """`timeout` is OpenSearch's best-effort bound: above max_deadline_ms the search runs within the cap."""
+    deadline_ms = capped_deadline_ms(state.settings, req.deadline_ms, "timeout", refuse_above=False)
+    return req.model_copy(update={"deadline_ms": deadline_ms})
 
 
 def _search_answer(
@@ -257,6 +263,7 @@ async def _msearch(request: Request, index: str | None) -> Response:
             translated = translate_search(
                 body, {}, server, default_deadline_ms=capped_deadline_ms(state.settings, None)
             )
+            translated.request = _within_deadline_cap(state, translated.request)
             plans.append((names, translated if _local_names(state, names) else Unsupported("not the local index")))
         except (ApiError, Unsupported) as err:
             plans.append((names, err))

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from middleware.backends.base import BackendError
+from middleware.caps import CapExceeded
 from middleware.config import Settings
 from middleware.pipeline import Pipeline
 from middleware.schema import SearchRequest, SearchResponse
@@ -150,6 +151,8 @@ class ServiceState(ModelService):
     async def search(self, req: SearchRequest) -> SearchResponse:
         try:
             resp = await self.admitted(self.pipeline.search, req, deadline_ms=req.deadline_ms)
+        except CapExceeded as err:  # a request above a cap (the routes check first; this is the backstop)
+            raise ApiError(400, str(err), param=err.param) from None
         except ValueError as err:  # a request the configuration cannot answer (e.g. vector without embedder)
             raise ApiError(400, str(err), param=getattr(err, "param", None)) from None
         self.metrics.observe_search(resp.timings_ms, resp.degraded)
@@ -161,7 +164,8 @@ class ServiceState(ModelService):
         onnxruntime's first run, the vector index) and would otherwise spend a real request's budget."""
         started = time.perf_counter()
         try:
-            self.pipeline.search(SearchRequest(query="warm up 预热", size=1, deadline_ms=60_000))
+            warm = SearchRequest(query="warm up 预热", size=1, deadline_ms=self.settings.max_deadline_ms)
+            self.pipeline.search(warm)
         except Exception as err:  # an empty or unreachable store still serves health and errors
             log.warning("warm-up search failed: %s", redact(str(err)))
         log.info("warm-up search took %.0f ms", (time.perf_counter() - started) * 1000.0)

@@ -505,7 +505,7 @@ def translate_search(
     deadline_ms = default_deadline_ms
     timeout = body.get("timeout", params.get("timeout"))
     if timeout is not None:
-        # OpenSearch accepts any timeout ("20m"); ours is capped (server.max_deadline_ms) later anyway
+        # OpenSearch accepts any timeout ("20m"); above max_deadline_ms the route answers 400 naming it
         deadline_ms = min(parse_time_ms(timeout, "timeout"), MAX_DEADLINE_MS)
     explain = body.get("explain", params.get("explain", False))
     explain = explain is True or str(explain).lower() == "true"
