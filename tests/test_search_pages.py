@@ -90,7 +90,14 @@ def backend(request, tmp_path_factory, models, doc_vectors) -> Iterator[Backend]
 
 def make_pipeline(backend: Backend, models, **settings: object) -> Pipeline:
     embedder, reranker = models
-    cfg = Settings(_env_file=None, embedder="tiny-test-embedder", retrieve_n=RETRIEVE_N, rerank_k=10, **settings)
+    cfg = Settings(
+        _env_file=None,
+        embedder="tiny-test-embedder",
+        retrieve_n=RETRIEVE_N,
+        rerank_k=10,
+        max_deadline_ms=60_000,
+        **settings,
+    )
     return Pipeline(cfg, backend, embedder, reranker, owns_backend=False)
 
 
@@ -226,12 +233,15 @@ def _refresh(backend: Backend) -> None:
 # ------------------------------------------------------------------ browse and sort
 
 
-def business_order(products, w_sales: float = 0.1, w_stock: float = 0.05) -> list[str]:
-    top = max(p.sales for p in products)
-    scale = math.log1p(top) if top > 0 else 1.0
+def business_order(products) -> list[str]:
+    """business.py's order for equally relevant products: the smoothed sales bonus less the stock penalty."""
+    weights = Settings(_env_file=None).business
+    prior = weights.sales_prior
+    scale = math.log1p(max(p.sales for p in products) + prior)
 
     def final(p) -> float:
-        return w_sales * math.log1p(p.sales) / scale + w_stock * (1.0 if p.in_stock else 0.0)
+        bonus = weights.margin * weights.w_sales * math.log1p(p.sales + prior) / scale
+        return bonus - (0.0 if p.in_stock else weights.margin * weights.out_of_stock_penalty)
 
     return [p.id for p in sorted(products, key=lambda p: (-final(p), p.id))]
 

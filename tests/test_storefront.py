@@ -28,7 +28,7 @@ from tests.test_server_support import make_app, server_models, server_store
 
 __all__ = ["backend", "server_models", "server_store"]  # fixtures, imported for pytest
 
-LEXICAL = Settings(embedder="none", reranker="none", deadline_ms=30_000)
+LEXICAL = Settings(embedder="none", reranker="none", deadline_ms=30_000, max_deadline_ms=30_000)
 WORDS = (*COLORS, "sneakers", "boots", "jacket", "sleek", "snug", "waterproof", "mesh", "acme", "runner")
 CATEGORIES = ("shoes", "apparel", "outdoor")
 PRICE_RANGES = [[0, 50], [50, 150], [150, None]]
