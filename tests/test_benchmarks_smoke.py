@@ -97,3 +97,33 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     assert RANDOM_WEIGHTS_NOTE in summary and "## Targets" in summary
     machine = json.loads((out / "run.json").read_text())["run"]["machine"]
     assert machine["cpu_model"] and machine["libraries"]["onnxruntime"]
+
+
+def test_lexical_report_replaces_only_its_own_section(tmp_path: Path) -> None:
+    from benchmarks.lexical_bench import write_section
+
+    path = tmp_path / "LEXICAL.md"
+    write_section(path, "## Speed\n\nfirst\n")
+    assert path.read_text() == "# Lexical engine\n\n## Speed\n\nfirst\n"
+    path.write_text("# Lexical engine\n\n## Speed\n\nold\n\n### 100k\n\nold table\n\n## Analysis\n\nkept\n")
+    write_section(path, "## Speed\n\nnew\n\n### 100k\n\nnew table\n")
+    text = path.read_text()
+    assert "old" not in text and "new table" in text
+    assert text.endswith("## Analysis\n\nkept\n") and text.count("## Speed") == 1
+
+
+def test_lexical_measure_times_every_query_after_the_warm_up_until_its_cap() -> None:
+    from benchmarks.lexical_bench import measure
+
+    calls: list[int] = []
+
+    def fn(i: int) -> int:
+        calls.append(i)
+        return i
+
+    full = measure(fn, 10, warmup=2, cap_s=60.0)
+    assert calls == [0, 1, *range(10)]
+    assert full["n"] == 10 and not full["capped"] and full["mean_hits"] == 4.5
+    assert 0 <= full["p50_ms"] <= full["p95_ms"] <= full["p99_ms"] <= full["max_ms"]
+    capped = measure(fn, 10, warmup=0, cap_s=0.0)
+    assert capped["n"] == 1 and capped["capped"] and capped["of"] == 10
