@@ -164,7 +164,7 @@ class HighlightTags:
 @dataclass(frozen=True)
 class TermCount:
     term: str
-    doc_freq: int  # products whose title holds it
+    doc_freq: int  # documents holding it (deleted ones count until their segment merges, as in Lucene)
     kind: Literal["term", "brand", "category"] = field(default="term")
 
 

@@ -2,48 +2,63 @@
 
 This module holds the write and read paths that touch more than one of them; each of the three
 keeps its own rules (see `store.py`, `lexical.py`, `vectors.py`). Lock order, always: the store's
-`write_mutex`, then the vector index's write lock, then the SQLite transaction.
+`write_mutex`, then the vector index's write lock, then the SQLite transaction. Both derived
+indexes are brought up to date with a write before it returns (the lexical one by the process that
+owns its writer: another process's write is applied within its poll interval).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-from middleware.backends.base import NO_EMBEDDER, BackendError, EmbedderBinding, EmbedderMismatch, StoreStats
-from middleware.backends.embedded.lexical import (
-    DEFAULT_CJK_WEIGHT,
-    DEFAULT_COMBINE,
-    DEFAULT_WORDS_WEIGHT,
-    Fts5LexicalIndex,
+from middleware.backends.base import (
+    NO_EMBEDDER,
+    BackendError,
+    EmbedderBinding,
+    EmbedderMismatch,
+    Facet,
+    FacetRange,
+    FacetSpec,
+    FacetStats,
+    FacetValue,
+    HighlightTags,
+    MatchSet,
+    SortKey,
+    StoreStats,
+    TermCount,
 )
-from middleware.backends.embedded.store import SqliteStore
+from middleware.backends.embedded import lexical
+from middleware.backends.embedded.lexical import SUGGEST_FIELD, TantivyLexicalIndex, tokens_json
+from middleware.backends.embedded.store import SqliteStore, filter_sql
 from middleware.backends.embedded.vectors import VectorIndex
 from middleware.products import Candidate, Filters, Product, SignalUpdate
+from middleware.text import normalize
+
+log = logging.getLogger(__name__)
 
 DB_NAME = "catalog.sqlite3"
+LEXICAL_GENERATION = "lexical_generation"  # meta key: counts the commits that changed what BM25 indexes
+_PRUNE_EVERY = 64  # write transactions between prunes of the lexical change log
 FAISS_NAME = "vectors.faiss"
 _NEW_DATA_DIR = "index into a new data directory (--data-dir)"
 
 
 class EmbeddedBackend:
-    """SQLite FTS5 (jieba words + CJK uni/bigrams) for BM25 and faiss for kNN, in one directory."""
+    """SQLite as the source of truth, tantivy for BM25 and faiss for kNN, derived from it, in one directory."""
 
     def __init__(
         self,
         data_dir: str | os.PathLike[str],
         dim: int | None = None,
         *,
-        words_weight: float = DEFAULT_WORDS_WEIGHT,
-        cjk_weight: float = DEFAULT_CJK_WEIGHT,
-        combine: Literal["sum", "max"] = DEFAULT_COMBINE,
-        title_weight: float = 2.0,
-        body_weight: float = 1.0,
+        field_boosts: dict[str, float] | None = None,  # query-time BM25 boost per lexical field (text.FIELD_BOOSTS)
         hnsw_threshold: int = 50_000,
         hnsw_m: int = 32,
         hnsw_ef_construction: int = 128,
@@ -55,13 +70,6 @@ class EmbeddedBackend:
     ) -> None:
         if dim is not None and (not isinstance(dim, int) or dim <= 0):
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        self.lexical = Fts5LexicalIndex(
-            words_weight=words_weight,
-            cjk_weight=cjk_weight,
-            combine=combine,
-            title_weight=title_weight,
-            body_weight=body_weight,
-        )
         self.data_dir = Path(data_dir)
         self._expected_dim = dim
         self._closed = False
@@ -70,7 +78,11 @@ class EmbeddedBackend:
         except OSError as exc:
             raise BackendError(f"cannot create data directory {self.data_dir}: {exc}") from exc
 
-        self.store = SqliteStore(self.data_dir / DB_NAME, durable=durable, extra_schema=self.lexical.schema)
+        self.store = SqliteStore(
+            self.data_dir / DB_NAME, durable=durable, extra_schema=lexical.SCHEMA, migrate=self._migrate_lexical
+        )
+        self.lexical = TantivyLexicalIndex(self.data_dir, self.store.reader, field_boosts=field_boosts)
+        self._writes = 0
         self.vectors = VectorIndex(
             self.data_dir / FAISS_NAME,
             self.store.vector_snapshot,
@@ -95,9 +107,40 @@ class EmbeddedBackend:
             self._dim: int | None = stored_dim
             generation = self.store.meta_int("generation") or 0
             self.vectors.open(generation, n_vectors, stored_dim, self.store.vector_pks)
+            self._analyse_stale_rows()
+            self.lexical.open(self.store.meta_int(LEXICAL_GENERATION) or 0)
         except BaseException:
+            self.lexical.close()
             self.store.close()
             raise
+
+    def _migrate_lexical(self, conn: sqlite3.Connection) -> None:
+        if lexical.migrate(conn):
+            log.warning(
+                "%s: upgrading the lexical index from SQLite FTS5 to tantivy (products are analysed again, once)",
+                self.data_dir,
+            )
+
+    def _analyse_stale_rows(self, batch: int = 500) -> None:
+        """Store the current analysis's tokens of products that lack them (a store of an older analysis
+        or format): the lexical index rebuilds from them, and nothing is lost on the way."""
+        from middleware.text import ANALYSIS_VERSION
+
+        while True:
+            with self.store.reader() as conn:
+                rows = conn.execute(
+                    "SELECT p.pk, p.doc FROM products p LEFT JOIN product_text t ON t.pk = p.pk"
+                    " WHERE t.pk IS NULL OR t.analysis != ? ORDER BY p.pk LIMIT ?",
+                    (ANALYSIS_VERSION, batch),
+                ).fetchall()
+            if not rows:
+                return
+            tokens = [(pk, tokens_json(Product.model_validate_json(doc))) for pk, doc in rows]
+            with self.store.write_mutex, self.store.transaction() as conn:
+                generation = self.store.bump_counter(conn, LEXICAL_GENERATION)
+                for pk, fields in tokens:
+                    conn.execute("DELETE FROM product_text WHERE pk = ?", (pk,))
+                    self.lexical.add(conn, pk, fields, generation)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -179,33 +222,30 @@ class EmbeddedBackend:
             return
         last = {p.id: i for i, p in enumerate(products)}
         order = sorted(last.values())
-        # tokenise before taking any lock: jieba is the slow part of a write
+        # analyse before taking any lock: jieba is the slow part of a write
         rows = [
-            (
-                products[i],
-                None if vecs is None else vecs[i].astype("<f4").tobytes(),
-                self.lexical.analyze(products[i]),
-            )
+            (products[i], None if vecs is None else vecs[i].astype("<f4").tobytes(), tokens_json(products[i]))
             for i in order
         ]
         with self.store.write_mutex, self.vectors.lock.write():
             removed: list[int] = []
             added_pks: list[int] = []
             with self.store.transaction() as conn:
+                text_generation = self._bump_lexical(conn)
                 if vecs is not None and self._dim is None:
                     bound = self._binding(conn)
                     if bound is not None and bound.dim is None:
                         wanted = f"{vecs.shape[1]}-d vectors"
                         raise EmbedderMismatch(str(self.data_dir), bound, wanted, _NEW_DATA_DIR)
                     self.store.set_meta(conn, "dim", str(vecs.shape[1]))
-                for product, blob, doc in rows:
+                for product, blob, tokens in rows:
                     old = self.store.find(conn, product.id)
                     if old is not None:
-                        self._delete_pk(conn, old[0])
+                        self._delete_pk(conn, old[0], text_generation)
                         if old[1]:
                             removed.append(old[0])
                     pk = self.store.insert(conn, product, blob)
-                    self.lexical.add(conn, pk, doc)
+                    self.lexical.add(conn, pk, tokens, text_generation)
                     if blob is not None:
                         added_pks.append(pk)
                 generation = self.store.bump_generation(conn) if (removed or added_pks) else None
@@ -216,10 +256,30 @@ class EmbeddedBackend:
                 if added_pks:
                     added = np.stack([vecs[i] for i in order])  # type: ignore[index]
                 self.vectors.apply(removed, added_pks, added, generation)
+            self._lexical_catch_up(text_generation)
 
-    def _delete_pk(self, conn: sqlite3.Connection, pk: int) -> None:
-        self.lexical.remove(conn, pk)
+    def _delete_pk(self, conn: sqlite3.Connection, pk: int, text_generation: int) -> None:
+        self.lexical.remove(conn, pk, text_generation)
         self.store.delete(conn, pk)
+
+    def _bump_lexical(self, conn: sqlite3.Connection) -> int:
+        """The lexical generation of this write transaction; now and then, forget changes the index has."""
+        self._writes += 1
+        if self._writes % _PRUNE_EVERY == 0:
+            stamp = self.lexical.stamped_generation()
+            if stamp is not None:
+                self.lexical.prune_log(conn, stamp)
+        return self.store.bump_counter(conn, LEXICAL_GENERATION)
+
+    def _lexical_catch_up(self, text_generation: int) -> None:
+        """Make the committed write searchable before returning (the caller holds write_mutex)."""
+        self.lexical.refresh(text_generation)
+        if self.lexical.generation < text_generation and not self.lexical.wait_for(text_generation):
+            log.warning(
+                "%s: the process owning the lexical index has not applied write %d yet; searches see it once it does",
+                self.data_dir,
+                text_generation,
+            )
 
     def delete(self, ids: Sequence[str]) -> int:
         self._check_open()
@@ -229,12 +289,15 @@ class EmbeddedBackend:
         with self.store.write_mutex, self.vectors.lock.write():
             with self.store.transaction() as conn:
                 found = self.store.find_many(conn, wanted)
+                text_generation = self._bump_lexical(conn) if found else None
                 for pk, _ in found:
-                    self._delete_pk(conn, pk)
+                    self._delete_pk(conn, pk, text_generation)  # type: ignore[arg-type]
                 removed = [pk for pk, has_vector in found if has_vector]
                 generation = self.store.bump_generation(conn) if removed else None
             if generation is not None:
                 self.vectors.apply(removed, [], None, generation)
+            if text_generation is not None:
+                self._lexical_catch_up(text_generation)
         return len(found)
 
     def update_signals(self, updates: Sequence[SignalUpdate]) -> list[str]:
@@ -245,16 +308,20 @@ class EmbeddedBackend:
             if not isinstance(u, SignalUpdate):
                 raise TypeError(f"updates[{i}] must be a SignalUpdate, got {type(u).__name__}")
         missing: list[str] = []
-        with self.store.write_mutex, self.store.transaction() as conn:
-            for u in updates:
-                row = self.store.product_doc(conn, u.id)
-                if row is None:
-                    missing.append(u.id)
-                    continue
-                changes = {
-                    k: v for k, v in (("price", u.price), ("sales", u.sales), ("stock", u.stock)) if v is not None
-                }
-                self.store.update_signals(conn, row[0], row[1].model_copy(update=changes))
+        with self.store.write_mutex:
+            with self.store.transaction() as conn:
+                text_generation = self._bump_lexical(conn)  # price and stock are filters inside BM25
+                for u in updates:
+                    row = self.store.product_doc(conn, u.id)
+                    if row is None:
+                        missing.append(u.id)
+                        continue
+                    changes = {
+                        k: v for k, v in (("price", u.price), ("sales", u.sales), ("stock", u.stock)) if v is not None
+                    }
+                    self.store.update_signals(conn, row[0], row[1].model_copy(update=changes))
+                    self.lexical.changed(conn, row[0], text_generation)
+            self._lexical_catch_up(text_generation)
         return missing
 
     # ------------------------------------------------------------------ reads
@@ -267,26 +334,22 @@ class EmbeddedBackend:
         return self.store.get(wanted)
 
     def bm25(self, text: str, filters: Filters | None, n: int) -> list[Candidate]:
-        """BM25 over both analyses (title weighted over the rest), combined, filters inside the search."""
+        """BM25 over the lexical fields (boosted per field), filters inside the query."""
         self._check_open()
         if n <= 0 or not isinstance(text, str):
             return []
-        query = self.lexical.query(text)
-        if not query:
+        query = self.lexical.match_query(text, filters)
+        if query is None:
             return []
-        with self.store.reader(snapshot=True) as conn:  # the ranking and the rows from one snapshot
-            hits = self.lexical.search(conn, query, filters, n)
-            products = self.store.products_by_pk(conn, [pk for pk, _ in hits])
-        return [
-            Candidate(id=products[pk].id, product=products[pk], bm25=score, ranks={"bm25": rank})
-            for rank, (pk, score) in enumerate(hits, start=1)
-        ]
-
-    def bm25_analysis_scores(self, text: str) -> dict[str, dict[str, float]]:
-        """Diagnostics and evaluation: every match's raw BM25 per analysis, {"words"|"cjk": {id: score}}."""
-        self._check_open()
+        hits = self.lexical.search(query, n)
         with self.store.reader() as conn:
-            return self.lexical.analysis_scores(conn, text)
+            products = self.store.products_by_pk(conn, [pk for pk, _ in hits])
+        out: list[Candidate] = []
+        for pk, score in hits:
+            product = products.get(pk)
+            if product is not None:  # deleted since the index was searched
+                out.append(Candidate(id=product.id, product=product, bm25=score, ranks={"bm25": len(out) + 1}))
+        return out
 
     def knn(self, vector: np.ndarray, filters: Filters | None, n: int) -> list[Candidate]:
         """Exact (flat) or HNSW inner-product top-n among the products matching `filters`."""
@@ -318,6 +381,171 @@ class EmbeddedBackend:
                 product = products[pk]
                 out.append(Candidate(id=product.id, product=product, knn=score, ranks={"knn": len(out) + 1}))
         return out
+
+    # ------------------------------------------------------------------ storefront primitives
+
+    def _match_pks(self, match: MatchSet) -> tuple[str, list[object], dict[int, float]]:
+        """The match set as SQL over `products p` (a WHERE clause and its parameters), and the BM25
+        score of each text match. Text and ids are matched in the lexical index, filters included."""
+        if match.text is None and not match.ids:
+            where, params = filter_sql(match.filters)
+            return where, params, {}
+        query = self.lexical.match_query(match.text, match.filters, match.ids)
+        scores = dict(self.lexical.all_matches(query)) if query is not None else {}
+        return "p.pk IN (SELECT CAST(key AS INTEGER) FROM json_each(?))", [json.dumps(scores)], scores
+
+    def count_matches(self, match: MatchSet) -> int:
+        self._check_open()
+        if match.text is None and not match.ids:
+            where, params = filter_sql(match.filters)
+            with self.store.reader() as conn:
+                return int(conn.execute(f"SELECT count(*) FROM products p WHERE {where}", params).fetchone()[0])
+        query = self.lexical.match_query(match.text, match.filters, match.ids)
+        return 0 if query is None else self.lexical.count(query)
+
+    def listing(self, match: MatchSet, sort: Sequence[SortKey], offset: int, n: int) -> list[Candidate]:
+        self._check_open()
+        for name, value in (("offset", offset), ("n", n)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if n == 0:
+            return []
+        where, params, scores = self._match_pks(match)
+        order: list[str] = []
+        score_params: list[object] = []
+        for key in sort:
+            if key.field == "_score":
+                if scores:  # no text: every product scores the same
+                    order.append(
+                        f"coalesce(json_extract(?, '$.\"' || p.pk || '\"'), 0) {'DESC' if key.descending else 'ASC'}"
+                    )
+                    score_params.append(params[0])
+                continue
+            # missing values last in both directions, as OpenSearch's `missing: _last`
+            order.append(f"p.{key.field} IS NULL, p.{key.field} {'DESC' if key.descending else 'ASC'}")
+        order.append("p.id")
+        sql = f"SELECT p.pk, p.doc FROM products p WHERE {where} ORDER BY {', '.join(order)} LIMIT ? OFFSET ?"
+        with self.store.reader() as conn:
+            rows = conn.execute(sql, [*params, *score_params, n, offset]).fetchall()
+        out = []
+        for pk, doc in rows:
+            product = Product.model_validate_json(doc)
+            out.append(Candidate(id=product.id, product=product, bm25=scores.get(pk) or None))
+        return out
+
+    def facets(self, match: MatchSet, specs: Sequence[FacetSpec]) -> list[Facet]:
+        self._check_open()
+        specs = list(specs)
+        if not specs:
+            return []
+        where, params, _ = self._match_pks(match)
+        out: list[Facet] = []
+        with self.store.reader(snapshot=True) as conn:
+            for spec in specs:
+                if spec.field in ("brand", "category"):
+                    if spec.field == "brand":
+                        sql = (
+                            f"SELECT p.brand, count(*) FROM products p WHERE {where} AND p.brand IS NOT NULL"
+                            " GROUP BY p.brand"
+                        )
+                    else:
+                        sql = (
+                            "SELECT c.category, count(*) FROM product_categories c JOIN products p ON p.pk = c.pk"
+                            f" WHERE {where} GROUP BY c.category"
+                        )
+                    counts = sorted(conn.execute(sql, params).fetchall(), key=lambda r: (-r[1], r[0]))
+                    values = [FacetValue(value=v, count=int(c)) for v, c in counts[: spec.size]]
+                    other = sum(int(c) for _, c in counts[spec.size :])
+                    out.append(Facet(spec=spec, values=values, other=other))
+                elif spec.ranges is not None:
+                    ranges = []
+                    for start, end in spec.ranges:
+                        conditions = [f"p.{spec.field} IS NOT NULL"]
+                        bounds: list[object] = []
+                        if start is not None:
+                            conditions.append(f"p.{spec.field} >= ?")
+                            bounds.append(start)
+                        if end is not None:
+                            conditions.append(f"p.{spec.field} < ?")
+                            bounds.append(end)
+                        sql = f"SELECT count(*) FROM products p WHERE {where} AND {' AND '.join(conditions)}"
+                        count = int(conn.execute(sql, [*params, *bounds]).fetchone()[0])
+                        ranges.append(FacetRange(start=start, end=end, count=count))
+                    out.append(Facet(spec=spec, ranges=ranges))
+                else:
+                    f = spec.field
+                    sql = f"SELECT count(p.{f}), min(p.{f}), max(p.{f}), total(p.{f}) FROM products p WHERE {where}"
+                    count, low, high, total = conn.execute(sql, params).fetchone()
+                    stats = FacetStats(
+                        count=int(count),
+                        min=None if low is None else float(low),
+                        max=None if high is None else float(high),
+                        sum=float(total),
+                        avg=float(total) / count if count else None,
+                    )
+                    out.append(Facet(spec=spec, stats=stats))
+        return out
+
+    def highlight(
+        self, text: str, ids: Sequence[str], fields: Sequence[str], tags: HighlightTags
+    ) -> dict[str, dict[str, list[str]]]:
+        from middleware.highlight import highlight_fragments
+
+        self._check_open()
+        out: dict[str, dict[str, list[str]]] = {}
+        for product in self.get(ids):
+            found: dict[str, list[str]] = {}
+            for name in fields:
+                value = getattr(product, name, None) if name in ("title", "description") else None
+                if not value:
+                    continue
+                fragments = highlight_fragments(
+                    value,
+                    text,
+                    pre=tags.pre,
+                    post=tags.post,
+                    fragment_chars=tags.fragment_chars,
+                    fragments=tags.fragments,
+                )
+                if fragments:
+                    found[name] = fragments
+            if found:
+                out[product.id] = found
+        return out
+
+    def prefix_terms(self, prefix: str, n: int) -> list[TermCount]:
+        self._check_open()
+        if not isinstance(prefix, str) or n <= 0:
+            return []
+        folded = normalize(prefix).strip().lower()
+        if not folded:
+            return []
+        found = [TermCount(t, c) for t, c in self.lexical.terms_with_prefix(SUGGEST_FIELD, folded, n)]
+        for kind in ("brand", "category"):
+            found += [TermCount(t, c, kind) for t, c in self.lexical.terms_with_prefix(kind, prefix.strip(), n)]  # type: ignore[arg-type]
+        found.sort(key=lambda t: (-t.doc_freq, t.term, t.kind))
+        return found[:n]
+
+    def fuzzy_terms(self, word: str, max_edits: int, n: int) -> list[TermCount]:
+        """Candidates share the word's first character (as Lucene's fuzzy `prefix_length` 1): typos in
+        the first letter are rare, and the term dictionary is walked for one letter only."""
+        from rapidfuzz.distance import Levenshtein
+
+        self._check_open()
+        if max_edits not in (1, 2):
+            raise ValueError(f"max_edits must be 1 or 2, got {max_edits!r}")
+        if not isinstance(word, str) or n <= 0:
+            return []
+        folded = normalize(word).strip().lower()
+        if not folded:
+            return []
+        scored = []
+        for term, count in self.lexical.terms_with_prefix(SUGGEST_FIELD, folded[0], None):
+            distance = Levenshtein.distance(folded, term, score_cutoff=max_edits)
+            if distance <= max_edits:
+                scored.append((distance, -count, term))
+        scored.sort()
+        return [TermCount(term, -negative) for _, negative, term in scored[:n]]
 
     def iter_ids(self) -> Iterator[str]:
         self._check_open()
@@ -356,7 +584,7 @@ class EmbeddedBackend:
                 "index_type": kind,
                 "index_vectors": index_vectors,
                 "index_dead": dead,
-                "analysis": self.lexical.settings(),
+                "lexical": self.lexical.details(),
             },
         )
 
@@ -377,6 +605,7 @@ class EmbeddedBackend:
                 self.flush()
             finally:
                 self._closed = True
+                self.lexical.close()
                 self.store.close()
 
     def __enter__(self) -> EmbeddedBackend:

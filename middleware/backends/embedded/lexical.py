@@ -1,237 +1,549 @@
-"""The embedded store's lexical index: BM25 over two analyses of each product, in SQLite FTS5.
+"""The embedded store's lexical index: BM25 in a tantivy index derived from the SQLite store.
 
-The seam (what the backend calls; another engine, e.g. a tantivy index, implements the same):
+SQLite stays the source of truth. Inside each write transaction the backend records, per product
+pk, the analysed tokens (`product_text`, one space-joined string per lexical field of
+`middleware.text`) and a row of `lexical_changes` (pk, lexical generation). The tantivy index in
+`<data_dir>/lexical/` is derived from them, like `vectors.faiss`:
 
-- `analyze(product) -> LexicalDoc`: the product's tokens. The slow part of a write (jieba), so the
-  backend calls it before taking any lock.
-- `add(conn, pk, doc)` / `remove(conn, pk)`: called inside the store's write transaction, keyed by
-  the store's pk (a replaced product gets a new pk, so a pk is never re-used for other text). This
-  engine writes its rows in that same transaction. A derived engine outside SQLite would record the
-  change there and apply it once the transaction commits, stamping itself with the store's
-  generation as the vector index does, and rebuild from `analyze` of the stored products when its
-  stamp is stale.
-- `query(text) -> LexicalQuery`: the query's tokens per analysis (empty: nothing to search).
-- `search(conn, query, filters, n) -> [(pk, score)]`: top-n, higher is better, ties by pk, the
-  filters applied inside the search (here: joined with the store's filter columns).
-- `analysis_scores(conn, text)`: every match's raw score per analysis, by product id (diagnostics).
-- `count(conn)`: documents indexed (equals the store's products when the index is in step).
+- it is stamped (`lexical/STAMP`) with the lexical generation and analysis version it reflects;
+- it catches up by re-syncing every pk changed since its stamp: delete the pk's document, add what
+  SQLite holds for it now. Re-syncing is idempotent, so a crash between SQLite's commit and
+  tantivy's only means syncing again on the next open;
+- it is rebuilt from SQLite when missing, unreadable, of another analysis version or schema, or
+  stamped before the oldest change still logged.
 
-How this engine stores it: `product_text` keeps each analysis's tokens space-joined, and two FTS5
-tables are *external-content* over it (jieba words; CJK unigrams + bigrams). FTS5 needs the exact
-indexed tokens to delete a row; keeping them (rather than re-running jieba at delete time, as a
-contentless table would need on SQLite < 3.43) means an upgraded jieba dictionary can never leave
-orphaned index entries, and `'rebuild'` can regenerate both indexes from the stored tokens.
-Triggers on `product_text` keep the FTS tables in step.
+One writer at a time: the process holding `lexical/writer.lock` (an flock, released by the kernel
+when the process dies) owns tantivy's IndexWriter. It applies its own writes before they return,
+and other processes' writes within `poll_interval_s` (a background thread polls the store's
+lexical generation). Every process searches; a process that does not own the writer reloads its
+reader when the stamp moves, and takes the writer over when its owner is gone.
 
-Known limit: FTS5 scores every product matching any query token (no WAND-style pruning), so BM25
-latency grows with the number of matches: fine for catalogs up to a few hundred thousand products,
-slow when a query's tokens occur in most of a million-product catalog (use OpenSearch there).
+Queries are built from tokens (term queries), never parsed: user text cannot become query syntax.
+Filters are non-scoring clauses inside the same query, so BM25 top-n is over the filtered set.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import logging
+import os
 import sqlite3
-from collections.abc import Sequence
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any
 
-from middleware.backends.embedded.store import filter_sql
+import tantivy
+
+from middleware import text as analysis
 from middleware.products import Filters, Product
-from middleware.text import FTS5_TOKENIZE, cjk_tokens, jieba_tokens
 
-# Hostile or pasted-document queries: bound the OR-query size (the server truncates long text anyway).
+log = logging.getLogger(__name__)
+
+# Hostile or pasted-document queries: bound the tokens per field (the server truncates long text anyway).
 MAX_QUERY_TOKENS = 512
+INDEX_DIR = "lexical"
+STAMP_NAME = "STAMP"
+SUGGEST_FIELD = "words_title"  # the field whose terms complete a prefix and correct a typo
+SCHEMA_REVISION = 1  # of the tantivy schema below; a change rebuilds the index
+_ADD_BATCH = 2000  # pks re-synced per SQLite read
 
-# How the two analyses' BM25 scores combine: score = words_weight·bm25_words + cjk_weight·bm25_cjk
-# ("sum"), or each scaled by the query's best match first ("max"). Measured on QBQTC titles
-# (benchmarks/analysis_qbqtc.py, nDCG@10 over every query with a relevant judgement): every
-# combination from sum 1:1 to 1:3 and max 1:2–1:3 lies on one plateau, within noise of each other,
-# and above either analysis alone; sum 1:1 is the simplest and cheapest of that plateau (no window
-# function over the matches).
-DEFAULT_WORDS_WEIGHT = 1.0
-DEFAULT_CJK_WEIGHT = 1.0
-DEFAULT_COMBINE: Literal["sum", "max"] = "sum"
-
-ANALYSES = ("words", "cjk")
-_TABLES = {"words": "fts_words", "cjk": "fts_cjk"}
-
-SCHEMA = f"""
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS product_text (
     pk INTEGER PRIMARY KEY,
-    words_title TEXT NOT NULL,
-    words_body TEXT NOT NULL,
-    cjk_title TEXT NOT NULL,
-    cjk_body TEXT NOT NULL
+    analysis INTEGER NOT NULL,
+    fields TEXT NOT NULL
 );
-CREATE VIRTUAL TABLE IF NOT EXISTS fts_words USING fts5 (
-    words_title, words_body, content='product_text', content_rowid='pk', tokenize="{FTS5_TOKENIZE}"
+CREATE TABLE IF NOT EXISTS lexical_changes (
+    generation INTEGER NOT NULL,
+    pk INTEGER NOT NULL
 );
-CREATE VIRTUAL TABLE IF NOT EXISTS fts_cjk USING fts5 (
-    cjk_title, cjk_body, content='product_text', content_rowid='pk', tokenize="{FTS5_TOKENIZE}"
-);
-CREATE TRIGGER IF NOT EXISTS product_text_ai AFTER INSERT ON product_text BEGIN
-    INSERT INTO fts_words (rowid, words_title, words_body) VALUES (new.pk, new.words_title, new.words_body);
-    INSERT INTO fts_cjk (rowid, cjk_title, cjk_body) VALUES (new.pk, new.cjk_title, new.cjk_body);
-END;
-CREATE TRIGGER IF NOT EXISTS product_text_ad AFTER DELETE ON product_text BEGIN
-    INSERT INTO fts_words (fts_words, rowid, words_title, words_body)
-        VALUES ('delete', old.pk, old.words_title, old.words_body);
-    INSERT INTO fts_cjk (fts_cjk, rowid, cjk_title, cjk_body)
-        VALUES ('delete', old.pk, old.cjk_title, old.cjk_body);
-END;
-CREATE TRIGGER IF NOT EXISTS product_text_au AFTER UPDATE ON product_text BEGIN
-    INSERT INTO fts_words (fts_words, rowid, words_title, words_body)
-        VALUES ('delete', old.pk, old.words_title, old.words_body);
-    INSERT INTO fts_cjk (fts_cjk, rowid, cjk_title, cjk_body)
-        VALUES ('delete', old.pk, old.cjk_title, old.cjk_body);
-    INSERT INTO fts_words (rowid, words_title, words_body) VALUES (new.pk, new.words_title, new.words_body);
-    INSERT INTO fts_cjk (rowid, cjk_title, cjk_body) VALUES (new.pk, new.cjk_title, new.cjk_body);
-END;
+CREATE INDEX IF NOT EXISTS lexical_changes_generation ON lexical_changes (generation);
+"""
+
+# the SQLite FTS5 lexical index of earlier stores: dropped on open, the tantivy index is built instead
+_LEGACY_FTS5 = """
+DROP TRIGGER IF EXISTS product_text_ai;
+DROP TRIGGER IF EXISTS product_text_ad;
+DROP TRIGGER IF EXISTS product_text_au;
+DROP TABLE IF EXISTS fts_words;
+DROP TABLE IF EXISTS fts_cjk;
+DROP TABLE IF EXISTS product_text;
 """
 
 
+def migrate(conn: sqlite3.Connection) -> bool:
+    """Drop an FTS5-era lexical index (its tokens are of another analysis); True when one was there."""
+    legacy = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'fts_words'").fetchone() is not None
+    if legacy:
+        conn.executescript(_LEGACY_FTS5)
+    return legacy
+
+
+def _schema() -> tantivy.Schema:
+    builder = tantivy.SchemaBuilder()
+    builder.add_unsigned_field("pk", stored=True, indexed=True, fast=True)
+    for name in analysis.LEXICAL_FIELDS:
+        builder.add_text_field(name, stored=False, tokenizer_name="whitespace")
+    # filter and facet fields: exact values ("raw"), fast for aggregations
+    builder.add_text_field("id", stored=False, tokenizer_name="raw")
+    builder.add_text_field("brand", stored=False, fast=True, tokenizer_name="raw")
+    builder.add_text_field("category", stored=False, fast=True, tokenizer_name="raw")
+    builder.add_float_field("price", stored=False, indexed=True, fast=True)
+    builder.add_unsigned_field("in_stock", stored=False, indexed=True, fast=True)
+    return builder.build()
+
+
 @dataclass(frozen=True)
-class LexicalDoc:
-    """A product's tokens: (title, body) per analysis."""
+class TextRow:
+    """What the tantivy document of one product is made of (tokens from product_text, the rest from products)."""
 
-    words_title: list[str]
-    words_body: list[str]
-    cjk_title: list[str]
-    cjk_body: list[str]
-
-
-@dataclass(frozen=True)
-class LexicalQuery:
-    """A query's distinct tokens per analysis taking part (at most MAX_QUERY_TOKENS each)."""
-
-    tokens: dict[str, list[str]]
-
-    def __bool__(self) -> bool:
-        return any(self.tokens.values())
+    pk: int
+    fields: dict[str, str]
+    id: str
+    brand: str | None
+    categories: list[str]
+    price: float | None
+    in_stock: bool
 
 
-def _fts_query(tokens: Sequence[str]) -> str:
-    # every token a quoted string: user text can never become FTS5 syntax (AND, NEAR(, *, -, :)
-    return " OR ".join('"' + t.replace('"', '""') + '"' for t in tokens)
+def tokens_json(product: Product) -> str:
+    """The product's analysed tokens as stored in product_text (the slow part of a write: jieba)."""
+    tokens = analysis.analyze_product(product.title, product.search_text())
+    return json.dumps({f: " ".join(tokens[f]) for f in analysis.LEXICAL_FIELDS}, ensure_ascii=False)
 
 
-def _unique(tokens: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys(tokens))[:MAX_QUERY_TOKENS]
+class _Stamp:
+    """`lexical/STAMP`: the lexical generation, analysis version and schema revision the index reflects."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> tuple[int, int, int] | None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            return int(data["generation"]), int(data["analysis"]), int(data["schema"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write(self, generation: int) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        payload = {"generation": generation, "analysis": analysis.ANALYSIS_VERSION, "schema": SCHEMA_REVISION}
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def mtime_ns(self) -> int:
+        try:
+            return self.path.stat().st_mtime_ns
+        except OSError:
+            return -1
 
 
-class Fts5LexicalIndex:
-    """BM25 over jieba words and CJK uni/bigrams, title weighted over the rest, two analyses combined."""
+class TantivyLexicalIndex:
+    """BM25 over the lexical fields of `middleware.text`, boosted per field, filters inside the query."""
 
     schema = SCHEMA
 
     def __init__(
         self,
+        data_dir: Path,
+        reader: Callable[[], contextlib.AbstractContextManager[sqlite3.Connection]],
         *,
-        words_weight: float = DEFAULT_WORDS_WEIGHT,
-        cjk_weight: float = DEFAULT_CJK_WEIGHT,
-        combine: Literal["sum", "max"] = DEFAULT_COMBINE,
-        title_weight: float = 2.0,
-        body_weight: float = 1.0,
+        poll_interval_s: float = 0.05,
+        writer_heap_bytes: int = 64_000_000,
+        writer_threads: int = 1,
+        field_boosts: dict[str, float] | None = None,
     ) -> None:
-        if words_weight < 0 or cjk_weight < 0 or words_weight + cjk_weight == 0:
-            raise ValueError("words_weight and cjk_weight must be >= 0 and not both 0")
-        if combine not in ("sum", "max"):
-            raise ValueError(f"combine must be 'sum' or 'max', got {combine!r}")
-        self.words_weight = float(words_weight)
-        self.cjk_weight = float(cjk_weight)
-        self.combine = combine
-        self.title_weight = float(title_weight)
-        self.body_weight = float(body_weight)
+        """`reader`: a read-only SQLite connection of the store (a context manager, as SqliteStore.reader)."""
+        self.dir = data_dir / INDEX_DIR
+        boosts = dict(analysis.FIELD_BOOSTS if field_boosts is None else field_boosts)
+        unknown = set(boosts) - set(analysis.LEXICAL_FIELDS)
+        if unknown or any(b < 0 for b in boosts.values()) or not any(boosts.values()):
+            raise ValueError(
+                f"field_boosts: non-negative boosts of {analysis.LEXICAL_FIELDS}, not all 0; got {field_boosts!r}"
+            )
+        self.boosts = {name: float(boosts.get(name, 0.0)) for name in analysis.LEXICAL_FIELDS}
+        self._reader = reader
+        self.poll_interval_s = poll_interval_s
+        self._writer_heap = writer_heap_bytes
+        self._writer_threads = writer_threads
+        self._schema = _schema()
+        self._stamp = _Stamp(self.dir / STAMP_NAME)
+        self._lock = threading.RLock()  # writer, stamp and reload, within this process
+        self._writer: tantivy.IndexWriter | None = None
+        self._lock_fd: int | None = None
+        self._index: tantivy.Index | None = None
+        self.generation = -1  # the lexical generation this process's reader reflects
+        self._stamp_seen = -2
+        self._closed = threading.Event()
+        self._poller: threading.Thread | None = None
 
-    def settings(self) -> dict[str, Any]:
-        return {"words_weight": self.words_weight, "cjk_weight": self.cjk_weight, "combine": self.combine}
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self, store_generation: int) -> None:
+        """Open the index (creating it), take the writer if free, and catch up with the store."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            stamp = self._stamp.read()
+            usable = stamp is not None and stamp[1:] == (analysis.ANALYSIS_VERSION, SCHEMA_REVISION)
+            try:
+                self._index = tantivy.Index(self._schema, path=str(self.dir), reuse=usable)
+            except (OSError, ValueError) as exc:
+                log.warning("lexical index of %s is unreadable (%s); rebuilding", self.dir.parent, exc)
+                usable = False
+                self._index = tantivy.Index(self._schema, path=str(self.dir), reuse=False)
+            if not usable:
+                self._stamp.path.unlink(missing_ok=True)
+            self.generation = stamp[0] if usable and stamp else -1
+            self._stamp_seen = self._stamp.mtime_ns()
+            if self._try_own():
+                self._sync(store_generation)
+        self._start_poller()
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            self._release()
+            self._index = None
+
+    def _try_own(self) -> bool:
+        """Take the one writer role if no process holds it (the caller holds `_lock`)."""
+        if self._writer is not None:
+            return True
+        fd = os.open(self.dir / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        try:
+            assert self._index is not None
+            self._index.reload()  # the last owner's commits
+            self._writer = self._index.writer(heap_size=self._writer_heap, num_threads=self._writer_threads)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+        return True
+
+    def _release(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.wait_merging_threads()
+            self._writer = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    @property
+    def owns_writer(self) -> bool:
+        return self._writer is not None
+
+    def _start_poller(self) -> None:
+        ref = weakref.ref(self)
+        closed = self._closed
+        interval = self.poll_interval_s
+
+        def poll() -> None:  # holds no reference to the index between rounds: it stops when collected
+            while not closed.wait(interval):
+                index = ref()
+                if index is None:
+                    return
+                try:
+                    index.refresh()
+                except Exception:  # a failed round is retried on the next one
+                    log.exception("lexical index refresh failed")
+                del index
+
+        self._poller = threading.Thread(target=poll, name="shopsearch-lexical-refresh", daemon=True)
+        self._poller.start()
 
     # ------------------------------------------------------------------ writes
 
     @staticmethod
-    def analyze(product: Product) -> LexicalDoc:
-        body = product.search_text()
-        return LexicalDoc(
-            words_title=jieba_tokens(product.title),
-            words_body=jieba_tokens(body),
-            cjk_title=cjk_tokens(product.title),
-            cjk_body=cjk_tokens(body),
-        )
-
-    @staticmethod
-    def add(conn: sqlite3.Connection, pk: int, doc: LexicalDoc) -> None:
+    def add(conn: sqlite3.Connection, pk: int, tokens: str, generation: int) -> None:
+        """Record a new product's tokens (`tokens_json`) in the store's write transaction."""
         conn.execute(
-            "INSERT INTO product_text (pk, words_title, words_body, cjk_title, cjk_body) VALUES (?, ?, ?, ?, ?)",
-            (pk, " ".join(doc.words_title), " ".join(doc.words_body), " ".join(doc.cjk_title), " ".join(doc.cjk_body)),
+            "INSERT INTO product_text (pk, analysis, fields) VALUES (?, ?, ?)", (pk, analysis.ANALYSIS_VERSION, tokens)
         )
+        conn.execute("INSERT INTO lexical_changes (generation, pk) VALUES (?, ?)", (generation, pk))
 
     @staticmethod
-    def remove(conn: sqlite3.Connection, pk: int) -> None:
-        conn.execute("DELETE FROM product_text WHERE pk = ?", (pk,))  # triggers remove the FTS rows
+    def remove(conn: sqlite3.Connection, pk: int, generation: int) -> None:
+        conn.execute("DELETE FROM product_text WHERE pk = ?", (pk,))
+        conn.execute("INSERT INTO lexical_changes (generation, pk) VALUES (?, ?)", (generation, pk))
+
+    @staticmethod
+    def changed(conn: sqlite3.Connection, pk: int, generation: int) -> None:
+        """A product's filter fields changed (price, stock): its document is re-synced."""
+        conn.execute("INSERT INTO lexical_changes (generation, pk) VALUES (?, ?)", (generation, pk))
+
+    def refresh(self, store_generation: int | None = None) -> None:
+        """Catch up with the store: apply its changes when this process owns the writer (taking it over
+        when free), else reload the reader when the owner has committed."""
+        if self._closed.is_set():
+            return
+        with self._lock:
+            if self._index is None:
+                return
+            if store_generation is None:
+                store_generation = self._store_generation()
+            if self._try_own():
+                if store_generation != self.generation:
+                    self._sync(store_generation)
+                return
+            seen = self._stamp.mtime_ns()
+            if seen != self._stamp_seen:
+                self._stamp_seen = seen
+                stamp = self._stamp.read()
+                self._index.reload()
+                if stamp is not None:
+                    self.generation = stamp[0]
+
+    def wait_for(self, generation: int, timeout_s: float = 5.0) -> bool:
+        """Until the reader reflects `generation` (another process owns the writer); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.refresh()
+            if self.generation >= generation:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            self._closed.wait(min(self.poll_interval_s / 2, 0.01))
+
+    def _store_generation(self) -> int:
+        with self._reader() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'lexical_generation'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _sync(self, store_generation: int) -> None:
+        """Bring the index to `store_generation` (the caller owns the writer and holds `_lock`)."""
+        assert self._writer is not None and self._index is not None
+        with self._reader() as conn:
+            conn.execute("BEGIN")  # one snapshot: the changes and the rows they point to
+            try:
+                target = conn.execute("SELECT value FROM meta WHERE key = 'lexical_generation'").fetchone()
+                target_generation = 0 if target is None else int(target[0])
+                if target_generation == self.generation:
+                    return
+                oldest = conn.execute("SELECT min(generation) FROM lexical_changes").fetchone()[0]
+                full = self.generation < 0 or (oldest is not None and oldest > self.generation + 1)
+                if target_generation < self.generation:
+                    full = True  # the store went back (restored from a backup): trust only SQLite
+                if full:
+                    log.info("building the lexical index of %s from SQLite", self.dir.parent)
+                    self._writer.delete_all_documents()
+                    pks_iter: Iterator[list[int]] = _pages(conn, "SELECT pk FROM products ORDER BY pk")
+                else:
+                    pks_iter = _pages(
+                        conn,
+                        "SELECT DISTINCT pk FROM lexical_changes WHERE generation > ? ORDER BY pk",
+                        (self.generation,),
+                    )
+                for pks in pks_iter:
+                    if not full:  # (delete_documents_by_term does not match u64 terms in these bindings)
+                        self._writer.delete_documents_by_query(tantivy.Query.term_set_query(self._schema, "pk", pks))
+                    for row in _text_rows(conn, pks):
+                        self._writer.add_document(self._document(row))
+            finally:
+                conn.rollback()
+        self._writer.commit()
+        self._stamp.write(target_generation)
+        self._stamp_seen = self._stamp.mtime_ns()
+        self._index.reload()
+        self.generation = target_generation
+
+    def _document(self, row: TextRow) -> tantivy.Document:
+        doc = tantivy.Document()
+        doc.add_unsigned("pk", row.pk)
+        for name in analysis.LEXICAL_FIELDS:
+            value = row.fields.get(name)
+            if value:
+                doc.add_text(name, value)
+        doc.add_text("id", row.id)
+        if row.brand is not None:
+            doc.add_text("brand", row.brand)
+        for category in row.categories:
+            doc.add_text("category", category)
+        if row.price is not None:
+            doc.add_float("price", row.price)
+        doc.add_unsigned("in_stock", 1 if row.in_stock else 0)
+        return doc
+
+    def stamped_generation(self) -> int | None:
+        """The generation the index on disk reflects (any process's commit), None when unknown."""
+        stamp = self._stamp.read()
+        return None if stamp is None else stamp[0]
+
+    def prune_log(self, conn: sqlite3.Connection, keep_after: int) -> None:
+        """Forget changes at or before generation `keep_after` (inside the store's write transaction)."""
+        conn.execute("DELETE FROM lexical_changes WHERE generation <= ?", (keep_after,))
+
+    # ------------------------------------------------------------------ queries
+
+    def text_query(self, text: str) -> tantivy.Query | None:
+        """Any of the text's tokens, BM25 per field times its boost; None when it has no token."""
+        per_field = analysis.analyze_query(text)
+        clauses: list[tuple[tantivy.Occur, tantivy.Query]] = []
+        for name, boost in self.boosts.items():
+            if boost <= 0:
+                continue
+            for token in per_field.get(name, [])[:MAX_QUERY_TOKENS]:
+                term = tantivy.Query.term_query(self._schema, name, token)
+                clauses.append((tantivy.Occur.Should, tantivy.Query.boost_query(term, boost) if boost != 1 else term))
+        if not clauses:
+            return None
+        return tantivy.Query.boolean_query(clauses)
+
+    def filter_query(self, filters: Filters | None) -> list[tantivy.Query]:
+        """Non-scoring clauses equivalent to `Filters.matches`."""
+        if filters is None or filters.is_empty():
+            return []
+        schema = self._schema
+        out: list[tantivy.Query] = []
+        if filters.category is not None:
+            out.append(tantivy.Query.term_set_query(schema, "category", list(filters.category)))
+        if filters.brand is not None:
+            out.append(tantivy.Query.term_set_query(schema, "brand", list(filters.brand)))
+        if filters.price_min is not None or filters.price_max is not None:
+            out.append(
+                tantivy.Query.range_query(
+                    schema,
+                    "price",
+                    tantivy.FieldType.Float,
+                    lower_bound=float(filters.price_min) if filters.price_min is not None else float("-inf"),
+                    upper_bound=float(filters.price_max) if filters.price_max is not None else float("inf"),
+                )
+            )
+        if filters.in_stock:
+            out.append(tantivy.Query.term_query(schema, "in_stock", 1))
+        if filters.ids is not None:
+            out.append(tantivy.Query.term_set_query(schema, "id", list(filters.ids)))
+        return out
+
+    def match_query(self, text: str | None, filters: Filters | None, ids: Sequence[str] = ()) -> tantivy.Query | None:
+        """(text's tokens OR ids) AND filters; every product when text is None and ids empty.
+        None: nothing can match (a text without tokens and no ids)."""
+        schema = self._schema
+        matching: tantivy.Query | None
+        if text is None and not ids:
+            matching = tantivy.Query.all_query()
+        else:
+            parts = []
+            if text is not None and (query := self.text_query(text)) is not None:
+                parts.append(query)
+            if ids:
+                parts.append(
+                    tantivy.Query.const_score_query(tantivy.Query.term_set_query(schema, "id", list(ids)), 0.0)
+                )
+            if not parts:
+                return None
+            matching = (
+                parts[0] if len(parts) == 1 else tantivy.Query.boolean_query([(tantivy.Occur.Should, p) for p in parts])
+            )
+        restrictions = self.filter_query(filters)
+        if not restrictions:
+            return matching
+        clauses = [(tantivy.Occur.Must, matching)]
+        clauses += [(tantivy.Occur.Must, tantivy.Query.const_score_query(q, 0.0)) for q in restrictions]
+        return tantivy.Query.boolean_query(clauses)
 
     # ------------------------------------------------------------------ reads
 
-    def query(self, text: str) -> LexicalQuery:
-        """The tokens of each analysis with a positive weight."""
-        tokens: dict[str, list[str]] = {}
-        if self.words_weight > 0 and (words := _unique(jieba_tokens(text))):
-            tokens["words"] = words
-        if self.cjk_weight > 0 and (chars := _unique(cjk_tokens(text))):
-            tokens["cjk"] = chars
-        return LexicalQuery(tokens)
+    def _searcher(self) -> tantivy.Searcher:
+        index = self._index
+        if index is None:
+            raise RuntimeError("the lexical index is closed")
+        return index.searcher()
 
-    def search(
-        self, conn: sqlite3.Connection, query: LexicalQuery, filters: Filters | None, n: int
-    ) -> list[tuple[int, float]]:
-        """(pk, combined score) of the top n matches, filters in the WHERE."""
-        weights = {"words": self.words_weight, "cjk": self.cjk_weight}
-        parts = [(_TABLES[name], _fts_query(tokens), weights[name]) for name, tokens in query.tokens.items() if tokens]
-        if not parts or n <= 0:
+    def search(self, query: tantivy.Query, n: int) -> list[tuple[int, float]]:
+        """(pk, score) of the top n, best first, ties by pk."""
+        if n <= 0:
             return []
-        # FTS5's bm25() is lower-is-better (negative): negate so higher is better. Each analysis is a
-        # MATERIALIZED CTE: a lone subquery would be flattened into the GROUP BY below, where SQLite
-        # refuses bm25() ("unable to use function bm25 in the requested context").
-        ctes, per_analysis = [], []
-        cte_params: list[Any] = []
-        weight_params: list[Any] = []
-        columns = [self.title_weight, self.body_weight]
-        for i, (table, match, weight) in enumerate(parts):
-            cte_params += [*columns, match]
-            ctes.append(
-                f"a{i} AS MATERIALIZED ("
-                f"SELECT rowid AS pk, -bm25({table}, ?, ?) AS s FROM {table} WHERE {table} MATCH ?)"
-            )
-            weight_params.append(weight)
-            # "max": each analysis scaled to (0, 1] by its best match
-            score = "coalesce(s / nullif(max(s) OVER (), 0), 0)" if self.combine == "max" else "s"
-            per_analysis.append(f"SELECT pk, ? * {score} AS score FROM a{i}")
-        where, filter_params = filter_sql(filters, alias="f")
-        # rank on the filter columns alone (the rows' JSON is read by the caller, for the top n only)
-        sql = (
-            f"WITH {', '.join(ctes)} "
-            "SELECT s.pk, s.score FROM ("
-            f"SELECT pk, sum(score) AS score FROM ({' UNION ALL '.join(per_analysis)}) GROUP BY pk"
-            f") s JOIN products f ON f.pk = s.pk WHERE {where} ORDER BY s.score DESC, s.pk LIMIT ?"
-        )
-        rows = conn.execute(sql, [*cte_params, *weight_params, *filter_params, n]).fetchall()
-        return [(int(pk), float(score)) for pk, score in rows]
-
-    def analysis_scores(self, conn: sqlite3.Connection, text: str) -> dict[str, dict[str, float]]:
-        """Every match's raw BM25 per analysis, {"words"|"cjk": {product id: score}} (weights ignored)."""
-        out: dict[str, dict[str, float]] = {name: {} for name in ANALYSES}
-        tokens = {"words": _unique(jieba_tokens(text)), "cjk": _unique(cjk_tokens(text))}
-        for name in ANALYSES:
-            if not tokens[name]:
-                continue
-            table = _TABLES[name]
-            rows = conn.execute(
-                f"SELECT p.id, -bm25({table}, ?, ?) FROM {table} JOIN products p ON p.pk = {table}.rowid"
-                f" WHERE {table} MATCH ?",
-                (self.title_weight, self.body_weight, _fts_query(tokens[name])),
-            ).fetchall()
-            out[name] = dict(rows)
-        return out
+        searcher = self._searcher()
+        limit = n + 1
+        while True:  # tantivy breaks ties by document address: widen while a tie crosses the cut
+            hits = self._hits(searcher, query, limit)
+            if len(hits) < limit or hits[-1][1] != hits[n - 1][1]:
+                break
+            limit *= 2
+        hits.sort(key=lambda h: (-h[1], h[0]))
+        return hits[:n]
 
     @staticmethod
-    def count(conn: sqlite3.Connection) -> int:
-        return int(conn.execute("SELECT count(*) FROM product_text").fetchone()[0])
+    def _hits(searcher: tantivy.Searcher, query: tantivy.Query, limit: int) -> list[tuple[int, float]]:
+        found = searcher.search(query, limit=limit, count=False).hits
+        pks = searcher.fast_field_values("pk", [addr for _, addr in found])
+        return [(int(pk), float(score)) for (score, _), pk in zip(found, pks, strict=True)]
+
+    def all_matches(self, query: tantivy.Query) -> list[tuple[int, float]]:
+        """(pk, score) of every match, in no order."""
+        searcher = self._searcher()
+        total = searcher.search(query, limit=1, count=True).count
+        if not total:
+            return []
+        return self._hits(searcher, query, total)
+
+    def count(self, query: tantivy.Query) -> int:
+        return int(self._searcher().search(query, limit=1, count=True).count)
+
+    def terms_with_prefix(self, field: str, prefix: str, limit: int | None) -> list[tuple[str, int]]:
+        return [(str(t), int(c)) for t, c in self._searcher().terms_with_prefix(field, prefix, limit=limit)]
+
+    def num_docs(self) -> int:
+        return int(self._searcher().num_docs)
+
+    def details(self) -> dict[str, Any]:
+        searcher = self._searcher()
+        size = sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
+        return {
+            "engine": "tantivy",
+            "analysis_version": analysis.ANALYSIS_VERSION,
+            "fields": dict(self.boosts),
+            "documents": int(searcher.num_docs),
+            "segments": int(searcher.num_segments),
+            "generation": self.generation,
+            "owns_writer": self.owns_writer,
+            "size_bytes": size,
+        }
+
+
+def _pages(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> Iterator[list[int]]:
+    cursor = conn.execute(sql, params)
+    while rows := cursor.fetchmany(_ADD_BATCH):
+        yield [int(r[0]) for r in rows]
+
+
+def _text_rows(conn: sqlite3.Connection, pks: Sequence[int]) -> Iterator[TextRow]:
+    """The document makings of the pks that exist, re-analysing rows of another analysis version."""
+    rows = conn.execute(
+        "SELECT p.pk, p.id, p.doc, p.brand, p.price, p.stock, t.analysis, t.fields FROM products p"
+        " LEFT JOIN product_text t ON t.pk = p.pk WHERE p.pk IN (SELECT value FROM json_each(?))",
+        (json.dumps(list(pks)),),
+    ).fetchall()
+    categories: dict[int, list[str]] = {}
+    for pk, category in conn.execute(
+        "SELECT pk, category FROM product_categories WHERE pk IN (SELECT value FROM json_each(?))",
+        (json.dumps(list(pks)),),
+    ):
+        categories.setdefault(int(pk), []).append(category)
+    for pk, pid, doc, brand, price, stock, version, fields in rows:
+        if version != analysis.ANALYSIS_VERSION or fields is None:
+            fields = tokens_json(Product.model_validate_json(doc))  # stale tokens: analyse again
+        yield TextRow(
+            pk=int(pk),
+            fields=json.loads(fields),
+            id=pid,
+            brand=brand,
+            categories=categories.get(int(pk), []),
+            price=None if price is None else float(price),
+            in_stock=stock is None or int(stock) > 0,
+        )

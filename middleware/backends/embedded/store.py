@@ -21,7 +21,7 @@ import json
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +93,16 @@ def filter_sql(filters: Filters | None, alias: str = "p") -> tuple[str, list[Any
 class SqliteStore:
     """Connections, transactions, the meta table and the product rows of one SQLite database."""
 
-    def __init__(self, db_path: Path, *, durable: bool = True, extra_schema: str = "") -> None:
-        """Open (creating) the database; `extra_schema`: DDL of the derived tables kept in this database."""
+    def __init__(
+        self,
+        db_path: Path,
+        *,
+        durable: bool = True,
+        extra_schema: str = "",
+        migrate: Callable[[sqlite3.Connection], object] | None = None,
+    ) -> None:
+        """Open (creating) the database; `extra_schema`: DDL of the tables other modules keep in it;
+        `migrate`: run on the writer connection before that DDL (upgrades of older stores)."""
         self.db_path = db_path
         self._synchronous = "FULL" if durable else "NORMAL"
         self.write_mutex = threading.RLock()
@@ -104,7 +112,10 @@ class SqliteStore:
         try:
             self._writer = self._connect(readonly=False)
             try:
-                self._writer.executescript(_SCHEMA + extra_schema)
+                self._writer.executescript(_SCHEMA)
+                if migrate is not None:
+                    migrate(self._writer)
+                self._writer.executescript(extra_schema)
                 self._init_meta()
             except sqlite3.DatabaseError as exc:
                 raise BackendError(f"{db_path} is not a usable shopsearch database: {exc}") from exc
@@ -201,6 +212,16 @@ class SqliteStore:
         """The committed generation, as a reader sees it now (other processes' commits included)."""
         with self.reader() as conn:
             return self.meta_int("generation", conn) or 0
+
+    @staticmethod
+    def bump_counter(conn: sqlite3.Connection, key: str) -> int:
+        """Increment an integer meta value (0 when absent) in the caller's transaction; returns the new value."""
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, '1')"
+            " ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+            (key,),
+        )
+        return int(conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
 
     @staticmethod
     def bump_generation(conn: sqlite3.Connection) -> int:
