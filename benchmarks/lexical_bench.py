@@ -631,6 +631,7 @@ def targets(results: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
     b25 = results["engines"]["bm25s same tokens"]["none"]
     worst_filtered = max(emb["price+in_stock"]["p99_ms"], emb["brand"]["p99_ms"])
     ratio = emb["none"]["p99_ms"] / b25["p99_ms"] if b25["p99_ms"] > 0 else float("inf")
+    p50_ratio = emb["none"]["p50_ms"] / b25["p50_ms"] if b25["p50_ms"] > 0 else float("inf")
     large_worst = max(results["large"][c]["p99_ms"] for c in ("none", "price+in_stock", "brand"))
     hybrid_worst = max(results["hybrid"][c]["p99_ms"] for c in ("none", "price+in_stock"))
     n, big = f"{sizes.catalog:,}", f"{sizes.large:,}"
@@ -643,7 +644,9 @@ def targets(results: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
         },
         {
             "target": f"unfiltered p99 <= {TARGET_VS_BM25S}x bm25s same tokens @ {n}",
-            "measured": f"{ratio:.2f}x ({emb['none']['p99_ms']:.2f} vs {b25['p99_ms']:.2f} ms)",
+            "measured": f"{ratio:.2f}x (p99 {emb['none']['p99_ms']:.2f} vs {b25['p99_ms']:.2f} ms; p50 "
+            f"{emb['none']['p50_ms']:.2f} vs {b25['p50_ms']:.2f} ms = {p50_ratio:.2f}x; filtered p99 "
+            f"{emb['price+in_stock']['p99_ms']:.2f} / {emb['brand']['p99_ms']:.2f} ms)",
             "pass": ratio <= TARGET_VS_BM25S,
         },
         {
@@ -727,7 +730,9 @@ def speed_section(results: dict[str, Any]) -> str:
         f"shopsearch rows include query analysis (jieba); the bm25s and tantivy rows use precomputed query tokens "
         f"(the analysis alone is its own row). Same tokens: {data['doc_tokens']}, no field boosts.",
         "",
-        f"Embedded engine: `{emb['engine']}`.",
+        f"Embedded engine: `{emb['engine']}`. The figures this benchmark reproduces, as first reported (79,734 titles "
+        "including the third set, 600 queries, top 100, 2 cores): SQLite FTS5 p50 44.7 / p95 181.5 / p99 306.3 ms, "
+        "bm25s same tokens 0.6 / 1.0 / 1.4 ms, tantivy 0.27 same tokens 0.46 / 1.24 / 1.60 ms.",
         "",
         f"### {sizes.catalog:,} products",
         "",
