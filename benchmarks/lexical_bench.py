@@ -511,6 +511,18 @@ def run(quick: bool, output_dir: Path) -> dict[str, Any]:
             )
             _line("shopsearch embedded", case, emb[case])
         engines["shopsearch embedded"] = emb
+        lex = getattr(backend, "lexical", None)
+        if hasattr(lex, "match_query") and hasattr(lex, "search"):  # the tantivy engine's internals: diagnostics
+            parts = {}
+            for case in ("none", "price+in_stock"):
+
+                def search_alone(i: int, flt: Any = filters[case]) -> int:
+                    query = lex.match_query(queries[i], flt)
+                    return 0 if query is None else len(lex.search(query, TOP_K))
+
+                parts[case] = measure(search_alone, nq, sizes.warmup, sizes.cap_s)
+                _line("embedded: engine search alone", case, parts[case])
+            engines["embedded: query + search, no row fetch"] = parts
         # the same engine on the store without vectors (the indexing run's): the rows it reads are smaller
         with EmbeddedBackend(tmpdir / "index-store") as lexical_only:
             bare = measure(lambda i: len(lexical_only.bm25(queries[i], None, TOP_K)), nq, sizes.warmup, sizes.cap_s)
