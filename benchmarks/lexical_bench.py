@@ -245,22 +245,33 @@ def cached_store(
         return path, info
     CACHE.mkdir(parents=True, exist_ok=True)
     for stale in CACHE.glob(f"{kind}-{n}-*"):  # an older engine's store of the same shape
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale != path:
+            shutil.rmtree(stale, ignore_errors=True)
+    progress = path / "bench-progress.json"  # an interrupted build resumes (upserts by id are idempotent)
+    spent = json.loads(progress.read_text())["build_s"] if progress.exists() else 0.0
     print(f"building the cached {kind} store of {n:,} products in {path} (once per engine version)", flush=True)
     start = time.perf_counter()
     with EmbeddedBackend(path, dim=DIM if vectors else None, durable=False) as backend:
+        have = backend.count()
+        if have:
+            print(f"  resuming after {have:,} products ({spent:.0f} s spent before)", flush=True)
         done = 0
         for c, rows in enumerate(catalog_rows(n, titles, synth)):
+            done += len(rows)
+            if done <= have:
+                continue
             vecs = unit_vectors(len(rows), seed=10_000 + c) if vectors else None
             for b in range(0, len(rows), 1000):
                 backend.upsert(
                     [Product.model_validate(r) for r in rows[b : b + 1000]],
                     None if vecs is None else vecs[b : b + 1000],
                 )
-            done += len(rows)
+            elapsed = spent + time.perf_counter() - start
+            progress.write_text(json.dumps({"build_s": round(elapsed, 1), "products": done}))
             if done % 100_000 == 0:
-                print(f"  {done:,} products, {time.perf_counter() - start:.0f} s", flush=True)
-    info = {"products": n, "vectors": vectors, "build_s": round(time.perf_counter() - start, 1), "cached": False}
+                print(f"  {done:,} products, {elapsed:.0f} s", flush=True)
+    total = spent + time.perf_counter() - start
+    info = {"products": n, "vectors": vectors, "build_s": round(total, 1), "cached": False}
     marker.write_text(json.dumps(info))
     return path, info
 
@@ -275,7 +286,7 @@ def disk_usage(path: Path) -> dict[str, int]:
     """Bytes per top-level entry of a data directory (folders summed), plus the total."""
     out: dict[str, int] = {}
     for entry in sorted(path.iterdir()):
-        if entry.name == "bench-complete.json":
+        if entry.name in ("bench-complete.json", "bench-progress.json"):
             continue
         size = (
             entry.stat().st_size if entry.is_file() else sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
