@@ -1,4 +1,4 @@
-"""The embedded backend (SQLite FTS5 + faiss) against brute force over `Filters.matches`."""
+"""The embedded backend (SQLite + tantivy + faiss) against brute force over `Filters.matches`."""
 
 from __future__ import annotations
 
@@ -260,23 +260,35 @@ def test_bm25_scores_are_higher_is_better_with_ranks(store: EmbeddedBackend) -> 
     assert hits[0].product is not None and hits[0].product.title == "珐琅手表珐琅"
 
 
-@pytest.mark.parametrize(("combine", "words_weight", "cjk_weight"), [("sum", 1, 1), ("sum", 1, 0.5), ("max", 1, 2)])
-def test_combined_score_is_the_weighted_sum_of_the_analyses(
-    tmp_path: Path, catalog, combine: str, words_weight: float, cjk_weight: float
-) -> None:
+@pytest.mark.parametrize("boosts", [None, {"words_title": 1.0, "cjk_body": 0.5}])
+def test_score_is_the_boosted_sum_of_each_fields_bm25(tmp_path: Path, catalog, boosts) -> None:
+    """BM25 per lexical field, times its boost, summed: what each field adds can be checked alone."""
+    from middleware.text import FIELD_BOOSTS, LEXICAL_FIELDS
+
     products, _ = catalog
-    with EmbeddedBackend(tmp_path, combine=combine, words_weight=words_weight, cjk_weight=cjk_weight) as store:
+    boosts = boosts or dict(FIELD_BOOSTS)
+    queries = ["珐琅手表", "Apple pro 耳机", "女士连衣裙口红"]
+    per_field: dict[str, list[dict[str, float]]] = {}
+    for name in LEXICAL_FIELDS:
+        with EmbeddedBackend(tmp_path / name, field_boosts={name: 1.0}) as alone:
+            alone.upsert(products, None)
+            per_field[name] = [{c.id: c.bm25 for c in alone.bm25(q, None, len(products))} for q in queries]
+    with EmbeddedBackend(tmp_path / "all", field_boosts=boosts) as store:
         store.upsert(products, None)
-        for query in ["珐琅手表", "Apple pro 耳机", "女士连衣裙口红"]:
-            parts = store.bm25_analysis_scores(query)
-            words, cjk = parts["words"], parts["cjk"]
-            if combine == "max":
-                words = {k: v / max(words.values()) for k, v in words.items()}
-                cjk = {k: v / max(cjk.values()) for k, v in cjk.items()}
-            want = {i: words_weight * words.get(i, 0) + cjk_weight * cjk.get(i, 0) for i in words.keys() | cjk.keys()}
+        for i, query in enumerate(queries):
+            want: dict[str, float] = {}
+            for name, boost in boosts.items():
+                for pid, score in per_field[name][i].items():
+                    want[pid] = want.get(pid, 0.0) + boost * score
             got = store.bm25(query, None, len(products))
-            assert {c.id: c.bm25 for c in got} == pytest.approx(want, rel=1e-9)
+            assert {c.id: c.bm25 for c in got} == pytest.approx(want, rel=1e-5)
             assert [c.bm25 for c in got] == sorted((c.bm25 for c in got), reverse=True)
+
+
+def test_field_boosts_are_checked(tmp_path: Path) -> None:
+    for bad in ({"nope": 1.0}, {"words_title": -1.0}, {"words_title": 0.0}):
+        with pytest.raises(ValueError, match="field_boosts"):
+            EmbeddedBackend(tmp_path / "x", field_boosts=bad)
 
 
 def test_title_weighs_more_than_description(store: EmbeddedBackend) -> None:
@@ -303,17 +315,14 @@ def test_ties_are_ordered_by_insertion(store: EmbeddedBackend) -> None:
 # ---------------------------------------------------------------------------------------- signals
 
 
-def _text_and_vector_state(data_dir: Path) -> tuple[list, list, list, list]:
+def _text_and_vector_state(data_dir: Path) -> tuple[list, list]:
     conn = sqlite3.connect(data_dir / DB_NAME)
     try:
         vectors = conn.execute("SELECT id, vector FROM products ORDER BY pk").fetchall()
         text = conn.execute("SELECT * FROM product_text ORDER BY pk").fetchall()
-        words = conn.execute("SELECT rowid, * FROM fts_words('手表') ORDER BY rowid").fetchall()
-        conn.execute("CREATE VIRTUAL TABLE temp.v USING fts5vocab(main, fts_cjk, 'instance')")
-        cjk = conn.execute("SELECT * FROM temp.v ORDER BY doc, col, offset").fetchall()
     finally:
         conn.close()
-    return vectors, text, words, cjk
+    return vectors, text
 
 
 def test_update_signals_touches_neither_text_nor_vectors(tmp_path: Path, catalog) -> None:
@@ -541,7 +550,7 @@ def test_bigrams_recall_what_word_segmentation_misses(tmp_path: Path) -> None:
         assert store.bm25("珐琅表", None, 3)[0].id == "enamel"
         # jieba cuts the title into 小/众/设计师… but the query into 小众/小众表: only bigrams meet
         assert store.bm25("小众表", None, 3)[0].id == "enamel"
-    with EmbeddedBackend(tmp_path / "words", cjk_weight=0.0) as words_only:
+    with EmbeddedBackend(tmp_path / "words", field_boosts={"words_title": 2.0, "words_body": 1.0}) as words_only:
         words_only.upsert(catalog, None)
         assert "enamel" not in {c.id for c in words_only.bm25("小众表", None, 5)}
 
@@ -580,14 +589,14 @@ def test_concurrent_reads_during_writes(tmp_path: Path, catalog) -> None:
         assert store.count() == len(products) - 7
 
 
-@pytest.mark.parametrize("combine", ["sum", "max"])
-@pytest.mark.parametrize(("words_weight", "cjk_weight"), [(0.0, 1.0), (1.0, 0.0)])
-def test_bm25_with_a_single_analysis(tmp_path, combine, words_weight, cjk_weight):
-    # regression: one analysis alone made SQLite flatten bm25() into the GROUP BY and refuse it
+@pytest.mark.parametrize("prefix", ["words", "cjk"])
+def test_bm25_with_a_single_analysis(tmp_path, prefix):
     from middleware.backends.embedded import EmbeddedBackend
     from middleware.products import Product
+    from middleware.text import LEXICAL_FIELDS
 
-    store = EmbeddedBackend(tmp_path, words_weight=words_weight, cjk_weight=cjk_weight, combine=combine)
+    boosts = {name: 1.0 for name in LEXICAL_FIELDS if name.startswith(prefix)}
+    store = EmbeddedBackend(tmp_path, field_boosts=boosts)
     store.upsert(
         [
             Product(id="a", title="小众设计师珐琅手表"),
@@ -749,15 +758,17 @@ def test_lexical_index_keeps_in_step_with_the_store(store: EmbeddedBackend) -> N
     store.upsert(products, None)
     store.upsert([Product(id="1", title="机械手表 手表")], None)  # replaced: a new pk, the old text removed
     store.delete(["2"])
-    query = store.lexical.query("手表")
-    assert query and not store.lexical.query("   ")
+    assert store.lexical.match_query("   ", None) is None
+    query = store.lexical.match_query("手表", None)
+    assert query is not None
+    assert store.lexical.num_docs() == store.count() == 2
+    hits = store.lexical.search(query, 10)
+    assert [score for _, score in hits] == sorted((score for _, score in hits), reverse=True)
     with store.store.reader() as conn:
-        assert store.lexical.count(conn) == store.count() == 2
-        hits = store.lexical.search(conn, query, None, 10)
-        assert [score for _, score in hits] == sorted((score for _, score in hits), reverse=True)
         ids = {pk: p.id for pk, p in store.store.products_by_pk(conn, [pk for pk, _ in hits]).items()}
-        assert sorted(ids.values()) == ["0", "1"] and all(score > 0 for _, score in hits)
-        assert store.lexical.search(conn, query, Filters(ids=["0"]), 10)[0][0] in ids
+    assert sorted(ids.values()) == ["0", "1"] and all(score > 0 for _, score in hits)
+    only = store.lexical.match_query("手表", Filters(ids=["0"]))
+    assert [ids[pk] for pk, _ in store.lexical.search(only, 10)] == ["0"]
 
 
 def test_reopening_a_bound_store_without_vectors_for_another_embedder(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Crash safety at CI size: `shopsearch index --resume` SIGKILLed twice at seeded points of a 2k-product
 catalog (BM25 only, so the run is quick), resumed, then checked against the catalog: nothing lost,
-nothing duplicated, every product equal to its last catalog row, FTS consistent.
+nothing duplicated, every product equal to its last catalog row, the lexical index agreeing with SQLite.
 The full run (20k products, 5 kills, tiny model with vector checks, signal updates) is
 `python -m benchmarks.reliability`."""
 
@@ -18,5 +18,5 @@ def test_sigkill_and_resume_lose_and_duplicate_nothing(tmp_path: Path) -> None:
     assert result["final_exit_ok"], result["attempts"][-1]
     assert (result["lost"], result["duplicated"], result["unexpected"], result["fields_mismatched"]) == (0, 0, 0, 0)
     assert result["stored"] == result["expected"] == 2_000
-    assert result["fts_integrity_ok"] and result["text_rows_match"] and result["category_orphans"] == 0
+    assert result["lexical_agrees"] and result["text_rows_match"] and result["category_orphans"] == 0
     assert result["vectors_consistent"]  # BM25 only: no vectors anywhere

@@ -18,7 +18,7 @@ def _crash(section: dict[str, Any]) -> list[str]:
     if "error" in section:
         return [*lines, f"Failed to run: `{section['error']}`", ""]
     lines += [
-        "| run | products | rows | kills | lost | duplicated | unexpected | fields ≠ catalog | FTS ok | "
+        "| run | products | rows | kills | lost | duplicated | unexpected | fields ≠ catalog | lexical = SQLite | "
         "vectors consistent | faiss file right after the kills | knn self-first | rebuild identical | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -28,7 +28,7 @@ def _crash(section: dict[str, Any]) -> list[str]:
             continue
         lines.append(
             f"| {name} | {r['products']} | {r['catalog_rows']} | {r['kills']} | {r['lost']} | {r['duplicated']} | "
-            f"{r['unexpected']} | {r['fields_mismatched']} | {_yes(r['fts_integrity_ok'])} | "
+            f"{r['unexpected']} | {r['fields_mismatched']} | {_yes(r['lexical_agrees'])} | "
             f"{_yes(r.get('vectors_consistent'))} | {r.get('faiss_after_kills')} | "
             f"{r.get('knn_self_first', '–')} | "
             f"{_yes(r.get('rebuild_identical'))} | {r['seconds']} |"

@@ -51,15 +51,20 @@ PIPELINE_MODES: dict[str, dict[str, Any]] = {
     "hybrid+rerank": {"retrieval": "hybrid", "rerank": True, "business_enabled": False},
     "hybrid+rerank+business": {"retrieval": "hybrid", "rerank": True, "business_enabled": True},
 }
-# lexical analyses of the embedded backend (query-time weights of its two FTS5 indexes);
-# "default" is the store exactly as `open_backend` opens it for users
-# Single-analysis variants use combine="max": dividing one analysis's scores by its best match keeps
-# its ranking exactly.
-ANALYSES: dict[str, dict[str, Any]] = {
-    "default": {},
-    "jieba": {"words_weight": 1.0, "cjk_weight": 0.0, "combine": "max"},
-    "cjk": {"words_weight": 0.0, "cjk_weight": 1.0, "combine": "max"},
-}
+# lexical analyses of the embedded backend: query-time boosts of its lexical fields, the fields of
+# one analysis alone ("words_*": jieba words; "cjk_*": CJK characters); "default" is the store exactly
+# as `open_backend` opens it for users
+ANALYSES: dict[str, str] = {"default": "", "jieba": "words_", "cjk": "cjk_"}
+
+
+def analysis_boosts(analysis: str) -> dict[str, float]:
+    """The field boosts of an analysis variant (the default ones restricted to its fields)."""
+    from middleware.text import FIELD_BOOSTS
+
+    prefix = ANALYSES[analysis]
+    return {name: boost for name, boost in FIELD_BOOSTS.items() if name.startswith(prefix)}
+
+
 MODE_ANALYSIS: dict[str, str] = {"bm25-jieba": "jieba", "bm25-cjk": "cjk"}
 # bm25s with its defaults over the tokens of the same analyses (the default: both, combined as ours)
 PEER_MODES: dict[str, str] = {"bm25s-peer": "default", "bm25s-jieba": "jieba", "bm25s-cjk": "cjk"}
@@ -158,53 +163,46 @@ def _analysis_version() -> str:
     return digest.hexdigest()[:10]
 
 
-def analysis_weights(analysis: str) -> tuple[dict[str, float], str]:
-    """({"words": w, "cjk": w}, combine) of an analysis variant, defaults from the embedded backend."""
-    from middleware.backends import embedded
-
-    weights = {"words": embedded.DEFAULT_WORDS_WEIGHT, "cjk": embedded.DEFAULT_CJK_WEIGHT}
-    override = ANALYSES[analysis]
-    if override:  # one analysis alone: its ranking does not depend on how analyses combine
-        return {"words": override["words_weight"], "cjk": override["cjk_weight"]}, "sum"
-    return weights, embedded.DEFAULT_COMBINE
-
-
 class PeerBM25:
-    """bm25s (defaults: Lucene BM25, k1=1.5, b=0.75) over each analysis our backend indexes.
+    """bm25s (defaults: Lucene BM25, k1=1.5, b=0.75) over the very tokens `middleware.text` gives the store.
 
-    Our store keeps one FTS5 index per analysis (jieba words; CJK unigrams + bigrams) and combines
-    their BM25 scores with weights ("sum", or "max": each scaled by its best match); the peer does the
-    same with one bm25s index per analysis, over the very tokens `middleware.text` gives the store.
-    Not mirrored: our title-over-body column weight (bm25s has no fields), so the peer sees one bag.
+    Our store scores each lexical field apart and sums them with boosts; bm25s has no fields, so the
+    peer gets one bag per analysis (title and body tokens together) and sums the analyses' scores.
     """
 
     def __init__(self, doc_ids: Sequence[str], texts: Sequence[str], analysis: str) -> None:
         import bm25s
 
-        from middleware.text import cjk_tokens, jieba_tokens
+        from middleware.text import analyze_product
 
         logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
-        tokenizers = {"words": jieba_tokens, "cjk": cjk_tokens}
-        self.weights, self.combine = analysis_weights(analysis)
-        self.tokenizers = {name: tokenizers[name] for name, w in self.weights.items() if w > 0}
+        self.fields = sorted(analysis_boosts(analysis))
+        self.bags = sorted({name.split("_")[0] for name in self.fields})
         self.doc_ids = np.asarray(doc_ids)
         self.by_id = np.argsort(self.doc_ids, kind="stable")  # ties: id ascending
+        analysed = [analyze_product(t, "") for t in texts]
         self.indexes = {}
-        for name, tokenize in self.tokenizers.items():
+        for bag in self.bags:
             index = bm25s.BM25()
-            index.index([tokenize(t) for t in texts], show_progress=False)
-            self.indexes[name] = index
+            corpus = [
+                [tok for name in self.fields if name.startswith(bag + "_") for tok in doc[name]] for doc in analysed
+            ]
+            index.index(corpus, show_progress=False)
+            self.indexes[bag] = index
 
     def search(self, query: str, k: int) -> list[str]:
+        from middleware.text import analyze_query
+
+        per_field = analyze_query(query)
         total = np.zeros(len(self.doc_ids), dtype=np.float64)
-        for name, tokenize in self.tokenizers.items():
-            tokens = list(dict.fromkeys(tokenize(query)))  # as our store: each query term once
-            scores = self.indexes[name].get_scores(tokens).astype(np.float64)
-            if self.combine == "max" and scores.max() > 0:
-                scores = scores / scores.max()
-            total += self.weights[name] * scores
+        for bag in self.bags:
+            tokens = list(
+                dict.fromkeys(t for name in self.fields if name.startswith(bag + "_") for t in per_field[name])
+            )
+            if tokens:
+                total += self.indexes[bag].get_scores(tokens).astype(np.float64)
         order = self.by_id[np.argsort(-total[self.by_id], kind="stable")][:k]
-        return [str(self.doc_ids[i]) for i in order if total[i] > 0]  # matches only, as FTS5
+        return [str(self.doc_ids[i]) for i in order if total[i] > 0]  # matches only, as the store
 
 
 class Evaluation:
@@ -503,7 +501,7 @@ class Evaluation:
 
                 path, dim = self._open_index(pool, vectors)
                 for analysis in dict.fromkeys(MODE_ANALYSIS.get(m, "default") for m in pipeline_modes):
-                    backend = EmbeddedBackend(path, dim=dim, **ANALYSES[analysis])
+                    backend = EmbeddedBackend(path, dim=dim, field_boosts=analysis_boosts(analysis))
                     pipeline = Pipeline(self._settings(), backend, self.embedder, self.reranker)
                     try:
                         for mode in pipeline_modes:
@@ -551,7 +549,7 @@ class Evaluation:
                 "compare_metrics": list(cfg.compare_metrics),
                 "embedder_id": getattr(self.embedder, "model_id", None),
                 "reranker_id": getattr(self.reranker, "model_id", None),
-                "analysis_default": dict(zip(("weights", "combine"), analysis_weights("default"), strict=True)),
+                "analysis_default": {"field_boosts": analysis_boosts("default")},
                 "peer": "bm25s defaults (lucene, k1=1.5, b=0.75), one index per analysis, same tokens",
                 "deadline_ms": EVAL_DEADLINE_MS,
             },

@@ -272,14 +272,9 @@ class EmbeddedBackend:
         return self.store.bump_counter(conn, LEXICAL_GENERATION)
 
     def _lexical_catch_up(self, text_generation: int) -> None:
-        """Make the committed write searchable before returning (the caller holds write_mutex)."""
+        """Apply the committed write to the lexical index when this process owns its writer (else the
+        owner applies it within its poll interval; this process sees it once the owner commits)."""
         self.lexical.refresh(text_generation)
-        if self.lexical.generation < text_generation and not self.lexical.wait_for(text_generation):
-            log.warning(
-                "%s: the process owning the lexical index has not applied write %d yet; searches see it once it does",
-                self.data_dir,
-                text_generation,
-            )
 
     def delete(self, ids: Sequence[str]) -> int:
         self._check_open()

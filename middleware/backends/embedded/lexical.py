@@ -18,6 +18,11 @@ and other processes' writes within `poll_interval_s` (a background thread polls 
 lexical generation). Every process searches; a process that does not own the writer reloads its
 reader when the stamp moves, and takes the writer over when its owner is gone.
 
+Commits are coalesced: a tantivy commit fsyncs, a fixed cost per commit that would dominate bulk
+loads. Applied changes are committed when the writes pause (`idle_commit_s`), at the latest
+`max_commit_delay_s` after the first one, and at once before this process searches, so a process
+always finds its own writes. Caveat: the first search after a write pays for that commit.
+
 Queries are built from tokens (term queries), never parsed: user text cannot become query syntax.
 Filters are non-scoring clauses inside the same query, so BM25 top-n is over the filtered set.
 """
@@ -158,6 +163,8 @@ class TantivyLexicalIndex:
         reader: Callable[[], contextlib.AbstractContextManager[sqlite3.Connection]],
         *,
         poll_interval_s: float = 0.05,
+        idle_commit_s: float = 0.1,
+        max_commit_delay_s: float = 5.0,
         writer_heap_bytes: int = 64_000_000,
         writer_threads: int = 1,
         field_boosts: dict[str, float] | None = None,
@@ -173,6 +180,8 @@ class TantivyLexicalIndex:
         self.boosts = {name: float(boosts.get(name, 0.0)) for name in analysis.LEXICAL_FIELDS}
         self._reader = reader
         self.poll_interval_s = poll_interval_s
+        self.idle_commit_s = idle_commit_s
+        self.max_commit_delay_s = max_commit_delay_s
         self._writer_heap = writer_heap_bytes
         self._writer_threads = writer_threads
         self._schema = _schema()
@@ -181,7 +190,10 @@ class TantivyLexicalIndex:
         self._writer: tantivy.IndexWriter | None = None
         self._lock_fd: int | None = None
         self._index: tantivy.Index | None = None
-        self.generation = -1  # the lexical generation this process's reader reflects
+        self.generation = -1  # the lexical generation this process's reader reflects (committed)
+        self._applied = -1  # the generation applied to the writer (>= generation while a commit is due)
+        self._first_pending = 0.0  # monotonic time of the oldest uncommitted change
+        self._last_apply = 0.0
         self._stamp_seen = -2
         self._closed = threading.Event()
         self._poller: threading.Thread | None = None
@@ -192,31 +204,44 @@ class TantivyLexicalIndex:
         """Open the index (creating it), take the writer if free, and catch up with the store."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with self._lock:
+            locked = self._try_lock()
             stamp = self._stamp.read()
             usable = stamp is not None and stamp[1:] == (analysis.ANALYSIS_VERSION, SCHEMA_REVISION)
+            if locked and not usable:
+                self._wipe()  # only the writer may start the index afresh
             try:
-                self._index = tantivy.Index(self._schema, path=str(self.dir), reuse=usable)
+                self._index = tantivy.Index(self._schema, path=str(self.dir), reuse=True)
             except (OSError, ValueError) as exc:
+                if not locked:
+                    raise
                 log.warning("lexical index of %s is unreadable (%s); rebuilding", self.dir.parent, exc)
                 usable = False
-                self._index = tantivy.Index(self._schema, path=str(self.dir), reuse=False)
-            if not usable:
-                self._stamp.path.unlink(missing_ok=True)
-            self.generation = stamp[0] if usable and stamp else -1
+                self._wipe()
+                self._index = tantivy.Index(self._schema, path=str(self.dir), reuse=True)
+            self.generation = self._applied = stamp[0] if usable and stamp else -1
             self._stamp_seen = self._stamp.mtime_ns()
             if self._try_own():
                 self._sync(store_generation)
+                self._commit()
         self._start_poller()
+
+    def _wipe(self) -> None:
+        for path in self.dir.iterdir():
+            if path.name != "writer.lock" and path.is_file():
+                path.unlink()
 
     def close(self) -> None:
         self._closed.set()
         with self._lock:
+            if self._writer is not None:
+                with contextlib.suppress(Exception):  # SQLite has the changes: the next open applies them
+                    self._commit()
             self._release()
             self._index = None
 
-    def _try_own(self) -> bool:
-        """Take the one writer role if no process holds it (the caller holds `_lock`)."""
-        if self._writer is not None:
+    def _try_lock(self) -> bool:
+        """Take `writer.lock` if no process holds it (the caller holds `_lock`)."""
+        if self._lock_fd is not None:
             return True
         fd = os.open(self.dir / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -224,14 +249,18 @@ class TantivyLexicalIndex:
         except OSError:
             os.close(fd)
             return False
-        try:
-            assert self._index is not None
-            self._index.reload()  # the last owner's commits
-            self._writer = self._index.writer(heap_size=self._writer_heap, num_threads=self._writer_threads)
-        except BaseException:
-            os.close(fd)
-            raise
         self._lock_fd = fd
+        return True
+
+    def _try_own(self) -> bool:
+        """Hold the one writer role, taking it if no process holds it (the caller holds `_lock`)."""
+        if self._writer is not None:
+            return True
+        if not self._try_lock():
+            return False
+        assert self._index is not None
+        self._index.reload()  # the last owner's commits
+        self._writer = self._index.writer(heap_size=self._writer_heap, num_threads=self._writer_threads)
         return True
 
     def _release(self) -> None:
@@ -297,8 +326,9 @@ class TantivyLexicalIndex:
             if store_generation is None:
                 store_generation = self._store_generation()
             if self._try_own():
-                if store_generation != self.generation:
+                if store_generation != self._applied:
                     self._sync(store_generation)
+                self._commit_if_due()
                 return
             seen = self._stamp.mtime_ns()
             if seen != self._stamp_seen:
@@ -308,17 +338,6 @@ class TantivyLexicalIndex:
                 if stamp is not None:
                     self.generation = stamp[0]
 
-    def wait_for(self, generation: int, timeout_s: float = 5.0) -> bool:
-        """Until the reader reflects `generation` (another process owns the writer); False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self.refresh()
-            if self.generation >= generation:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            self._closed.wait(min(self.poll_interval_s / 2, 0.01))
-
     def _store_generation(self) -> int:
         with self._reader() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = 'lexical_generation'").fetchone()
@@ -327,16 +346,17 @@ class TantivyLexicalIndex:
     def _sync(self, store_generation: int) -> None:
         """Bring the index to `store_generation` (the caller owns the writer and holds `_lock`)."""
         assert self._writer is not None and self._index is not None
+        applied = self._applied
         with self._reader() as conn:
             conn.execute("BEGIN")  # one snapshot: the changes and the rows they point to
             try:
                 target = conn.execute("SELECT value FROM meta WHERE key = 'lexical_generation'").fetchone()
                 target_generation = 0 if target is None else int(target[0])
-                if target_generation == self.generation:
+                if target_generation == applied:
                     return
                 oldest = conn.execute("SELECT min(generation) FROM lexical_changes").fetchone()[0]
-                full = self.generation < 0 or (oldest is not None and oldest > self.generation + 1)
-                if target_generation < self.generation:
+                full = applied < 0 or (oldest is not None and oldest > applied + 1)
+                if target_generation < applied:
                     full = True  # the store went back (restored from a backup): trust only SQLite
                 if full:
                     log.info("building the lexical index of %s from SQLite", self.dir.parent)
@@ -346,20 +366,43 @@ class TantivyLexicalIndex:
                     pks_iter = _pages(
                         conn,
                         "SELECT DISTINCT pk FROM lexical_changes WHERE generation > ? ORDER BY pk",
-                        (self.generation,),
+                        (applied,),
                     )
                 for pks in pks_iter:
                     if not full:  # (delete_documents_by_term does not match u64 terms in these bindings)
                         self._writer.delete_documents_by_query(tantivy.Query.term_set_query(self._schema, "pk", pks))
                     for row in _text_rows(conn, pks):
                         self._writer.add_document(self._document(row))
+            except BaseException:
+                # a half-applied change must not be committed: drop what is uncommitted, apply again later
+                self._writer.rollback()
+                self._applied = self.generation
+                raise
             finally:
                 conn.rollback()
+        now = time.monotonic()
+        if self._applied == self.generation:
+            self._first_pending = now
+        self._last_apply = now
+        self._applied = target_generation
+
+    def _commit(self) -> None:
+        """Publish what the writer holds (the caller owns the writer and holds `_lock`)."""
+        assert self._writer is not None and self._index is not None
+        if self._applied == self.generation:
+            return
         self._writer.commit()
-        self._stamp.write(target_generation)
+        self._stamp.write(self._applied)
         self._stamp_seen = self._stamp.mtime_ns()
         self._index.reload()
-        self.generation = target_generation
+        self.generation = self._applied
+
+    def _commit_if_due(self) -> None:
+        if self._writer is None or self._applied == self.generation:
+            return
+        now = time.monotonic()
+        if now - self._last_apply >= self.idle_commit_s or now - self._first_pending >= self.max_commit_delay_s:
+            self._commit()
 
     def _document(self, row: TextRow) -> tantivy.Document:
         doc = tantivy.Document()
@@ -459,6 +502,10 @@ class TantivyLexicalIndex:
     # ------------------------------------------------------------------ reads
 
     def _searcher(self) -> tantivy.Searcher:
+        if self._writer is not None and self._applied != self.generation:
+            with self._lock:  # this process's own writes are searchable once they return
+                if self._writer is not None:
+                    self._commit()
         index = self._index
         if index is None:
             raise RuntimeError("the lexical index is closed")
