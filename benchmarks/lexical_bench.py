@@ -221,13 +221,18 @@ def unit_vectors(n: int, seed: int) -> np.ndarray:
 
 
 def engine_fingerprint() -> str:
-    """Changes with the embedded store's code and the text analysis: a cached store is then rebuilt."""
-    root = Path(__file__).resolve().parents[1] / "middleware"
-    files = [*sorted((root / "backends" / "embedded").rglob("*.py")), root / "text.py", root / "products.py"]
-    h = hashlib.sha1(f"synth{SYNTH_VERSION}".encode())
-    for f in files:
-        h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()[:12]
+    """Names what a cached store holds: the lexical engine, its schema, the analysis, the store's schema and the
+    synthetic catalog. The backend itself migrates or rebuilds a derived index whose stamp is stale."""
+    from middleware import text
+    from middleware.backends.embedded import lexical, store
+
+    parts = [
+        *(str(getattr(m, name, "-")) for m, name in ((lexical, "SCHEMA_REVISION"), (store, "SCHEMA_VERSION"))),
+        str(getattr(text, "ANALYSIS_VERSION", "-")),
+        *sorted(c for c in dir(lexical) if c.endswith("LexicalIndex")),
+        f"synth{SYNTH_VERSION}",
+    ]
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:12]
 
 
 def cached_store(
