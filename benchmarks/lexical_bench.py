@@ -24,6 +24,7 @@ corpus), seeded. Brand, price, stock and category are synthetic, seeded. Each (e
 measured until its queries are done or its time cap is spent; `n` says how many were timed.
 
     python -m benchmarks --only lexical [--quick]
+    (SHOPSEARCH_BENCH_LEXICAL_LARGE=N: another large size; SHOPSEARCH_BENCH_LEXICAL_CACHE: the cache folder)
 """
 
 from __future__ import annotations
@@ -473,6 +474,8 @@ def run(quick: bool, output_dir: Path) -> dict[str, Any]:
     from middleware.retrieve import retrieve
 
     sizes = QUICK if quick else FULL
+    if os.environ.get("SHOPSEARCH_BENCH_LEXICAL_LARGE"):  # e.g. while the 1M store is not built yet
+        sizes = Sizes(**{**asdict(sizes), "large": int(os.environ["SHOPSEARCH_BENCH_LEXICAL_LARGE"])})
     output_dir = Path(output_dir)
     started = time.perf_counter()
     results: dict[str, Any] = {"machine": machine_info(), "quick": quick, "sizes": asdict(sizes), "top_k": TOP_K}
