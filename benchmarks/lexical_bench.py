@@ -29,6 +29,7 @@ measured until its queries are done or its time cap is spent; `n` says how many 
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import hashlib
 import json
@@ -240,16 +241,36 @@ def cached_store(
     kind: str, n: int, titles: Sequence[tuple[str, str, str]], synth: TitleSynth, vectors: bool
 ) -> tuple[Path, dict[str, Any]]:
     """A store of the first n catalog rows (with random vectors when asked), built once per engine version."""
-    from middleware.backends.embedded import EmbeddedBackend
-    from middleware.products import Product
 
     path = CACHE / f"{kind}-{n}-{engine_fingerprint()}"
     marker = path / "bench-complete.json"
     if marker.exists():
-        info = json.loads(marker.read_text())
-        info["cached"] = True
-        return path, info
+        return path, {**json.loads(marker.read_text()), "cached": True}
     CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{kind}-{n}.lock", "w") as lock:
+        if not _try_lock(lock):
+            print(f"waiting for another process building {path}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists():
+            return path, {**json.loads(marker.read_text()), "cached": True}
+        return path, _build_store(path, kind, n, titles, synth, vectors)
+
+
+def _try_lock(lock: Any) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _build_store(
+    path: Path, kind: str, n: int, titles: Sequence[tuple[str, str, str]], synth: TitleSynth, vectors: bool
+) -> dict[str, Any]:
+    from middleware.backends.embedded import EmbeddedBackend
+    from middleware.products import Product
+
+    marker = path / "bench-complete.json"
     for stale in CACHE.glob(f"{kind}-{n}-*"):  # an older engine's store of the same shape
         if stale != path:
             shutil.rmtree(stale, ignore_errors=True)
@@ -279,7 +300,7 @@ def cached_store(
     total = spent + time.perf_counter() - start
     info = {"products": n, "vectors": vectors, "build_s": round(total, 1), "cached": False}
     marker.write_text(json.dumps(info))
-    return path, info
+    return info
 
 
 def engine_name(backend: Any) -> str:
