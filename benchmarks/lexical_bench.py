@@ -396,10 +396,16 @@ def build_tantivy(docs: Sequence[list[str]]) -> tuple[Any, Any]:
     return index, schema
 
 
+def _bm25s_backend() -> str:
+    import importlib.util
+
+    return "numba" if importlib.util.find_spec("numba") is not None else "numpy (numba not installed)"
+
+
 def peer_bm25s(tokens: Sequence[list[str]], qtokens: Sequence[list[str]], sizes: Sizes) -> dict[str, Any]:
     t0 = time.perf_counter()
     retriever = build_bm25s(tokens)
-    out: dict[str, Any] = {"index_s": round(time.perf_counter() - t0, 1)}
+    out: dict[str, Any] = {"index_s": round(time.perf_counter() - t0, 1), "backend": _bm25s_backend()}
     k = min(TOP_K, len(tokens))
 
     def query(i: int) -> int:
@@ -800,6 +806,21 @@ def speed_section(results: dict[str, Any]) -> str:
             ["target", "measured", "pass"],
             [[t["target"], t["measured"], "pass" if t["pass"] else "FAIL"] for t in results["targets"]],
         ),
+        "",
+        "### Reading these figures",
+        "",
+        f"- bm25s scores with its {eng['bm25s same tokens'].get('backend', _bm25s_backend())} backend: every "
+        "query token's postings are added into a dense score array, so frequent tokens (CJK unigrams, present in "
+        "much of the catalog) cost in proportion to their postings.",
+        "- `embedded: query + search, no row fetch` times the tantivy engine's query building and search alone; "
+        "the `shopsearch embedded` rows add reading the top rows from SQLite and parsing them into `Product`s.",
+        f"- hybrid queries with a stage past the pipeline's deadline ({results['hybrid']['deadline_ms']} ms, "
+        "counted degraded): "
+        + ", ".join(f"{c} {results['hybrid'][c].get('degraded_queries', 0)}" for c in ("none", "price+in_stock"))
+        + "; `kNN alone` is the unfiltered vector search by itself.",
+        "- a row marked n/600 was stopped at its time cap after n queries; its percentiles are over those n.",
+        "- build times of the cached stores are not indexing figures (they include resumed and contended builds); "
+        "the indexing figure is the `Indexer` run below.",
         "",
         "### Indexing, memory, disk",
         "",
