@@ -725,6 +725,12 @@ def targets(results: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
     ]
 
 
+def _large_rss(delta_mb: float) -> str:
+    if delta_mb < 0:  # the process returned memory of the earlier steps meanwhile: no reading
+        return f"could not be read (RSS fell by {-delta_mb} MiB while it was open: earlier steps' memory was freed)"
+    return f"adds {delta_mb} MiB after its measured queries"
+
+
 def _mb(b: int) -> float:
     return round(b / 2**20, 1)
 
@@ -771,7 +777,7 @@ def speed_section(results: dict[str, Any]) -> str:
     idx, mem = results["index"], results["memory"]
     emb = eng["shopsearch embedded"]
     per_set = ", ".join(f"{k} {v:,}" for k, v in data["real_titles"].items())
-    built = "cached from an earlier run" if large["store"]["cached"] else "this run"
+    built = "read from the cache" if large["store"]["cached"] else "this run"
     lines = [
         "## Speed",
         "",
@@ -822,6 +828,8 @@ def speed_section(results: dict[str, Any]) -> str:
         "- build times of the cached stores are not indexing figures (they include resumed and contended builds); "
         "the indexing figure is the `Indexer` run below.",
         "",
+        *[f"- {note}" for note in results.get("notes", [])],
+        "",
         "### Indexing, memory, disk",
         "",
         f"- indexing (`Indexer` with no embedder, JSONL → fresh store): {idx['products']:,} products in "
@@ -833,7 +841,7 @@ def speed_section(results: dict[str, Any]) -> str:
         f"legacy FTS5 scratch db: {_mb(eng['legacy FTS5 (before)']['disk_bytes'])} MiB.",
         f"- memory: opening the no-vector store of {mem['products']:,} products adds {mem['rss_open_delta_mb']} MiB "
         f"RSS, {mem['rss_warm_delta_mb']} MiB after {mem['warmup_queries']} warm-up queries; the "
-        f"{large['products']:,}-product store adds {large['rss_warm_delta_mb']} MiB after its measured queries.",
+        f"{large['products']:,}-product store {_large_rss(large['rss_warm_delta_mb'])}.",
         f"- {sizes.large:,}-product store: {_mb(large['disk']['total'])} MiB on disk; built in "
         f"{large['store']['build_s']} s ({built}).",
         "",
