@@ -97,6 +97,7 @@ class OpenSearchSettings(BaseModel):
 class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)  # processes sharing the port (serve --workers)
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # env: comma-separated
     api_keys_file: Path | None = None
     index_name: str = "products"  # index name the proxy answers for with the embedded backend

@@ -1,41 +1,62 @@
-"""Text analysis for lexical retrieval: jieba words and CJK unigrams + bigrams.
+"""Text analysis for lexical retrieval: words (jieba for Han, stemmed Latin) and CJK bigrams.
 
-Both analyses NFKC-normalise (full-width ＡＢＣ１２３ → ABC123), lower-case, drop punctuation and
-whitespace, and keep Latin words and numbers whole ("iphone14", "3.5"). Every token they emit is one
-token for SQLite FTS5's `unicode61` tokenizer configured as `FTS5_TOKENIZE` below, so pre-tokenised
-text stored space-joined is indexed exactly as analysed here.
+Every analysis NFKC-normalises (full-width ＡＢＣ１２３ → ABC123), lower-cases and drops punctuation
+and whitespace. Three token streams come out of one pass over the text:
+
+- words: Han runs cut by jieba in search mode (each word plus its dictionary 2- and 3-grams); kana
+  and hangul runs whole; every other word split at letter/digit boundaries ("iphone15" → "iphone",
+  "15"; decimals such as "3.5" stay whole) with its letter parts Snowball-stemmed ("sneakers" →
+  "sneaker"). English stopwords are indexed, and a query leaves them out unless it has nothing else.
+- cjk: overlapping bigrams of each run of CJK characters (han, kana, hangul, as Lucene's
+  CJKBigramFilter), and the words stream's stems and numbers of non-CJK words.
+- uni: every CJK character, in fields of their own with half the bigram fields' boost, so that a
+  shared character adds recall without outweighing a shared bigram (a query 手机壳 ranks 手机
+  products above a 手表 that only shares 手).
+
+Tokens never contain whitespace, so a field stored space-joined and read back by a whitespace
+tokenizer is indexed exactly as analysed here.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import threading
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import regex
 
 if TYPE_CHECKING:
     import jieba
+    import Stemmer
 
+_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}"
 # Token characters: letters, numbers, combining marks (Indic vowel signs, viramas), private use.
-# "." "_" and "'" are kept only *inside* a token, between token characters ("3.5", "u.s", "don't").
-_WORD = regex.compile(r"[\p{L}\p{N}\p{M}\p{Co}]+(?:[._'][\p{L}\p{N}\p{M}\p{Co}]+)*")
-# Scripts the `cjk` analyzer bigrams (Lucene's CJKBigramFilter: han, hiragana, katakana, hangul).
-_CJK_CHAR = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}]")
-_CJK_RUN_OR_WORD = regex.compile(
-    r"(?P<cjk>[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}]+)"
-    r"|(?P<word>(?:(?![\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}])[\p{L}\p{N}\p{M}\p{Co}])+"
-    r"(?:[._'](?:(?![\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}])[\p{L}\p{N}\p{M}\p{Co}])+)*)"
-)
+# "." "_" and "'" are kept only *inside* a word, between token characters ("3.5", "u.s", "don't").
+_TOKEN_CHAR = r"[\p{L}\p{N}\p{M}\p{Co}]"
+_NON_CJK_CHAR = rf"(?:(?![{_CJK}]){_TOKEN_CHAR})"
+# One pass: a run of CJK characters, or a word of other token characters.
+_CJK_RUN_OR_WORD = regex.compile(rf"(?P<cjk>[{_CJK}]+)|(?P<word>{_NON_CJK_CHAR}+(?:[._']{_NON_CJK_CHAR}+)*)")
+_HAN_RUN = regex.compile(r"\p{Han}+")
+# A word's parts: numbers (decimals whole: "3.5", "1.2.3") and runs of letters (with "._'" inside).
+_PART = regex.compile(r"\p{N}+(?:\.\p{N}+)*|[\p{L}\p{M}\p{Co}]+(?:[._'][\p{L}\p{M}\p{Co}]+)*")
+_LETTER = regex.compile(r"\p{L}")
 
-# The FTS5 tokenizer that reads the space-joined tokens back: same character classes as _WORD,
-# no diacritic folding (tokens are already final), "._'" as token characters.
-FTS5_TOKENIZE = "unicode61 remove_diacritics 0 categories 'L* N* Co M*' tokenchars '._'''"
+# Lucene's English stopword set (EnglishAnalyzer.ENGLISH_STOP_WORDS_SET).
+_LUCENE_STOPWORDS = "a an and are as at be but by for if in into is it no not of on or such that the their then there"
+STOPWORDS: frozenset[str] = frozenset(f"{_LUCENE_STOPWORDS} these they this to was will with".split(" "))
+# Longer words (and kana / hangul runs) are dropped, as Lucene's default maximum token length: no
+# real word is that long, and a search engine's terms have a length limit.
+MAX_WORD_CHARS = 255
+
 
 _jieba_lock = threading.Lock()
 _jieba: jieba.Tokenizer | None = None
+_local = threading.local()
 
 
 def _tokenizer() -> jieba.Tokenizer:
@@ -54,54 +75,257 @@ def _tokenizer() -> jieba.Tokenizer:
     return _jieba
 
 
+def _stemmer() -> Stemmer.Stemmer:
+    """One Snowball stemmer per thread: a stemmer object keeps state between calls."""
+    stemmer = getattr(_local, "stemmer", None)
+    if stemmer is None:
+        import Stemmer as stemmer_module
+
+        stemmer = _local.stemmer = stemmer_module.Stemmer("english")
+    return stemmer
+
+
+@functools.lru_cache(maxsize=200_000)
+def stem(word: str) -> str:
+    """The Snowball English stem of a lower-cased word ("sneakers" → "sneaker")."""
+    return _stemmer().stemWord(word)
+
+
+# jieba's own Han block (its `re_han_default` without the Latin part): other Han characters are single words.
+_JIEBA_HAN = regex.compile(r"[\u4E00-\u9FD5]+")
+
+
+def _jieba_cut(block: str) -> list[str]:
+    """jieba's `cut(block, HMM=True)` of a block of `_JIEBA_HAN` characters, same words, fewer steps.
+
+    jieba builds the whole DAG of dictionary words, then finds the most probable route over it; here
+    both happen in one backward pass. Runs of single characters the dictionary does not know as a
+    word go to jieba's HMM, as in jieba.
+    """
+    tokenizer = _tokenizer()
+    freq = tokenizer.FREQ
+    logtotal = math.log(tokenizer.total)
+    n = len(block)
+    score = [0.0] * (n + 1)
+    end = list(range(n + 1))
+    for idx in range(n - 1, -1, -1):
+        best: float | None = None
+        best_end = idx
+        i = idx
+        frag = block[idx]
+        while i < n and frag in freq:
+            f = freq[frag]
+            if f:
+                s = math.log(f) - logtotal + score[i + 1]
+                if best is None or s >= best:  # ties: the longer word, as jieba's max over (score, end)
+                    best, best_end = s, i
+            i += 1
+            frag = block[idx : i + 1]
+        if best is None:
+            best = math.log(freq.get(block[idx]) or 1) - logtotal + score[idx + 1]
+        score[idx] = best
+        end[idx] = best_end
+    out: list[str] = []
+    buf = ""
+    x = 0
+    while x < n:
+        y = end[x] + 1
+        if y - x == 1:
+            buf += block[x]
+        else:
+            if buf:
+                out.extend(_unknown_run(buf, freq))
+                buf = ""
+            out.append(block[x:y])
+        x = y
+    if buf:
+        out.extend(_unknown_run(buf, freq))
+    return out
+
+
+def _unknown_run(buf: str, freq: dict[str, int]) -> list[str]:
+    if len(buf) == 1:
+        return [buf]
+    if freq.get(buf):
+        return list(buf)
+    from jieba import finalseg
+
+    return list(finalseg.cut(buf))
+
+
+@functools.lru_cache(maxsize=100_000)
+def _han_words(run: str) -> tuple[str, ...]:
+    """jieba search-mode words of a run of Han characters: each word plus its dictionary 2- and 3-grams.
+
+    Cached: brands, categories and stock phrases repeat across a catalogue's products.
+    """
+    freq = _tokenizer().FREQ
+    out: list[str] = []
+    pos = 0
+    for block in _JIEBA_HAN.finditer(run):
+        out.extend(run[pos : block.start()])  # Han characters outside jieba's range: one word each
+        pos = block.end()
+        for word in _jieba_cut(block.group()):
+            if len(word) > 2:
+                for size in (2, 3):
+                    if len(word) > size:
+                        for i in range(len(word) - size + 1):
+                            gram = word[i : i + size]
+                            if freq.get(gram):
+                                out.append(gram)
+            if len(word) <= MAX_WORD_CHARS:
+                out.append(word)
+    out.extend(run[pos:])
+    return tuple(out)
+
+
 def normalize(text: str) -> str:
     return unicodedata.normalize("NFKC", text)
 
 
-def _words(pieces: Iterable[str]) -> Iterator[str]:
-    for piece in pieces:
-        yield from _WORD.findall(piece.lower())
+def word_parts(word: str) -> list[str]:
+    """A lower-cased non-CJK word split at letter/digit boundaries, its letter parts stemmed."""
+    return [stem(p) if _LETTER.match(p) else p for p in _PART.findall(word)]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """How text becomes the lexical index's tokens; the module's functions use `ANALYSIS`.
+
+    `stem`: Snowball-stem the letter parts of non-CJK words. `split`: split those words at
+    letter/digit boundaries (decimals whole).
+    `joined`: also index a word split at letter/digit boundaries whole ("iphone15").
+    `stopwords`: "index" keeps them in documents and drops them from queries that have other tokens;
+    "drop" removes them everywhere; "keep" treats them as any word.
+    `unigrams`: "lone" gives a CJK unigram only for a run of one character; "all" gives every
+    character of every run as well; "field" puts every character in separate `uni_*` fields.
+    `latin_in_cjk`: the cjk stream repeats the words stream's non-CJK word parts.
+    `words_boost`, `cjk_boost`, `uni_boost`: each stream's title field boost (its body field: half).
+    """
+
+    stem: bool = True
+    split: bool = True
+    joined: bool = False
+    stopwords: str = "index"
+    unigrams: str = "field"
+    latin_in_cjk: bool = True
+    words_boost: float = 2.0
+    cjk_boost: float = 2.0
+    uni_boost: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("stopwords", ("index", "drop", "keep")), ("unigrams", ("lone", "all", "field"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("words_boost", "cjk_boost", "uni_boost"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+    @property
+    def field_boosts(self) -> dict[str, float]:
+        boosts = {
+            "words_title": self.words_boost,
+            "words_body": self.words_boost / 2,
+            "cjk_title": self.cjk_boost,
+            "cjk_body": self.cjk_boost / 2,
+        }
+        if self.unigrams == "field":
+            boosts |= {"uni_title": self.uni_boost, "uni_body": self.uni_boost / 2}
+        return boosts
+
+    def streams(self, text: str, *, query: bool = False) -> dict[str, list[str]]:
+        """{"words": [...], "cjk": [...], "uni": [...]} of one text (`uni` empty unless unigrams="field")."""
+        words: list[str] = []
+        cjk: list[str] = []
+        uni: list[str] = []
+        stops: list[str] = []
+        for match in _CJK_RUN_OR_WORD.finditer(normalize(text).lower()) if text else ():
+            run = match.group("cjk")
+            if run is None:
+                word = match.group("word")
+                if self.stopwords != "keep" and word in STOPWORDS:
+                    if query:
+                        stops.append(word)
+                    elif self.stopwords == "index":
+                        words.append(word)
+                    continue
+                parts = self._parts(word) if len(word) <= MAX_WORD_CHARS else []
+                if self.joined and len(parts) > 1:
+                    parts.append(word)
+                words.extend(parts)
+                if self.latin_in_cjk:
+                    cjk.extend(parts)
+                continue
+            words.extend(self._cjk_words(run))
+            self._cjk_grams(run, cjk, uni)
+        if stops and not words and not cjk and self.stopwords == "index":
+            words.extend(stops)  # a query of stopwords only ("the who") still matches them
+        return {"words": words, "cjk": cjk, "uni": uni}
+
+    def _parts(self, word: str) -> list[str]:
+        if self.stem and self.split:
+            return word_parts(word)
+        if self.split:
+            return _PART.findall(word)
+        return [stem(word) if self.stem else word]
+
+    @staticmethod
+    def _cjk_words(run: str) -> Iterator[str]:
+        pos = 0
+        for han in _HAN_RUN.finditer(run):
+            if pos < han.start() <= pos + MAX_WORD_CHARS:
+                yield run[pos : han.start()]  # kana / hangul whole
+            yield from _han_words(han.group())
+            pos = han.end()
+        if pos < len(run) <= pos + MAX_WORD_CHARS:
+            yield run[pos:]
+
+    def _cjk_grams(self, run: str, cjk: list[str], uni: list[str]) -> None:
+        if len(run) == 1:
+            (uni if self.unigrams == "field" else cjk).append(run)
+        elif self.unigrams == "all":
+            for i, char in enumerate(run):
+                cjk.append(char)
+                if i + 1 < len(run):
+                    cjk.append(run[i : i + 2])
+        else:
+            cjk.extend(run[i : i + 2] for i in range(len(run) - 1))
+            if self.unigrams == "field":
+                uni.extend(run)
+
+    def _fields(self, title: dict[str, list[str]], body: dict[str, list[str]]) -> dict[str, list[str]]:
+        fields = {
+            "words_title": title["words"],
+            "words_body": body["words"],
+            "cjk_title": title["cjk"],
+            "cjk_body": body["cjk"],
+        }
+        if self.unigrams == "field":
+            fields |= {"uni_title": title["uni"], "uni_body": body["uni"]}
+        return fields
+
+    def product(self, title: str, body: str) -> dict[str, list[str]]:
+        return self._fields(self.streams(title), self.streams(body))
+
+    def query(self, text: str) -> dict[str, list[str]]:
+        distinct = {name: list(dict.fromkeys(tokens)) for name, tokens in self.streams(text, query=True).items()}
+        return self._fields(distinct, distinct)
+
+
+ANALYSIS = Analysis()
 
 
 def jieba_tokens(text: str) -> list[str]:
-    """jieba search-mode words: each word plus its dictionary 2- and 3-grams (as `cut_for_search`).
-
-    Unlike jieba's own `cut_for_search`, words without Han characters are never split into
-    sub-grams, so Latin words and numbers stay whole.
-    """
-    if not text:
-        return []
-    tokenizer = _tokenizer()
-    freq = tokenizer.FREQ
-    out: list[str] = []
-    for word in tokenizer.cut(normalize(text), HMM=True):
-        if len(word) > 2 and _CJK_CHAR.search(word):
-            for size in (2, 3):
-                if len(word) > size:
-                    for i in range(len(word) - size + 1):
-                        gram = word[i : i + size]
-                        if freq.get(gram):
-                            out.extend(_words((gram,)))
-        out.extend(_words((word,)))
-    return out
+    """The words stream of a document's text (jieba words, kana/hangul runs, stemmed word parts)."""
+    return ANALYSIS.streams(text)["words"]
 
 
 def cjk_tokens(text: str) -> list[str]:
-    """As OpenSearch's `cjk` analyzer, plus unigrams: each CJK run gives its characters and
-    overlapping bigrams; other words (Latin, digits, other scripts) are lower-cased whole."""
-    if not text:
-        return []
-    out: list[str] = []
-    for match in _CJK_RUN_OR_WORD.finditer(normalize(text).lower()):
-        run = match.group("cjk")
-        if run is None:
-            out.append(match.group("word"))
-            continue
-        for i, char in enumerate(run):
-            out.append(char)
-            if i + 1 < len(run):
-                out.append(run[i : i + 2])
-    return out
+    """The cjk and uni streams of a document's text as one bag (CJK bigrams, other word parts, CJK
+    characters), for an engine with a single CJK field."""
+    streams = ANALYSIS.streams(text)
+    return streams["cjk"] + streams["uni"]
 
 
 # ---------------------------------------------------------------------- the lexical index's fields
@@ -109,23 +333,25 @@ def cjk_tokens(text: str) -> list[str]:
 # space-joined), scored by BM25 per field and summed with FIELD_BOOSTS. Changing any analysis or
 # field changes ANALYSIS_VERSION, which makes a store rebuild its lexical index from its products.
 
-ANALYSIS_VERSION = 1
-FIELD_BOOSTS: dict[str, float] = {"words_title": 2.0, "words_body": 1.0, "cjk_title": 2.0, "cjk_body": 1.0}
+ANALYSIS_VERSION = 2
+FIELD_BOOSTS: dict[str, float] = ANALYSIS.field_boosts
 LEXICAL_FIELDS: tuple[str, ...] = tuple(FIELD_BOOSTS)
 
 
 def analyze_product(title: str, body: str) -> dict[str, list[str]]:
     """A product's tokens per lexical field (`body`: everything indexed besides the title)."""
-    return {
-        "words_title": jieba_tokens(title),
-        "words_body": jieba_tokens(body),
-        "cjk_title": cjk_tokens(title),
-        "cjk_body": cjk_tokens(body),
-    }
+    return ANALYSIS.product(title, body)
 
 
 def analyze_query(text: str) -> dict[str, list[str]]:
     """A query's distinct tokens per lexical field, in order of first occurrence."""
-    words = list(dict.fromkeys(jieba_tokens(text)))
-    chars = list(dict.fromkeys(cjk_tokens(text)))
-    return {"words_title": words, "words_body": words, "cjk_title": chars, "cjk_body": chars}
+    return ANALYSIS.query(text)
+
+
+_AS_TYPED = Analysis(stem=False, split=False, stopwords="drop")
+
+
+def suggest_terms(title: str) -> list[str]:
+    """The words of a title as a shopper types them (lower-cased, unstemmed, no stopwords): what
+    autocomplete offers and typo correction compares against."""
+    return list(dict.fromkeys(_AS_TYPED.streams(title)["words"]))

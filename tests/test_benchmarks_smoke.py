@@ -7,6 +7,7 @@ SUMMARY.md; speed figures are never asserted (they are read from the report).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,6 +37,15 @@ def test_flops_of_one_sequence_match_the_formula() -> None:
     n = 20
     expected = 2 * 24 * arch.layer_parameters * n + 24 * 4 * 1024 * n * n + 2 * (1024 * 1024 + 2 * 1024 + 1)
     assert arch.flops([n]) == pytest.approx(expected)
+
+
+def test_lexical_ndcg_uses_linear_gains_over_the_ideal_order() -> None:
+    from benchmarks.lexical_analysis import ndcg10
+
+    gains = {"a": 2.0, "b": 1.0, "c": 0.0}
+    assert ndcg10(["a", "b", "x"], gains) == pytest.approx(1.0)
+    assert ndcg10(["b", "a"], gains) == pytest.approx((1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3)))
+    assert ndcg10(["x", "c"], gains) == 0.0
 
 
 def test_bad_section_exits_2_with_one_line() -> None:

@@ -181,3 +181,19 @@ def test_the_writer_is_taken_over_when_its_owner_closes(tmp_path: Path) -> None:
     finally:
         first.close()
         second.close()
+
+
+def test_parallel_analysis_gives_the_tokens_of_in_process_analysis(tmp_path: Path) -> None:
+    from middleware.backends.embedded.lexical import ParallelAnalysis, tokens_json
+
+    products = [*catalog(300), Product(id="x", title="Apple iPhone15 手机壳", description="送女友 <b>礼物</b>")]
+    pool = ParallelAnalysis(2, min_batch=10)
+    try:
+        assert pool.tokens(products) == [tokens_json(p) for p in products]
+        assert pool.tokens(products[:5]) == [tokens_json(p) for p in products[:5]]  # small: in process
+        assert pool.workers == 2
+    finally:
+        pool.close()
+    with EmbeddedBackend(tmp_path, analysis_workers=2) as store:
+        store.upsert(products, None)
+        assert ids(store, "iphone") == ["x"] and len(store.bm25("款式", None, 1000)) == 300

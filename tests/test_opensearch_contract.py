@@ -93,7 +93,35 @@ def _valid_bodies() -> list[tuple[str, str, Any]]:
     )
     cases.append(("alias-first", "indices.update_aliases", bodies.alias_swap("p", "p-w", "p-v1")))
     cases.append(("analyze", "indices.analyze", bodies.analyze("smartcn", "红色连衣裙")))
+    cases += _storefront_bodies()
     return cases
+
+
+def _storefront_bodies() -> list[tuple[str, str, Any]]:
+    """The storefront primitives' bodies (count, listing pages, facets, highlight, prefix/fuzzy terms)."""
+    query = bodies.match_set_query("红色 dress", ALL_FILTERS, ["1", "2"])
+    sort = bodies.sort_clauses([("price", False), ("sales", True), ("_score", True)])
+    aggs = {
+        "brand": bodies.facet_aggregation("brand", 5, None, False),
+        "category": bodies.facet_aggregation("category", 10, None, False),
+        "price": bodies.facet_aggregation("price", None, ((None, 10.0), (10.0, 50.0), (50.0, None)), False),
+        "sales": bodies.facet_aggregation("sales", None, None, True),
+    }
+    return [
+        ("count-match-set", "count", bodies.count_body("红色 dress", ALL_FILTERS, ["1"])),
+        ("count-browse", "count", bodies.count_body(None, None)),
+        ("listing-page", "search", bodies.listing_search(query, sort, 20, offset=40)),
+        ("listing-after", "search", bodies.listing_search(query, sort, 20, search_after=[9.5, 3, 1.2, "a"])),
+        ("listing-skip", "search", bodies.listing_search(query, sort, 100, search_after=[1, 2], source=False)),
+        ("facets", "search", bodies.facets_search(query, aggs)),
+        (
+            "highlight",
+            "search",
+            bodies.highlight_search("红色 dress", ["1", "2"], ["title", "description"], "<em>", "</em>", 100, 3),
+        ),
+        ("prefix-terms", "search", bodies.prefix_terms_search("Sn(.*", 10)),
+        ("fuzzy-terms", "search", bodies.fuzzy_terms_search("sneakrs", 2, 20)),
+    ]
 
 
 VALID = _valid_bodies()
@@ -226,6 +254,17 @@ def _broken() -> list[tuple[str, str, Any]]:
     )
     mutate("alias-op-typo", "indices.update_aliases", swap, lambda b: b["actions"].append({"delete": {"index": "x"}}))
     mutate("analyze-typo", "indices.analyze", bodies.analyze("smartcn", "x"), lambda b: b.update(analyser="x"))
+    listing = bodies.listing_search(bodies.match_set_query("x", None), bodies.sort_clauses([("price", True)]), 10)
+    mutate("sort-option-typo", "search", listing, lambda b: b["sort"][0]["price"].update(missin="_last"))
+    mutate("sort-order-unknown", "search", listing, lambda b: b["sort"][1]["id"].update(order="up"))
+    mutate("score-sort-typo", "search", listing, lambda b: b["sort"].insert(0, {"_score": {"ordre": "desc"}}))
+    hl = bodies.highlight_search("x", ["1"], ["title"], "<em>", "</em>", 100, 3)
+    mutate("highlight-tags-str", "search", hl, lambda b: b["highlight"].update(pre_tag="<em>"))
+    mutate("highlight-encoder-unknown", "search", hl, lambda b: b["highlight"].update(encoder="xml"))
+    facets = bodies.facets_search({"match_all": {}}, {"b": bodies.facet_aggregation("brand", 5, None, False)})
+    mutate("terms-agg-typo", "search", facets, lambda b: b["aggs"]["b"]["terms"].update(sise=5))
+    fuzzy = bodies.fuzzy_terms_search("x", 1, 5)
+    mutate("suggest-typo", "search", fuzzy, lambda b: b["suggest"]["fuzzy"]["term"].update(max_edit=1))
     return cases
 
 
@@ -262,6 +301,10 @@ def test_known_gaps_are_real_gaps() -> None:
         pytest.skip(f"OpenSearch API spec absent: {err}")
     techniques = raw["components"]["schemas"]["search_pipeline._common___ScoreNormalizationTechnique"]["enum"]
     assert "z_score" not in techniques
+    schemas = raw["components"]["schemas"]
+    assert "oneOf" in schemas["_common___SortCombinations"]
+    assert "unevaluatedProperties" not in schemas["_common___SortOptions"]
+    assert "accuracy" not in schemas["_core.search___TermSuggester"]["allOf"][1]["properties"]
     assert len(KNOWN_GAPS) <= 5, "the allow-list must stay short and explicit"
 
 
@@ -387,3 +430,17 @@ def test_compose_file_is_consistent() -> None:
     assert middleware["depends_on"]["opensearch"]["condition"] == "service_healthy"
     mw = (REPO / middleware["build"]["dockerfile"]).read_text(encoding="utf-8")
     assert mw.index("torch==2.13.0") < mw.index('pip install ".[cpu]"')
+
+
+def test_query_text_bounded_to_the_clause_limit() -> None:
+    assert bodies.bounded_text("red dress") == "red dress"
+    long_words = " ".join(f"w{i}" for i in range(5000))
+    cut = bodies.bounded_text(long_words)
+    assert cut.split() == long_words.split()[: bodies.MAX_QUERY_TOKENS]
+    cjk = bodies.bounded_text("连衣裙" * 1000)
+    assert len(cjk) == bodies.MAX_QUERY_TOKENS
+    fields = len(bodies.bm25_fields())
+    assert fields * bodies.MAX_QUERY_TOKENS < bodies.MAX_CLAUSES
+    query = bodies.match_set_query(long_words, None)
+    assert query["bool"]["must"][0]["bool"]["should"][0]["multi_match"]["query"] == cut
+    assert bodies.bm25_clause(long_words, None)["bool"]["must"][0]["multi_match"]["query"] == cut

@@ -94,6 +94,15 @@ class MatchSet:
     filters: Filters | None = None
     ids: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.text is not None and not isinstance(self.text, str):
+            raise ValueError(f"match.text must be a string or None, got {type(self.text).__name__}")
+        if self.filters is not None and not isinstance(self.filters, Filters):
+            raise ValueError(f"match.filters must be Filters or None, got {type(self.filters).__name__}")
+        if isinstance(self.ids, str) or not all(isinstance(i, str) for i in self.ids):
+            raise ValueError(f"match.ids must be a sequence of product id strings, got {self.ids!r:.80}")
+        object.__setattr__(self, "ids", tuple(dict.fromkeys(self.ids)))
+
 
 @dataclass(frozen=True)
 class FacetSpec:
@@ -160,11 +169,28 @@ class HighlightTags:
     fragment_chars: int = 100  # a fragment around the matches, about this long
     fragments: int = 3  # at most this many per field
 
+    def __post_init__(self) -> None:
+        for name in ("fragment_chars", "fragments"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"highlight: tags.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.pre, str) or not isinstance(self.post, str):
+            raise ValueError("highlight: tags.pre and tags.post must be strings")
+
+
+def check_highlight_fields(fields: Sequence[str]) -> list[str]:
+    """The fields asked for, each one of HIGHLIGHT_FIELDS (ValueError naming the first that is not)."""
+    fields = list(fields)
+    for name in fields:
+        if name not in HIGHLIGHT_FIELDS:
+            raise ValueError(f"highlight: fields must be among {HIGHLIGHT_FIELDS}, got {name!r}")
+    return fields
+
 
 @dataclass(frozen=True)
 class TermCount:
     term: str
-    doc_freq: int  # documents holding it (deleted ones count until their segment merges, as in Lucene)
+    doc_freq: int  # products holding the word (title words) or the value (brand, category)
     kind: Literal["term", "brand", "category"] = field(default="term")
 
 

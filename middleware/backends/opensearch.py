@@ -20,9 +20,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import opensearchpy
 from opensearchpy import helpers
+from rapidfuzz.distance import OSA
 
 from middleware.backends import opensearch_bodies as bodies
-from middleware.backends.base import BackendError, EmbedderBinding, EmbedderMismatch, StoreStats
+from middleware.backends.base import (
+    BackendError,
+    EmbedderBinding,
+    EmbedderMismatch,
+    Facet,
+    FacetRange,
+    FacetSpec,
+    FacetStats,
+    FacetValue,
+    HighlightTags,
+    MatchSet,
+    SortKey,
+    StoreStats,
+    TermCount,
+    check_highlight_fields,
+)
 from middleware.backends.opensearch_client import make_client, translate_errors
 from middleware.config import FusionSettings, OpenSearchSettings
 from middleware.products import Candidate, Filters, Product, SignalUpdate
@@ -114,6 +130,7 @@ class OpenSearchBackend:
         self._word_analyzer: str | None = None
         self._has_write_alias = False
         self._binding: EmbedderBinding | None = None  # recorded in the first index this backend creates
+        self._max_result_window: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, dim: int | None = None) -> OpenSearchBackend:
@@ -429,6 +446,185 @@ class OpenSearchBackend:
             details=details,
         )
 
+    # ------------------------------------------------------------ Backend Protocol: storefront primitives
+
+    def _match_query(self, match: MatchSet) -> dict[str, Any]:
+        if not isinstance(match, MatchSet):
+            raise TypeError(f"match must be a MatchSet, got {type(match).__name__}")
+        ids = list(match.ids)  # checked by MatchSet itself
+        return bodies.match_set_query(match.text, match.filters, ids)
+
+    def count_matches(self, match: MatchSet) -> int:
+        """The exact size of the match set (`_count`, never capped)."""
+        return self._count({"query": self._match_query(match)})
+
+    def _result_window(self) -> int:
+        """index.max_result_window of the indexes behind the read alias (the smallest; 10,000 by default)."""
+        if self._max_result_window is None:
+            with self._errors("get index.max_result_window"):
+                try:
+                    response = self.client.indices.get_settings(
+                        index=self.read_alias, name="index.max_result_window", params={"include_defaults": "true"}
+                    )
+                except opensearchpy.NotFoundError:
+                    return 10_000
+            windows = []
+            for body in response.values():
+                held = {**body.get("defaults", {}), **body.get("settings", {})}
+                windows.append(int(held.get("index", {}).get("max_result_window", 10_000)))
+            self._max_result_window = min(windows, default=10_000)
+        return self._max_result_window
+
+    def listing(self, match: MatchSet, sort: Sequence[SortKey], offset: int, n: int) -> list[Candidate]:
+        """The match set ordered by `sort` then id, positions [offset, offset + n). Within
+        index.max_result_window one from/size search; past it the pages are walked with search_after
+        (sort values only until `offset`), so any depth works, at a cost growing with the offset.
+        A `_score` order uses dfs_query_then_fetch: index-wide term statistics, the same on any shard count."""
+        for name, value in (("offset", offset), ("n", n)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"listing: {name} must be a non-negative integer, got {value!r}")
+        keys = list(sort)
+        for key in keys:
+            if not isinstance(key, SortKey):
+                raise ValueError(f"listing: sort must hold SortKey values, got {type(key).__name__}")
+        query = self._match_query(match)
+        if n == 0:
+            return []
+        clauses = bodies.sort_clauses([(k.field, k.descending) for k in keys])
+        window = self._result_window()
+        # by relevance: term statistics of the whole index (dfs), not of each shard, so that the order
+        # does not depend on which shard a product landed in
+        params = (
+            {"search_type": "dfs_query_then_fetch"} if match.text and any(k.field == "_score" for k in keys) else {}
+        )
+        if offset + n <= window:
+            response = self._search(bodies.listing_search(query, clauses, n, offset=offset), "listing", **params)
+            return _listing_candidates(_hits(response))
+        out: list[Candidate] = []
+        position = 0
+        after: list[Any] | None = None
+        if offset:
+            # the last position the window reaches, in one hit: search_after starts from its sort values
+            jump = min(offset, window)
+            body = bodies.listing_search(query, clauses, 1, offset=jump - 1, source=False)
+            hits = _hits(self._search(body, "listing (deep offset)", **params))
+            if not hits:
+                return []
+            position, after = jump, hits[-1]["sort"]
+        while len(out) < n:
+            skipping = position < offset
+            size = min(window, offset - position if skipping else n - len(out))
+            body = bodies.listing_search(query, clauses, size, search_after=after, source=not skipping)
+            hits = _hits(self._search(body, "listing (search_after)", **params))
+            if not hits:
+                break
+            if not skipping:
+                out += _listing_candidates(hits)
+            position += len(hits)
+            after = hits[-1]["sort"]
+        return out
+
+    def facets(self, match: MatchSet, specs: Sequence[FacetSpec]) -> list[Facet]:
+        """terms / range / stats aggregations over the match set, one search for all specs."""
+        specs = list(specs)
+        for spec in specs:
+            if not isinstance(spec, FacetSpec):
+                raise ValueError(f"facets: specs must hold FacetSpec values, got {type(spec).__name__}")
+        query = self._match_query(match)
+        if not specs:
+            return []
+        aggs = {f"f{i}": bodies.facet_aggregation(s.field, s.size, s.ranges, s.stats) for i, s in enumerate(specs)}
+        result = self._search(bodies.facets_search(query, aggs), "facets").get("aggregations", {})
+        return [_facet(spec, result.get(f"f{i}", {})) for i, spec in enumerate(specs)]
+
+    def highlight(
+        self, text: str, ids: Sequence[str], fields: Sequence[str], tags: HighlightTags
+    ) -> dict[str, dict[str, list[str]]]:
+        """Highlights from the unified highlighter with `encoder: html`. Per field, the words analysis's
+        fragments, or where it has none (CJK text the word analyzer splits per character) the cjk bigram
+        sub-field's."""
+        if not isinstance(text, str):
+            raise ValueError(f"highlight: text must be a string, got {type(text).__name__}")
+        fields = check_highlight_fields(fields)
+        if not isinstance(tags, HighlightTags):
+            raise ValueError(f"highlight: tags must be HighlightTags, got {type(tags).__name__}")
+        ids = list(dict.fromkeys(str(i) for i in ids))
+        if not text.strip() or not ids or not fields:
+            return {}
+        out: dict[str, dict[str, list[str]]] = {}
+        hits: list[dict[str, Any]] = []
+        for chunk in _chunks(ids, min(1000, self._result_window())):
+            body = bodies.highlight_search(
+                text, chunk, fields, tags.pre, tags.post, tags.fragment_chars, tags.fragments
+            )
+            hits += _hits(self._search(body, "highlight"))
+        for hit in hits:
+            found = hit.get("highlight") or {}
+            per_field = {}
+            for name in fields:
+                words = found.get(name) or []
+                cjk = found.get(f"{name}.cjk") or []
+                chosen = cjk if cjk and _has_cjk(text) else words or cjk
+                if chosen:
+                    per_field[name] = list(chosen)
+            if per_field:
+                out[str(hit["_id"])] = per_field
+        return out
+
+    def prefix_terms(self, prefix: str, n: int) -> list[TermCount]:
+        """Title words (lowercase, unstemmed; CJK bigrams) and brand / category values (case-insensitive
+        prefix) starting with `prefix`; most frequent first, then by term, then title words before brands
+        before categories. A prefix longer than MAX_PREFIX_CHARS matches nothing; n is capped at MAX_TERMS."""
+        if not isinstance(prefix, str):
+            raise ValueError(f"prefix_terms: prefix must be a string, got {type(prefix).__name__}")
+        _check_n("prefix_terms", n)
+        prefix = prefix.strip()
+        if not prefix or n <= 0 or len(prefix) > bodies.MAX_PREFIX_CHARS:
+            return []
+        n = min(n, bodies.MAX_TERMS)
+        aggs = self._search(bodies.prefix_terms_search(prefix, n), "prefix terms").get("aggregations", {})
+        found: list[TermCount] = [
+            TermCount(term=str(b["key"]), doc_freq=int(b["doc_count"]), kind="term")
+            for b in aggs.get("term", {}).get("words", {}).get("buckets", [])
+        ]
+        for kind in ("brand", "category"):
+            found += [
+                TermCount(term=str(b["key"]), doc_freq=int(b["doc_count"]), kind=kind)  # type: ignore[arg-type]
+                for b in aggs.get(kind, {}).get("buckets", [])
+            ]
+        order = {"term": 0, "brand": 1, "category": 2}
+        found.sort(key=lambda t: (-t.doc_freq, t.term, order[t.kind]))
+        return found[:n]
+
+    def fuzzy_terms(self, word: str, max_edits: int, n: int) -> list[TermCount]:
+        """Title words within `max_edits` edits of `word` (Damerau-Levenshtein, a transposition being one
+        edit, as Lucene's fuzzy matching counts), the word itself included when indexed; nearest first,
+        then most frequent, then by term."""
+        if not isinstance(word, str):
+            raise ValueError(f"fuzzy_terms: word must be a string, got {type(word).__name__}")
+        if isinstance(max_edits, bool) or max_edits not in (1, 2):
+            raise ValueError(f"fuzzy_terms: max_edits must be 1 or 2, got {max_edits!r}")
+        _check_n("fuzzy_terms", n)
+        word = word.strip()
+        if not word or n <= 0 or len(word) > bodies.MAX_PREFIX_CHARS:
+            return []
+        n = min(n, bodies.MAX_TERMS)
+        # the suggester ranks by its own similarity: ask for more, then order by edits here
+        response = self._search(bodies.fuzzy_terms_search(word, max_edits, max(n * 4, 20)), "fuzzy terms")
+        token = word.lower()
+        best: dict[str, tuple[int, int]] = {}
+        exact = int(response.get("hits", {}).get("total", {}).get("value", 0) or 0)
+        if exact:
+            best[token] = (0, exact)
+        for entry in response.get("suggest", {}).get("fuzzy", []):
+            for option in entry.get("options", []):
+                term = str(option["text"])
+                edits = OSA.distance(str(entry.get("text", token)), term)
+                if edits <= max_edits and (term not in best or best[term][0] > edits):
+                    best[term] = (edits, int(option.get("freq", 0)))
+        ranked = sorted(best.items(), key=lambda item: (item[1][0], -item[1][1], item[0]))
+        return [TermCount(term=term, doc_freq=freq, kind="term") for term, (_, freq) in ranked[:n]]
+
     def close(self) -> None:
         self.client.close()
 
@@ -436,6 +632,56 @@ class OpenSearchBackend:
         """After a rebuild swapped the aliases: writes now go to a new index, which records `embedder`."""
         self._has_write_alias = True
         self._binding = embedder
+
+
+def _check_n(action: str, n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ValueError(f"{action}: n must be an integer, got {n!r}")
+
+
+_CJK_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+
+
+def _has_cjk(text: str) -> bool:
+    return bool(_CJK_RE.search(text))
+
+
+def _listing_candidates(hits: list[dict[str, Any]]) -> list[Candidate]:
+    """Listing hits → Candidates; bm25 set on the text matches (the named lexical clause matched)."""
+    out = []
+    for hit in hits:
+        product = Product.model_validate(hit["_source"]) if hit.get("_source") else None
+        cand = Candidate(id=str(hit["_id"]), product=product)
+        if bodies.TEXT_QUERY_NAME in (hit.get("matched_queries") or []):
+            cand.bm25 = float(hit.get("_score") or 0.0)
+        out.append(cand)
+    return out
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _facet(spec: FacetSpec, agg: dict[str, Any]) -> Facet:
+    if spec.ranges is not None:
+        buckets = agg.get("buckets", {})
+        ranges = [
+            FacetRange(start=start, end=end, count=int(buckets.get(str(i), {}).get("doc_count", 0)))
+            for i, (start, end) in enumerate(spec.ranges)
+        ]
+        return Facet(spec=spec, ranges=ranges)
+    if spec.stats:
+        count = int(agg.get("count", 0) or 0)
+        stats = FacetStats(
+            count=count,
+            min=_number(agg.get("min")) if count else None,
+            max=_number(agg.get("max")) if count else None,
+            sum=float(agg.get("sum") or 0.0),
+            avg=_number(agg.get("avg")) if count else None,
+        )
+        return Facet(spec=spec, stats=stats)
+    values = [FacetValue(value=str(b["key"]), count=int(b["doc_count"])) for b in agg.get("buckets", [])]
+    return Facet(spec=spec, values=values, other=int(agg.get("sum_other_doc_count", 0) or 0))
 
 
 def _mapped_dim(mapping: dict[str, Any]) -> int | None:

@@ -7,6 +7,7 @@ are these same bodies rendered for the default settings.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -307,11 +308,28 @@ def bm25_fields() -> list[str]:
     return fields
 
 
+# A query's tokens: Lucene counts every leaf clause of the whole query against
+# indices.query.bool.max_clause_count (1,024 by default), and each token is one clause per queried
+# field (8 of them), so longer text (a pasted document) is cut to what fits, with room for the filters.
+MAX_CLAUSES = 1024
+MAX_QUERY_TOKENS = (MAX_CLAUSES - 64) // (2 * len(FIELD_BOOSTS))
+# over-counts what the analyzers make (a word or one CJK character each), so the cut is always safe
+_TOKEN_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|[^\W_]+")
+
+
+def bounded_text(text: str) -> str:
+    """`text` cut after its MAX_QUERY_TOKENS-th token (pasted documents), unchanged when shorter."""
+    for i, match in enumerate(_TOKEN_RE.finditer(text), start=1):
+        if i == MAX_QUERY_TOKENS:
+            return text[: match.end()]
+    return text
+
+
 def bm25_clause(text: str, filters: Filters | None) -> dict[str, Any]:
     """The lexical query: words and bigram sub-fields summed (most_fields), filters in bool.filter."""
     query: dict[str, Any] = {
         "bool": {
-            "must": [{"multi_match": {"query": text, "fields": bm25_fields(), "type": "most_fields"}}],
+            "must": [{"multi_match": {"query": bounded_text(text), "fields": bm25_fields(), "type": "most_fields"}}],
         }
     }
     clauses = filter_clauses(filters)
@@ -474,3 +492,236 @@ def alias_swap(
     actions.append({"add": {"index": new_index, "alias": read}})
     actions.append({"add": {"index": new_index, "alias": write, "is_write_index": True}})
     return {"actions": actions}
+
+
+# ---------------------------------------------------------------- storefront primitives
+
+TEXT_QUERY_NAME = "text"  # the named lexical clause: a hit listing it in `matched_queries` is a text match
+TERMS_FIELD = "title.cjk"  # prefix/fuzzy terms: unstemmed lowercase words (CJK: bigrams), as typed by shoppers
+TERMS_SOURCE_FIELD = "title"
+FACET_FIELDS: dict[str, str] = {"brand": "brand.keyword", "category": "category.keyword"}
+SORT_TIEBREAK = "id"
+# Longer prefixes match nothing: the case-insensitive value regexp must stay under the index's
+# max_regex_length (1,000 by default), and no shopper types 100 characters to get a completion.
+MAX_PREFIX_CHARS = 100
+MAX_TERMS = 10_000  # prefix/fuzzy terms asked for beyond this are capped to it
+# Lucene RegExp operators (terms `include`): every other character stands for itself
+_REGEXP_SPECIAL = set('.?+*|{}[]()"\\#@&<>~^$')
+
+
+def match_set_query(text: str | None, filters: Filters | None, ids: Sequence[str] = ()) -> dict[str, Any]:
+    """(text OR ids) AND filters. Text matching is bm25's (any token, same fields); `text` None matches
+    every product (ids then add nothing). The ids clause scores 0, so `_score` is the text's BM25 alone."""
+    query: dict[str, Any] = {"bool": {}}
+    if text is not None:
+        should: list[dict[str, Any]] = [
+            {
+                "multi_match": {
+                    "query": bounded_text(text),
+                    "fields": bm25_fields(),
+                    "type": "most_fields",
+                    "_name": TEXT_QUERY_NAME,
+                }
+            }
+        ]
+        if ids:
+            should.append({"constant_score": {"filter": {"ids": {"values": list(ids)}}, "boost": 0.0}})
+        query["bool"]["must"] = [{"bool": {"should": should, "minimum_should_match": 1}}]
+    clauses = filter_clauses(filters)
+    if clauses:
+        query["bool"]["filter"] = clauses
+    if not query["bool"]:
+        return {"match_all": {}}
+    return query
+
+
+def count_body(text: str | None, filters: Filters | None, ids: Sequence[str] = ()) -> dict[str, Any]:
+    """POST _count body: the exact size of the match set."""
+    return {"query": match_set_query(text, filters, ids)}
+
+
+def sort_clauses(keys: Sequence[tuple[str, bool]]) -> list[dict[str, Any]]:
+    """(field, descending) pairs → sort clauses: missing values last either way, then the id."""
+    out: list[dict[str, Any]] = []
+    for name, descending in keys:
+        order = "desc" if descending else "asc"
+        if name == "_score":
+            out.append({"_score": {"order": order}})
+        else:
+            out.append({name: {"order": order, "missing": "_last"}})
+    out.append({SORT_TIEBREAK: {"order": "asc"}})
+    return out
+
+
+def listing_search(
+    query: dict[str, Any],
+    sort: list[dict[str, Any]],
+    size: int,
+    *,
+    offset: int = 0,
+    search_after: list[Any] | None = None,
+    source: bool = True,
+) -> dict[str, Any]:
+    """One page of a listing: from/size within the result window, search_after beyond it.
+    `source` False: a page skipped on the way to a deep offset, only its sort values come back."""
+    body: dict[str, Any] = {
+        "size": size,
+        "query": query,
+        "sort": sort,
+        "track_scores": source,
+        "track_total_hits": False,
+        "_source": _source_spec() if source else False,
+    }
+    if not source:
+        body["stored_fields"] = "_none_"
+    if search_after is not None:
+        body["search_after"] = search_after
+    elif offset:
+        body["from"] = offset
+    return body
+
+
+def facet_aggregation(field_name: str, size: int | None, ranges: Any, stats: bool) -> dict[str, Any]:
+    """One FacetSpec as an aggregation: terms (count desc, value asc), keyed range buckets, or stats."""
+    if field_name in FACET_FIELDS:
+        return {
+            "terms": {
+                "field": FACET_FIELDS[field_name],
+                "size": size,
+                # exact counts on any shard count up to this many distinct values per shard
+                "shard_size": max(10_000, size or 0),
+                "order": [{"_count": "desc"}, {"_key": "asc"}],
+            }
+        }
+    if stats:
+        return {"stats": {"field": field_name}}
+    buckets: list[dict[str, Any]] = []
+    for i, (start, end) in enumerate(ranges):
+        bucket: dict[str, Any] = {"key": str(i)}
+        if start is not None:
+            bucket["from"] = start
+        if end is not None:
+            bucket["to"] = end
+        buckets.append(bucket)
+    return {"range": {"field": field_name, "ranges": buckets, "keyed": True}}
+
+
+def facets_search(query: dict[str, Any], aggs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {"size": 0, "query": query, "aggs": aggs, "track_total_hits": False}
+
+
+def highlight_search(
+    text: str,
+    ids: Sequence[str],
+    fields: Sequence[str],
+    pre: str,
+    post: str,
+    fragment_chars: int,
+    fragments: int,
+) -> dict[str, Any]:
+    """The products among `ids` that `text` matches, with highlights of each field and its cjk sub-field;
+    `encoder: html` escapes the product text (never the tags)."""
+    return {
+        "size": len(ids),
+        "query": match_set_query(text, Filters(ids=list(ids))),
+        "_source": False,
+        "track_total_hits": False,
+        "highlight": {
+            "encoder": "html",  # the unified highlighter: the default one
+            "pre_tags": [pre],
+            "post_tags": [post],
+            "fragment_size": fragment_chars,
+            "number_of_fragments": fragments,
+            "fields": {name: {} for field_name in fields for name in (field_name, f"{field_name}.cjk")},
+        },
+    }
+
+
+def regexp_literal(text: str, *, ignore_case: bool) -> str:
+    """`text` as a Lucene RegExp matching it literally (operators escaped), letters in either case when asked."""
+    out = []
+    for char in text:
+        variants = list(dict.fromkeys([char, char.lower(), char.upper()])) if ignore_case else [char]
+        escaped = ["".join("\\" + c if c in _REGEXP_SPECIAL else c for c in v) for v in variants]
+        if len(escaped) == 1:
+            out.append(escaped[0])
+        elif all(len(v) == 1 for v in variants):
+            out.append("[" + "".join(escaped) + "]")  # letters only: no class operator among them
+        else:
+            out.append("(" + "|".join(escaped) + ")")  # a case form of several characters (ß → SS)
+    return "".join(out)
+
+
+def prefix_terms_search(prefix: str, size: int) -> dict[str, Any]:
+    """Title words (of TERMS_FIELD) and brand/category values starting with `prefix`, with document counts.
+
+    Title words: a `significant_text` aggregation over the products holding such a word (a `prefix`
+    query), re-analysing their titles; its heuristic is the foreground count, and since every product
+    holding a matching word is in the foreground, that count is the word's exact document frequency.
+    Brands and categories: `terms` aggregations with a case-insensitive literal `include` regexp.
+    """
+    token = prefix.lower()
+    value_pattern = regexp_literal(prefix, ignore_case=True) + ".*"
+    aggs: dict[str, Any] = {
+        "term": {
+            "filter": {"prefix": {TERMS_FIELD: token}},
+            "aggs": {
+                "words": {
+                    "significant_text": {
+                        "field": TERMS_FIELD,
+                        "source_fields": [TERMS_SOURCE_FIELD],
+                        "include": regexp_literal(token, ignore_case=False) + ".*",
+                        "size": size,
+                        "shard_size": max(10_000, size),
+                        "min_doc_count": 1,
+                        "shard_min_doc_count": 1,
+                        "script_heuristic": {
+                            "script": {"lang": "painless", "source": "params._subset_freq.longValue()"}
+                        },
+                    }
+                }
+            },
+        }
+    }
+    for kind, field_name in FACET_FIELDS.items():
+        aggs[kind] = {
+            "terms": {
+                "field": field_name,
+                "include": value_pattern,
+                # OpenSearch 2.19's global-ordinals path fails (index_out_of_bounds) when no value matches
+                "execution_hint": "map",
+                "size": size,
+                "shard_size": max(10_000, size),
+                "order": [{"_count": "desc"}, {"_key": "asc"}],
+            }
+        }
+    return {"size": 0, "query": {"match_all": {}}, "aggs": aggs, "track_total_hits": False}
+
+
+def fuzzy_terms_search(word: str, max_edits: int, size: int) -> dict[str, Any]:
+    """Title words (of TERMS_FIELD) within `max_edits` of `word`: the `term` suggester (any first letter,
+    any word length, suggestions even for a word that is indexed), plus the word's own document count."""
+    token = word.lower()
+    return {
+        "size": 0,
+        "query": {"term": {TERMS_FIELD: token}},
+        "track_total_hits": True,
+        "suggest": {
+            "text": word,
+            "fuzzy": {
+                "term": {
+                    "field": TERMS_FIELD,
+                    "suggest_mode": "always",
+                    "max_edits": max_edits,
+                    "prefix_length": 0,
+                    "min_word_length": 1,
+                    "accuracy": 0.0,
+                    "size": size,
+                    "max_inspections": 50,
+                    "max_term_freq": 1.0,
+                    "sort": "score",
+                    "string_distance": "damerau_levenshtein",
+                },
+            },
+        },
+    }

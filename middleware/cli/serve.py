@@ -21,6 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", help="address to bind (env SHOPSEARCH_SERVER__HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (env SHOPSEARCH_SERVER__PORT, default 8080)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="processes sharing the port, each with its own models (env SHOPSEARCH_SERVER__WORKERS, default 1)",
+    )
     p.add_argument("--embedder", help="hub id, local directory, or none (env SHOPSEARCH_EMBEDDER)")
     p.add_argument("--reranker", help="hub id, local directory, or none (env SHOPSEARCH_RERANKER)")
     p.add_argument(
@@ -69,15 +74,22 @@ def run_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {"embedder": args.embedder, "reranker": args.reranker}
     settings = load_settings(args, **overrides)
     server = settings.server
-    updates = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    flags = {"host": args.host, "port": args.port, "workers": args.workers}
+    updates = {k: v for k, v in flags.items() if v is not None}
     if args.port is not None and not 1 <= args.port <= 65535:
         raise CliError(f"--port {args.port}: expected 1-65535", EXIT_USAGE)
+    if args.workers is not None and not 1 <= args.workers <= 64:
+        raise CliError(f"--workers {args.workers}: expected 1-64", EXIT_USAGE)
     if updates:
         settings = settings.model_copy(update={"server": server.model_copy(update=updates)})
         server = settings.server
     _check_port(server.host, server.port)
     if args.models_only:
+        if server.workers > 1:
+            raise CliError("--workers applies to the full service; run one models-only server per port", EXIT_USAGE)
         return _serve_models(settings, args.log_level)
+    if server.workers > 1:
+        return _serve_workers(_with_store_embedder(settings), args)
 
     import uvicorn
 
@@ -135,4 +147,59 @@ def _serve_models(settings: Settings, log_level: str) -> int:
     server = settings.server
     print(f"shopsearch: serving models on http://{server.host}:{server.port} (readiness at /readyz)", flush=True)
     uvicorn.run(app, host=server.host, port=server.port, log_level=log_level, access_log=False)
+    return EXIT_OK
+
+
+def _serve_workers(settings: Settings, args: argparse.Namespace) -> int:
+    """N worker processes on one port; each loads models and backend in the background (readiness
+    false until it has). Settings reach the workers through their environment."""
+    import asyncio
+    import os
+
+    import uvicorn
+
+    from middleware.credentials import CredentialsError
+    from middleware.server.app import create_app
+    from middleware.server.auth import ApiKeyError
+    from middleware.server.metrics import ServiceMetrics
+    from middleware.server.upstream import Upstream
+    from middleware.server.workers import FACTORY, differing_fields, worker_environment
+
+    settings = settings.model_copy(update={"data_dir": Path(settings.data_dir).resolve()})
+    try:  # what a worker would only find out after starting: bad API keys or cluster credentials
+        create_app(settings)
+        upstream = Upstream.from_settings(settings, ServiceMetrics())
+        if upstream is not None:
+            asyncio.run(upstream.aclose())
+    except (ApiKeyError, CredentialsError) as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    env = worker_environment(settings, getattr(args, "config", None))
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        seen = load_settings(argparse.Namespace())  # what each worker will build from its environment
+        differ = differing_fields(settings, seen)
+        if differ:
+            raise CliError(f"cannot pass these settings to the workers: {', '.join(differ)}", EXIT_USAGE)
+        server = settings.server
+        print(
+            f"shopsearch: serving on http://{server.host}:{server.port} with {server.workers} workers "
+            "(readiness at /readyz, docs at /v1/docs)",
+            flush=True,
+        )
+        uvicorn.run(
+            FACTORY,
+            factory=True,
+            host=server.host,
+            port=server.port,
+            workers=server.workers,
+            log_level=args.log_level,
+            access_log=False,
+        )
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return EXIT_OK

@@ -182,11 +182,14 @@ class PeerBM25:
         self.by_id = np.argsort(self.doc_ids, kind="stable")  # ties: id ascending
         analysed = [analyze_product(t, "") for t in texts]
         self.indexes = {}
-        for bag in self.bags:
-            index = bm25s.BM25()
+        for bag in list(self.bags):
             corpus = [
                 [tok for name in self.fields if name.startswith(bag + "_") for tok in doc[name]] for doc in analysed
             ]
+            if not any(corpus):  # no CJK text in an English corpus: bm25s cannot index an empty vocabulary
+                self.bags.remove(bag)
+                continue
+            index = bm25s.BM25()
             index.index(corpus, show_progress=False)
             self.indexes[bag] = index
 

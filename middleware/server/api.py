@@ -290,8 +290,10 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     """Models loaded and backend reachable (readiness): 200, else 503 naming what is missing."""
     state = getattr(request.app.state, "service", None)
-    if state is None:
-        return JSONResponse({"ready": False, "checks": {"startup": "loading"}}, status_code=503)
+    if state is None:  # loading in the background (app.py): the last failure's line, if any
+        loader = getattr(request.app.state, "loader", None)
+        check = loader.error if loader is not None and loader.error else "loading"
+        return JSONResponse({"ready": False, "checks": {"startup": check}}, status_code=503)
     settings = state.settings
     checks: dict[str, str] = {}
     if settings.embedder_enabled:

@@ -13,9 +13,11 @@ the event loop, and at most `server.max_queue` at once: the next one gets 429 at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -33,9 +35,12 @@ from middleware.pipeline import Pipeline
 from middleware.server import api, proxy
 from middleware.server.auth import ApiKeyChecker, load_api_keys
 from middleware.server.errors import ApiError, opensearch_error, redact, render, route_group, v1_error
+from middleware.server.loader import BackgroundLoader
 from middleware.server.state import ModelService, ServiceState
 
 log = logging.getLogger(__name__)
+
+WORKER_HEADER = "x-shopsearch-worker"  # on every response: the pid of the process that answered
 
 
 def _metric_route(path: str, method: str) -> str:
@@ -69,6 +74,8 @@ class ServiceMiddleware:
         self.render_error = render_error  # the error shape the app's routes answer in
         self.route_label = route_label
         self.auth = ApiKeyChecker(load_api_keys(settings.server))  # checked even before models load
+        # which process answered: with `serve --workers N`, each worker is a process of its own
+        self.worker_header = (WORKER_HEADER.encode("latin-1"), str(os.getpid()).encode("latin-1"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,6 +90,7 @@ class ServiceMiddleware:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 status["started"] = True
+                message["headers"] = [*message.get("headers", ()), self.worker_header]
             await send(message)
 
         try:
@@ -206,35 +214,64 @@ def _install_handlers(app: FastAPI) -> None:
         return v1_error(500, message)
 
 
+def _load_service(settings: Settings) -> ServiceState:
+    """Models and backend from `settings`, warmed up: what a server without a pipeline of its own loads."""
+    base = Pipeline.from_settings(settings)
+    try:
+        state = ServiceState(settings, base, owns_pipeline=True)
+    except BaseException:
+        base.close()
+        raise
+    if settings.server.warm_up:
+        state.warm_up()
+    return state
+
+
 def create_app(settings: Settings | None = None, pipeline: Pipeline | None = None) -> FastAPI:
-    """The service. Without `pipeline`, models and backend load at startup from `settings`.
+    """The service. Without `pipeline`, models and backend load in the background at startup
+    (retried until they load): /readyz answers 503 with the reason meanwhile, as the models-only
+    server does.
 
     A pipeline passed in stays the caller's (not closed on shutdown); `settings` governs the service.
     """
     settings = settings or Settings()
     holder: dict[str, ServiceState | None] = {"state": None}
+    loader = BackgroundLoader(lambda: _load_service(settings), "the service")
 
     def install(state: ServiceState) -> None:
         holder["state"] = state
         app.state.service = state
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if holder["state"] is None:
-            base = await asyncio.to_thread(Pipeline.from_settings, settings)
-            install(ServiceState(settings, base, owns_pipeline=True))
-        state = holder["state"]
-        assert state is not None
-        if settings.server.warm_up:
-            await asyncio.to_thread(state.warm_up)
+    def freeze() -> None:
         # Models, tokenizers and imported libraries are millions of long-lived objects: left in the
         # collector's oldest generation, every full collection walks them all and stalls every request
         # in flight. Freeze them out of its reach.
         gc.collect()
         gc.freeze()
+
+    async def load_in_background() -> None:
+        state = await loader.load()
+        loader.error = None
+        freeze()
+        install(state)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        given = holder["state"]
+        task = None
+        if given is None:
+            task = asyncio.create_task(load_in_background())
+        else:
+            if settings.server.warm_up:
+                await asyncio.to_thread(given.warm_up)
+            freeze()
         try:
             yield
         finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
             state = holder["state"]
             if state is not None:
                 await state.close()
@@ -249,6 +286,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         lifespan=lifespan,
     )
     app.state.service = None
+    app.state.loader = loader
     if pipeline is not None:
         install(ServiceState(settings, pipeline, owns_pipeline=False))
 

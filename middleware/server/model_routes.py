@@ -40,16 +40,13 @@ from middleware import __version__
 from middleware.config import Settings
 from middleware.server.api import RerankBody, RerankResponse, answer_rerank
 from middleware.server.errors import ApiError, redact
+from middleware.server.loader import BackgroundLoader
 from middleware.server.metrics import CONTENT_TYPE_LATEST
 from middleware.server.state import ModelService
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
-
-# how long a failed model load waits before the next try (doubling up to the cap)
-RETRY_FIRST_S = 1.0
-RETRY_MAX_S = 30.0
 
 MODEL_ROUTES = frozenset(
     {"/v1/embeddings", "/v1/models", "/v1/rerank", "/embed", "/rerank", "/info", "/healthz", "/readyz", "/metrics"}
@@ -75,7 +72,7 @@ def render_model_error(path: str, err: ApiError) -> JSONResponse:
 def _service(request: Request) -> ModelService:
     state = getattr(request.app.state, "service", None)
     if state is None:
-        loader: ModelLoader | None = getattr(request.app.state, "loader", None)
+        loader: BackgroundLoader[Any] | None = getattr(request.app.state, "loader", None)
         problem = loader.error if loader is not None and loader.error else "models are still loading"
         raise ApiError(503, f"not ready: {problem}", headers={"Retry-After": "1"})
     return state  # type: ignore[no-any-return]
@@ -244,7 +241,7 @@ async def readyz(request: Request) -> JSONResponse:
     """200 once every configured model is loaded; 503 with the one-line reason before."""
     state = getattr(request.app.state, "service", None)
     if state is None:
-        loader: ModelLoader | None = getattr(request.app.state, "loader", None)
+        loader: BackgroundLoader[Any] | None = getattr(request.app.state, "loader", None)
         check = loader.error if loader is not None and loader.error else "loading"
         return JSONResponse({"ready": False, "checks": {"models": check}}, status_code=503)
     checks = {name: w.model_id for name, w in (("embedder", state.embedder), ("reranker", state.reranker)) if w}
@@ -267,15 +264,14 @@ def models_only_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"query_instruction": ""})
 
 
-class ModelLoader:
-    """Loads the configured models, retrying with backoff; `error` holds the last failure's line."""
+class ModelLoader(BackgroundLoader[ModelService]):
+    """Loads the configured models of a models-only server."""
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__(self._load_models, "models")
         self.settings = models_only_settings(settings)
-        self.error: str | None = None
-        self.attempts = 0
 
-    def load_once(self) -> ModelService:
+    def _load_models(self) -> ModelService:
         from middleware.models import load_embedder, load_reranker
 
         embedder = load_embedder(self.settings)
@@ -289,18 +285,6 @@ class ModelLoader:
         if embedder is None and reranker is None:
             raise ValueError("embedder and reranker are both none: a models-only server has nothing to serve")
         return ModelService(self.settings, embedder, reranker, owns_models=True)
-
-    async def load(self) -> ModelService:
-        delay = RETRY_FIRST_S
-        while True:
-            self.attempts += 1
-            try:
-                return await asyncio.to_thread(self.load_once)
-            except Exception as err:
-                self.error = " ".join(redact(str(err)).split())[:500] or type(err).__name__
-                log.error("models not loaded (try %d, next in %.0f s): %s", self.attempts, delay, self.error)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
 
 
 def _warm_up(state: ModelService) -> None:

@@ -171,5 +171,5 @@ class ServiceState(ModelService):
 def get_state(request: Request) -> ServiceState:
     state = getattr(request.app.state, "service", None)
     if state is None:
-        raise ApiError(503, "service is starting: models and backend not loaded yet")
+        raise ApiError(503, "service is starting: models and backend not loaded yet", headers={"Retry-After": "1"})
     return state

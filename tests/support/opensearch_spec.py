@@ -90,6 +90,24 @@ KNOWN_GAPS: tuple[SpecPatch, ...] = (
         _add_enum("z_score"),
         "normalization-processor accepts z_score since OpenSearch 3.0; the spec lists only min_max and l2",
     ),
+    SpecPatch(
+        _S + "_common___SortCombinations",
+        lambda schema: schema.update(anyOf=schema.pop("oneOf")),
+        "sort branches overlap: {'_score': {'order': 'desc'}} is both `options` and `field_with_order` "
+        "(a field named _score), and the server takes either reading, so any branch will do",
+    ),
+    SpecPatch(
+        _S + "_common___SortOptions",
+        _set(unevaluatedProperties=False),
+        "sort options are exactly _score / _geo_distance / _script; the spec leaves other keys open, so "
+        "every field sort ({'price': {...}}) also matched it, and a misspelt option passed",
+    ),
+    SpecPatch(
+        _S + "_core.search___TermSuggester/allOf/1/properties",
+        _set(accuracy={"type": "number", "format": "float"}),
+        "the term suggester takes `accuracy` (minimum similarity of a suggestion, default 0.5; "
+        "TermSuggestionBuilder ACCURACY_FIELD); the spec omits it",
+    ),
 )
 
 # Free strings / free objects in the spec, narrowed to what k-NN actually accepts, so a typo fails here.

@@ -33,9 +33,10 @@ from middleware.backends.base import (
     SortKey,
     StoreStats,
     TermCount,
+    check_highlight_fields,
 )
 from middleware.backends.embedded import lexical
-from middleware.backends.embedded.lexical import SUGGEST_FIELD, TantivyLexicalIndex, tokens_json
+from middleware.backends.embedded.lexical import KEY_SEPARATOR, SUGGEST_FIELD, ParallelAnalysis, TantivyLexicalIndex
 from middleware.backends.embedded.store import SqliteStore, filter_sql
 from middleware.backends.embedded.vectors import VectorIndex
 from middleware.products import Candidate, Filters, Product, SignalUpdate
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 DB_NAME = "catalog.sqlite3"
 LEXICAL_GENERATION = "lexical_generation"  # meta key: counts the commits that changed what BM25 indexes
 _PRUNE_EVERY = 64  # write transactions between prunes of the lexical change log
+MAX_TERMS = 10_000  # prefix_terms / fuzzy_terms: at most this many, whatever n asks
+MAX_TERM_CHARS = 100  # longer prefixes and words match no indexed term worth offering
 FAISS_NAME = "vectors.faiss"
 _NEW_DATA_DIR = "index into a new data directory (--data-dir)"
 
@@ -59,6 +62,7 @@ class EmbeddedBackend:
         dim: int | None = None,
         *,
         field_boosts: dict[str, float] | None = None,  # query-time BM25 boost per lexical field (text.FIELD_BOOSTS)
+        analysis_workers: int | None = None,  # processes analysing large write batches (None: one per core)
         hnsw_threshold: int = 50_000,
         hnsw_m: int = 32,
         hnsw_ef_construction: int = 128,
@@ -83,6 +87,8 @@ class EmbeddedBackend:
         )
         self.lexical = TantivyLexicalIndex(self.data_dir, self.store.reader, field_boosts=field_boosts)
         self._writes = 0
+        workers = (os.cpu_count() or 1) if analysis_workers is None else analysis_workers
+        self._analysis = ParallelAnalysis(workers if workers >= 2 else 0)
         self.vectors = VectorIndex(
             self.data_dir / FAISS_NAME,
             self.store.vector_snapshot,
@@ -106,6 +112,7 @@ class EmbeddedBackend:
                 stored_dim = None  # bound, but no vector written yet: the first vector write sets it
             self._dim: int | None = stored_dim
             generation = self.store.meta_int("generation") or 0
+            self._dim_generation: int | None = generation  # the generation `_dim` was last read at
             self.vectors.open(generation, n_vectors, stored_dim, self.store.vector_pks)
             self._analyse_stale_rows()
             self.lexical.open(self.store.meta_int(LEXICAL_GENERATION) or 0)
@@ -121,7 +128,7 @@ class EmbeddedBackend:
                 self.data_dir,
             )
 
-    def _analyse_stale_rows(self, batch: int = 500) -> None:
+    def _analyse_stale_rows(self, batch: int = 2000) -> None:
         """Store the current analysis's tokens of products that lack them (a store of an older analysis
         or format): the lexical index rebuilds from them, and nothing is lost on the way."""
         from middleware.text import ANALYSIS_VERSION
@@ -135,7 +142,8 @@ class EmbeddedBackend:
                 ).fetchall()
             if not rows:
                 return
-            tokens = [(pk, tokens_json(Product.model_validate_json(doc))) for pk, doc in rows]
+            analysed = self._analysis.tokens([Product.model_validate_json(doc) for _, doc in rows])
+            tokens = [(pk, fields) for (pk, _), fields in zip(rows, analysed, strict=True)]
             with self.store.write_mutex, self.store.transaction() as conn:
                 generation = self.store.bump_counter(conn, LEXICAL_GENERATION)
                 for pk, fields in tokens:
@@ -189,6 +197,18 @@ class EmbeddedBackend:
                 self._dim = binding.dim
                 self.vectors.reset()
 
+    def _stored_dim(self) -> int | None:
+        """The store's vector dimension; read again while unknown here (another process sharing the
+        store may have written the first vectors since this one opened it)."""
+        if self._dim is None:
+            with self.store.reader() as conn:
+                generation = self.store.meta_int("generation", conn)
+                if generation != self._dim_generation:  # every vector write bumps it
+                    self._dim_generation = generation
+                    if conn.execute("SELECT 1 FROM products WHERE vector IS NOT NULL LIMIT 1").fetchone():
+                        self._dim = self.store.meta_int("dim", conn)
+        return self._dim
+
     # ------------------------------------------------------------------ writes
 
     def _check_vectors(self, vectors: np.ndarray | None, n: int) -> np.ndarray | None:
@@ -197,7 +217,8 @@ class EmbeddedBackend:
         arr = np.asarray(vectors, dtype=np.float32)
         if arr.ndim != 2 or arr.shape[0] != n:
             raise ValueError(f"vectors must have shape ({n}, dim) for {n} products, got {arr.shape}")
-        dim = self._dim if self._dim is not None else self._expected_dim
+        dim = self._stored_dim()
+        dim = dim if dim is not None else self._expected_dim
         if dim is not None and arr.shape[1] != dim:
             raise ValueError(f"vector dimension mismatch: the store holds {dim}-d vectors, got {arr.shape[1]}-d")
         if arr.shape[1] == 0:
@@ -223,9 +244,10 @@ class EmbeddedBackend:
         last = {p.id: i for i, p in enumerate(products)}
         order = sorted(last.values())
         # analyse before taking any lock: jieba is the slow part of a write
+        tokens = self._analysis.tokens([products[i] for i in order])
         rows = [
-            (products[i], None if vecs is None else vecs[i].astype("<f4").tobytes(), tokens_json(products[i]))
-            for i in order
+            (products[i], None if vecs is None else vecs[i].astype("<f4").tobytes(), tokens[k])
+            for k, i in enumerate(order)
         ]
         with self.store.write_mutex, self.vectors.lock.write():
             removed: list[int] = []
@@ -349,7 +371,7 @@ class EmbeddedBackend:
     def knn(self, vector: np.ndarray, filters: Filters | None, n: int) -> list[Candidate]:
         """Exact (flat) or HNSW inner-product top-n among the products matching `filters`."""
         self._check_open()
-        if n <= 0 or self._dim is None:
+        if n <= 0 or self._stored_dim() is None:
             return []
         query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
         if query.shape[1] != self._dim:
@@ -487,8 +509,15 @@ class EmbeddedBackend:
         from middleware.highlight import highlight_fragments
 
         self._check_open()
+        if not isinstance(text, str):
+            raise ValueError(f"highlight: text must be a string, got {type(text).__name__}")
+        fields = check_highlight_fields(fields)
+        if not isinstance(tags, HighlightTags):
+            raise ValueError(f"highlight: tags must be HighlightTags, got {type(tags).__name__}")
         out: dict[str, dict[str, list[str]]] = {}
-        for product in self.get(ids):
+        if not text.strip() or not fields:
+            return out
+        for product in self.get(list(dict.fromkeys(str(i) for i in ids))):
             found: dict[str, list[str]] = {}
             for name in fields:
                 value = getattr(product, name, None) if name in ("title", "description") else None
@@ -509,38 +538,44 @@ class EmbeddedBackend:
         return out
 
     def prefix_terms(self, prefix: str, n: int) -> list[TermCount]:
+        """Title words from the `suggest` field; brands and categories whose whole value starts with the
+        prefix, case-insensitively."""
         self._check_open()
-        if not isinstance(prefix, str) or n <= 0:
+        if not isinstance(prefix, str) or isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             return []
-        folded = normalize(prefix).strip().lower()
-        if not folded:
+        n = min(n, MAX_TERMS)
+        folded = normalize(prefix).strip().casefold()
+        if not folded or len(folded) > MAX_TERM_CHARS or KEY_SEPARATOR in folded:
             return []
         found = [TermCount(t, c) for t, c in self.lexical.terms_with_prefix(SUGGEST_FIELD, folded, n)]
         for kind in ("brand", "category"):
-            found += [TermCount(t, c, kind) for t, c in self.lexical.terms_with_prefix(kind, prefix.strip(), n)]  # type: ignore[arg-type]
-        found.sort(key=lambda t: (-t.doc_freq, t.term, t.kind))
+            for key, count in self.lexical.terms_with_prefix(f"{kind}_key", folded, n):
+                found.append(TermCount(key.split(KEY_SEPARATOR, 1)[-1], count, kind))  # type: ignore[arg-type]
+        rank = {"term": 0, "brand": 1, "category": 2}
+        found.sort(key=lambda t: (-t.doc_freq, t.term, rank[t.kind]))
         return found[:n]
 
     def fuzzy_terms(self, word: str, max_edits: int, n: int) -> list[TermCount]:
-        """Candidates share the word's first character (as Lucene's fuzzy `prefix_length` 1): typos in
-        the first letter are rare, and the term dictionary is walked for one letter only."""
-        from rapidfuzz.distance import Levenshtein
+        """Title words within `max_edits` edits (a swap of two letters is one), the word itself at 0.
+        Candidates share the word's first character (as Lucene's fuzzy `prefix_length` 1): first-letter
+        typos are rare, and only one letter's part of the term dictionary is walked."""
+        from rapidfuzz.distance import OSA
 
         self._check_open()
-        if max_edits not in (1, 2):
+        if isinstance(max_edits, bool) or max_edits not in (1, 2):
             raise ValueError(f"max_edits must be 1 or 2, got {max_edits!r}")
-        if not isinstance(word, str) or n <= 0:
+        if not isinstance(word, str) or isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             return []
-        folded = normalize(word).strip().lower()
-        if not folded:
+        folded = normalize(word).strip().casefold()
+        if not folded or len(folded) > MAX_TERM_CHARS:
             return []
         scored = []
         for term, count in self.lexical.terms_with_prefix(SUGGEST_FIELD, folded[0], None):
-            distance = Levenshtein.distance(folded, term, score_cutoff=max_edits)
+            distance = OSA.distance(folded, term, score_cutoff=max_edits)
             if distance <= max_edits:
                 scored.append((distance, -count, term))
         scored.sort()
-        return [TermCount(term, -negative) for _, negative, term in scored[:n]]
+        return [TermCount(term, -negative) for _, negative, term in scored[: min(n, MAX_TERMS)]]
 
     def iter_ids(self) -> Iterator[str]:
         self._check_open()
@@ -600,6 +635,7 @@ class EmbeddedBackend:
                 self.flush()
             finally:
                 self._closed = True
+                self._analysis.close()
                 self.lexical.close()
                 self.store.close()
 

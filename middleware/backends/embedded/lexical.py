@@ -35,6 +35,8 @@ import json
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -54,8 +56,9 @@ log = logging.getLogger(__name__)
 MAX_QUERY_TOKENS = 512
 INDEX_DIR = "lexical"
 STAMP_NAME = "STAMP"
-SUGGEST_FIELD = "words_title"  # the field whose terms complete a prefix and correct a typo
-SCHEMA_REVISION = 1  # of the tantivy schema below; a change rebuilds the index
+SUGGEST_FIELD = "suggest"  # title words as typed (text.suggest_terms): completions and typo corrections
+KEY_SEPARATOR = "\x00"  # brand_key / category_key terms: casefolded value, separator, the value as stored
+SCHEMA_REVISION = 2  # of the tantivy schema below; a change rebuilds the index
 _ADD_BATCH = 2000  # pks re-synced per SQLite read
 
 SCHEMA = """
@@ -93,8 +96,11 @@ def migrate(conn: sqlite3.Connection) -> bool:
 def _schema() -> tantivy.Schema:
     builder = tantivy.SchemaBuilder()
     builder.add_unsigned_field("pk", stored=True, indexed=True, fast=True)
-    for name in analysis.LEXICAL_FIELDS:
+    for name in (*analysis.LEXICAL_FIELDS, SUGGEST_FIELD):
         builder.add_text_field(name, stored=False, tokenizer_name="whitespace")
+    # case-insensitive prefixes of whole brand and category values, shown as stored
+    builder.add_text_field("brand_key", stored=False, tokenizer_name="raw")
+    builder.add_text_field("category_key", stored=False, tokenizer_name="raw")
     # filter and facet fields: exact values ("raw"), fast for aggregations
     builder.add_text_field("id", stored=False, tokenizer_name="raw")
     builder.add_text_field("brand", stored=False, fast=True, tokenizer_name="raw")
@@ -119,8 +125,104 @@ class TextRow:
 
 def tokens_json(product: Product) -> str:
     """The product's analysed tokens as stored in product_text (the slow part of a write: jieba)."""
-    tokens = analysis.analyze_product(product.title, product.search_text())
-    return json.dumps({f: " ".join(tokens[f]) for f in analysis.LEXICAL_FIELDS}, ensure_ascii=False)
+    return _tokens_json(product.title, product.search_text())
+
+
+def _tokens_json(title: str, body: str) -> str:
+    tokens = analysis.analyze_product(title, body)
+    fields = {f: " ".join(tokens[f]) for f in analysis.LEXICAL_FIELDS}
+    fields[SUGGEST_FIELD] = " ".join(analysis.suggest_terms(title))
+    return json.dumps(fields, ensure_ascii=False)
+
+
+def analyse_texts(texts: Sequence[tuple[str, str]]) -> list[str]:
+    """`tokens_json` of (title, body) pairs."""
+    return [_tokens_json(title, body) for title, body in texts]
+
+
+class ParallelAnalysis:
+    """Analysis of large batches in worker processes: jieba is pure Python, so threads cannot share it
+    out, and a bulk load without an embedder is bound by it. The workers are plain subprocesses
+    (`analysis_worker`), not multiprocessing ones: those would fork this threaded process or re-run the
+    caller's `__main__`. They start on first use and live until `close`; any failure falls back to
+    analysing in this process."""
+
+    def __init__(self, workers: int, min_batch: int = 256) -> None:
+        self.workers = workers
+        self.min_batch = min_batch
+        self._procs: list[subprocess.Popen[str]] = []
+        self._lock = threading.Lock()
+
+    def tokens(self, products: Sequence[Product]) -> list[str]:
+        """tokens_json of each product, in order."""
+        texts = [(p.title, p.search_text()) for p in products]
+        if self.workers < 2 or len(texts) < self.min_batch:
+            return analyse_texts(texts)
+        with self._lock:
+            try:
+                procs = self._ensure_workers()
+                size = -(-len(texts) // len(procs))
+                chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
+                for proc, chunk in zip(procs, chunks, strict=False):  # every worker reads its input whole first
+                    assert proc.stdin is not None
+                    proc.stdin.write(json.dumps(chunk, ensure_ascii=False) + "\n")
+                    proc.stdin.flush()
+                out: list[str] = []
+                for proc, chunk in zip(procs, chunks, strict=False):
+                    assert proc.stdout is not None
+                    part = json.loads(proc.stdout.readline() or "null")
+                    if not isinstance(part, list) or len(part) != len(chunk):
+                        raise OSError(f"analysis worker {proc.pid} answered {type(part).__name__}")
+                    out.extend(part)
+                return out
+            except (OSError, ValueError) as exc:
+                log.warning("parallel analysis unavailable (%s); analysing in this process", exc)
+                self._stop()
+                self.workers = 0
+        return analyse_texts(texts)
+
+    def _ensure_workers(self) -> list[subprocess.Popen[str]]:
+        if not self._procs:
+            package_root = str(Path(__file__).resolve().parents[3])  # this tree, wherever it is imported from
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p),
+            }
+            for _ in range(self.workers):
+                self._procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "middleware.backends.embedded.analysis_worker"],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        text=True,
+                        encoding="utf-8",
+                        env=env,
+                    )
+                )
+        return self._procs
+
+    def _stop(self) -> None:
+        for proc in self._procs:
+            with contextlib.suppress(OSError):
+                if proc.stdin is not None:
+                    proc.stdin.close()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self._procs = []
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+
+def value_key(value: str) -> str:
+    """The brand_key / category_key term of a value: its prefix-matchable form, then the value itself."""
+    return analysis.normalize(value).casefold() + KEY_SEPARATOR + value
 
 
 class _Stamp:
@@ -407,15 +509,17 @@ class TantivyLexicalIndex:
     def _document(self, row: TextRow) -> tantivy.Document:
         doc = tantivy.Document()
         doc.add_unsigned("pk", row.pk)
-        for name in analysis.LEXICAL_FIELDS:
+        for name in (*analysis.LEXICAL_FIELDS, SUGGEST_FIELD):
             value = row.fields.get(name)
             if value:
                 doc.add_text(name, value)
         doc.add_text("id", row.id)
         if row.brand is not None:
             doc.add_text("brand", row.brand)
+            doc.add_text("brand_key", value_key(row.brand))
         for category in row.categories:
             doc.add_text("category", category)
+            doc.add_text("category_key", value_key(category))
         if row.price is not None:
             doc.add_float("price", row.price)
         doc.add_unsigned("in_stock", 1 if row.in_stock else 0)
@@ -543,7 +647,9 @@ class TantivyLexicalIndex:
         return int(self._searcher().search(query, limit=1, count=True).count)
 
     def terms_with_prefix(self, field: str, prefix: str, limit: int | None) -> list[tuple[str, int]]:
-        return [(str(t), int(c)) for t, c in self._searcher().terms_with_prefix(field, prefix, limit=limit)]
+        """(term, documents holding it), most frequent first; deleted documents are not counted."""
+        found = self._searcher().terms_with_prefix(field, prefix, filter_query=tantivy.Query.all_query(), limit=limit)
+        return [(str(t), int(c)) for t, c in found if c > 0]
 
     def num_docs(self) -> int:
         return int(self._searcher().num_docs)

@@ -18,6 +18,7 @@ snapshot callable for full builds and from `apply` for each committed write. Key
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import math
 import os
@@ -74,6 +75,27 @@ class ReadWriteLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (flock on `path`, created if missing; never replaced)."""
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _file_generation(path: Path) -> int | None:
+    """The generation an index file is stamped with; None when missing or not ours."""
+    try:
+        with open(path, "rb") as f:
+            magic, generation, _count = FAISS_HEADER.unpack(f.read(FAISS_HEADER.size))
+    except (OSError, struct.error):
+        return None
+    return int(generation) if magic == FAISS_MAGIC else None
 
 
 def _sorted_hits(ids: Iterable[int], scores: Iterable[float]) -> list[tuple[int, float]]:
@@ -213,18 +235,26 @@ class VectorIndex:
         return True
 
     def save(self) -> None:
-        """Write the index atomically (tmp + fsync + rename), stamped with its generation."""
-        if self._index is None:
-            self.path.unlink(missing_ok=True)
-            self.unsaved = 0
-            return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(FAISS_HEADER.pack(FAISS_MAGIC, self.generation, self._index.ntotal))
-            faiss.write_index(self._index, faiss.PyCallbackIOWriter(f.write))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        """Write the index atomically (tmp + fsync + rename), stamped with its generation.
+
+        Processes sharing the store (`serve --workers N`) save one at a time, under a file lock beside
+        the index, each through a tmp file of its own; a file stamped with a newer generation stays."""
+        with _file_lock(self.path.with_name(self.path.name + ".lock")):
+            on_disk = _file_generation(self.path)
+            if on_disk is not None and on_disk > self.generation:
+                self.unsaved = 0  # another process saved a later state; this one is derived again on open
+                return
+            if self._index is None:
+                self.path.unlink(missing_ok=True)
+                self.unsaved = 0
+                return
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(FAISS_HEADER.pack(FAISS_MAGIC, self.generation, self._index.ntotal))
+                faiss.write_index(self._index, faiss.PyCallbackIOWriter(f.write))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
         self.unsaved = 0
         self._last_save = time.monotonic()
 
