@@ -360,15 +360,24 @@ def measure(fn: Callable[[int], int], n_queries: int, warmup: int, cap_s: float)
     }
 
 
-def _doc_tokens(doc: Any) -> list[str]:
-    """Every lexical field's tokens, concatenated (title fields first)."""
-    return [*doc.words_title, *doc.words_body, *doc.cjk_title, *doc.cjk_body]
+def _doc_tokens(product: Any) -> list[str]:
+    """Every lexical field's tokens (`middleware.text.analyze_product`), concatenated in field order."""
+    from middleware.text import analyze_product
+
+    return [t for tokens in analyze_product(product.title, product.search_text()).values() for t in tokens]
+
+
+def _lexical_fields() -> list[str]:
+    from middleware.text import analyze_product
+
+    return list(analyze_product("a", "b"))
 
 
 def _query_tokens(text: str) -> list[str]:
-    from middleware.text import cjk_tokens, jieba_tokens
+    """The query's distinct tokens over every lexical field (`middleware.text.analyze_query`)."""
+    from middleware.text import analyze_query
 
-    return list(dict.fromkeys([*jieba_tokens(text), *cjk_tokens(text)]))
+    return list(dict.fromkeys(t for tokens in analyze_query(text).values() for t in tokens))
 
 
 def build_bm25s(docs: Sequence[list[str]]) -> Any:
@@ -517,7 +526,8 @@ def run(quick: bool, output_dir: Path) -> dict[str, Any]:
         "missing": "the original measurement's third (Chinese e-commerce) title set is not in the data folder",
         "catalog_real_share": round(min(len(titles), sizes.catalog) / sizes.catalog, 3),
         "brand_filter": BRAND_FILTER,
-        "doc_tokens": "all four lexical fields' tokens concatenated (words_title, words_body, cjk_title, cjk_body)",
+        "doc_tokens": "every lexical field's tokens (middleware.text.analyze_product) concatenated: "
+        + ", ".join(_lexical_fields()),
     }
     print(f"lexical: {len(titles):,} real titles {dict(per_set)}, {nq} queries, catalog {sizes.catalog:,}", flush=True)
     synth = TitleSynth(titles)
@@ -543,7 +553,7 @@ def run(quick: bool, output_dir: Path) -> dict[str, Any]:
         docs = [Fts5LexicalIndex.analyze(p) for p in products]
         results["analysis_s"] = round(time.perf_counter() - t0, 1)
         qtokens = [_query_tokens(q) for q in queries]
-        tokens = [_doc_tokens(d) for d in docs]
+        tokens = [_doc_tokens(p) for p in products]
 
         engines: dict[str, dict[str, Any]] = {}
         # shopsearch embedded, on the cached store (with vectors, for the hybrid cases too)
