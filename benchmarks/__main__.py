@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--quick] [--only rerank,embed,sweep,gemm,gpu,service,index] [--output DIR]`
+"""`python -m benchmarks [--quick] [--only rerank,embed,sweep,gemm,gpu,service,index,lexical] [--output DIR]`
 
 Runs every section in one process, on the same weights and inputs, and writes one JSON per section
 plus SUMMARY.md to the output directory (default benchmarks/results, or benchmarks/results/quick
@@ -17,9 +17,13 @@ from typing import Any
 
 from benchmarks import common
 
-SECTIONS = ("rerank", "gemm", "embed", "sweep", "gpu", "service", "index")
+SECTIONS = ("rerank", "gemm", "embed", "sweep", "gpu", "service", "index", "lexical")
 # sections other helpers own: module with `run(quick, output_dir) -> dict`
-EXTERNAL = {"service": "benchmarks.service_bench", "index": "benchmarks.index_bench"}
+EXTERNAL = {
+    "service": "benchmarks.service_bench",
+    "index": "benchmarks.index_bench",
+    "lexical": "benchmarks.lexical_bench",
+}
 
 log = logging.getLogger("benchmarks")
 

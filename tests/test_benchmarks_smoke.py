@@ -119,3 +119,33 @@ def test_business_bench_runs_on_a_tiny_beir_folder(tmp_path: Path) -> None:
     assert set(result["ndcg@10"]) == {"off", "relevance-first", "linear (previous)"}
     assert result["queries"] == 6 and result["ndcg@10_change_vs_off"]["off"] == 0.0
     assert all(0.0 <= v <= 1.0 for v in result["ndcg@10"].values())
+
+
+def test_lexical_report_replaces_only_its_own_section(tmp_path: Path) -> None:
+    from benchmarks.lexical_bench import write_section
+
+    path = tmp_path / "LEXICAL.md"
+    write_section(path, "## Speed\n\nfirst\n")
+    assert path.read_text() == "# Lexical engine\n\n## Speed\n\nfirst\n"
+    path.write_text("# Lexical engine\n\n## Speed\n\nold\n\n### 100k\n\nold table\n\n## Analysis\n\nkept\n")
+    write_section(path, "## Speed\n\nnew\n\n### 100k\n\nnew table\n")
+    text = path.read_text()
+    assert "old" not in text and "new table" in text
+    assert text.endswith("## Analysis\n\nkept\n") and text.count("## Speed") == 1
+
+
+def test_lexical_measure_times_every_query_after_the_warm_up_until_its_cap() -> None:
+    from benchmarks.lexical_bench import measure
+
+    calls: list[int] = []
+
+    def fn(i: int) -> int:
+        calls.append(i)
+        return i
+
+    full = measure(fn, 10, warmup=2, cap_s=60.0)
+    assert calls == [0, 1, *range(10)]
+    assert full["n"] == 10 and not full["capped"] and full["mean_hits"] == 4.5
+    assert 0 <= full["p50_ms"] <= full["p95_ms"] <= full["p99_ms"] <= full["max_ms"]
+    capped = measure(fn, 10, warmup=0, cap_s=0.0)
+    assert capped["n"] == 1 and capped["capped"] and capped["of"] == 10
