@@ -44,7 +44,9 @@ def test_bm25_on_opensearch_matches_the_embedded_store_and_reuses_its_eval_index
             assert theirs["queries"] == ours["queries"] == 6
             assert theirs["failed_queries"] == 0
             assert abs(theirs["ndcg@10"] - ours["ndcg@10"]) <= 0.05, (pool, theirs, ours)
-            assert theirs["recall@100"] == pytest.approx(ours["recall@100"])  # every match found on both
+            # the analyses differ (the embedded store stems English words and splits letters from digits;
+            # the cluster's word analyzer does neither), so each finds matches the other misses
+            assert abs(theirs["recall@100"] - ours["recall@100"]) <= 0.1, (pool, theirs, ours)
         assert "analysis variant of the embedded store" in cluster["skipped_modes"]["bm25-jieba"]
         assert cluster["settings"]["backend"] == "opensearch"
         assert client.indices.get(index=f"{shop_prefix}*", ignore_unavailable=True) == {}
