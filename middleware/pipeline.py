@@ -108,6 +108,8 @@ class Pipeline:
         if req.search_after is not None and req.from_:
             raise paging.InvalidRequest("give either search_after or from, not both", "search_after")
         default_order = not sort or (query and [(k.field, k.descending) for k in sort] == [("_score", True)])
+        if req.collapse and not (query and default_order):
+            raise paging.InvalidRequest("collapse applies to a query's ranked order (no sort, no browse)", "collapse")
         parts = _order_parts(req, query, filters, weights, sort if not default_order else [])
         if query and default_order and (req.rules or req.collapse):
             parts["merchandising"] = [self.rules.version() if req.rules else None, req.collapse]
