@@ -134,7 +134,7 @@ class Pipeline:
         else:
             head, match, floor, degraded, reranked = self._ranked_head(req, query, filters, weights, deadline, watch)
             if default_order:
-                head, shaped = self._merchandise(req, query, filters, head, watch)
+                head, shaped = self._merchandise(req, query, filters, head, watch, degraded)
                 page, listing_offset = self._ranked_page(head, match, cursor, req.size, shaped)
             else:
                 page, listing_offset = self._sorted_page(match, sort, cursor.position, req.size)
@@ -274,15 +274,26 @@ class Pipeline:
 
     # 5. merchandising rules, then collapse: after business scoring, on the ranked head, before paging
     def _merchandise(
-        self, req: SearchRequest, query: str, filters: Filters | None, head: list[Candidate], watch: Stopwatch
+        self,
+        req: SearchRequest,
+        query: str,
+        filters: Filters | None,
+        head: list[Candidate],
+        watch: Stopwatch,
+        degraded: list[str],
     ) -> tuple[list[Candidate], Merchandised]:
         shaped = Merchandised()
         t = time.perf_counter()
-        fired = merch.matching(self.rules.all(), query, req.filters) if req.rules else []
-        if fired:
-            outcome = merch.apply(head, fired, filters, self.backend.get)
-            head, shaped.actions, shaped.hidden = outcome.candidates, outcome.actions, frozenset(outcome.hidden)
-            shaped.report = outcome.report()
+        fired: list[merch.Rule] = []
+        try:
+            fired = merch.matching(self.rules.all(), query, req.filters) if req.rules else []
+            if fired:
+                outcome = merch.apply(head, fired, filters, self.backend.get)
+                head, shaped.actions, shaped.hidden = outcome.candidates, outcome.actions, frozenset(outcome.hidden)
+                shaped.report = outcome.report()
+        except Exception as err:  # an unreadable rules file or a failed pin fetch: the business order stands
+            log.warning("rules degraded: %s", redact(str(err)))
+            degraded.append("rules")
         if req.collapse:
             head, shaped.variants = merch.collapse(head)
             shaped.families = frozenset(merch.family(c) for c in head)

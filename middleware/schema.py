@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from middleware.config import BusinessSettings
 from middleware.products import MAX_QUERY_CHARS, Filters
 
-Stage = Literal["embed", "bm25", "knn", "hybrid", "rerank", "business", "facets", "highlight"]
+Stage = Literal["embed", "bm25", "knn", "hybrid", "rerank", "business", "facets", "highlight", "rules"]
 
 
 class FacetRequest(BaseModel):

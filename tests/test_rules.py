@@ -203,6 +203,10 @@ def test_rest_rules_crud_and_bad_input(tmp_path):
             r = client.put("/v1/rules/r2", json=bad)
             assert r.status_code == 400, (bad, r.text)
             assert r.json()["param"] == field, (bad, r.json())
+        collapsed = client.post("/v1/search", json={"query": "手表", "collapse": "group_id", "size": 20}).json()
+        assert sorted(h["variants"] for h in collapsed["hits"])[-1] == 3
+        refused = client.post("/v1/search", json={"query": "手表", "collapse": "group_id", "sort": [{"price": "asc"}]})
+        assert refused.status_code == 400 and refused.json()["param"] == "collapse"
         assert client.delete("/v1/rules/r1").json() == {"deleted": 1}
         assert client.delete("/v1/rules/r1").status_code == 404
         assert client.get("/v1/rules/r1").status_code == 404
@@ -235,3 +239,23 @@ def test_cli_import_dead_letters_bad_lines(tmp_path, capsys):
     assert [json.loads(x)["id"] for x in capsys.readouterr().out.splitlines()] == ["a", "c"]
     assert main(["--data-dir", str(data_dir), "rules", "delete", "a"]) == 0
     assert main(["--data-dir", str(data_dir), "rules", "delete", "a"]) == 2
+
+
+def test_collapse_outside_a_ranked_query_is_refused(env):
+    pipeline, _ = env
+    from middleware.paging import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as err:
+        pipeline.search(SearchRequest(query="手表", sort=[{"price": "asc"}], collapse="group_id"))
+    assert err.value.param == "collapse"
+    with pytest.raises(InvalidRequest):
+        pipeline.search(SearchRequest(filters=Filters(category=["手表"]), collapse="group_id"))
+
+
+def test_an_unreadable_rules_file_degrades_to_the_business_order(env):
+    pipeline, store = env
+    base = ids(search(pipeline))
+    store.path.parent.mkdir(parents=True, exist_ok=True)
+    store.path.write_text("{broken", encoding="utf-8")
+    resp = search(pipeline)
+    assert ids(resp) == base and "rules" in resp["degraded"]
