@@ -210,6 +210,10 @@ def test_rest_rules_crud_and_bad_input(tmp_path):
         assert client.delete("/v1/rules/r1").json() == {"deleted": 1}
         assert client.delete("/v1/rules/r1").status_code == 404
         assert client.get("/v1/rules/r1").status_code == 404
+        rules_path(tmp_path / "store").write_text("{broken", encoding="utf-8")
+        broken = client.get("/v1/rules")
+        assert broken.status_code == 500 and "rules file" in broken.json()["message"]
+        assert client.post("/v1/search", json={"query": "手表"}).json()["degraded"] == ["rules"]
     backend.close()
 
 

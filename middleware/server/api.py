@@ -312,17 +312,26 @@ def _rule_store(state: ServiceState) -> merch.RuleStore:
     return state.base.rules
 
 
+async def _on_rules(fn: Any, *args: Any) -> Any:
+    """A rule store call off the event loop; an unreadable rules file is a 500 naming it, not a traceback."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except (OSError, ValueError) as err:
+        message = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        raise ApiError(500, f"the rules file cannot be read or written: {message}") from None
+
+
 @router.get("/v1/rules", tags=["rules"])
 async def list_rules(request: Request) -> dict[str, Any]:
     """Every merchandising rule, in id order (disabled and out-of-window ones included)."""
     store = _rule_store(get_state(request))
-    rules = await asyncio.to_thread(store.all)
+    rules = await _on_rules(store.all)
     return {"rules": [r.model_dump(mode="json") for r in rules]}
 
 
 @router.get("/v1/rules/{rule_id}", tags=["rules"])
 async def get_rule(rule_id: str, request: Request) -> dict[str, Any]:
-    rule = await asyncio.to_thread(_rule_store(get_state(request)).get, rule_id)
+    rule = await _on_rules(_rule_store(get_state(request)).get, rule_id)
     if rule is None:
         raise ApiError(404, f"no rule with id {rule_id[:200]!r}", param="rule_id", location="path")
     return rule.model_dump(mode="json")
@@ -342,10 +351,10 @@ async def put_rule(rule_id: str, request: Request, body: Any = Body(...)) -> dic
     except ValidationError as err:
         name, message = merch.rule_error(err)
         raise ApiError(400, f"{name}: {message}", param=name) from None
-    try:
-        await asyncio.to_thread(_rule_store(state).put, [rule])
-    except ValueError as err:
-        raise ApiError(400, str(err), param="rule") from None
+    store = _rule_store(state)
+    if len(await _on_rules(store.all)) >= merch.MAX_RULES and await _on_rules(store.get, rule_id) is None:
+        raise ApiError(400, f"at most {merch.MAX_RULES} rules", param="rule")
+    await _on_rules(store.put, [rule])
     return {"rule": rule.model_dump(mode="json")}
 
 
@@ -353,7 +362,7 @@ async def put_rule(rule_id: str, request: Request, body: Any = Body(...)) -> dic
 async def delete_rule(rule_id: str, request: Request) -> dict[str, Any]:
     state = get_state(request)
     _writes_enabled(state)
-    if not await asyncio.to_thread(_rule_store(state).delete, rule_id):
+    if not await _on_rules(_rule_store(state).delete, rule_id):
         raise ApiError(404, f"no rule with id {rule_id[:200]!r}", param="rule_id", location="path")
     return {"deleted": 1}
 
