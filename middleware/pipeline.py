@@ -1,4 +1,4 @@
-"""The query path, top to bottom: retrieve → fuse → rerank → business score → respond.
+"""The query path, top to bottom: retrieve → fuse → rerank → business score → rules, collapse → respond.
 
 Every stage is a small module; this file only wires them and owns the request's time budget.
 A stage that fails or runs out of budget is listed in `degraded` and the previous order stands.
@@ -14,8 +14,10 @@ import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from middleware import business, caps, fusion, paging, storefront
+from middleware import rules as merch
 from middleware.backends.base import Backend, MatchSet, SortKey
 from middleware.budget import Deadline, Stopwatch
 from middleware.config import BusinessSettings, Settings
@@ -43,8 +45,11 @@ class Pipeline:
         gpu: bool = False,
         stage_workers: int = 8,
         owns_backend: bool = True,
+        rules: merch.RuleStore | None = None,
     ) -> None:
         self.settings = settings
+        # merchandising rules: <data_dir>/rules.json, shared by every pipeline over this data directory
+        self.rules = rules if rules is not None else merch.RuleStore(merch.rules_path(settings.data_dir))
         self.backend = backend
         self.embedder = embedder
         self.reranker = reranker
@@ -71,6 +76,7 @@ class Pipeline:
             reranker,
             stage_workers=stage_workers,
             owns_backend=False,
+            rules=self.rules,
         )
         derived.default_rerank_k = self.default_rerank_k
         return derived
@@ -102,7 +108,12 @@ class Pipeline:
         if req.search_after is not None and req.from_:
             raise paging.InvalidRequest("give either search_after or from, not both", "search_after")
         default_order = not sort or (query and [(k.field, k.descending) for k in sort] == [("_score", True)])
-        key = paging.query_key(_order_parts(req, query, filters, weights, sort if not default_order else []))
+        if req.collapse and not (query and default_order):
+            raise paging.InvalidRequest("collapse applies to a query's ranked order (no sort, no browse)", "collapse")
+        parts = _order_parts(req, query, filters, weights, sort if not default_order else [])
+        if query and default_order and (req.rules or req.collapse):
+            parts["merchandising"] = [self.rules.version() if req.rules else None, req.collapse]
+        key = paging.query_key(parts)
         mark: str | None = None
         cursor = paging.Cursor(position=req.from_, listing_offset=0)
         if req.search_after is not None:
@@ -112,6 +123,7 @@ class Pipeline:
         degraded: list[str] = []
         reranked = 0
         floor: float | None = None
+        shaped = Merchandised()
         if not query:  # a category page: the business order, or the requested one
             match = MatchSet(text=None, filters=filters)
             if sort:
@@ -122,7 +134,8 @@ class Pipeline:
         else:
             head, match, floor, degraded, reranked = self._ranked_head(req, query, filters, weights, deadline, watch)
             if default_order:
-                page, listing_offset = self._ranked_page(head, match, cursor, req.size)
+                head, shaped = self._merchandise(req, query, filters, head, watch, degraded)
+                page, listing_offset = self._ranked_page(head, match, cursor, req.size, shaped)
             else:
                 page, listing_offset = self._sorted_page(match, sort, cursor.position, req.size)
 
@@ -139,7 +152,7 @@ class Pipeline:
         if page and len(page) == req.size and (relation == "gte" or reached < total):
             mark = mark or paging.store_mark(self.backend.stats())
             next_cursor = paging.encode_cursor(key, mark, paging.Cursor(reached, listing_offset))
-        hits = [_hit(c, req.explain, floor) for c in page]
+        hits = [_hit(c, req.explain, floor, shaped) for c in page]
 
         # storefront: highlighted fragments of the page, and the facets
         self._highlight(req, query, hits, watch, degraded)
@@ -154,6 +167,7 @@ class Pipeline:
             degraded=degraded,
             reranked=reranked,
             facets=facets,
+            rules_report=shaped.report,
         )
         resp._match = match
         return resp
@@ -258,15 +272,48 @@ class Pipeline:
         restricted = (filters or Filters()).model_copy(update={"ids": ids})
         return {c.id for c in self.backend.listing(MatchSet(text=query, filters=restricted), [], 0, len(ids))}
 
+    # 5. merchandising rules, then collapse: after business scoring, on the ranked head, before paging
+    def _merchandise(
+        self,
+        req: SearchRequest,
+        query: str,
+        filters: Filters | None,
+        head: list[Candidate],
+        watch: Stopwatch,
+        degraded: list[str],
+    ) -> tuple[list[Candidate], Merchandised]:
+        shaped = Merchandised()
+        t = time.perf_counter()
+        fired: list[merch.Rule] = []
+        try:
+            fired = merch.matching(self.rules.all(), query, req.filters) if req.rules else []
+            if fired:
+                outcome = merch.apply(head, fired, filters, self.backend.get)
+                head, shaped.actions, shaped.hidden = outcome.candidates, outcome.actions, frozenset(outcome.hidden)
+                shaped.report = outcome.report()
+        except Exception as err:  # an unreadable rules file or a failed pin fetch: the business order stands
+            log.warning("rules degraded: %s", redact(str(err)))
+            degraded.append("rules")
+        if req.collapse:
+            head, shaped.variants = merch.collapse(head)
+            shaped.families = frozenset(merch.family(c) for c in head)
+        if fired or req.collapse:
+            watch.record("rules", t)
+        return head, shaped
+
     def _ranked_page(
-        self, head: list[Candidate], match: MatchSet, cursor: paging.Cursor, size: int
+        self, head: list[Candidate], match: MatchSet, cursor: paging.Cursor, size: int, shaped: Merchandised
     ) -> tuple[list[Candidate], int]:
-        """Positions [cursor.position, + size) of head-then-lexical-tail; the tail's resume offset."""
+        """Positions [cursor.position, + size) of head-then-lexical-tail; the tail's resume offset.
+        The tail leaves out hidden products and, collapsed, the families the head already shows."""
         page = head[cursor.position : cursor.position + size]
         offset = cursor.listing_offset
         if len(page) < size and match.text:
             skip = max(0, cursor.position - len(head)) if offset == 0 else 0
-            tail = paging.walk(self.backend, match, paging.SCORE_ORDER, offset, frozenset(c.id for c in head))
+            seen = frozenset(c.id for c in head) | shaped.hidden
+            tail = paging.walk(self.backend, match, paging.SCORE_ORDER, offset, seen)
+            if shaped.families is not None:
+                tail = ((o, c) for o, c in tail if merch.family(c) not in shaped.families)
             for offset, cand in tail:  # noqa: B007 (the offset after the last row taken resumes the walk)
                 if skip:
                     skip -= 1
@@ -387,6 +434,17 @@ class Pipeline:
             self.backend.close()
 
 
+@dataclass
+class Merchandised:
+    """What the rules and collapse stage did: per-hit actions and variant counts, the report, hidden ids."""
+
+    actions: dict[str, list[str]] = field(default_factory=dict)
+    variants: dict[str, int] = field(default_factory=dict)
+    hidden: frozenset[str] = frozenset()
+    families: frozenset[str] | None = None  # collapsed: the families the head shows
+    report: dict | None = None
+
+
 def _with_stock_filter(filters: Filters | None, only_in_stock: bool) -> Filters | None:
     if not only_in_stock:
         return filters
@@ -417,11 +475,14 @@ def _order_parts(
     }
 
 
-def _hit(c: Candidate, explain: bool, floor: float | None = None) -> Hit:
+def _hit(c: Candidate, explain: bool, floor: float | None = None, shaped: Merchandised | None = None) -> Hit:
     product = c.product.model_dump(mode="json") if c.product is not None else {"id": c.id}
+    actions = shaped.actions.get(c.id) if shaped is not None else None
+    variants = shaped.variants.get(c.id) if shaped is not None and shaped.families is not None else None
     return Hit(
         id=c.id,
         score=_score(c),
         product=product,
-        explain=Explanation(**c.scores(), ranks=dict(c.ranks), knn_floor=floor) if explain else None,
+        explain=Explanation(**c.scores(), ranks=dict(c.ranks), knn_floor=floor, rules=actions) if explain else None,
+        variants=variants,
     )

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from middleware.config import BusinessSettings
 from middleware.products import MAX_QUERY_CHARS, Filters
 
-Stage = Literal["embed", "bm25", "knn", "hybrid", "rerank", "business", "facets", "highlight"]
+Stage = Literal["embed", "bm25", "knn", "hybrid", "rerank", "business", "facets", "highlight", "rules"]
 
 
 class FacetRequest(BaseModel):
@@ -65,6 +65,8 @@ class SearchRequest(BaseModel):
     # False: facets count under every filter (OpenSearch's aggs without post_filter)
     disjunctive_facets: bool = True
     highlight: bool | HighlightRequest = False
+    rules: bool = True  # False: merchandising rules off (to compare)
+    collapse: Literal["group_id"] | None = None  # one hit per product family (attributes.group_id)
 
 
 class Explanation(BaseModel):
@@ -81,6 +83,7 @@ class Explanation(BaseModel):
     final: float | None = None
     ranks: dict[str, int] = Field(default_factory=dict)
     knn_floor: float | None = None  # the similarity a vector hit had to reach to match
+    rules: list[str] | None = None  # what merchandising rules did to this hit: "pin:r1 position 1", "boost:r2 x1.5"
 
 
 class Hit(BaseModel):
@@ -89,6 +92,7 @@ class Hit(BaseModel):
     product: dict[str, Any]
     explain: Explanation | None = None
     highlight: dict[str, list[str]] | None = None  # field -> fragments, when asked for and matched
+    variants: int | None = None  # with collapse: products of this hit's family among the ranked candidates
 
 
 class ValueBucket(BaseModel):
@@ -134,5 +138,7 @@ class SearchResponse(BaseModel):
     degraded: list[str] = Field(default_factory=list)
     reranked: int = 0  # how many of the candidates the reranker scored
     facets: dict[str, list[ValueBucket] | list[RangeBucket] | StatsResult] | None = None
+    # the merchandising rules that fired, and pins not placed ({"rule", "id", "reason"}); None: none fired
+    rules_report: dict[str, Any] | None = None
     # the set `facets` counted (the proxy's aggregations count over it too); not serialised
     _match: Any = PrivateAttr(default=None)

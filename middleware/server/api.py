@@ -1,4 +1,5 @@
-"""REST API for storefront backends: /v1/search, /v1/suggest, /v1/rerank, /v1/embed, products, health, metrics."""
+"""REST API for storefront backends: /v1/search, /v1/suggest, /v1/rerank, /v1/embed, products, rules, health,
+metrics."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import time
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from middleware import rules as merch
 from middleware import storefront
 from middleware.backends.base import EmbedderMismatch
 from middleware.products import MAX_DESCRIPTION_CHARS, MAX_QUERY_CHARS, Product, SignalUpdate
@@ -231,7 +233,7 @@ async def embed(body: EmbedBody, request: Request) -> EmbedResponse:
 
 def _writes_enabled(state: ServiceState) -> None:
     if not state.settings.server.enable_writes:
-        raise ApiError(403, "product writes are disabled (server.enable_writes)", os_type="security_exception")
+        raise ApiError(403, "writes are disabled (server.enable_writes)", os_type="security_exception")
 
 
 class ProductsBody(BaseModel):
@@ -301,6 +303,68 @@ async def update_signals(body: SignalsBody, request: Request) -> dict[str, Any]:
     _writes_enabled(state)
     missing = await state.admitted(state.base.backend.update_signals, body.updates, bounded=False)
     return {"updated": len(body.updates) - len(missing), "not_found": missing}
+
+
+# ------------------------------------------------------------------------------------------- rules
+
+
+def _rule_store(state: ServiceState) -> merch.RuleStore:
+    return state.base.rules
+
+
+async def _on_rules(fn: Any, *args: Any) -> Any:
+    """A rule store call off the event loop; an unreadable rules file is a 500 naming it, not a traceback."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except (OSError, ValueError) as err:
+        message = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        raise ApiError(500, f"the rules file cannot be read or written: {message}") from None
+
+
+@router.get("/v1/rules", tags=["rules"])
+async def list_rules(request: Request) -> dict[str, Any]:
+    """Every merchandising rule, in id order (disabled and out-of-window ones included)."""
+    store = _rule_store(get_state(request))
+    rules = await _on_rules(store.all)
+    return {"rules": [r.model_dump(mode="json") for r in rules]}
+
+
+@router.get("/v1/rules/{rule_id}", tags=["rules"])
+async def get_rule(rule_id: str, request: Request) -> dict[str, Any]:
+    rule = await _on_rules(_rule_store(get_state(request)).get, rule_id)
+    if rule is None:
+        raise ApiError(404, f"no rule with id {rule_id[:200]!r}", param="rule_id", location="path")
+    return rule.model_dump(mode="json")
+
+
+@router.put("/v1/rules/{rule_id}", tags=["rules"])
+async def put_rule(rule_id: str, request: Request, body: Any = Body(...)) -> dict[str, Any]:  # noqa: B008
+    """Create or replace a rule (the path names it; a body `id` must agree). Off unless server.enable_writes."""
+    state = get_state(request)
+    _writes_enabled(state)
+    if not isinstance(body, dict):
+        raise ApiError(400, "a rule is a JSON object", param="rule")
+    if "id" in body and body["id"] != rule_id:
+        raise ApiError(400, f"the body's id {str(body['id'])[:200]!r} differs from the path's", param="id")
+    try:
+        rule = merch.Rule.model_validate({**body, "id": rule_id})
+    except ValidationError as err:
+        name, message = merch.rule_error(err)
+        raise ApiError(400, f"{name}: {message}", param=name) from None
+    store = _rule_store(state)
+    if len(await _on_rules(store.all)) >= merch.MAX_RULES and await _on_rules(store.get, rule_id) is None:
+        raise ApiError(400, f"at most {merch.MAX_RULES} rules", param="rule")
+    await _on_rules(store.put, [rule])
+    return {"rule": rule.model_dump(mode="json")}
+
+
+@router.delete("/v1/rules/{rule_id}", tags=["rules"])
+async def delete_rule(rule_id: str, request: Request) -> dict[str, Any]:
+    state = get_state(request)
+    _writes_enabled(state)
+    if not await _on_rules(_rule_store(state).delete, rule_id):
+        raise ApiError(404, f"no rule with id {rule_id[:200]!r}", param="rule_id", location="path")
+    return {"deleted": 1}
 
 
 # -------------------------------------------------------------------------------------- operations
