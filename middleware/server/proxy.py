@@ -32,6 +32,7 @@ from middleware.server.state import ServiceState, get_state
 from middleware.server.translate import (
     Translated,
     Unsupported,
+    count_request,
     json_depth_ok,
     names_local_index,
     parse_index_expression,
@@ -180,6 +181,9 @@ async def _extras(state: ServiceState, resp: SearchResponse | None, translated: 
     backend = state.base.backend
     if translated.aggs is not None:
         match = resp._match if resp is not None else None
+        if translated.agg_request is not None:  # post_filter narrowed the hits, not the aggregations
+            whole = None if translated.agg_matches_nothing else await state.search(translated.agg_request)
+            match = whole._match if whole is not None else None
         out["aggregations"] = await state.admitted(run_aggs, backend, match, translated.aggs)
     if translated.suggest is not None:
         out["suggest"] = await state.admitted(suggest_section, backend, state.popular, translated.suggest)
@@ -300,13 +304,20 @@ async def count(index: str, request: Request) -> Response:
     path = _index_path(names, "_count")
     if not (_answers_locally(state) and _local_names(state, names)):
         return await _forward_or(state, request, path, raw, _no_index(names))
+    if body is not None and not isinstance(body, dict):
+        raise ApiError(400, "the count body must be a JSON object", os_type="parse_exception")
     plain = isinstance(body, dict) and set(body) <= {"query"} and body.get("query") in (None, {"match_all": {}})
-    counts_everything = "q" not in request.query_params and (body is None or plain)
-    if not counts_everything:
-        missing = ApiError(400, "the embedded backend counts every product only (match_all)", param="query")
+    shards = {"total": 1, "successful": 1, "skipped": 0, "failed": 0}
+    if "q" not in request.query_params and (body is None or plain) and not request.query_params:
+        total = await state.admitted(state.base.backend.count)
+        return JSONResponse({"count": total, "_shards": shards})
+    try:
+        translated = count_request(body, _params(request), state.settings.server)
+    except Unsupported as why:
+        missing = ApiError(400, f"{why}; no upstream OpenSearch configured (server.upstream_url)")
         return await _forward_or(state, request, path, raw, missing)
-    total = await state.admitted(state.base.backend.count)
-    return JSONResponse({"count": total, "_shards": {"total": 1, "successful": 1, "skipped": 0, "failed": 0}})
+    resp = None if translated.matches_nothing else await state.search(_within_deadline_cap(state, translated.request))
+    return JSONResponse({"count": resp.total if resp is not None else 0, "_shards": shards})
 
 
 def _doc_answer(index: str, doc_id: str, product: dict[str, Any] | None, source_filter: Any) -> dict:
