@@ -16,10 +16,28 @@ from tests.test_server_support import make_app, server_models
 __all__ = ["server_models"]  # fixture, imported for pytest
 
 CATALOG = [
-    Product(id="shoe", title="running shoes", brand="Acme", category=["shoes"], price=80, stock=5, sales=10),
+    Product(
+        id="shoe",
+        title="running shoes",
+        description="light shoes for running",
+        brand="Acme",
+        category=["shoes"],
+        price=80,
+        stock=5,
+        sales=10,
+    ),
     Product(id="boot", title="leather boots", brand="running", category=["shoes"], price=120, stock=2, sales=3),
     Product(id="sock", title="wool socks", brand="Acme", category=["socks"], price=9, stock=0, sales=50),
-    Product(id="cap", title="running cap", brand="Peak", category=["hats"], price=25, stock=9, sales=1),
+    Product(
+        id="cap",
+        title="running cap",
+        description="a cap for the sun",
+        brand="Peak",
+        category=["hats"],
+        price=25,
+        stock=9,
+        sales=1,
+    ),
     Product(id="tee", title="cotton tee", brand="Peak", category=["shirts"], price=15, stock=4, sales=7),
 ]
 PRICES = {p.id: p.price for p in CATALOG}
@@ -132,27 +150,66 @@ def test_text_search_with_default_options_is_answered(client):
     assert "shoe" in ids(answer) or "cap" in ids(answer)
 
 
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({"match": {"title": {"query": "running shoes", "operator": "and"}}}, ["shoe"]),
+        ({"match": {"title": {"query": "running shoes"}}}, None),  # any word, or by meaning: a superset
+        ({"match": {"description": {"query": "running shoes", "operator": "AND"}}}, ["shoe"]),
+        ({"multi_match": {"query": "cap sun", "fields": ["title", "description"], "operator": "and"}}, ["cap"]),
+        ({"multi_match": {"query": "cap sun", "fields": ["title"], "operator": "and"}}, []),
+        ({"multi_match": {"query": "shoes leather", "fields": ["title", "description"], "operator": "and",
+                          "type": "cross_fields"}}, []),
+        ({"match": {"title": {"query": "running wool cap", "minimum_should_match": 2}}}, ["cap"]),
+        ({"match": {"title": {"query": "running wool cap", "minimum_should_match": "-1"}}}, ["cap"]),
+        ({"match": {"title": {"query": "running wool cap", "minimum_should_match": "100%"}}}, []),
+        ({"match_phrase": {"title": "running shoes"}}, ["shoe"]),
+        ({"match_phrase": {"title": "shoes running"}}, []),
+        ({"match_phrase": {"description": "shoes for running"}}, ["shoe"]),
+        ({"multi_match": {"query": "running cap", "type": "phrase", "fields": ["title"]}}, ["cap"]),
+        ({"match_phrase_prefix": {"title": "running sh"}}, ["shoe"]),
+        ({"match_phrase_prefix": {"title": "woo"}}, ["sock"]),
+        ({"prefix": {"title": "runn"}}, ["cap", "shoe"]),
+        ({"prefix": {"title": {"value": "leath"}}}, ["boot"]),
+        ({"match": {"title": {"query": "runing", "fuzziness": "AUTO"}}}, ["cap", "shoe"]),
+        ({"match": {"title": {"query": "sox", "fuzziness": 1}}}, []),
+        ({"match": {"title": {"query": "sockz", "fuzziness": 1}}}, ["sock"]),
+        ({"bool": {"must": {"match_phrase": {"title": "running"}}, "filter": {"term": {"brand": "Peak"}}}}, ["cap"]),
+    ],
+)  # fmt: skip
+def test_lexical_requirements_keep_opensearch_meaning(client, query, expected):
+    answer = search(client, {"query": query, "size": 10})
+    found = sorted(ids(answer))
+    if expected is None:
+        assert {"shoe", "cap"} <= set(found)
+        return
+    assert found == expected and answer["hits"]["total"]["value"] == len(expected)
+    counted = client.post("/products/_count", json={"query": query}).json()["count"]
+    assert counted == len(expected)
+
+
 # ------------------------------------------------------------------------------------------ refused
 
 
 @pytest.mark.parametrize(
     ("body", "params", "named"),
     [
-        ({"query": {"match": {"title": {"query": "running shoes", "operator": "and"}}}}, {},
-         "query.match.title.operator"),
-        ({"query": {"match": {"title": {"query": "a b c", "minimum_should_match": 2}}}}, {},
-         "query.match.title.minimum_should_match"),
-        ({"query": {"match": {"title": {"query": "runing", "fuzziness": "AUTO"}}}}, {},
-         "query.match.title.fuzziness"),
         ({"query": {"match": {"title": {"query": "x", "frobnicate": 1}}}}, {}, "query.match.title.frobnicate"),
         ({"query": {"match": {"title": {"query": "x", "_name": "n"}}}}, {}, "query.match.title._name"),
-        ({"query": {"match_phrase": {"title": "running shoes"}}}, {}, "query.match_phrase"),
-        ({"query": {"match_phrase_prefix": {"title": "runn"}}}, {}, "query.match_phrase_prefix"),
-        ({"query": {"prefix": {"title": "runn"}}}, {}, "query.prefix"),
-        ({"query": {"match": {"color": "red"}}}, {}, "query.match[0]"),
+        ({"query": {"match": {"color": "red"}}}, {}, "query.match.color"),
+        ({"query": {"match": {"title": {"query": "x", "fuzziness": 1, "operator": "and"}}}}, {},
+         "query.match.title.operator"),
+        ({"query": {"match": {"description": {"query": "runing", "fuzziness": 1}}}}, {},
+         "query.match.description.fuzziness"),
+        ({"query": {"match_phrase": {"title": {"query": "running shoes", "slop": 2}}}}, {},
+         "query.match_phrase.title.slop"),
+        ({"query": {"prefix": {"description": "sh"}}}, {}, "query.prefix.description"),
+        ({"query": {"multi_match": {"query": "x", "type": "bool_prefix"}}}, {}, "query.multi_match.type"),
+        ({"query": {"bool": {"should": [{"match": {"title": {"query": "a b", "operator": "and"}}},
+                                        {"match": {"title": "c"}}]}}}, {},
+         "query.bool.should[0].match.title.operator"),
         ({"query": {"multi_match": {"query": "x", "fields": ["title", "attributes.color"]}}}, {},
          "query.multi_match.fields[1]"),
-        ({"query": {"multi_match": {"query": "x", "type": "phrase"}}}, {}, "query.multi_match.type"),
         ({"query": {"query_string": {"query": "running AND shoes"}}}, {}, "query.query_string.query"),
         ({"query": {"bool": {"must": {"match": {"title": "x"}}, "must_not": {"term": {"brand": "Acme"}}}}}, {},
          "query.bool.must_not"),
@@ -168,7 +225,7 @@ def test_text_search_with_default_options_is_answered(client):
         ({"query": {"match_all": {}}}, {"scroll": "1m"}, "scroll"),
         ({"query": {"match_all": {}}}, {"typed_keys": "true"}, "typed_keys"),
         ({"query": {"match_all": {}}, "sort": [{"title": "asc"}]}, {}, "sort"),
-        ({"query": {"match_all": {}}, "post_filter": {"prefix": {"title": "r"}}}, {}, "post_filter.prefix"),
+        ({"query": {"match_all": {}}, "post_filter": {"wildcard": {"title": "r*"}}}, {}, "post_filter.wildcard"),
     ],
 )  # fmt: skip
 def test_clauses_not_answered_are_refused_by_name(client, body, params, named):
@@ -179,8 +236,8 @@ def test_clauses_not_answered_are_refused_by_name(client, body, params, named):
 
 
 def test_count_refuses_what_it_cannot_count(client):
-    r = client.post("/products/_count", json={"query": {"match_phrase": {"title": "running shoes"}}})
-    assert r.status_code == 400 and "[query.match_phrase]" in r.json()["error"]["reason"]
+    r = client.post("/products/_count", json={"query": {"wildcard": {"title": "run*"}}})
+    assert r.status_code == 400 and "[query.wildcard]" in r.json()["error"]["reason"]
     r = client.post("/products/_count", json={"query": {"match_all": {}}, "min_score": 1})
     assert r.status_code == 400 and "[min_score]" in r.json()["error"]["reason"]
 

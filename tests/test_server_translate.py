@@ -66,7 +66,8 @@ def test_filters_come_from_bool_filter():
 
 
 def test_strict_price_bounds_exclude_the_bound_itself():
-    f = tr({"query": {"bool": {"must": {"match": {"title": "x"}}, "filter": {"range": {"price": {"gt": 10, "lt": 20}}}}}})
+    price = {"range": {"price": {"gt": 10, "lt": 20}}}
+    f = tr({"query": {"bool": {"must": {"match": {"title": "x"}}, "filter": price}}})
     filters = f.request.filters
     assert filters is not None
     assert filters.price_min == math.nextafter(10, math.inf) and filters.price_max == math.nextafter(20, -math.inf)

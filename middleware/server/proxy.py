@@ -13,6 +13,7 @@ Errors use OpenSearch's shape: {"error": {"root_cause", "type", "reason"}, "stat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,10 +25,12 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from middleware import __version__
+from middleware.products import Filters
 from middleware.schema import SearchRequest, SearchResponse
 from middleware.server.aggs import run_aggs, suggest_section
 from middleware.server.errors import ApiError
 from middleware.server.limits import capped_deadline_ms
+from middleware.server.requirements import allowed_ids
 from middleware.server.state import ServiceState, get_state
 from middleware.server.translate import (
     Translated,
@@ -166,6 +169,7 @@ async def search(index: str, request: Request) -> Response:
     if not _local_names(state, names):
         return await _forward_or(state, request, _index_path(names, "_search"), raw, _no_index(names))
 
+    translated = await _resolved(state, translated)
     req = translated.request
     req = _within_deadline_cap(state, req)
     resp: SearchResponse | None = None
@@ -173,6 +177,29 @@ async def search(index: str, request: Request) -> Response:
         resp = await state.search(req)
     extras = await _extras(state, resp, translated)
     return _search_answer(state, resp, translated, index=server.index_name, started=started, extras=extras)
+
+
+async def _resolved(state: ServiceState, translated: Translated) -> Translated:
+    """Lexical requirements (operator and, phrases, prefixes, fuzziness) as the ids the search may return."""
+    backend = state.base.backend
+
+    async def narrowed(req: SearchRequest, requirements: list[Any], nothing: bool) -> tuple[SearchRequest, bool]:
+        if not requirements or nothing:
+            return req, nothing
+        ids = await state.admitted(allowed_ids, backend, requirements, req.filters)
+        if not ids:
+            return req, True
+        base = req.filters if req.filters is not None else Filters()
+        return req.model_copy(update={"filters": base.model_copy(update={"ids": ids})}), False
+
+    request, nothing = await narrowed(translated.request, translated.requirements, translated.matches_nothing)
+    update: dict[str, Any] = {"request": request, "matches_nothing": nothing, "requirements": []}
+    if translated.agg_request is not None:
+        agg, agg_nothing = await narrowed(
+            translated.agg_request, translated.agg_requirements, translated.agg_matches_nothing
+        )
+        update |= {"agg_request": agg, "agg_matches_nothing": agg_nothing}
+    return dataclasses.replace(translated, **update)
 
 
 async def _extras(state: ServiceState, resp: SearchResponse | None, translated: Translated) -> dict[str, Any]:
@@ -267,6 +294,7 @@ async def _msearch(request: Request, index: str | None) -> Response:
             translated = translate_search(
                 body, {}, server, default_deadline_ms=capped_deadline_ms(state.settings, None)
             )
+            translated = await _resolved(state, translated)
             translated.request = _within_deadline_cap(state, translated.request)
             plans.append((names, translated if _local_names(state, names) else Unsupported("not the local index")))
         except (ApiError, Unsupported) as err:
@@ -316,6 +344,7 @@ async def count(index: str, request: Request) -> Response:
     except Unsupported as why:
         missing = ApiError(400, f"{why}; no upstream OpenSearch configured (server.upstream_url)")
         return await _forward_or(state, request, path, raw, missing)
+    translated = await _resolved(state, translated)
     resp = None if translated.matches_nothing else await state.search(_within_deadline_cap(state, translated.request))
     return JSONResponse({"count": resp.total if resp is not None else 0, "_shards": shards})
 

@@ -24,8 +24,9 @@ from middleware.products import MAX_QUERY_CHARS, Filters
 from middleware.schema import HighlightRequest, SearchRequest, SearchResponse
 from middleware.server.aggs import Agg, CompletionSuggest, Unsupported, parse_aggs, parse_highlight, parse_suggest
 from middleware.server.errors import ApiError
+from middleware.server.requirements import FIELD_TEXT, Kind, Requirement, words
 
-TEXT_QUERIES = ("match", "match_phrase", "multi_match", "query_string", "simple_query_string")
+TEXT_QUERIES = ("match", "match_phrase", "match_phrase_prefix", "multi_match", "query_string", "simple_query_string")
 # keys refused unless passing scripts through is enabled: each runs code on the cluster
 SCRIPT_KEYS = frozenset(
     {"script", "script_score", "script_fields", "scripted_metric", "_script", "runtime_mappings", "stored_script"}
@@ -191,6 +192,7 @@ class _FilterBuilder:
         self.price_max: float | None = None
         self.in_stock: bool | None = None
         self.contradiction = False  # clauses no product can satisfy
+        self.requirements: list[Requirement] = []  # lexical requirements: resolved to ids before searching
 
     def any_of(self, name: str, values: list[Any]) -> None:
         found = {str(v) for v in values}
@@ -250,6 +252,9 @@ def _add_filter(builder: _FilterBuilder, clause: Any, where: str) -> None:
             raise ApiError(400, "needs a filter", param=path)
         _only(spec, {"boost", "filter"}, path)
         _add_filter(builder, spec["filter"], f"{path}.filter")
+        return
+    if kind == "prefix":
+        _add_prefix(builder, spec, where)
         return
     if kind == "match":
         name, value = _single(spec, kind, where)
@@ -394,35 +399,98 @@ def _is_text_clause(clause: Any) -> bool:
     return kind in TEXT_QUERIES
 
 
-def _check_options(options: Mapping[str, Any], allowed: set[str], path: str) -> None:
-    """Every option is known and, where it changes the match set, at its OpenSearch default."""
+def _check_options(options: Mapping[str, Any], allowed: set[str], path: str) -> dict[str, Any]:
+    """Every option is known; returns those that make a lexical requirement (operator and,
+    minimum_should_match, fuzziness) for `_requirement`."""
+    wanted: dict[str, Any] = {}
     for key, value in options.items():
         here = f"{path}.{key}"
         if key in allowed or key in RANKING_ONLY or key in FUZZY_TUNING:
             continue
         if key in ("operator", "default_operator"):
-            if isinstance(value, str) and value.lower() == "or":
+            if isinstance(value, str) and value.lower() in ("or", "and"):
+                if value.lower() == "and":
+                    wanted["operator"] = here
                 continue
-            raise _refuse(here, "operator AND is not answered by the pipeline (it matches any term, or by meaning)")
+            raise ApiError(400, "must be or / and", param=here)
         if key == "minimum_should_match":
-            if value in (1, "1", "1%", "0", 0, "0%"):
-                continue
-            raise _refuse(here, "minimum_should_match is not answered by the pipeline")
+            if value not in (1, "1", "0", 0, "0%"):
+                wanted["minimum_should_match"] = (here, value)
+            continue
         if key == "fuzziness":
+            if value not in (0, "0"):
+                wanted["fuzziness"] = (here, value)
+            continue
+        if key == "slop":
             if value in (0, "0"):
                 continue
-            raise _refuse(here, "fuzziness is not answered by the pipeline")
+            raise _refuse(here, "phrase slop is not answered by the pipeline")
         if key == "zero_terms_query":
             if value == "none":
                 continue
             raise _refuse(here, "zero_terms_query other than none is not answered by the pipeline")
         if key == "type":
-            if value in ("best_fields", "most_fields", "cross_fields"):
+            if value in ("best_fields", "most_fields", "cross_fields", "phrase", "phrase_prefix"):
                 continue
             raise _refuse(here, f"multi_match type [{str(value)[:40]}] is not answered by the pipeline")
         if key == "_name":
             raise _refuse(here, "named queries (matched_queries) are not answered by the pipeline")
         raise _refuse(here, f"option [{key}] is not answered by the pipeline")
+    if len(wanted) > 1:
+        second = sorted(wanted)[1]
+        where = wanted[second] if isinstance(wanted[second], str) else wanted[second][0]
+        raise _refuse(where, f"[{second}] together with [{sorted(wanted)[0]}] is not answered by the pipeline")
+    return wanted
+
+
+def _minimum(value: Any, text: str, here: str) -> int:
+    """minimum_should_match as a count of the text's distinct words (OpenSearch's integer, negative, percent)."""
+    count = len(set(words(text)))
+    raw = str(value).strip()
+    try:
+        if raw.endswith("%"):
+            share = float(raw[:-1])
+            n = int(count * share / 100) if share >= 0 else count - int(count * -share / 100)
+        else:
+            n = int(raw)
+            n = n if n >= 0 else count + n
+    except ValueError:
+        raise _refuse(here, "minimum_should_match combinations are not answered by the pipeline") from None
+    return max(n, 1)
+
+
+def _fields_of(names: list[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for name in names:
+        out.extend(FIELD_TEXT[name.split("^", 1)[0]])
+    return tuple(dict.fromkeys(out))
+
+
+def _requirement(
+    kind: Kind | None, text: str, fields: tuple[str, ...], wanted: dict[str, Any], path: str, per_field: bool = True
+) -> Requirement | None:
+    if wanted and kind in ("phrase", "phrase_prefix"):
+        key = next(iter(wanted))
+        raise _refuse(f"{path}.{key}", f"[{key}] on a phrase is not answered by the pipeline")
+    if "operator" in wanted:
+        return Requirement(path=wanted["operator"], text=text, fields=fields, kind="all", per_field=per_field)
+    if "minimum_should_match" in wanted:
+        here, value = wanted["minimum_should_match"]
+        n = _minimum(value, text, here)
+        if n <= 1:
+            return None
+        return Requirement(path=here, text=text, fields=fields, kind="at_least", minimum=n, per_field=per_field)
+    if "fuzziness" in wanted:
+        here, value = wanted["fuzziness"]
+        edits = {"AUTO": -1, "1": 1, "2": 2}.get(str(value).upper())
+        if edits is None:
+            raise ApiError(400, "must be 0, 1, 2 or AUTO", param=here)
+        if set(fields) - {"title"}:
+            raise _refuse(here, "fuzziness is answered on the title only (the indexed words it expands over)")
+        return Requirement(path=here, text=text, fields=fields, kind="fuzzy", max_edits=edits)
+    if kind is not None:
+        return Requirement(path=path, text=text, fields=fields, kind=kind)
+    return None
 
 
 def _query_value(value: Any, path: str) -> str:
@@ -448,14 +516,14 @@ def _check_fields(fields: Any, path: str) -> None:
             )
 
 
-def _text_of(kind: str, spec: Any, where: str, builder: _FilterBuilder) -> str | None:
-    """The user text of a text clause; None when the clause was a keyword match (added as a filter)."""
+def _text_of(kind: str, spec: Any, where: str, builder: _FilterBuilder, optional: bool = False) -> str | None:
+    """The user text of a text clause; None when the clause was a keyword match (added as a filter).
+    A clause that narrows the match set lexically adds a Requirement (refused where it is optional)."""
     path = f"{where}.{kind}"
     if not isinstance(spec, dict):
         raise ApiError(400, "must be an object", param=path)
-    if kind == "match_phrase":
-        raise _refuse(path, "phrase matching is not answered by the pipeline")
-    if kind == "match":
+    requirement: Requirement | None = None
+    if kind in ("match", "match_phrase", "match_phrase_prefix"):
         name, value = _single(spec, kind, where)
         _check_options({k: v for k, v in spec.items() if k != name}, set(), path)
         options: dict[str, Any] = {}
@@ -463,27 +531,53 @@ def _text_of(kind: str, spec: Any, where: str, builder: _FilterBuilder) -> str |
             options = {k: v for k, v in value.items() if k != "query"}
             value = value.get("query")
         here = f"{path}.{name}"
-        if name in KEYWORD_MATCH_FIELDS:
-            _check_options(options, set(), here)
+        if name in KEYWORD_MATCH_FIELDS and kind == "match":
+            _only(options, {"boost", "operator"} if options.get("operator", "or") == "or" else set(), here)
             builder.any_of(KEYWORD_MATCH_FIELDS[name], [_query_value(value, here)])
             return None
-        _check_fields([name], path)
-        _check_options(options, set(), here)
-        return _query_value(value, here)
-    value = spec.get("query")
-    if kind == "multi_match":
-        _check_fields(spec.get("fields", ["*"]), f"{path}.fields")
-        _check_options(spec, {"query", "fields"}, path)
+        if name not in TEXT_FIELDS:
+            _check_fields([name], here)
+        text = _query_value(value, here)
+        wanted = _check_options(options, set(), here)
+        phrase: Kind | None = {"match": None, "match_phrase": "phrase", "match_phrase_prefix": "phrase_prefix"}[kind]
+        requirement = _requirement(phrase, text, _fields_of([name]), wanted, here)
+    elif kind == "multi_match":
+        fields = spec.get("fields", ["*"])
+        _check_fields(fields, f"{path}.fields")
+        wanted = _check_options(spec, {"query", "fields"}, path)
+        text = _query_value(spec.get("query"), f"{path}.query")
+        mm_type = spec.get("type", "best_fields")
+        phrase = mm_type if mm_type in ("phrase", "phrase_prefix") else None
+        names = [fields] if isinstance(fields, str) else fields
+        requirement = _requirement(phrase, text, _fields_of(names), wanted, path, per_field=mm_type != "cross_fields")
     else:  # query_string, simple_query_string: plain words only
         for key in ("fields", "default_field"):
             if key in spec:
                 _check_fields(spec[key], f"{path}.{key}")
-        _check_options(spec, {"query", "fields", "default_field", "analyze_wildcard", "flags"}, path)
-        text = _query_value(value, f"{path}.query")
+        wanted = _check_options(spec, {"query", "fields", "default_field", "analyze_wildcard", "flags"}, path)
+        text = _query_value(spec.get("query"), f"{path}.query")
         if _QUERY_SYNTAX.search(text):
             raise _refuse(f"{path}.query", "query syntax (operators, quotes, fields, wildcards) is not answered by "
                           "the pipeline: send plain words")  # fmt: skip
-    return _query_value(value, f"{path}.query")
+        names = spec.get("fields", [spec.get("default_field", "*")])
+        requirement = _requirement(None, text, _fields_of([names] if isinstance(names, str) else names), wanted, path)
+    if requirement is not None:
+        if optional:
+            raise _refuse(requirement.path, "a lexical requirement in an optional (should) clause is not answered")
+        builder.requirements.append(requirement)
+    return text
+
+
+def _add_prefix(builder: _FilterBuilder, spec: Any, where: str) -> None:
+    name, value = _single(spec, "prefix", where)
+    here = f"{where}.prefix.{name}"
+    if isinstance(value, dict):
+        _only(value, {"value", "boost", "rewrite"}, here)
+        value = value.get("value")
+    if name != "title":
+        raise _refuse(here, "prefix is answered on the title only (the indexed words it expands over)")
+    text = _query_value(value, here)
+    builder.requirements.append(Requirement(path=here, text=text, fields=(name,), kind="prefix"))
 
 
 def _msm_is_one(spec: Mapping[str, Any]) -> bool:
@@ -524,7 +618,7 @@ def _walk_query(query: Any, texts: list[str], builder: _FilterBuilder, where: st
                     if not _is_text_clause(c):
                         raise _refuse(here, "bool.should may only hold text queries for the pipeline")
                     kind_s = next(iter(c))
-                    text = _text_of(kind_s, c[kind_s], here, builder)
+                    text = _text_of(kind_s, c[kind_s], here, builder, optional=True)
                     if text is not None:
                         texts.append(text)
                         should_texts += 1
@@ -555,7 +649,7 @@ def _walk_query(query: Any, texts: list[str], builder: _FilterBuilder, where: st
                 "several text clauses that must each match are not answered by the pipeline (it answers one text)",
             )
         return units + (1 if should_texts else 0)
-    if kind in ("term", "terms", "range", "ids", "match_all", "match_none", "constant_score"):
+    if kind in ("term", "terms", "range", "ids", "match_all", "match_none", "constant_score", "prefix"):
         _add_filter(builder, query, where)
         return 0
     raise _refuse(f"{where}.{kind}", f"query type [{kind}] is not answered by the shopsearch pipeline")
@@ -574,6 +668,8 @@ class Translated:
     suggest: list[CompletionSuggest] | None = None
     agg_request: SearchRequest | None = None  # with post_filter: the aggregations' search, without it
     agg_matches_nothing: bool = False
+    requirements: list[Requirement] = field(default_factory=list)  # lexical: resolved to ids before searching
+    agg_requirements: list[Requirement] = field(default_factory=list)  # the query's alone (not post_filter's)
     total_as_int: bool = False  # rest_total_hits_as_int: hits.total is a number
     version: bool = False  # each hit carries _version
 
@@ -743,6 +839,7 @@ def translate_search(
     text = " ".join(t.strip() for t in texts if t.strip())
     query_filters = builder.to_filters()
     query_contradiction = builder.contradiction
+    query_requirements = list(builder.requirements)
     if "post_filter" in body:
         _add_filter(builder, body["post_filter"], "post_filter")
     filters = builder.to_filters()
@@ -807,6 +904,8 @@ def translate_search(
         suggest=suggest,
         agg_request=agg_request,
         agg_matches_nothing=query_contradiction,
+        requirements=builder.requirements,
+        agg_requirements=query_requirements,
         total_as_int=_flag(params.get("rest_total_hits_as_int", False)),
         version=version,
     )
