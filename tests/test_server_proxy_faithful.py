@@ -3,6 +3,7 @@ with a 400 naming it. A small catalog in an embedded store, behind the real app 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -245,3 +246,17 @@ def test_count_refuses_what_it_cannot_count(client):
 def test_search_after_must_be_a_returned_sort_value(client):
     r = client.post("/products/_search", json={"query": {"match_all": {}}, "sort": ["price"], "search_after": [3]})
     assert r.status_code == 400 and "[search_after]" in r.json()["error"]["reason"]
+
+
+def test_msearch_answers_lexical_requirements_and_names_refusals(client):
+    lines = [
+        {},
+        {"query": {"match_phrase": {"title": "running shoes"}}},
+        {},
+        {"query": {"match": {"title": {"query": "x", "slop": 1}}}},
+    ]
+    ndjson = "\n".join(json.dumps(line) for line in lines) + "\n"
+    r = client.post("/products/_msearch", content=ndjson.encode(), headers={"content-type": "application/x-ndjson"})
+    first, second = r.json()["responses"]
+    assert first["status"] == 200 and [h["_id"] for h in first["hits"]["hits"]] == ["shoe"]
+    assert second["status"] == 400 and "[query.match.title.slop]" in second["error"]["reason"]

@@ -294,9 +294,12 @@ async def _msearch(request: Request, index: str | None) -> Response:
             translated = translate_search(
                 body, {}, server, default_deadline_ms=capped_deadline_ms(state.settings, None)
             )
+            if not _local_names(state, names):
+                plans.append((names, Unsupported("not the local index")))
+                continue
             translated = await _resolved(state, translated)
             translated.request = _within_deadline_cap(state, translated.request)
-            plans.append((names, translated if _local_names(state, names) else Unsupported("not the local index")))
+            plans.append((names, translated))
         except (ApiError, Unsupported) as err:
             plans.append((names, err))
     if any(isinstance(p, Unsupported) for _, p in plans) and state.upstream is not None:
