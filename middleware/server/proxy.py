@@ -166,7 +166,7 @@ async def search(index: str, request: Request) -> Response:
             "OpenSearch (server.upstream_url), which is not configured",
         )
         return await _forward_or(state, request, _index_path(names, "_search"), raw, missing)
-    if not _local_names(state, names):
+    if not _local_names(state, names) or _browse_goes_upstream(state, translated):
         return await _forward_or(state, request, _index_path(names, "_search"), raw, _no_index(names))
 
     translated = await _resolved(state, translated)
@@ -177,6 +177,11 @@ async def search(index: str, request: Request) -> Response:
         resp = await state.search(req)
     extras = await _extras(state, resp, translated)
     return _search_answer(state, resp, translated, index=server.index_name, started=started, extras=extras)
+
+
+def _browse_goes_upstream(state: ServiceState, translated: Translated) -> bool:
+    """A body without user text is the cluster's to answer when there is one (the pipeline browses otherwise)."""
+    return not translated.request.query and state.upstream is not None
 
 
 async def _resolved(state: ServiceState, translated: Translated) -> Translated:
@@ -294,8 +299,8 @@ async def _msearch(request: Request, index: str | None) -> Response:
             translated = translate_search(
                 body, {}, server, default_deadline_ms=capped_deadline_ms(state.settings, None)
             )
-            if not _local_names(state, names):
-                plans.append((names, Unsupported("not the local index")))
+            if not _local_names(state, names) or _browse_goes_upstream(state, translated):
+                plans.append((names, Unsupported("not the local index, or no user text")))
                 continue
             translated = await _resolved(state, translated)
             translated.request = _within_deadline_cap(state, translated.request)
@@ -347,6 +352,8 @@ async def count(index: str, request: Request) -> Response:
     except Unsupported as why:
         missing = ApiError(400, f"{why}; no upstream OpenSearch configured (server.upstream_url)")
         return await _forward_or(state, request, path, raw, missing)
+    if _browse_goes_upstream(state, translated):
+        return await _forward_or(state, request, path, raw, _no_index(names))
     translated = await _resolved(state, translated)
     resp = None if translated.matches_nothing else await state.search(_within_deadline_cap(state, translated.request))
     return JSONResponse({"count": resp.total if resp is not None else 0, "_shards": shards})
