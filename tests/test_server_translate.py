@@ -240,3 +240,33 @@ def test_redacting_log_filter():
     record = logging.LogRecord("x", logging.WARNING, __file__, 1, "failed: %s", ("http://u:p@h/",), None)
     RedactingFilter().filter(record)
     assert record.getMessage() == "failed: http://***@h/"
+
+
+@pytest.mark.parametrize(
+    ("options", "kind", "minimum"),
+    [
+        ({"operator": "and"}, "all", 1),
+        ({"minimum_should_match": 2}, "at_least", 2),
+        ({"minimum_should_match": "-1"}, "at_least", 3),
+        ({"minimum_should_match": "75%"}, "at_least", 3),
+        ({"fuzziness": "AUTO"}, "fuzzy", 1),
+    ],
+)
+def test_lexical_options_become_requirements(options, kind, minimum):
+    t = tr({"query": {"match": {"title": {"query": "red wool winter socks", **options}}}})
+    (req,) = t.requirements
+    assert req.kind == kind and req.fields == ("title",) and req.path.startswith("query.match.title.")
+    assert req.minimum == minimum and t.request.query == "red wool winter socks"
+
+
+def test_unknown_keys_are_refused_naming_their_path():
+    for body, params, named in [
+        ({"query": {"match": {"title": {"query": "x", "cutoff_frequency": 1}}}}, {},
+         "query.match.title.cutoff_frequency"),
+        ({"query": {"bool": {"filter": {"exists": {"field": "brand"}}}}}, {}, "query.bool.filter[0].exists"),
+        ({"query": {"match": {"title": "x"}}}, {"scroll": "1m"}, "scroll"),
+        ({"query": {"match": {"title": "x"}}}, {"filter_path": "hits"}, "filter_path"),
+    ]:  # fmt: skip
+        with pytest.raises(Unsupported) as info:
+            tr(body, params)
+        assert str(info.value).startswith(f"[{named}]"), info.value
