@@ -275,7 +275,10 @@ def test_translate_answers_refuses_or_passes_on(body: dict[str, Any], params: di
         return
     req = translated.request
     assert req.size <= SERVER.max_size and req.from_ <= SERVER.max_from
-    assert req.query.strip() and len(req.query) <= 10_000
+    # a text search, or a browse under filters (match_all browses everything: in_stock False restricts nothing)
+    assert (req.query is not None and req.query.strip() and len(req.query) <= 10_000) or (
+        req.query is None and req.filters is not None and not req.filters.is_empty()
+    )
     assert req.deadline_ms is not None and 0 < req.deadline_ms <= 600_000
 
 

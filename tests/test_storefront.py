@@ -419,9 +419,9 @@ def test_msearch_answers_aggs_per_search(client):
     assert item["status"] == 200 and item["aggregations"]["b"]["buckets"]
 
 
-def test_proxy_aggs_when_nothing_can_match_and_post_filter_refused(client):
+def test_proxy_aggs_when_nothing_can_match_and_post_filter_narrows_hits_only(client):
     contradiction = {
-        "bool": {"must": {"match": {"t": "手表"}}, "filter": [{"term": {"brand": "A"}}, {"term": {"brand": "B"}}]}
+        "bool": {"must": {"match": {"title": "手表"}}, "filter": [{"term": {"brand": "A"}}, {"term": {"brand": "B"}}]}
     }
     aggs = {
         "b": {"terms": {"field": "brand"}},
@@ -431,7 +431,8 @@ def test_proxy_aggs_when_nothing_can_match_and_post_filter_refused(client):
     got = proxy(client, {"query": contradiction, "aggs": aggs})["aggregations"]
     assert got["b"]["buckets"] == [] and got["p"]["count"] == 0 and got["p"]["min"] is None
     assert got["f"] == {"doc_count": 0}
-    r = client.post(
-        "/products/_search", json={"query": {"match": {"title": "手表"}}, "post_filter": {"term": {"brand": "A"}}}
-    )
-    assert r.status_code == 400 and "post_filter" in r.json()["error"]["reason"]
+    body = {"query": {"match": {"title": "手表"}}, "post_filter": {"term": {"brand": "A"}}, "aggs": aggs}
+    narrowed = proxy(client, body)
+    assert narrowed["hits"]["total"]["value"] == 0  # no product of brand A
+    whole = proxy(client, {"query": {"match": {"title": "手表"}}, "aggs": aggs})["aggregations"]
+    assert narrowed["aggregations"]["b"] == whole["b"] and whole["b"]["buckets"]

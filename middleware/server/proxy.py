@@ -13,6 +13,7 @@ Errors use OpenSearch's shape: {"error": {"root_cause", "type", "reason"}, "stat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,14 +25,17 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from middleware import __version__
+from middleware.products import Filters
 from middleware.schema import SearchRequest, SearchResponse
 from middleware.server.aggs import run_aggs, suggest_section
 from middleware.server.errors import ApiError
 from middleware.server.limits import capped_deadline_ms
+from middleware.server.requirements import allowed_ids
 from middleware.server.state import ServiceState, get_state
 from middleware.server.translate import (
     Translated,
     Unsupported,
+    count_request,
     json_depth_ok,
     names_local_index,
     parse_index_expression,
@@ -162,9 +166,10 @@ async def search(index: str, request: Request) -> Response:
             "OpenSearch (server.upstream_url), which is not configured",
         )
         return await _forward_or(state, request, _index_path(names, "_search"), raw, missing)
-    if not _local_names(state, names):
+    if not _local_names(state, names) or _browse_goes_upstream(state, translated):
         return await _forward_or(state, request, _index_path(names, "_search"), raw, _no_index(names))
 
+    translated = await _resolved(state, translated)
     req = translated.request
     req = _within_deadline_cap(state, req)
     resp: SearchResponse | None = None
@@ -174,12 +179,43 @@ async def search(index: str, request: Request) -> Response:
     return _search_answer(state, resp, translated, index=server.index_name, started=started, extras=extras)
 
 
+def _browse_goes_upstream(state: ServiceState, translated: Translated) -> bool:
+    """A body without user text is the cluster's to answer when there is one (the pipeline browses otherwise)."""
+    return not translated.request.query and state.upstream is not None
+
+
+async def _resolved(state: ServiceState, translated: Translated) -> Translated:
+    """Lexical requirements (operator and, phrases, prefixes, fuzziness) as the ids the search may return."""
+    backend = state.base.backend
+
+    async def narrowed(req: SearchRequest, requirements: list[Any], nothing: bool) -> tuple[SearchRequest, bool]:
+        if not requirements or nothing:
+            return req, nothing
+        ids = await state.admitted(allowed_ids, backend, requirements, req.filters)
+        if not ids:
+            return req, True
+        base = req.filters if req.filters is not None else Filters()
+        return req.model_copy(update={"filters": base.model_copy(update={"ids": ids})}), False
+
+    request, nothing = await narrowed(translated.request, translated.requirements, translated.matches_nothing)
+    update: dict[str, Any] = {"request": request, "matches_nothing": nothing, "requirements": []}
+    if translated.agg_request is not None:
+        agg, agg_nothing = await narrowed(
+            translated.agg_request, translated.agg_requirements, translated.agg_matches_nothing
+        )
+        update |= {"agg_request": agg, "agg_matches_nothing": agg_nothing}
+    return dataclasses.replace(translated, **update)
+
+
 async def _extras(state: ServiceState, resp: SearchResponse | None, translated: Translated) -> dict[str, Any]:
     """The `aggregations` and `suggest` sections, over the set the response counted."""
     out: dict[str, Any] = {}
     backend = state.base.backend
     if translated.aggs is not None:
         match = resp._match if resp is not None else None
+        if translated.agg_request is not None:  # post_filter narrowed the hits, not the aggregations
+            whole = None if translated.agg_matches_nothing else await state.search(translated.agg_request)
+            match = whole._match if whole is not None else None
         out["aggregations"] = await state.admitted(run_aggs, backend, match, translated.aggs)
     if translated.suggest is not None:
         out["suggest"] = await state.admitted(suggest_section, backend, state.popular, translated.suggest)
@@ -263,8 +299,12 @@ async def _msearch(request: Request, index: str | None) -> Response:
             translated = translate_search(
                 body, {}, server, default_deadline_ms=capped_deadline_ms(state.settings, None)
             )
+            if not _local_names(state, names) or _browse_goes_upstream(state, translated):
+                plans.append((names, Unsupported("not the local index, or no user text")))
+                continue
+            translated = await _resolved(state, translated)
             translated.request = _within_deadline_cap(state, translated.request)
-            plans.append((names, translated if _local_names(state, names) else Unsupported("not the local index")))
+            plans.append((names, translated))
         except (ApiError, Unsupported) as err:
             plans.append((names, err))
     if any(isinstance(p, Unsupported) for _, p in plans) and state.upstream is not None:
@@ -300,13 +340,23 @@ async def count(index: str, request: Request) -> Response:
     path = _index_path(names, "_count")
     if not (_answers_locally(state) and _local_names(state, names)):
         return await _forward_or(state, request, path, raw, _no_index(names))
+    if body is not None and not isinstance(body, dict):
+        raise ApiError(400, "the count body must be a JSON object", os_type="parse_exception")
     plain = isinstance(body, dict) and set(body) <= {"query"} and body.get("query") in (None, {"match_all": {}})
-    counts_everything = "q" not in request.query_params and (body is None or plain)
-    if not counts_everything:
-        missing = ApiError(400, "the embedded backend counts every product only (match_all)", param="query")
+    shards = {"total": 1, "successful": 1, "skipped": 0, "failed": 0}
+    if "q" not in request.query_params and (body is None or plain) and not request.query_params:
+        total = await state.admitted(state.base.backend.count)
+        return JSONResponse({"count": total, "_shards": shards})
+    try:
+        translated = count_request(body, _params(request), state.settings.server)
+    except Unsupported as why:
+        missing = ApiError(400, f"{why}; no upstream OpenSearch configured (server.upstream_url)")
         return await _forward_or(state, request, path, raw, missing)
-    total = await state.admitted(state.base.backend.count)
-    return JSONResponse({"count": total, "_shards": {"total": 1, "successful": 1, "skipped": 0, "failed": 0}})
+    if _browse_goes_upstream(state, translated):
+        return await _forward_or(state, request, path, raw, _no_index(names))
+    translated = await _resolved(state, translated)
+    resp = None if translated.matches_nothing else await state.search(_within_deadline_cap(state, translated.request))
+    return JSONResponse({"count": resp.total if resp is not None else 0, "_shards": shards})
 
 
 def _doc_answer(index: str, doc_id: str, product: dict[str, Any] | None, source_filter: Any) -> dict:

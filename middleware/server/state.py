@@ -145,7 +145,7 @@ class ServiceState(ModelService):
         self.popular = PopularQueries()  # autocomplete's past queries: this process's, bounded
 
     def _record(self, req: SearchRequest, resp: SearchResponse) -> None:
-        if resp.total > 0 and req.from_ == 0:  # a query that found something, counted once (its first page)
+        if req.query and resp.total > 0 and req.from_ == 0:  # a query that found something, once (its first page)
             self.popular.record(req.query)
 
     async def search(self, req: SearchRequest) -> SearchResponse:

@@ -18,19 +18,19 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from middleware import paging
 from middleware.config import ServerSettings
 from middleware.products import MAX_QUERY_CHARS, Filters
 from middleware.schema import HighlightRequest, SearchRequest, SearchResponse
 from middleware.server.aggs import Agg, CompletionSuggest, Unsupported, parse_aggs, parse_highlight, parse_suggest
 from middleware.server.errors import ApiError
+from middleware.server.requirements import FIELD_TEXT, Kind, Requirement, words
 
-TEXT_QUERIES = ("match", "match_phrase", "multi_match", "query_string", "simple_query_string")
+TEXT_QUERIES = ("match", "match_phrase", "match_phrase_prefix", "multi_match", "query_string", "simple_query_string")
 # keys refused unless passing scripts through is enabled: each runs code on the cluster
 SCRIPT_KEYS = frozenset(
     {"script", "script_score", "script_fields", "scripted_metric", "_script", "runtime_mappings", "stored_script"}
 )
-# body keys that do not change which products come back or how they rank
-HARMLESS_KEYS = frozenset({"track_total_hits", "timeout", "explain", "track_scores", "version"})
 MAX_JSON_DEPTH = 64
 MAX_DEADLINE_MS = 600_000.0  # SearchRequest's bound on deadline_ms
 
@@ -192,6 +192,7 @@ class _FilterBuilder:
         self.price_max: float | None = None
         self.in_stock: bool | None = None
         self.contradiction = False  # clauses no product can satisfy
+        self.requirements: list[Requirement] = []  # lexical requirements: resolved to ids before searching
 
     def any_of(self, name: str, values: list[Any]) -> None:
         found = {str(v) for v in values}
@@ -219,12 +220,14 @@ _FIELD = {"brand": "brand", "brand.keyword": "brand", "category": "category", "c
           "id": "ids", "id.keyword": "ids", "_id": "ids"}  # fmt: skip
 
 
-def _single(clause: Any, kind: str) -> tuple[str, Any]:
+def _single(clause: Any, kind: str, where: str = "query") -> tuple[str, Any]:
     if not isinstance(clause, dict):
-        raise ApiError(400, "must be an object", param=f"query.{kind}")
+        raise ApiError(400, "must be an object", param=f"{where}.{kind}")
     fields = [k for k in clause if k not in {"boost", "_name"}]
     if len(fields) != 1:
-        raise ApiError(400, "must name exactly one field", param=f"query.{kind}")
+        raise ApiError(400, "must name exactly one field", param=f"{where}.{kind}")
+    if "_name" in clause:
+        raise Unsupported(f"[{where}.{kind}._name] named queries (matched_queries) are not answered by the pipeline")
     return fields[0], clause[fields[0]]
 
 
@@ -232,51 +235,95 @@ def _add_filter(builder: _FilterBuilder, clause: Any, where: str) -> None:
     if not isinstance(clause, dict) or len(clause) != 1:
         raise ApiError(400, "each clause must be an object with one query type", param=where)
     kind, spec = next(iter(clause.items()))
+    path = f"{where}.{kind}"
     if kind == "match_all":
+        if not isinstance(spec, dict):
+            raise ApiError(400, "must be an object", param=path)
+        _only(spec, {"boost"}, path)
+        return
+    if kind == "match_none":
+        if not isinstance(spec, dict):
+            raise ApiError(400, "must be an object", param=path)
+        _only(spec, {"boost"}, path)
+        builder.contradiction = True
+        return
+    if kind == "constant_score":
+        if not isinstance(spec, dict) or "filter" not in spec:
+            raise ApiError(400, "needs a filter", param=path)
+        _only(spec, {"boost", "filter"}, path)
+        _add_filter(builder, spec["filter"], f"{path}.filter")
+        return
+    if kind == "prefix":
+        _add_prefix(builder, spec, where)
+        return
+    if kind == "match":
+        name, value = _single(spec, kind, where)
+        here = f"{path}.{name}"
+        if name not in KEYWORD_MATCH_FIELDS:
+            raise Unsupported(f"[{here}] a text match inside a filter is not a shopsearch filter")
+        if isinstance(value, dict):
+            _only(value, {"query", "boost", "operator"} if value.get("operator", "or") == "or" else {"query"}, here)
+            value = value.get("query")
+        builder.any_of(KEYWORD_MATCH_FIELDS[name], [_query_value(value, here)])
         return
     if kind in ("term", "terms"):
-        name, value = _single(spec, kind)
+        name, value = _single(spec, kind, where)
+        here = f"{path}.{name}"
         if kind == "term" and isinstance(value, dict):
+            _only(value, {"value", "boost"} | ({"case_insensitive"} if not value.get("case_insensitive") else set()),
+                  here)  # fmt: skip
             value = value.get("value")
         values = value if kind == "terms" else [value]
         if not isinstance(values, list) or any(isinstance(v, (dict, list)) or v is None for v in values):
-            raise ApiError(400, "values must be scalars", param=f"{where}.{kind}.{name}")
+            raise ApiError(400, "values must be scalars", param=here)
         if name == "in_stock" and kind == "term":
             if values[0] is True or str(values[0]).lower() == "true":
                 builder.in_stock = True
                 return
-            raise Unsupported("term in_stock: false (only-out-of-stock) is not a shopsearch filter")
+            raise Unsupported(f"[{here}] term in_stock: false (only-out-of-stock) is not a shopsearch filter")
         target = _FIELD.get(name)
         if target is None:
-            raise Unsupported(f"{kind} filter on [{name}] is not a shopsearch filter")
+            raise Unsupported(f"[{here}] {kind} filter on [{name}] is not a shopsearch filter")
         builder.any_of(target, values)
         return
     if kind == "ids":
         if not isinstance(spec, dict) or not isinstance(spec.get("values"), list):
-            raise ApiError(400, "needs a list under values", param=f"{where}.ids")
+            raise ApiError(400, "needs a list under values", param=path)
+        _only(spec, {"values", "boost"}, path)
         builder.any_of("ids", spec["values"])
         return
     if kind == "range":
-        name, bounds = _single(spec, kind)
+        name, bounds = _single(spec, kind, where)
         if not isinstance(bounds, dict):
-            raise ApiError(400, "must be an object of bounds", param=f"{where}.range.{name}")
-        _add_range(builder, name, bounds, f"{where}.range.{name}")
+            raise ApiError(400, "must be an object of bounds", param=f"{path}.{name}")
+        _add_range(builder, name, bounds, f"{path}.{name}")
         return
     if kind == "bool":
         if not isinstance(spec, dict):
-            raise ApiError(400, "must be an object", param=f"{where}.bool")
+            raise ApiError(400, "must be an object", param=path)
         for key, sub in spec.items():
             if key in ("filter", "must"):
                 for i, c in enumerate(sub if isinstance(sub, list) else [sub]):
-                    _add_filter(builder, c, f"{where}.bool.{key}[{i}]")
-            elif key in ("boost", "_name", "adjust_pure_negative") or (
-                key in ("should", "must_not") and sub in ([], {})
-            ):
+                    _add_filter(builder, c, f"{path}.{key}[{i}]")
+            elif key in ("boost", "adjust_pure_negative") or _empty_optional(key, sub, spec):
                 continue
             else:
-                raise Unsupported(f"bool.{key} inside a filter is not a shopsearch filter")
+                raise Unsupported(f"[{path}.{key}] bool.{key} inside a filter is not a shopsearch filter")
         return
-    raise Unsupported(f"filter clause [{kind}] is not a shopsearch filter")
+    raise Unsupported(f"[{path}] filter clause [{kind}] is not a shopsearch filter")
+
+
+def _empty_optional(key: str, sub: Any, spec: Mapping[str, Any]) -> bool:
+    """An empty should / must_not, or a minimum_should_match with no should to apply to."""
+    if key in ("should", "must_not"):
+        return sub in ([], {})
+    return key == "minimum_should_match" and spec.get("should") in (None, [], {})
+
+
+def _only(options: Mapping[str, Any], allowed: set[str], path: str) -> None:
+    for key in options:
+        if key not in allowed:
+            raise Unsupported(f"[{path}.{key}] option [{key}] is not answered by the pipeline")
 
 
 def _number(value: Any, where: str) -> float:
@@ -294,7 +341,8 @@ def _number(value: Any, where: str) -> float:
 def _add_range(builder: _FilterBuilder, name: str, bounds: dict[str, Any], where: str) -> None:
     known = {"gte", "gt", "lte", "lt", "boost", "format"}
     if set(bounds) - known:
-        raise Unsupported(f"range option [{sorted(set(bounds) - known)[0]}] on [{name}]")
+        key = sorted(set(bounds) - known)[0]
+        raise Unsupported(f"[{where}.{key}] range option [{key}] on [{name}] is not answered by the pipeline")
     if name == "price":
         # Filters bounds are inclusive: a strict bound becomes the next float past it
         low = [_number(bounds[k], f"{where}.{k}") for k in ("gte",) if k in bounds]
@@ -318,68 +366,293 @@ def _add_range(builder: _FilterBuilder, name: str, bounds: dict[str, Any], where
         if in_stock_only:
             builder.in_stock = True
             return
-        raise Unsupported("range on stock other than gt 0 / gte 1 is not a shopsearch filter")
-    raise Unsupported(f"range filter on [{name}] is not a shopsearch filter")
+        raise Unsupported(f"[{where}] range on stock other than gt 0 / gte 1 is not a shopsearch filter")
+    raise Unsupported(f"[{where}] range filter on [{name}] is not a shopsearch filter")
 
 
 # ------------------------------------------------------------------------------------------ queries
 
+# The pipeline searches one user text over the product text (title, description, brand, categories),
+# lexically and by meaning. These fields name that text; brand and category are keyword fields,
+# so a match on them is an exact-value filter.
+TEXT_FIELDS = frozenset({"title", "description", "*", "_all"})
+KEYWORD_MATCH_FIELDS = {"brand": "brand", "brand.keyword": "brand", "category": "category",
+                        "category.keyword": "category"}  # fmt: skip
+# options that only change how OpenSearch scores a match: the pipeline ranks itself, so these are superseded
+RANKING_ONLY = frozenset({"boost", "tie_breaker", "auto_generate_synonyms_phrase_query", "lenient"})
+# fuzzy options that change nothing unless fuzziness is given
+FUZZY_TUNING = frozenset({"prefix_length", "max_expansions", "fuzzy_transpositions", "fuzzy_rewrite"})
+_QUERY_SYNTAX = re.compile(r'[+\-=&|><!(){}\[\]^"~*?:\\/]|\b(AND|OR|NOT)\b')
 
-def _text_of(kind: str, spec: Any, where: str) -> str:
-    if kind in ("match", "match_phrase"):
-        _, value = _single(spec, kind)
-        if isinstance(value, dict):
-            value = value.get("query")
-    else:
-        if not isinstance(spec, dict):
-            raise ApiError(400, "must be an object", param=f"{where}.{kind}")
-        value = spec.get("query")
+
+def _refuse(path: str, why: str) -> Unsupported:
+    return Unsupported(f"[{path}] {why}")
+
+
+def _is_text_clause(clause: Any) -> bool:
+    if not isinstance(clause, dict) or len(clause) != 1:
+        return False
+    kind, spec = next(iter(clause.items()))
+    if kind == "match" and isinstance(spec, dict):
+        names = [k for k in spec if k not in {"boost", "_name"}]
+        return not (len(names) == 1 and names[0] in KEYWORD_MATCH_FIELDS)
+    return kind in TEXT_QUERIES
+
+
+def _check_options(options: Mapping[str, Any], allowed: set[str], path: str) -> dict[str, Any]:
+    """Every option is known; returns those that make a lexical requirement (operator and,
+    minimum_should_match, fuzziness) for `_requirement`."""
+    wanted: dict[str, Any] = {}
+    for key, value in options.items():
+        here = f"{path}.{key}"
+        if key in allowed or key in RANKING_ONLY or key in FUZZY_TUNING:
+            continue
+        if key in ("operator", "default_operator"):
+            if isinstance(value, str) and value.lower() in ("or", "and"):
+                if value.lower() == "and":
+                    wanted["operator"] = here
+                continue
+            raise ApiError(400, "must be or / and", param=here)
+        if key == "minimum_should_match":
+            if value not in (1, "1", "0", 0, "0%"):
+                wanted["minimum_should_match"] = (here, value)
+            continue
+        if key == "fuzziness":
+            if value not in (0, "0"):
+                wanted["fuzziness"] = (here, value)
+            continue
+        if key == "slop":
+            if value in (0, "0"):
+                continue
+            raise _refuse(here, "phrase slop is not answered by the pipeline")
+        if key == "zero_terms_query":
+            if value == "none":
+                continue
+            raise _refuse(here, "zero_terms_query other than none is not answered by the pipeline")
+        if key == "type":
+            if value in ("best_fields", "most_fields", "cross_fields", "phrase", "phrase_prefix"):
+                continue
+            raise _refuse(here, f"multi_match type [{str(value)[:40]}] is not answered by the pipeline")
+        if key == "_name":
+            raise _refuse(here, "named queries (matched_queries) are not answered by the pipeline")
+        raise _refuse(here, f"option [{key}] is not answered by the pipeline")
+    if len(wanted) > 1:
+        second = sorted(wanted)[1]
+        where = wanted[second] if isinstance(wanted[second], str) else wanted[second][0]
+        raise _refuse(where, f"[{second}] together with [{sorted(wanted)[0]}] is not answered by the pipeline")
+    return wanted
+
+
+def _minimum(value: Any, text: str, here: str) -> int:
+    """minimum_should_match as a count of the text's distinct words (OpenSearch's integer, negative, percent)."""
+    count = len(set(words(text)))
+    raw = str(value).strip()
+    try:
+        if raw.endswith("%"):
+            share = float(raw[:-1])
+            n = int(count * share / 100) if share >= 0 else count - int(count * -share / 100)
+        else:
+            n = int(raw)
+            n = n if n >= 0 else count + n
+    except ValueError:
+        raise _refuse(here, "minimum_should_match combinations are not answered by the pipeline") from None
+    return max(n, 1)
+
+
+def _fields_of(names: list[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for name in names:
+        out.extend(FIELD_TEXT[name.split("^", 1)[0]])
+    return tuple(dict.fromkeys(out))
+
+
+def _requirement(
+    kind: Kind | None, text: str, fields: tuple[str, ...], wanted: dict[str, Any], path: str, per_field: bool = True
+) -> Requirement | None:
+    if wanted and kind in ("phrase", "phrase_prefix"):
+        key = next(iter(wanted))
+        raise _refuse(f"{path}.{key}", f"[{key}] on a phrase is not answered by the pipeline")
+    if "operator" in wanted:
+        return Requirement(path=wanted["operator"], text=text, fields=fields, kind="all", per_field=per_field)
+    if "minimum_should_match" in wanted:
+        here, value = wanted["minimum_should_match"]
+        n = _minimum(value, text, here)
+        if n <= 1:
+            return None
+        return Requirement(path=here, text=text, fields=fields, kind="at_least", minimum=n, per_field=per_field)
+    if "fuzziness" in wanted:
+        here, value = wanted["fuzziness"]
+        edits = {"AUTO": -1, "1": 1, "2": 2}.get(str(value).upper())
+        if edits is None:
+            raise ApiError(400, "must be 0, 1, 2 or AUTO", param=here)
+        if set(fields) - {"title"}:
+            raise _refuse(here, "fuzziness is answered on the title only (the indexed words it expands over)")
+        return Requirement(path=here, text=text, fields=fields, kind="fuzzy", max_edits=edits)
+    if kind is not None:
+        return Requirement(path=path, text=text, fields=fields, kind=kind)
+    return None
+
+
+def _query_value(value: Any, path: str) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise ApiError(400, "query text must be a string", param=f"{where}.{kind}.query")
+        raise ApiError(400, "query text must be a string", param=path)
     return value
 
 
-def _walk_query(query: Any, texts: list[str], builder: _FilterBuilder, where: str) -> None:
+def _check_fields(fields: Any, path: str) -> None:
+    if isinstance(fields, str):
+        fields = [fields]
+    if not isinstance(fields, list) or not fields or not all(isinstance(f, str) for f in fields):
+        raise ApiError(400, "must be a non-empty list of field names", param=path)
+    for i, name in enumerate(fields):
+        base = name.split("^", 1)[0]
+        if base not in TEXT_FIELDS:
+            raise _refuse(
+                f"{path}[{i}]",
+                f"text search on field [{base[:80]}] is not answered by the pipeline (it searches title and "
+                "description together; brand and category are exact-value filters)",
+            )
+
+
+def _text_of(kind: str, spec: Any, where: str, builder: _FilterBuilder, optional: bool = False) -> str | None:
+    """The user text of a text clause; None when the clause was a keyword match (added as a filter).
+    A clause that narrows the match set lexically adds a Requirement (refused where it is optional)."""
+    path = f"{where}.{kind}"
+    if not isinstance(spec, dict):
+        raise ApiError(400, "must be an object", param=path)
+    requirement: Requirement | None = None
+    if kind in ("match", "match_phrase", "match_phrase_prefix"):
+        name, value = _single(spec, kind, where)
+        _check_options({k: v for k, v in spec.items() if k != name}, set(), path)
+        options: dict[str, Any] = {}
+        if isinstance(value, dict):
+            options = {k: v for k, v in value.items() if k != "query"}
+            value = value.get("query")
+        here = f"{path}.{name}"
+        if name in KEYWORD_MATCH_FIELDS and kind == "match":
+            _only(options, {"boost", "operator"} if options.get("operator", "or") == "or" else set(), here)
+            builder.any_of(KEYWORD_MATCH_FIELDS[name], [_query_value(value, here)])
+            return None
+        if name not in TEXT_FIELDS:
+            _check_fields([name], here)
+        text = _query_value(value, here)
+        wanted = _check_options(options, set(), here)
+        phrase: Kind | None = {"match": None, "match_phrase": "phrase", "match_phrase_prefix": "phrase_prefix"}[kind]
+        requirement = _requirement(phrase, text, _fields_of([name]), wanted, here)
+    elif kind == "multi_match":
+        fields = spec.get("fields", ["*"])
+        _check_fields(fields, f"{path}.fields")
+        wanted = _check_options(spec, {"query", "fields"}, path)
+        text = _query_value(spec.get("query"), f"{path}.query")
+        mm_type = spec.get("type", "best_fields")
+        phrase = mm_type if mm_type in ("phrase", "phrase_prefix") else None
+        names = [fields] if isinstance(fields, str) else fields
+        requirement = _requirement(phrase, text, _fields_of(names), wanted, path, per_field=mm_type != "cross_fields")
+    else:  # query_string, simple_query_string: plain words only
+        for key in ("fields", "default_field"):
+            if key in spec:
+                _check_fields(spec[key], f"{path}.{key}")
+        wanted = _check_options(spec, {"query", "fields", "default_field", "analyze_wildcard", "flags"}, path)
+        text = _query_value(spec.get("query"), f"{path}.query")
+        if _QUERY_SYNTAX.search(text):
+            raise _refuse(f"{path}.query", "query syntax (operators, quotes, fields, wildcards) is not answered by "
+                          "the pipeline: send plain words")  # fmt: skip
+        names = spec.get("fields", [spec.get("default_field", "*")])
+        requirement = _requirement(None, text, _fields_of([names] if isinstance(names, str) else names), wanted, path)
+    if requirement is not None:
+        if optional:
+            raise _refuse(requirement.path, "a lexical requirement in an optional (should) clause is not answered")
+        builder.requirements.append(requirement)
+    return text
+
+
+def _add_prefix(builder: _FilterBuilder, spec: Any, where: str) -> None:
+    name, value = _single(spec, "prefix", where)
+    here = f"{where}.prefix.{name}"
+    if isinstance(value, dict):
+        _only(value, {"value", "boost", "rewrite"}, here)
+        value = value.get("value")
+    if name != "title":
+        raise _refuse(here, "prefix is answered on the title only (the indexed words it expands over)")
+    text = _query_value(value, here)
+    builder.requirements.append(Requirement(path=here, text=text, fields=(name,), kind="prefix"))
+
+
+def _msm_is_one(spec: Mapping[str, Any]) -> bool:
+    return spec.get("minimum_should_match") in (1, "1", "100%")
+
+
+def _walk_query(query: Any, texts: list[str], builder: _FilterBuilder, where: str) -> int:
+    """Adds the clause's user text and filters; returns how many separately required text units it holds."""
     if not isinstance(query, dict) or len(query) != 1:
         raise ApiError(400, "must be an object with exactly one query type", param=where)
     kind, spec = next(iter(query.items()))
     if kind in TEXT_QUERIES:
-        texts.append(_text_of(kind, spec, where))
-        return
+        text = _text_of(kind, spec, where, builder)
+        if text is None:
+            return 0
+        texts.append(text)
+        return 1
     if kind == "bool":
+        path = f"{where}.bool"
         if not isinstance(spec, dict):
-            raise ApiError(400, "must be an object", param=f"{where}.bool")
+            raise ApiError(400, "must be an object", param=path)
+        units = 0
+        should_texts = 0
         for key, sub in spec.items():
             clauses = sub if isinstance(sub, list) else [sub]
             if key == "must":
                 for i, c in enumerate(clauses):
-                    if isinstance(c, dict) and len(c) == 1 and next(iter(c)) in (*TEXT_QUERIES, "bool"):
-                        _walk_query(c, texts, builder, f"{where}.bool.must[{i}]")
+                    here = f"{path}.must[{i}]"
+                    if _is_text_clause(c) or (isinstance(c, dict) and len(c) == 1 and next(iter(c)) == "bool"):
+                        units += _walk_query(c, texts, builder, here)
                     else:
-                        _add_filter(builder, c, f"{where}.bool.must[{i}]")
+                        _add_filter(builder, c, here)
             elif key == "should":
+                if clauses in ([], [{}]):
+                    continue
                 for i, c in enumerate(clauses):
-                    if isinstance(c, dict) and len(c) == 1 and next(iter(c)) in TEXT_QUERIES:
-                        _walk_query(c, texts, builder, f"{where}.bool.should[{i}]")
-                    else:
-                        raise Unsupported("bool.should may only hold text queries for the pipeline")
+                    here = f"{path}.should[{i}]"
+                    if not _is_text_clause(c):
+                        raise _refuse(here, "bool.should may only hold text queries for the pipeline")
+                    kind_s = next(iter(c))
+                    text = _text_of(kind_s, c[kind_s], here, builder, optional=True)
+                    if text is not None:
+                        texts.append(text)
+                        should_texts += 1
             elif key == "filter":
                 for i, c in enumerate(clauses):
-                    _add_filter(builder, c, f"{where}.bool.filter[{i}]")
+                    _add_filter(builder, c, f"{path}.filter[{i}]")
             elif key == "must_not":
                 if clauses not in ([], [{}]):
-                    raise Unsupported("bool.must_not is not a shopsearch filter")
-            elif key in ("minimum_should_match", "boost", "_name", "adjust_pure_negative"):
+                    raise _refuse(f"{path}.must_not", "excluding products (must_not) is not answered by the pipeline")
+            elif key in ("boost", "adjust_pure_negative", "minimum_should_match"):
                 continue
+            elif key == "_name":
+                raise _refuse(f"{path}._name", "named queries (matched_queries) are not answered by the pipeline")
             else:
-                raise ApiError(400, f"unknown bool key [{key}]", param=f"{where}.bool.{key}")
-        return
-    if kind in ("term", "terms", "range", "ids", "match_all"):
+                raise ApiError(400, f"unknown bool key [{key}]", param=f"{path}.{key}")
+        required = any(k in spec and spec[k] not in ([], {}) for k in ("must", "filter"))
+        if should_texts and (units or (required and not _msm_is_one(spec))):
+            raise _refuse(
+                f"{path}.should",
+                "optional text next to must/filter clauses only scores in OpenSearch; the pipeline would require "
+                "it (move it into must, or set minimum_should_match: 1)",
+            )
+        if "minimum_should_match" in spec and not (_msm_is_one(spec) or spec["minimum_should_match"] in (0, "0")):
+            raise _refuse(f"{path}.minimum_should_match", "minimum_should_match is not answered by the pipeline")
+        if units > 1:
+            raise _refuse(
+                f"{path}.must",
+                "several text clauses that must each match are not answered by the pipeline (it answers one text)",
+            )
+        return units + (1 if should_texts else 0)
+    if kind in ("term", "terms", "range", "ids", "match_all", "match_none", "constant_score", "prefix"):
         _add_filter(builder, query, where)
-        return
-    raise Unsupported(f"query type [{kind}] is not answered by the shopsearch pipeline")
+        return 0
+    raise _refuse(f"{where}.{kind}", f"query type [{kind}] is not answered by the shopsearch pipeline")
 
 
 # ---------------------------------------------------------------------------------------- requests
@@ -393,6 +666,12 @@ class Translated:
     track_total_hits: bool | int = True
     aggs: list[Agg] | None = None  # answered over the response's match set (aggs.run_aggs)
     suggest: list[CompletionSuggest] | None = None
+    agg_request: SearchRequest | None = None  # with post_filter: the aggregations' search, without it
+    agg_matches_nothing: bool = False
+    requirements: list[Requirement] = field(default_factory=list)  # lexical: resolved to ids before searching
+    agg_requirements: list[Requirement] = field(default_factory=list)  # the query's alone (not post_filter's)
+    total_as_int: bool = False  # rest_total_hits_as_int: hits.total is a number
+    version: bool = False  # each hit carries _version
 
 
 def filter_clause(clause: Any, where: str) -> tuple[Filters | None, bool]:
@@ -446,6 +725,61 @@ def _sort_is_score(sort: Any) -> bool:
     return True
 
 
+BODY_KEYS = frozenset({"query", "size", "from", "_source", "sort", "aggs", "aggregations", "highlight", "suggest",
+                       "post_filter", "search_after", "track_total_hits", "timeout", "explain", "track_scores",
+                       "version"})  # fmt: skip
+# URL parameters that change nothing about which products come back, in what order, or the response's shape
+HARMLESS_PARAMS = frozenset({"pretty", "human", "error_trace", "request_cache", "preference", "search_type",
+                             "allow_no_indices", "ignore_unavailable", "expand_wildcards", "ignore_throttled",
+                             "allow_partial_search_results", "batched_reduce_size", "ccs_minimize_roundtrips",
+                             "max_concurrent_shard_requests", "pre_filter_shard_size", "analyze_wildcard",
+                             "lenient", "track_scores"})  # fmt: skip
+ANSWERED_PARAMS = frozenset({"q", "df", "default_operator", "size", "from", "sort", "_source", "_source_includes",
+                             "_source_excludes", "timeout", "explain", "track_total_hits", "version",
+                             "rest_total_hits_as_int"})  # fmt: skip
+
+
+def _flag(value: Any) -> bool:
+    return value is True or str(value).lower() in ("true", "")
+
+
+def _check_params(params: Mapping[str, str], body: Mapping[str, Any]) -> None:
+    for key in params:
+        if key == "scroll":
+            raise Unsupported("[scroll] scroll contexts are not answered by the pipeline: page with search_after")
+        if key not in HARMLESS_PARAMS and key not in ANSWERED_PARAMS:
+            raise Unsupported(f"[{key}] URL parameter [{key}] is not answered by the shopsearch pipeline")
+    if "q" in params and "query" in body:
+        raise ApiError(400, "give the query in the body or as q, not both", param="q")
+    if "df" in params:
+        _check_fields([params["df"]], "df")
+    if "default_operator" in params and params["default_operator"].lower() != "or":
+        raise Unsupported("[default_operator] operator AND is not answered by the pipeline")
+    if "q" in params and _QUERY_SYNTAX.search(params["q"]):
+        raise Unsupported("[q] query syntax (operators, quotes, fields, wildcards) is not answered by the pipeline")
+
+
+def _sort_list(value: Any, param: str) -> list[Any] | None:
+    """The sort as SearchRequest takes it (None: by relevance), Unsupported for what it cannot sort on."""
+    items = value if isinstance(value, list) else [value]
+    if _sort_is_score(items):
+        return None
+    try:
+        paging.parse_sort(items)
+    except paging.InvalidRequest as err:
+        where = param if err.param is None else f"{param}{err.param.removeprefix('sort')}"
+        raise Unsupported(f"[{where}] {err}") from None
+    return items
+
+
+def _uri_sort(value: str) -> list[Any]:
+    out: list[Any] = []
+    for part in value.split(","):
+        name, _, order = part.partition(":")
+        out.append({name: order} if order else name)
+    return out
+
+
 def translate_search(
     body: Mapping[str, Any] | None,
     params: Mapping[str, str],
@@ -453,7 +787,11 @@ def translate_search(
     *,
     default_deadline_ms: float | None = None,
 ) -> Translated:
-    """A SearchRequest for the pipeline, or Unsupported / ApiError."""
+    """A SearchRequest for the pipeline, or Unsupported / ApiError.
+
+    Every key of the body and of each query clause is either answered with OpenSearch's meaning or
+    refused (Unsupported, naming its JSON path): nothing is silently ignored. Options that only tune
+    OpenSearch's scoring (boost, field ^ weights, tie_breaker) are superseded by the pipeline's ranking."""
     body = dict(body or {})  # the routes have checked it is a JSON object
     refuse_scripts(body, server)
     # paging applies to every search, answered here or upstream
@@ -466,15 +804,31 @@ def translate_search(
     source = parse_source(body.get("_source"), params)
 
     for key in body:
-        if key in {"query", "size", "from", "_source", "sort", "aggs", "aggregations", "highlight", "suggest"}:
-            continue
-        if key in HARMLESS_KEYS:
-            continue
-        raise Unsupported(f"[{key}] is not answered by the shopsearch pipeline")
-    if "sort" in body and not _sort_is_score(body["sort"]):
-        raise Unsupported("sorting by anything but _score is not answered by the shopsearch pipeline")
-    if "sort" in params and params["sort"] not in ("_score", "_score:desc"):
-        raise Unsupported("sorting by anything but _score is not answered by the shopsearch pipeline")
+        if key not in BODY_KEYS:
+            raise Unsupported(f"[{key}] is not answered by the shopsearch pipeline")
+    _check_params(params, body)
+    sort = None
+    if "sort" in body:
+        sort = _sort_list(body["sort"], "sort")
+    elif "sort" in params:
+        sort = _sort_list(_uri_sort(params["sort"]), "sort")
+    search_after: str | None = None
+    if "search_after" in body:
+        after = body["search_after"]
+        if not (isinstance(after, list) and len(after) == 1 and isinstance(after[0], str) and after[0]):
+            raise ApiError(
+                400,
+                "must be the sort value of the last hit a shopsearch answer returned (one opaque string)",
+                param="search_after",
+            )
+        search_after = after[0]
+    track: Any = body.get("track_total_hits", params.get("track_total_hits", True))
+    if isinstance(track, str):
+        track = {"true": True, "false": False}.get(track.lower(), track)
+        if isinstance(track, str):
+            track = _int_param(track, "track_total_hits")
+    if not isinstance(track, bool):
+        track = _int_param(track, "track_total_hits")
 
     texts: list[str] = []
     builder = _FilterBuilder()
@@ -483,8 +837,11 @@ def translate_search(
     elif "q" in params:
         texts.append(params["q"])
     text = " ".join(t.strip() for t in texts if t.strip())
-    if not text:
-        raise Unsupported("the query carries no user text (match, multi_match, query_string, simple_query_string)")
+    query_filters = builder.to_filters()
+    query_contradiction = builder.contradiction
+    query_requirements = list(builder.requirements)
+    if "post_filter" in body:
+        _add_filter(builder, body["post_filter"], "post_filter")
     filters = builder.to_filters()
     if "aggs" in body and "aggregations" in body:
         raise ApiError(400, "give aggs or aggregations, not both", param="aggregations")
@@ -507,32 +864,61 @@ def translate_search(
     if timeout is not None:
         # OpenSearch accepts any timeout ("20m"); above max_deadline_ms the route answers 400 naming it
         deadline_ms = min(parse_time_ms(timeout, "timeout"), MAX_DEADLINE_MS)
-    explain = body.get("explain", params.get("explain", False))
-    explain = explain is True or str(explain).lower() == "true"
-    try:
-        request = SearchRequest.model_validate(
-            {
-                "query": text[:MAX_QUERY_CHARS],  # longer text is cut, never refused
-                "filters": filters,
-                "from": from_,
-                "size": size,
-                "explain": explain,
-                "deadline_ms": deadline_ms,
-                "highlight": highlight if highlight is not None else False,
-            }
-        )
-    except ValidationError as err:  # a value the proxy let through but the model bounds: 400, never 500
-        first = err.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or "body"
-        raise ApiError(400, str(first["msg"]).removeprefix("Value error, "), param=param) from None
+    explain = _flag(body.get("explain", params.get("explain", False)))
+    version = _flag(body.get("version", params.get("version", False)))
+
+    def request_for(found: dict[str, Any] | None, page: int) -> SearchRequest:
+        if not text and found is None:
+            found = {"in_stock": False}  # no restriction: browse every product
+        try:
+            return SearchRequest.model_validate(
+                {
+                    "query": text[:MAX_QUERY_CHARS] or None,  # longer text is cut, never refused
+                    "filters": found,
+                    "from": from_,
+                    "size": page,
+                    "explain": explain,
+                    "deadline_ms": deadline_ms,
+                    "highlight": highlight if highlight is not None else False,
+                    "sort": sort,
+                    "search_after": search_after,
+                    "track_total_hits": track,
+                }
+            )
+        except ValidationError as err:  # a value the proxy let through but the model bounds: 400, never 500
+            first = err.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or "body"
+            raise ApiError(400, str(first["msg"]).removeprefix("Value error, "), param=param) from None
+
+    request = request_for(filters, size)
+    agg_request: SearchRequest | None = None
+    if "post_filter" in body and (aggs is not None):
+        # aggregations count the query's matches; post_filter narrows the hits only
+        agg_request = request_for(query_filters, 0).model_copy(update={"search_after": None, "from_": 0})
     return Translated(
         request=request,
         source=source,
         matches_nothing=builder.contradiction,
-        track_total_hits=body.get("track_total_hits", True),
+        track_total_hits=track,
         aggs=aggs,
         suggest=suggest,
+        agg_request=agg_request,
+        agg_matches_nothing=query_contradiction,
+        requirements=builder.requirements,
+        agg_requirements=query_requirements,
+        total_as_int=_flag(params.get("rest_total_hits_as_int", False)),
+        version=version,
     )
+
+
+def count_request(body: Mapping[str, Any] | None, params: Mapping[str, str], server: ServerSettings) -> Translated:
+    """`_count`: the query's matches counted exactly (only `query` in the body; q in the URL)."""
+    body = dict(body or {})
+    for key in body:
+        if key != "query":
+            raise Unsupported(f"[{key}] is not answered by the shopsearch pipeline in _count")
+    counted = {k: v for k, v in params.items() if k not in ("size", "from", "sort", "track_total_hits")}
+    return translate_search({**body, "size": 0, "track_total_hits": True}, counted, server)
 
 
 # ---------------------------------------------------------------------------------------- responses
@@ -567,10 +953,18 @@ def search_response(
                 }
             hits.append(doc)
     relation = resp.relation if resp is not None else "eq"
+    if hits and resp is not None and resp.next_cursor is not None:
+        hits[-1]["sort"] = [resp.next_cursor]  # search_after: [this value] continues after the last hit
+    if translated.version:
+        for doc in hits:
+            doc["_version"] = 1
     max_score = max((h["_score"] for h in hits), default=None)
+    out_hits: dict[str, Any] = {"max_score": max_score, "hits": hits}
+    if translated.track_total_hits is not False:
+        out_hits["total"] = total if translated.total_as_int else {"value": total, "relation": relation}
     return {
         "took": round(took_ms),
         "timed_out": False,
         "_shards": {"total": 1, "successful": 1, "skipped": 0, "failed": 0},
-        "hits": {"total": {"value": total, "relation": relation}, "max_score": max_score, "hits": hits},
+        "hits": {k: out_hits[k] for k in ("total", "max_score", "hits") if k in out_hits},
     }
