@@ -20,6 +20,7 @@ from middleware.backends.base import Backend, MatchSet, SortKey
 from middleware.budget import Deadline, Stopwatch
 from middleware.config import BusinessSettings, Settings
 from middleware.products import Candidate, Filters
+from middleware.query_expansion import QueryExpander, SynonymStore, synonyms_path
 from middleware.redaction import redact
 from middleware.rerank import PairScorer, QueuedPairScorer, rerank_head
 from middleware.retrieve import QueryEncoder, QueuedQueryEncoder, retrieve
@@ -52,6 +53,7 @@ class Pipeline:
         # top-K rerank is a GPU job: the full reranker is slow per pair on CPU cores
         self.default_rerank_k = settings.rerank_k if settings.rerank_k is not None else (100 if gpu else 20)
         self._executor = ThreadPoolExecutor(max_workers=stage_workers, thread_name_prefix="shopsearch-stage")
+        self.expander = QueryExpander(backend, SynonymStore(synonyms_path(settings)), typos=settings.typo_tolerance)
 
     def with_models(
         self,
@@ -183,6 +185,7 @@ class Pipeline:
             deadline=deadline,
             executor=self._executor,
             watch=watch,
+            expand=self.expander.expand,
         )
         degraded = list(found.degraded)
 
