@@ -200,7 +200,8 @@ class Pipeline:
             knn_hits = self.backend.knn(found.vector, filters, req.retrieve_n or cfg.retrieve_n)
             kept, threshold = paging.above_floor(knn_hits, floor, scale)
             ids = [c.id for c in found.fused if c.bm25 is None]
-            lexical = {c.id for c in found.fused if c.bm25 is not None} | self._lexical_ids(query, filters, ids)
+            lexical = {c.id for c in found.fused if c.bm25 is not None}
+            lexical |= self._lexical_ids(found.lexical_text, filters, ids)
             similarity = {c.id: c.knn for c in kept}
             fused = [c for c in found.fused if c.id in lexical or c.id in similarity]
             for cand in fused:
@@ -211,7 +212,7 @@ class Pipeline:
             if "knn" in found.lists:
                 found.lists["knn"] = kept
             vector_ids = tuple(c.id for c in kept)
-        match = MatchSet(text=query if use_bm25 else "", filters=filters, ids=vector_ids)
+        match = MatchSet(text=found.lexical_text if use_bm25 else "", filters=filters, ids=vector_ids)
 
         # 2. fuse
         t = time.perf_counter()

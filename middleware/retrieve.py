@@ -41,6 +41,7 @@ class Retrieved:
     fused: list[Candidate] | None = None  # set when the backend fused server-side
     vector: np.ndarray | None = None  # the query's embedding, when it was made
     degraded: list[str] = field(default_factory=list)
+    lexical_text: str = ""  # the text the lexical query ran with (the query expanded)
 
 
 class RetrievalFailed(BackendError):
@@ -72,6 +73,7 @@ def retrieve(
         except Exception as err:  # expansion is a refinement: the query as typed still answers
             log.warning("query expansion failed: %s", redact(str(err)))
             out.degraded.append("expand")
+    out.lexical_text = lexical_text
     if use_knn and embed_query is None:
         raise ValueError("vector retrieval needs an embedder (SHOPSEARCH_EMBEDDER is 'none')")
     server_fuses = use_bm25 and use_knn and isinstance(backend, HybridBackend) and backend.fuses_server_side
