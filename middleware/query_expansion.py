@@ -27,15 +27,21 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import regex
 
 from middleware.text import STOPWORDS, fold_han, normalize
 
 if TYPE_CHECKING:
-    from middleware.backends.base import Backend
+    from middleware.backends.base import Backend, TermCount
     from middleware.config import Settings
+
+
+class FuzzyTerms(Protocol):
+    """The one Backend primitive typo tolerance needs."""
+
+    def fuzzy_terms(self, word: str, max_edits: int, n: int) -> list[TermCount]: ...
 
 MAX_RULES = 100_000
 MAX_TERMS_PER_RULE = 64
@@ -231,7 +237,7 @@ def max_edits_for(word: str) -> int:
     return 0 if n <= 4 else 1 if n <= 8 else 2
 
 
-def typo_corrections(backend: Backend, text: str) -> list[str]:
+def typo_corrections(backend: FuzzyTerms, text: str) -> list[str]:
     """Indexed title words nearest to each Latin-script word of `text` that no title word equals."""
     from rapidfuzz.distance import OSA
 

@@ -1,14 +1,21 @@
-"""Query-time synonyms, typo tolerance, pinyin and traditional/simplified folding on a real embedded store."""
+"""Query-time synonyms, typo tolerance, pinyin and traditional/simplified folding on real stores.
+
+Synonyms and typo tolerance are query-time expansion and run on both backends ("opensearch" when
+OPENSEARCH_URL is set); pinyin and folding are the embedded store's analysis only.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from middleware.backends.base import Backend
 from middleware.backends.embedded import EmbeddedBackend
 from middleware.cli import main
 from middleware.config import Settings
@@ -37,15 +44,55 @@ PRODUCTS = [
 ]
 
 
+OPENSEARCH_URL = os.environ.get("OPENSEARCH_URL")
+NO_PLUGIN = (
+    "OpenSearch analysis has no pinyin or traditional/simplified folding without the analysis-pinyin and"
+    " analysis-stconvert plugins, which are not available here: embedded store only"
+)
+
+
 @pytest.fixture
-def store(tmp_path: Path):
+def store(tmp_path: Path) -> Iterator[EmbeddedBackend]:
     backend = EmbeddedBackend(tmp_path / "store")
     backend.upsert(PRODUCTS, None)
     yield backend
     backend.close()
 
 
-def _pipeline(store: EmbeddedBackend, tmp_path: Path, **settings) -> Pipeline:
+@pytest.fixture(params=["embedded", "opensearch"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "embedded":
+        backend = EmbeddedBackend(tmp_path / "store")
+        backend.upsert(PRODUCTS, None)
+        yield backend
+        backend.close()
+        return
+    if not OPENSEARCH_URL:
+        pytest.skip("OPENSEARCH_URL is not set: run through tests/opensearch/with-node")
+    import opensearchpy
+
+    from middleware.backends.opensearch import OpenSearchBackend
+    from tests.test_opensearch_osmem import make_settings
+
+    prefix = f"shopsearch-test-{uuid.uuid4().hex[:8]}"
+    backend = OpenSearchBackend.from_settings(make_settings(OPENSEARCH_URL, index_prefix=prefix))
+    try:
+        backend.upsert(PRODUCTS, None)
+        backend.refresh()
+        yield backend
+    finally:
+        backend.close()
+        client = opensearchpy.OpenSearch(hosts=[OPENSEARCH_URL])
+        client.indices.delete(index=f"{prefix}-v*", ignore=[404])
+        client.close()
+
+
+def _embedded_only(backend: Backend) -> None:
+    if not isinstance(backend, EmbeddedBackend):
+        pytest.skip(NO_PLUGIN)
+
+
+def _pipeline(store: Backend, tmp_path: Path, **settings) -> Pipeline:
     cfg = Settings(data_dir=tmp_path / "data", embedder="none", reranker="none", **settings)
     return Pipeline(cfg, store, owns_backend=False)
 
@@ -89,17 +136,17 @@ def test_typo_edit_distance_scales_with_length():
 # ------------------------------------------------------------------------------------- embedded store
 
 
-def test_misspelt_word_finds_its_indexed_neighbour(store: EmbeddedBackend, tmp_path: Path):
-    assert typo_corrections(store, "sneakrs") == ["sneakers"]
-    assert typo_corrections(store, "sneakers boot") == []  # indexed, or too short to correct
-    pipeline = _pipeline(store, tmp_path)
+def test_misspelt_word_finds_its_indexed_neighbour(any_store: Backend, tmp_path: Path):
+    assert typo_corrections(any_store, "sneakrs") == ["sneakers"]
+    assert typo_corrections(any_store, "sneakers boot") == []  # indexed, or too short to correct
+    pipeline = _pipeline(any_store, tmp_path)
     assert _ids(pipeline, "sneakrs") == ["sneak"]
     assert _ids(pipeline, "televisoin") == ["tv"]
-    assert _ids(_pipeline(store, tmp_path, typo_tolerance=False), "sneakrs") == []
+    assert _ids(_pipeline(any_store, tmp_path, typo_tolerance=False), "sneakrs") == []
 
 
-def test_synonyms_edit_without_reindex(store: EmbeddedBackend, tmp_path: Path):
-    pipeline = _pipeline(store, tmp_path)
+def test_synonyms_edit_without_reindex(any_store: Backend, tmp_path: Path):
+    pipeline = _pipeline(any_store, tmp_path)
     assert _ids(pipeline, "sofa") == []
     path = tmp_path / "data" / "synonyms.json"
     synonyms = SynonymStore(path)
@@ -110,25 +157,27 @@ def test_synonyms_edit_without_reindex(store: EmbeddedBackend, tmp_path: Path):
     assert _ids(pipeline, "sofa") == []
 
 
-def test_replacement_drops_the_replaced_term(store: EmbeddedBackend, tmp_path: Path):
-    pipeline = _pipeline(store, tmp_path)
+def test_replacement_drops_the_replaced_term(any_store: Backend, tmp_path: Path):
+    pipeline = _pipeline(any_store, tmp_path)
     assert _ids(pipeline, "leather") == ["boots"]
     SynonymStore(tmp_path / "data" / "synonyms.json").replace(parse_synonyms(["leather => couch"])[0])
     assert _ids(pipeline, "leather") == ["couch"]
 
 
-def test_pinyin_and_initials_find_chinese_titles(store: EmbeddedBackend, tmp_path: Path):
-    pipeline = _pipeline(store, tmp_path)
+def test_pinyin_and_initials_find_chinese_titles(any_store: Backend, tmp_path: Path):
+    _embedded_only(any_store)
+    pipeline = _pipeline(any_store, tmp_path)
     assert _ids(pipeline, "shouji") == ["phone"]
     assert _ids(pipeline, "sj") == ["phone"]
     assert _ids(pipeline, "shoubiao") == ["watch"]
 
 
-def test_traditional_query_finds_simplified_title(store: EmbeddedBackend, tmp_path: Path):
-    pipeline = _pipeline(store, tmp_path)
+def test_traditional_query_finds_simplified_title(any_store: Backend, tmp_path: Path):
+    _embedded_only(any_store)
+    pipeline = _pipeline(any_store, tmp_path)
     assert _ids(pipeline, "手錶")[0] == "watch"  # the phone shares 手 only, below
     assert _ids(pipeline, "手機")[0] == "phone"
-    store.upsert([Product(id="trad", title="復古 電腦 包")], None)
+    any_store.upsert([Product(id="trad", title="復古 電腦 包")], None)
     assert _ids(pipeline, "电脑")[0] == "trad"
 
 
