@@ -201,16 +201,11 @@ def _converter() -> object:
     return converter
 
 
-@functools.lru_cache(maxsize=100_000)
-def _fold_run(run: str) -> str:
-    return _converter().convert(run)  # type: ignore[attr-defined]
-
-
 def fold_han(text: str) -> str:
     """Traditional Han characters as simplified (手錶 → 手表); text without Han characters unchanged."""
     if not _ANY_HAN.search(text):
         return text
-    return _HAN_RUN.sub(lambda m: _fold_run(m.group()), text)
+    return _converter().convert(text)  # type: ignore[attr-defined]
 
 
 @functools.lru_cache(maxsize=100_000)
@@ -282,10 +277,11 @@ class Analysis:
             boosts |= {"pinyin_title": self.pinyin_boost, "initials_title": self.pinyin_boost}
         return boosts
 
-    def streams(self, text: str, *, query: bool = False) -> dict[str, list[str]]:
+    def streams(self, text: str, *, query: bool = False, pinyin: bool = True) -> dict[str, list[str]]:
         """{"words", "cjk", "uni", "pinyin", "initials"} token lists of one text (`uni` empty unless
         unigrams="field"; `pinyin` and `initials` empty unless pinyin: a document's Han words, a query's
-        Latin words as typed)."""
+        Latin words as typed; `pinyin=False`: leave them empty)."""
+        pinyin_on = self.pinyin and pinyin
         words: list[str] = []
         cjk: list[str] = []
         uni: list[str] = []
@@ -299,7 +295,7 @@ class Analysis:
             run = match.group("cjk")
             if run is None:
                 word = match.group("word")
-                if query and self.pinyin and word.isascii() and word.isalpha():
+                if query and pinyin_on and word.isascii() and word.isalpha():
                     pinyin.append(word)
                     initials.append(word)
                 if self.stopwords != "keep" and word in STOPWORDS:
@@ -318,7 +314,7 @@ class Analysis:
             han_words = list(self._cjk_words(run))
             words.extend(han_words)
             self._cjk_grams(run, cjk, uni)
-            if self.pinyin and not query:
+            if pinyin_on and not query:
                 for han in han_words:
                     full, short = pinyin_of(han)
                     if full:
@@ -373,7 +369,7 @@ class Analysis:
         return fields
 
     def product(self, title: str, body: str) -> dict[str, list[str]]:
-        return self._fields(self.streams(title), self.streams(body))
+        return self._fields(self.streams(title), self.streams(body, pinyin=False))  # pinyin of titles only
 
     def query(self, text: str) -> dict[str, list[str]]:
         distinct = {name: list(dict.fromkeys(tokens)) for name, tokens in self.streams(text, query=True).items()}
