@@ -205,7 +205,11 @@ def fold_han(text: str) -> str:
     """Traditional Han characters as simplified (手錶 → 手表); text without Han characters unchanged."""
     if not _ANY_HAN.search(text):
         return text
-    return _converter().convert(text)  # type: ignore[attr-defined]
+    converter = _converter()
+    try:
+        return converter.convert(text)  # type: ignore[attr-defined]
+    except UnicodeError:  # a lone surrogate cannot cross into OpenCC: convert the Han runs alone
+        return _HAN_RUN.sub(lambda m: converter.convert(m.group()), text)  # type: ignore[attr-defined]
 
 
 @functools.lru_cache(maxsize=100_000)
