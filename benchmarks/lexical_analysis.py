@@ -276,7 +276,7 @@ def speed(titles: list[str], n: int, seed: int, module: Any = text_module) -> di
             description += rng.choice(titles) + " "
         docs.append((title, description[:200]))
     module.analyze_product("预热", "预热 warm")  # loads jieba and the stemmer
-    caches = [getattr(module, name) for name in ("_han_words", "stem") if hasattr(module, name)]
+    caches = [getattr(module, name) for name in ("_han_words", "stem", "pinyin_of") if hasattr(module, name)]
 
     def clear() -> None:
         for cache in caches:
