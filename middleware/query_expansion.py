@@ -43,6 +43,7 @@ class FuzzyTerms(Protocol):
 
     def fuzzy_terms(self, word: str, max_edits: int, n: int) -> list[TermCount]: ...
 
+
 MAX_RULES = 100_000
 MAX_TERMS_PER_RULE = 64
 MAX_TERM_CHARS = 200
