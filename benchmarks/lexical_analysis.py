@@ -10,6 +10,11 @@ positive label). bm25s with its own English stemming and stopwords is the peer o
 Also measures `analyze_product` docs/s on qbqtc titles with a 200-character description, with
 the analysis caches warm and cleared before every document.
 
+Query-time typo tolerance (`middleware.query_expansion.typo_corrections`) is scored on the chosen
+analysis too, its fuzzy term lookup run over the corpus titles' as-typed words (`VocabFuzzy`, the
+embedded store's `fuzzy_terms` over its suggest field), on the queries as given and with one seeded
+typo in one word of each query (`--typo-rate`).
+
     python -m benchmarks.lexical_analysis [--data ../shared/data] [--qbqtc-queries 4000] [--seed 0]
 
 Prints a table and writes benchmarks/results/lexical_analysis.json.
@@ -26,16 +31,18 @@ import platform
 import random
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from middleware import text as text_module
-from middleware.text import ANALYSIS, ANALYSIS_VERSION, Analysis
+from middleware.backends.base import TermCount
+from middleware.query_expansion import typo_corrections
+from middleware.text import ANALYSIS, ANALYSIS_VERSION, Analysis, suggest_terms
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results" / "lexical_analysis.json"
@@ -49,7 +56,7 @@ class Variant:
     analysis: Analysis
 
 
-VARIANTS: list[Variant] = [
+_V2: list[Variant] = [
     Variant(
         "v1 (no stem or split)", Analysis(stem=False, split=False, stopwords="keep", unigrams="all", latin_in_cjk=True)
     ),
@@ -64,6 +71,60 @@ VARIANTS: list[Variant] = [
     Variant("unigram field 0.5", Analysis(unigrams="field", uni_boost=0.5, latin_in_cjk=True)),
     Variant("unigram field 1", Analysis(unigrams="field", uni_boost=1.0, latin_in_cjk=True)),
 ]
+# the rows above as measured before folding and pinyin existed; then each of the two, and both
+VARIANTS: list[Variant] = [Variant(v.name, replace(v.analysis, fold=False, pinyin=False)) for v in _V2] + [
+    Variant("+fold", Analysis(pinyin=False)),
+    Variant("+pinyin 0.5", Analysis(fold=False)),
+    Variant("+fold +pinyin 0.25", Analysis(pinyin_boost=0.25)),
+    Variant("+fold +pinyin 0.5", Analysis()),
+]
+
+
+class VocabFuzzy:
+    """`Backend.fuzzy_terms` over the as-typed title words of a corpus, as the embedded store walks
+    its suggest field: same first letter, optimal-string-alignment distance, nearest then most frequent."""
+
+    def __init__(self, titles: list[str]) -> None:
+        from rapidfuzz.distance import OSA
+
+        self.osa = OSA
+        counts = Counter(term for title in titles for term in suggest_terms(title))
+        self.by_first: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for term, count in counts.items():
+            self.by_first[term[0]].append((term, count))
+
+    def fuzzy_terms(self, word: str, max_edits: int, n: int) -> list[TermCount]:
+        scored = []
+        for term, count in self.by_first.get(word[:1], ()):
+            distance = self.osa.distance(word, term, score_cutoff=max_edits)
+            if distance <= max_edits:
+                scored.append((distance, -count, term))
+        scored.sort()
+        return [TermCount(term, -negative) for _, negative, term in scored[:n]]
+
+
+def with_typos(queries: dict[str, str], rate: float, seed: int) -> dict[str, str]:
+    """Each query, with probability `rate`, with one edit (drop, swap, double a letter) inside one of
+    its Latin words of 5 letters or more, never the first letter."""
+    rng = random.Random(seed)
+    out = {}
+    for qid, text in sorted(queries.items()):
+        words = text.split(" ")
+        long = [i for i, w in enumerate(words) if len(w) >= 5 and w.isascii() and w.isalpha()]
+        if long and rng.random() < rate:
+            i = rng.choice(long)
+            w = words[i]
+            j = rng.randrange(1, len(w) - 1)
+            edit = rng.choice(("drop", "swap", "double"))
+            if edit == "drop":
+                w = w[:j] + w[j + 1 :]
+            elif edit == "swap":
+                w = w[:j] + w[j + 1] + w[j] + w[j + 2 :]
+            else:
+                w = w[:j] + w[j] + w[j:]
+            words[i] = w
+        out[qid] = " ".join(words)
+    return out
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -133,15 +194,34 @@ class TantivyIndex:
 
 
 def evaluate(
-    analysis: Analysis, corpus: list[dict], queries: dict[str, str], qrels: dict[str, dict[str, float]]
+    analysis: Analysis,
+    corpus: list[dict],
+    queries: dict[str, str],
+    qrels: dict[str, dict[str, float]],
+    fuzzy: VocabFuzzy | None = None,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     docs = [analysis.product(d["title"], d.get("text") or "") for d in corpus]
     analysed = time.perf_counter()
     index = TantivyIndex(docs, [d["_id"] for d in corpus], analysis.field_boosts)
     indexed = time.perf_counter()
-    scores = [ndcg10(index.search(analysis.query(queries[q])), gains) for q, gains in qrels.items()]
+    runs = {"": queries}
+    if fuzzy is not None:
+        runs["typos"] = {q: queries[q] + " " + " ".join(typo_corrections(fuzzy, queries[q])) for q in qrels}
+    results = {
+        name: [ndcg10(index.search(analysis.query(texts[q])), gains) for q, gains in qrels.items()]
+        for name, texts in runs.items()
+    }
+    scores = results[""]
     done = time.perf_counter()
+    if fuzzy is not None:
+        changed = sum(runs["typos"][q].strip() != queries[q].strip() for q in qrels)
+        return {
+            "ndcg@10": round(sum(scores) / len(scores), 4),
+            "ndcg@10 typo tolerance": round(sum(results["typos"]) / len(scores), 4),
+            "queries expanded": changed,
+            "queries": len(scores),
+        }
     return {
         "ndcg@10": round(sum(scores) / len(scores), 4),
         "queries": len(scores),
@@ -196,7 +276,7 @@ def speed(titles: list[str], n: int, seed: int, module: Any = text_module) -> di
             description += rng.choice(titles) + " "
         docs.append((title, description[:200]))
     module.analyze_product("预热", "预热 warm")  # loads jieba and the stemmer
-    caches = [getattr(module, name) for name in ("_han_words", "stem") if hasattr(module, name)]
+    caches = [getattr(module, name) for name in ("_han_words", "stem", "pinyin_of") if hasattr(module, name)]
 
     def clear() -> None:
         for cache in caches:
@@ -238,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         help="an older middleware/text.py to time beside the current one (git show REV:middleware/text.py > FILE)",
     )
     parser.add_argument("--skip-quality", action="store_true", help="only the analyze_product speed")
+    parser.add_argument("--typo-rate", type=float, default=0.5, help="share of queries given one typo (typo rows)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -254,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(Variant("chosen (middleware.text.ANALYSIS)", ANALYSIS))
     rows: list[dict[str, Any]] = []
     peer: dict[str, Any] = {}
+    typo_rows: list[dict[str, Any]] = []
     if not args.skip_quality:
         print(f"{'variant':<36} {'homedepot':>9} {'qbqtc':>7}  seconds (analyse+index+search)")
         for variant in variants:
@@ -269,6 +351,16 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{variant.name + mark:<36} {row['homedepot']['ndcg@10']:>9.4f} {row['qbqtc']['ndcg@10']:>7.4f}  {secs}"
             )
+        print("\ntypo tolerance, chosen analysis: nDCG@10 without / with")
+        for dataset, (corpus, queries, qrels) in (("homedepot", hd), ("qbqtc", qb)):
+            fuzzy = VocabFuzzy([d["title"] for d in corpus])
+            for label, texts in (("as given", queries), ("with typos", with_typos(queries, args.typo_rate, args.seed))):
+                got = evaluate(ANALYSIS, corpus, texts, qrels, fuzzy)
+                typo_rows.append({"dataset": dataset, "queries_text": label, **got})
+                print(
+                    f"{dataset:<10} {label:<11} {got['ndcg@10']:.4f} / {got['ndcg@10 typo tolerance']:.4f}"
+                    f"  ({got['queries expanded']} of {got['queries']} queries expanded)"
+                )
         peer = bm25s_peer(*hd)
         print(f"{'bm25s + stem + stopwords (peer)':<36} {peer['ndcg@10']:>9.4f} {'-':>7}  homedepot: {peer['total_s']}")
     titles = [d["title"] for d in qb_corpus]
@@ -295,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "field_boosts": ANALYSIS.field_boosts,
         "queries": {"homedepot": len(hd[2]), "qbqtc": len(qb_qrels), "qbqtc_seed": args.seed},
         "variants": rows,
+        "typo_tolerance": {"typo_rate": args.typo_rate, "rows": typo_rows},
         "bm25s_peer_homedepot": peer,
         "analyze_product_speed": timing,
         "python": sys.version.split()[0],

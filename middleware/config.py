@@ -182,6 +182,10 @@ class Settings(BaseSettings):
     # storage
     backend: Literal["embedded", "opensearch"] = "embedded"
     data_dir: Path = Path("./shopsearch-data")
+    # query-time lexical expansion: the synonym set's JSON file (None: synonyms.json in data_dir), and
+    # typo tolerance (a Latin-script word no title word equals also looks for its nearest title words)
+    synonyms_file: Path | None = None
+    typo_tolerance: bool = True
     opensearch: OpenSearchSettings = Field(default_factory=OpenSearchSettings)
 
     # models: a hub id, a local directory, or "none" to disable the stage

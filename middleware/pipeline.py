@@ -22,6 +22,7 @@ from middleware.backends.base import Backend, MatchSet, SortKey
 from middleware.budget import Deadline, Stopwatch
 from middleware.config import BusinessSettings, Settings
 from middleware.products import Candidate, Filters
+from middleware.query_expansion import QueryExpander, SynonymStore, synonyms_path
 from middleware.redaction import redact
 from middleware.rerank import PairScorer, QueuedPairScorer, rerank_head
 from middleware.retrieve import QueryEncoder, QueuedQueryEncoder, retrieve
@@ -57,6 +58,7 @@ class Pipeline:
         # top-K rerank is a GPU job: the full reranker is slow per pair on CPU cores
         self.default_rerank_k = settings.rerank_k if settings.rerank_k is not None else (100 if gpu else 20)
         self._executor = ThreadPoolExecutor(max_workers=stage_workers, thread_name_prefix="shopsearch-stage")
+        self.expander = QueryExpander(backend, SynonymStore(synonyms_path(settings)), typos=settings.typo_tolerance)
 
     def with_models(
         self,
@@ -197,6 +199,7 @@ class Pipeline:
             deadline=deadline,
             executor=self._executor,
             watch=watch,
+            expand=self.expander.expand,
         )
         degraded = list(found.degraded)
 
@@ -211,7 +214,8 @@ class Pipeline:
             knn_hits = self.backend.knn(found.vector, filters, req.retrieve_n or cfg.retrieve_n)
             kept, threshold = paging.above_floor(knn_hits, floor, scale)
             ids = [c.id for c in found.fused if c.bm25 is None]
-            lexical = {c.id for c in found.fused if c.bm25 is not None} | self._lexical_ids(query, filters, ids)
+            lexical = {c.id for c in found.fused if c.bm25 is not None}
+            lexical |= self._lexical_ids(found.lexical_text, filters, ids)
             similarity = {c.id: c.knn for c in kept}
             fused = [c for c in found.fused if c.id in lexical or c.id in similarity]
             for cand in fused:
@@ -222,7 +226,7 @@ class Pipeline:
             if "knn" in found.lists:
                 found.lists["knn"] = kept
             vector_ids = tuple(c.id for c in kept)
-        match = MatchSet(text=query if use_bm25 else "", filters=filters, ids=vector_ids)
+        match = MatchSet(text=found.lexical_text if use_bm25 else "", filters=filters, ids=vector_ids)
 
         # 2. fuse
         t = time.perf_counter()

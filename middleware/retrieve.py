@@ -41,6 +41,7 @@ class Retrieved:
     fused: list[Candidate] | None = None  # set when the backend fused server-side
     vector: np.ndarray | None = None  # the query's embedding, when it was made
     degraded: list[str] = field(default_factory=list)
+    lexical_text: str = ""  # the text the lexical query ran with (the query expanded)
 
 
 class RetrievalFailed(BackendError):
@@ -59,15 +60,25 @@ def retrieve(
     deadline: Deadline,
     executor: Executor,
     watch: Stopwatch,
+    expand: Callable[[str], str] | None = None,
 ) -> Retrieved:
-    """`embed_query(text)`: a future of the query's vectors (one row); None without an embedder."""
+    """`embed_query(text)`: a future of the query's vectors (one row); None without an embedder.
+    `expand(text)`: the lexical query's text (synonyms, typo corrections); the vector query keeps `text`."""
     out = Retrieved()
     started = time.perf_counter()
+    lexical_text = text
+    if use_bm25 and expand is not None:
+        try:
+            lexical_text = expand(text)
+        except Exception as err:  # expansion is a refinement: the query as typed still answers
+            log.warning("query expansion failed: %s", redact(str(err)))
+            out.degraded.append("expand")
+    out.lexical_text = lexical_text
     if use_knn and embed_query is None:
         raise ValueError("vector retrieval needs an embedder (SHOPSEARCH_EMBEDDER is 'none')")
     server_fuses = use_bm25 and use_knn and isinstance(backend, HybridBackend) and backend.fuses_server_side
     # with server-side fusion the hybrid query carries BM25: a separate one is sent only if it fails
-    bm25_future = executor.submit(backend.bm25, text, filters, n) if use_bm25 and not server_fuses else None
+    bm25_future = executor.submit(backend.bm25, lexical_text, filters, n) if use_bm25 and not server_fuses else None
 
     vector = None
     if use_knn:
@@ -85,14 +96,14 @@ def retrieve(
     out.vector = vector
     if vector is not None and server_fuses:
         assert isinstance(backend, HybridBackend)
-        hybrid = executor.submit(backend.hybrid, text, vector, filters, n)
+        hybrid = executor.submit(backend.hybrid, lexical_text, vector, filters, n)
         _collect(out, "hybrid", hybrid, deadline, reserve_s=FALLBACK_SHARE * deadline.budget_s)
         if "hybrid" not in out.degraded:
             watch.record("retrieve", started)
             return out
         # server-side fusion failed: "hybrid" stays degraded, the two plain queries below answer
     if server_fuses:
-        bm25_future = executor.submit(backend.bm25, text, filters, n)
+        bm25_future = executor.submit(backend.bm25, lexical_text, filters, n)
 
     knn_future = executor.submit(backend.knn, vector, filters, n) if vector is not None else None
     if bm25_future is not None:

@@ -12,6 +12,12 @@ and whitespace. Three token streams come out of one pass over the text:
 - uni: every CJK character, in fields of their own with half the bigram fields' boost, so that a
   shared character adds recall without outweighing a shared bigram (a query 手机壳 ranks 手机
   products above a 手表 that only shares 手).
+- pinyin / initials (titles only): each Han word of a document's title as toneless pinyin ("手机" →
+  "shouji") and as its initials ("sj"); a query's Latin words as typed (lower-cased, unstemmed) are
+  looked up there. Low-boost fields: a pinyin match never outranks a real one.
+
+Traditional Han characters are folded to simplified (OpenCC t2s) before any of this, in documents
+and queries alike, so 手錶 and 手表 are the same tokens.
 
 Tokens never contain whitespace, so a field stored space-joined and read back by a whitespace
 tokenizer is indexed exactly as analysed here.
@@ -183,6 +189,40 @@ def normalize(text: str) -> str:
     return unicodedata.normalize("NFKC", text)
 
 
+_ANY_HAN = regex.compile(r"\p{Han}")
+
+
+def _converter() -> object:
+    converter = getattr(_local, "t2s", None)
+    if converter is None:
+        import opencc
+
+        converter = _local.t2s = opencc.OpenCC("t2s")
+    return converter
+
+
+def fold_han(text: str) -> str:
+    """Traditional Han characters as simplified (手錶 → 手表); text without Han characters unchanged."""
+    if not _ANY_HAN.search(text):
+        return text
+    converter = _converter()
+    try:
+        return converter.convert(text)  # type: ignore[attr-defined]
+    except UnicodeError:  # a lone surrogate cannot cross into OpenCC: convert the Han runs alone
+        return _HAN_RUN.sub(lambda m: converter.convert(m.group()), text)  # type: ignore[attr-defined]
+
+
+@functools.lru_cache(maxsize=100_000)
+def pinyin_of(word: str) -> tuple[str, str]:
+    """A Han word's toneless pinyin and initials ("手机" → ("shouji", "sj")); ("", "") for non-Han words."""
+    if not _ANY_HAN.search(word):
+        return "", ""
+    from pypinyin import Style, lazy_pinyin
+
+    syllables = [s for s in lazy_pinyin(word, style=Style.NORMAL, errors="ignore") if s.isascii() and s.isalpha()]
+    return "".join(syllables), "".join(s[0] for s in syllables)
+
+
 def word_parts(word: str) -> list[str]:
     """A lower-cased non-CJK word split at letter/digit boundaries, its letter parts stemmed."""
     return [stem(p) if _LETTER.match(p) else p for p in _PART.findall(word)]
@@ -200,6 +240,8 @@ class Analysis:
     `unigrams`: "lone" gives a CJK unigram only for a run of one character; "all" gives every
     character of every run as well; "field" puts every character in separate `uni_*` fields.
     `latin_in_cjk`: the cjk stream repeats the words stream's non-CJK word parts.
+    `fold`: fold traditional Han characters to simplified. `pinyin`: index title Han words' pinyin
+    and initials (fields `pinyin_title`, `initials_title`, boost `pinyin_boost`).
     `words_boost`, `cjk_boost`, `uni_boost`: each stream's title field boost (its body field: half).
     """
 
@@ -212,12 +254,15 @@ class Analysis:
     words_boost: float = 2.0
     cjk_boost: float = 2.0
     uni_boost: float = 1.0
+    fold: bool = True
+    pinyin: bool = True
+    pinyin_boost: float = 0.5
 
     def __post_init__(self) -> None:
         for name, allowed in (("stopwords", ("index", "drop", "keep")), ("unigrams", ("lone", "all", "field"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("words_boost", "cjk_boost", "uni_boost"):
+        for name in ("words_boost", "cjk_boost", "uni_boost", "pinyin_boost"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -232,18 +277,31 @@ class Analysis:
         }
         if self.unigrams == "field":
             boosts |= {"uni_title": self.uni_boost, "uni_body": self.uni_boost / 2}
+        if self.pinyin:
+            boosts |= {"pinyin_title": self.pinyin_boost, "initials_title": self.pinyin_boost}
         return boosts
 
-    def streams(self, text: str, *, query: bool = False) -> dict[str, list[str]]:
-        """{"words": [...], "cjk": [...], "uni": [...]} of one text (`uni` empty unless unigrams="field")."""
+    def streams(self, text: str, *, query: bool = False, pinyin: bool = True) -> dict[str, list[str]]:
+        """{"words", "cjk", "uni", "pinyin", "initials"} token lists of one text (`uni` empty unless
+        unigrams="field"; `pinyin` and `initials` empty unless pinyin: a document's Han words, a query's
+        Latin words as typed; `pinyin=False`: leave them empty)."""
+        pinyin_on = self.pinyin and pinyin
         words: list[str] = []
         cjk: list[str] = []
         uni: list[str] = []
         stops: list[str] = []
-        for match in _CJK_RUN_OR_WORD.finditer(normalize(text).lower()) if text else ():
+        pinyin: list[str] = []
+        initials: list[str] = []
+        text = normalize(text).lower() if text else ""
+        if self.fold:
+            text = fold_han(text)
+        for match in _CJK_RUN_OR_WORD.finditer(text):
             run = match.group("cjk")
             if run is None:
                 word = match.group("word")
+                if query and pinyin_on and word.isascii() and word.isalpha():
+                    pinyin.append(word)
+                    initials.append(word)
                 if self.stopwords != "keep" and word in STOPWORDS:
                     if query:
                         stops.append(word)
@@ -257,11 +315,18 @@ class Analysis:
                 if self.latin_in_cjk:
                     cjk.extend(parts)
                 continue
-            words.extend(self._cjk_words(run))
+            han_words = list(self._cjk_words(run))
+            words.extend(han_words)
             self._cjk_grams(run, cjk, uni)
+            if pinyin_on and not query:
+                for han in han_words:
+                    full, short = pinyin_of(han)
+                    if full:
+                        pinyin.append(full)
+                        initials.append(short)
         if stops and not words and not cjk and self.stopwords == "index":
             words.extend(stops)  # a query of stopwords only ("the who") still matches them
-        return {"words": words, "cjk": cjk, "uni": uni}
+        return {"words": words, "cjk": cjk, "uni": uni, "pinyin": pinyin, "initials": initials}
 
     def _parts(self, word: str) -> list[str]:
         if self.stem and self.split:
@@ -303,10 +368,12 @@ class Analysis:
         }
         if self.unigrams == "field":
             fields |= {"uni_title": title["uni"], "uni_body": body["uni"]}
+        if self.pinyin:
+            fields |= {"pinyin_title": title["pinyin"], "initials_title": title["initials"]}
         return fields
 
     def product(self, title: str, body: str) -> dict[str, list[str]]:
-        return self._fields(self.streams(title), self.streams(body))
+        return self._fields(self.streams(title), self.streams(body, pinyin=False))  # pinyin of titles only
 
     def query(self, text: str) -> dict[str, list[str]]:
         distinct = {name: list(dict.fromkeys(tokens)) for name, tokens in self.streams(text, query=True).items()}
@@ -333,7 +400,7 @@ def cjk_tokens(text: str) -> list[str]:
 # space-joined), scored by BM25 per field and summed with FIELD_BOOSTS. Changing any analysis or
 # field changes ANALYSIS_VERSION, which makes a store rebuild its lexical index from its products.
 
-ANALYSIS_VERSION = 2
+ANALYSIS_VERSION = 3
 FIELD_BOOSTS: dict[str, float] = ANALYSIS.field_boosts
 LEXICAL_FIELDS: tuple[str, ...] = tuple(FIELD_BOOSTS)
 
@@ -348,7 +415,7 @@ def analyze_query(text: str) -> dict[str, list[str]]:
     return ANALYSIS.query(text)
 
 
-_AS_TYPED = Analysis(stem=False, split=False, stopwords="drop")
+_AS_TYPED = Analysis(stem=False, split=False, stopwords="drop", pinyin=False)
 
 
 def suggest_terms(title: str) -> list[str]:

@@ -132,6 +132,22 @@ def test_full_width_forms_are_folded() -> None:
     assert "words_title" in matching_fields("ＩＰＨＯＮＥ１５", "iPhone 15")
 
 
+def test_traditional_characters_fold_to_simplified() -> None:
+    assert analyze_query("手錶 電腦") == analyze_query("手表 电脑")
+    assert analyze_product("復古手錶", "") == analyze_product("复古手表", "")
+    assert Analysis(fold=False).query("手錶")["cjk_title"] == ["手錶"]
+
+
+def test_pinyin_and_initials_of_title_words() -> None:
+    product = analyze_product("华为手机 Mate", "苹果")
+    assert product["pinyin_title"] == ["huawei", "shouji"] and product["initials_title"] == ["hw", "sj"]
+    query = analyze_query("Shouji SJ")
+    assert query["pinyin_title"] == ["shouji", "sj"] and query["initials_title"] == ["shouji", "sj"]
+    assert analyze_query("手机")["pinyin_title"] == []  # Han queries match Han tokens, never homophones
+    assert FIELD_BOOSTS["pinyin_title"] < FIELD_BOOSTS["uni_title"] < FIELD_BOOSTS["words_title"]
+    assert "pinyin_title" not in Analysis(pinyin=False).field_boosts
+
+
 @pytest.mark.parametrize("analyse", [jieba_tokens, cjk_tokens])
 @pytest.mark.parametrize("blank", ["", "   ", "，。！？", "!!! --- ***", "😀🎁", "\x00\t\n"])
 def test_no_tokens_from_blank_or_punctuation(analyse, blank: str) -> None:

@@ -11,7 +11,17 @@ from collections.abc import Sequence
 from middleware import __version__
 
 # each module exposes register(subparsers); its handler (set as `func`) returns an exit code
-SUBCOMMAND_MODULES: tuple[str, ...] = ("search", "eval", "index", "opensearch", "serve", "tune", "models", "rules")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "search",
+    "eval",
+    "index",
+    "opensearch",
+    "serve",
+    "tune",
+    "models",
+    "rules",
+    "synonyms",
+)
 
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad usage or bad input (argparse uses 2 as well)

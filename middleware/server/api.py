@@ -296,6 +296,45 @@ async def delete_product(product_id: str, request: Request) -> dict[str, Any]:
     return {"deleted": deleted}
 
 
+# ------------------------------------------------------------------------------------------ synonyms
+
+
+class SynonymsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rules: list[str] = Field(
+        max_length=100_000, description='Solr-format lines: "a, b, c" (equivalent) or "a, b => c" (replacement)'
+    )
+
+
+def _synonym_store(state: ServiceState) -> Any:
+    from middleware.query_expansion import SynonymStore, synonyms_path
+
+    return SynonymStore(synonyms_path(state.settings))
+
+
+@router.get("/v1/synonyms", tags=["synonyms"])
+async def get_synonyms(request: Request) -> dict[str, Any]:
+    """The query-time synonym set, one Solr line per rule."""
+    state = get_state(request)
+    _writes_enabled(state)
+    rules = _synonym_store(state).lines()
+    return {"rules": rules, "count": len(rules)}
+
+
+@router.put("/v1/synonyms", tags=["synonyms"])
+async def put_synonyms(body: SynonymsBody, request: Request) -> dict[str, Any]:
+    """Replace the synonym set; every worker's next query uses it (no reindex). Off unless server.enable_writes."""
+    from middleware.query_expansion import parse_synonyms
+
+    state = get_state(request)
+    _writes_enabled(state)
+    rules, errors = parse_synonyms(body.rules)
+    if errors:
+        err = errors[0]
+        raise ApiError(400, f"rules[{err.line - 1}]: {err.message}", param=f"rules[{err.line - 1}]")
+    return {"rules": _synonym_store(state).replace(rules)}
+
+
 @router.post("/v1/signals", tags=["products"])
 async def update_signals(body: SignalsBody, request: Request) -> dict[str, Any]:
     """Price / sales / stock changes: no re-embedding, no rerank-cache change."""
