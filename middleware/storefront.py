@@ -1,8 +1,8 @@
 """The storefront response stage: facet counts, highlighted fragments, and the autocomplete source
 of popular past queries.
 
-Facets are counted over the set the response counts (`counted_match`): the lexical matches after
-filters plus the vector hits the response ranked. Faceting is disjunctive unless the request turns
+Facets are counted over the set the response's total counts (the pipeline's match set): the lexical
+matches after filters plus the vector hits above the similarity floor. Faceting is disjunctive unless the request turns
 it off: a facet's own filter (brand for the brand facet, category for category, the price bounds for
 price) is left out of its counts, so a shopper who picked one brand still sees the other brands'
 counts. The vector part of a relaxed count is the hits retrieved under the full filters (the other
@@ -29,7 +29,7 @@ from middleware.backends.base import (
     MatchSet,
     TermCount,
 )
-from middleware.products import Candidate, Filters
+from middleware.products import Filters
 from middleware.schema import (
     FacetRequest,
     HighlightRequest,
@@ -114,13 +114,6 @@ def facet_plan(facets: Sequence[str | FacetRequest] | None) -> list[NamedFacet]:
         seen.add(name)
         plan.append(NamedFacet(name, spec))
     return plan
-
-
-def counted_match(query: str, filters: Filters | None, candidates: Sequence[Candidate], *, lexical: bool) -> MatchSet:
-    """The set the response counts: products matching the query lexically (when BM25 was asked for)
-    after filters, plus the vector hits among the retrieved candidates. The one place that decides it."""
-    ids = tuple(c.id for c in candidates if c.knn is not None or "knn" in c.ranks)
-    return MatchSet(text=query if lexical else "", filters=filters, ids=ids)
 
 
 def _relaxed(filters: Filters | None, field: str) -> Filters | None:
