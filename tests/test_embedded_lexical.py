@@ -197,3 +197,20 @@ def test_parallel_analysis_gives_the_tokens_of_in_process_analysis(tmp_path: Pat
     with EmbeddedBackend(tmp_path, analysis_workers=2) as store:
         store.upsert(products, None)
         assert ids(store, "iphone") == ["x"] and len(store.bm25("款式", None, 1000)) == 300
+
+
+def test_search_results_carry_the_stored_product_after_any_process_changes_it(tmp_path: Path) -> None:
+    """Parsed products are cached per process; a write anywhere (signals included) is seen at once."""
+    first, second = EmbeddedBackend(tmp_path), EmbeddedBackend(tmp_path)
+    try:
+        first.upsert(catalog(10), None)
+        before = {c.id: c.product.price for c in first.bm25("手表", None, 10)}
+        assert before == {"p0": 10.0, "p5": 15.0}
+        second.update_signals([SignalUpdate(id="p0", price=99.0)])  # another store instance: its own cache
+        assert {c.id: c.product.price for c in first.bm25("手表", None, 10)}["p0"] == 99.0
+        first.update_signals([SignalUpdate(id="p5", stock=0, price=1.0)])
+        hit = {c.id: c.product for c in first.bm25("手表", None, 10)}["p5"]
+        assert (hit.price, hit.stock) == (1.0, 0)
+    finally:
+        first.close()
+        second.close()

@@ -13,10 +13,12 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from cachetools import LRUCache
 
 from middleware.backends.base import (
     NO_EMBEDDER,
@@ -63,6 +65,7 @@ class EmbeddedBackend:
         *,
         field_boosts: dict[str, float] | None = None,  # query-time BM25 boost per lexical field (text.FIELD_BOOSTS)
         analysis_workers: int | None = None,  # processes analysing large write batches (None: one per core)
+        product_cache_size: int = 20_000,  # parsed products kept per process for search results
         hnsw_threshold: int = 50_000,
         hnsw_m: int = 32,
         hnsw_ef_construction: int = 128,
@@ -87,6 +90,9 @@ class EmbeddedBackend:
         )
         self.lexical = TantivyLexicalIndex(self.data_dir, self.store.reader, field_boosts=field_boosts)
         self._writes = 0
+        self._product_cache: LRUCache[int, Product] = LRUCache(maxsize=product_cache_size)
+        self._cache_generation = -1
+        self._cache_lock = threading.Lock()
         workers = (os.cpu_count() or 1) if analysis_workers is None else analysis_workers
         self._analysis = ParallelAnalysis(workers if workers >= 2 else 0)
         self.vectors = VectorIndex(
@@ -360,13 +366,32 @@ class EmbeddedBackend:
             return []
         hits = self.lexical.search(query, n)
         with self.store.reader() as conn:
-            products = self.store.products_by_pk(conn, [pk for pk, _ in hits])
+            products = self._products_by_pk(conn, [pk for pk, _ in hits])
         out: list[Candidate] = []
         for pk, score in hits:
             product = products.get(pk)
             if product is not None:  # deleted since the index was searched
                 out.append(Candidate(id=product.id, product=product, bm25=score, ranks={"bm25": len(out) + 1}))
         return out
+
+    def _products_by_pk(self, conn: sqlite3.Connection, pks: list[int]) -> dict[int, Product]:
+        """Rows by pk, parsed products kept in a per-process cache: parsing the JSON of the top hits
+        was most of a BM25 call. Every write bumps the lexical generation, so a cache read at another
+        generation than the store's is dropped: a cached product is exactly the stored one."""
+        generation = self.store.meta_int(LEXICAL_GENERATION, conn) or 0
+        with self._cache_lock:
+            if generation != self._cache_generation:
+                self._product_cache.clear()
+                self._cache_generation = generation
+            found = {pk: self._product_cache[pk] for pk in pks if pk in self._product_cache}
+        missing = [pk for pk in pks if pk not in found]
+        if missing:
+            fetched = self.store.products_by_pk(conn, missing)
+            with self._cache_lock:
+                if generation == self._cache_generation:
+                    self._product_cache.update(fetched)
+            found.update(fetched)
+        return found
 
     def knn(self, vector: np.ndarray, filters: Filters | None, n: int) -> list[Candidate]:
         """Exact (flat) or HNSW inner-product top-n among the products matching `filters`."""
@@ -388,7 +413,7 @@ class EmbeddedBackend:
                         if self.vectors.ntotal:
                             allowed = None if filters is None else self.store.filtered_pks(conn, filters)
                             hits = self.vectors.search(query, allowed, n)
-                        products = self.store.products_by_pk(conn, [pk for pk, _ in hits])
+                        products = self._products_by_pk(conn, [pk for pk, _ in hits])
                     break
             with self.vectors.lock.write():  # another process wrote, or a failed update: catch up
                 self.vectors.catch_up(self.store.generation())
