@@ -19,9 +19,10 @@ lexical generation). Every process searches; a process that does not own the wri
 reader when the stamp moves, and takes the writer over when its owner is gone.
 
 Commits are coalesced: a tantivy commit fsyncs, a fixed cost per commit that would dominate bulk
-loads. Applied changes are committed when the writes pause (`idle_commit_s`), at the latest
-`max_commit_delay_s` after the first one, and at once before this process searches, so a process
-always finds its own writes. Caveat: the first search after a write pays for that commit.
+loads. Applied changes are committed when the writes pause (`idle_commit_s`, longer than the gap
+between a bulk load's batches), at the latest `max_commit_delay_s` after the first one (which bounds
+how late other processes see a write), and at once before this process searches, so a process always
+finds its own writes. Caveat: the first search after a write pays for that commit.
 
 Queries are built from tokens (term queries), never parsed: user text cannot become query syntax.
 Filters are non-scoring clauses inside the same query, so BM25 top-n is over the filtered set.
@@ -265,8 +266,8 @@ class TantivyLexicalIndex:
         reader: Callable[[], contextlib.AbstractContextManager[sqlite3.Connection]],
         *,
         poll_interval_s: float = 0.05,
-        idle_commit_s: float = 0.1,
-        max_commit_delay_s: float = 5.0,
+        idle_commit_s: float = 0.3,
+        max_commit_delay_s: float = 0.8,
         writer_heap_bytes: int = 64_000_000,
         writer_threads: int = 1,
         field_boosts: dict[str, float] | None = None,
