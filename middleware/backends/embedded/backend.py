@@ -594,12 +594,17 @@ class EmbeddedBackend:
         folded = normalize(word).strip().casefold()
         if not folded or len(folded) > MAX_TERM_CHARS:
             return []
-        scored = []
-        for term, count in self.lexical.terms_with_prefix(SUGGEST_FIELD, folded[0], None):
+        # walk the letter's terms by their dictionary frequencies (cheap), count the few near ones exactly
+        near = []
+        for term, _ in self.lexical.terms_with_prefix(SUGGEST_FIELD, folded[0], None, exact=False):
             distance = OSA.distance(folded, term, score_cutoff=max_edits)
             if distance <= max_edits:
-                scored.append((distance, -count, term))
-        scored.sort()
+                near.append((distance, term))
+        scored = sorted(
+            (distance, -count, term)
+            for distance, term in near
+            if (count := self.lexical.live_doc_freq(SUGGEST_FIELD, term)) > 0
+        )
         return [TermCount(term, -negative) for _, negative, term in scored[: min(n, MAX_TERMS)]]
 
     def iter_ids(self) -> Iterator[str]:

@@ -647,10 +647,22 @@ class TantivyLexicalIndex:
     def count(self, query: tantivy.Query) -> int:
         return int(self._searcher().search(query, limit=1, count=True).count)
 
-    def terms_with_prefix(self, field: str, prefix: str, limit: int | None) -> list[tuple[str, int]]:
-        """(term, documents holding it), most frequent first; deleted documents are not counted."""
-        found = self._searcher().terms_with_prefix(field, prefix, filter_query=tantivy.Query.all_query(), limit=limit)
+    def terms_with_prefix(
+        self, field: str, prefix: str, limit: int | None, *, exact: bool = True
+    ) -> list[tuple[str, int]]:
+        """(term, documents holding it), most frequent first. `exact`: deleted documents are not counted
+        (each term's postings are walked); else the term dictionary's document frequencies, which count
+        deleted documents until their segment merges, and cost nothing per term."""
+        searcher = self._searcher()
+        if exact:
+            found = searcher.terms_with_prefix(field, prefix, filter_query=tantivy.Query.all_query(), limit=limit)
+        else:
+            found = searcher.terms_with_prefix(field, prefix, limit=limit)
         return [(str(t), int(c)) for t, c in found if c > 0]
+
+    def live_doc_freq(self, field: str, term: str) -> int:
+        """Documents holding `term`, deleted ones not counted."""
+        return self.count(tantivy.Query.term_query(self._schema, field, term))
 
     def num_docs(self) -> int:
         return int(self._searcher().num_docs)
