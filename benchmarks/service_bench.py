@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,27 +225,9 @@ def run(quick: bool, output_dir: Path, *, models: str | None = None) -> dict[str
         (data_dir / "done").write_text("ok")
 
     per_scenario = (lambda c: max(2 * c, 8)) if full else (lambda c: 40 if quick else 200)
-    base_env = {
-        "SHOPSEARCH_BACKEND": "embedded",
-        "SHOPSEARCH_DATA_DIR": str(data_dir),
-        "SHOPSEARCH_EMBEDDER": str(bench_models.embedder),
-        "SHOPSEARCH_RERANKER": str(bench_models.reranker),
-        "SHOPSEARCH_MODEL_CACHE_DIR": str(cache),
-        "SHOPSEARCH_RERANK_K": "20",
-        "SHOPSEARCH_DEADLINE_MS": "120000",  # measure the whole work, not the degradation path
-        "SHOPSEARCH_MAX_DEADLINE_MS": "120000",
-        "SHOPSEARCH_SERVER__MAX_QUEUE": "64",
-        "HF_HUB_OFFLINE": "1",
-    }
+    base_env = service_env(data_dir, bench_models.embedder, bench_models.reranker, cache)
     timeout_s = 600.0 if full else 60.0
-    cursor = 0
-
-    def take(n: int) -> list[str]:
-        nonlocal cursor
-        chunk = [queries[(cursor + i) % len(queries)] + ("" if cursor + i < len(queries) else f" {cursor + i}")
-                 for i in range(n)]  # fmt: skip
-        cursor += n
-        return chunk
+    take = query_feed(queries)
 
     rows: list[dict[str, Any]] = []
     log_path = work / "serve.log"
@@ -320,3 +303,34 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def service_env(data_dir: Path, embedder: Path, reranker: Path, cache: Path) -> dict[str, str]:
+    """The `serve` environment the service benchmarks share: the bench models, rerank_k 20, and a
+    deadline long enough to measure the whole work rather than the degradation path."""
+    return {
+        "SHOPSEARCH_BACKEND": "embedded",
+        "SHOPSEARCH_DATA_DIR": str(data_dir),
+        "SHOPSEARCH_EMBEDDER": str(embedder),
+        "SHOPSEARCH_RERANKER": str(reranker),
+        "SHOPSEARCH_MODEL_CACHE_DIR": str(cache),
+        "SHOPSEARCH_RERANK_K": "20",
+        "SHOPSEARCH_DEADLINE_MS": "120000",
+        "SHOPSEARCH_MAX_DEADLINE_MS": "120000",
+        "SHOPSEARCH_SERVER__MAX_QUEUE": "64",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def query_feed(queries: Sequence[str]) -> Callable[[int], list[str]]:
+    """take(n): the next n distinct query texts (past the list's end, numbered, so no cache answers)."""
+    cursor = 0
+
+    def take(n: int) -> list[str]:
+        nonlocal cursor
+        chunk = [queries[(cursor + i) % len(queries)] + ("" if cursor + i < len(queries) else f" {cursor + i}")
+                 for i in range(n)]  # fmt: skip
+        cursor += n
+        return chunk
+
+    return take

@@ -31,7 +31,7 @@ import aiohttp
 import httpx
 
 from benchmarks import common
-from benchmarks.service_bench import _build_store, _catalog, _free_port, _percentile
+from benchmarks.service_bench import _build_store, _catalog, _free_port, _percentile, query_feed, service_env
 
 CONCURRENCY = 16
 WORKLOADS = {
@@ -161,28 +161,10 @@ def run(
     if not (data_dir / "done").exists():
         _build_store(data_dir, products, bench_models.embedder, cache)
         (data_dir / "done").write_text("ok")
-    env = {
-        "SHOPSEARCH_BACKEND": "embedded",
-        "SHOPSEARCH_DATA_DIR": str(data_dir),
-        "SHOPSEARCH_EMBEDDER": str(bench_models.embedder),
-        "SHOPSEARCH_RERANKER": str(bench_models.reranker),
-        "SHOPSEARCH_MODEL_CACHE_DIR": str(cache),
-        "SHOPSEARCH_RERANK_K": "20",
-        "SHOPSEARCH_DEADLINE_MS": "120000",  # measure the whole work, not the degradation path
-        "SHOPSEARCH_MAX_DEADLINE_MS": "120000",
-        "SHOPSEARCH_SERVER__MAX_QUEUE": "64",
-        "HF_HUB_OFFLINE": "1",
-    }
+    env = service_env(data_dir, bench_models.embedder, bench_models.reranker, cache)
     per_run = {"hybrid": 32 if full else (80 if quick else 400), "bm25": 200 if quick else 1500}
     timeout_s = 600.0 if full else 60.0
-    cursor = 0
-
-    def take(n: int) -> list[str]:
-        nonlocal cursor
-        chunk = [queries[(cursor + i) % len(queries)] + ("" if cursor + i < len(queries) else f" {cursor + i}")
-                 for i in range(n)]  # fmt: skip
-        cursor += n
-        return chunk
+    take = query_feed(queries)
 
     rows: list[dict[str, Any]] = []
     for round_ in range(1, repeat + 1):  # rounds interleave the worker counts: a shared machine's noise spreads
