@@ -123,12 +123,7 @@ class ServeProcess:
 
     def __exit__(self, *exc: Any) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, timeout_s=20)
         self.log.close()
 
 
@@ -334,3 +329,13 @@ def query_feed(queries: Sequence[str]) -> Callable[[int], list[str]]:
         return chunk
 
     return take
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float) -> None:
+    """Terminate a served process, killing it if it has not exited within `timeout_s`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

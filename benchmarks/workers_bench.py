@@ -31,7 +31,15 @@ import aiohttp
 import httpx
 
 from benchmarks import common
-from benchmarks.service_bench import _build_store, _catalog, _free_port, _percentile, query_feed, service_env
+from benchmarks.service_bench import (
+    _build_store,
+    _catalog,
+    _free_port,
+    _percentile,
+    query_feed,
+    service_env,
+    stop_process,
+)
 
 CONCURRENCY = 16
 WORKLOADS = {
@@ -76,12 +84,7 @@ class WorkersProcess:
 
     def __exit__(self, *exc: Any) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, timeout_s=30)
         self.log.close()
 
 
