@@ -16,7 +16,7 @@ class QueryRecord(BaseModel):
     """One search as served: its id (returned to the client as `query_id`), what was asked and the
     page of hits shown, in order. `experiment`/`variant` record an A/B exposure; `None` outside one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     query_id: str = Field(min_length=1, max_length=128)
     timestamp: datetime  # timezone-aware, UTC
