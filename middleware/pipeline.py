@@ -12,6 +12,7 @@ import itertools
 import logging
 import math
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -170,6 +171,7 @@ class Pipeline:
             reranked=reranked,
             facets=facets,
             rules_report=shaped.report,
+            query_id=uuid.uuid4().hex,
         )
         resp._match = match
         return resp

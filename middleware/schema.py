@@ -67,6 +67,9 @@ class SearchRequest(BaseModel):
     highlight: bool | HighlightRequest = False
     rules: bool = True  # False: merchandising rules off (to compare)
     collapse: Literal["group_id"] | None = None  # one hit per product family (attributes.group_id)
+    # who searched: the unit of A/B assignment and of the event log (opaque ids, never shown back)
+    user_id: str | None = Field(None, min_length=1, max_length=256)
+    session_id: str | None = Field(None, min_length=1, max_length=256)
 
 
 class Explanation(BaseModel):
@@ -140,5 +143,8 @@ class SearchResponse(BaseModel):
     facets: dict[str, list[ValueBucket] | list[RangeBucket] | StatsResult] | None = None
     # the merchandising rules that fired, and pins not placed ({"rule", "id", "reason"}); None: none fired
     rules_report: dict[str, Any] | None = None
+    query_id: str | None = None  # names this search in events (POST /v1/events)
+    experiment: str | None = None  # the A/B experiment this search was exposed to, and its variant
+    variant: str | None = None
     # the set `facets` counted (the proxy's aggregations count over it too); not serialised
     _match: Any = PrivateAttr(default=None)
