@@ -214,6 +214,8 @@ class Pipeline:
             executor=self._executor,
             watch=watch,
             expand=self.expander.expand,
+            # a request's own fusion (an A/B variant's, say) is not the backend's configured one
+            server_fusion=all(v is None for v in (req.fusion, req.bm25_weight, req.knn_weight, req.rrf_k)),
         )
         degraded = list(found.degraded)
 

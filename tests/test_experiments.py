@@ -345,3 +345,38 @@ def test_rest_experiments_crud_exposure_and_bad_input(tmp_path: Path):
         assert client.delete("/v1/experiments/e1").status_code == 404
         assert client.get("/v1/experiments/e1").status_code == 404
     backend.close()
+
+
+class ServerFusingBackend(EmbeddedBackend):
+    """The embedded store fusing its own two lists by RRF, as a backend with a configured search pipeline
+    (OpenSearch's hybrid query) does: the path a request's own fusion must leave."""
+
+    hybrid_calls = 0
+
+    @property
+    def fuses_server_side(self) -> bool:
+        return True
+
+    def hybrid(self, text, vector, filters, n):
+        from middleware import fusion
+
+        self.hybrid_calls += 1
+        return fusion.rrf({"bm25": self.bm25(text, filters, n), "knn": self.knn(vector, filters, n)}, k=60)[:n]
+
+
+def test_a_request_with_its_own_fusion_fuses_in_the_pipeline_not_on_the_server(models, tmp_path):
+    embedder, _ = models
+    products = load_demo_catalog(None)
+    backend = ServerFusingBackend(tmp_path / "store", dim=embedder.dim)
+    backend.upsert(products, embedder.encode_documents([p.embedding_text() for p in products]))
+    pipeline = Pipeline(Settings(embedder="none", reranker="none", data_dir=tmp_path), backend, embedder, None)
+    try:
+        query = "适合送女友的轻奢小众手表"
+        pipeline.search(SearchRequest(query=query, size=5))
+        assert backend.hybrid_calls == 1
+        lexical = pipeline.search(SearchRequest(query=query, size=5, fusion="minmax", knn_weight=0, explain=True))
+        pipeline.search(SearchRequest(query=query, size=5, rrf_k=5))
+        assert backend.hybrid_calls == 1
+        assert all(h.explain.bm25 is not None for h in lexical.hits)  # fused by the request's weights
+    finally:
+        pipeline.close()
