@@ -356,8 +356,9 @@ class Exposure:
 
 
 def expose(active: Experiment | None, req: SearchRequest, settings: Settings) -> tuple[SearchRequest, Exposure | None]:
-    """The request with its variant's overlay applied, and the exposure; unchanged and None when no
-    experiment is active or the request lacks the experiment's unit id."""
+    """The request with its variant's overlay applied and its exposure attached (the pipeline's response
+    names it), and the exposure; unchanged and None when no experiment is active or the request lacks
+    the experiment's unit id."""
     if active is None:
         return req, None
     unit_id = active.unit_id(req)
@@ -365,22 +366,18 @@ def expose(active: Experiment | None, req: SearchRequest, settings: Settings) ->
         return req, None
     variant = active.variant_for(unit_id)
     fields = variant.overlay.request_fields(req.business or settings.business)
-    return req.model_copy(update=fields), Exposure(active.id, variant.name)
-
-
-def stamp(resp: SearchResponse, exposure: Exposure | None) -> SearchResponse:
-    """Name the experiment and variant in the response (the exposure the event log records)."""
-    if exposure is not None:
-        resp.experiment, resp.variant = exposure.experiment, exposure.variant
-    return resp
+    exposure = Exposure(active.id, variant.name)
+    overlaid = req.model_copy(update=fields)
+    overlaid._exposure = exposure  # the pipeline names it in the response, where the query log reads it
+    return overlaid, exposure
 
 
 def search(pipeline: Pipeline, req: SearchRequest, now: datetime | None = None) -> SearchResponse:
     """The library's search inside experiments: the active experiment of the pipeline's data directory
     assigns the request's unit a variant, the overlay applies, and the response names the exposure."""
     active = pipeline.experiments.active(now)
-    overlaid, exposure = expose(active, req, pipeline.settings)
-    return stamp(pipeline.search(overlaid), exposure)
+    overlaid, _ = expose(active, req, pipeline.settings)
+    return pipeline.search(overlaid)
 
 
 def load_experiments(path: Path | str) -> list[Experiment]:

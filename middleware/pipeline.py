@@ -184,6 +184,8 @@ class Pipeline:
             facets=facets,
             rules_report=shaped.report,
             query_id=uuid.uuid4().hex,
+            experiment=req._exposure.experiment if req._exposure is not None else None,
+            variant=req._exposure.variant if req._exposure is not None else None,
         )
         resp._match = match
         return resp

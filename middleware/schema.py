@@ -72,6 +72,8 @@ class SearchRequest(BaseModel):
     # who searched: the unit of A/B assignment and of the event log (opaque ids, never shown back)
     user_id: str | None = Field(None, min_length=1, max_length=256)
     session_id: str | None = Field(None, min_length=1, max_length=256)
+    # the A/B exposure middleware.experiments assigned (never the client's to claim): the response names it
+    _exposure: Any = PrivateAttr(default=None)
 
 
 class Explanation(BaseModel):

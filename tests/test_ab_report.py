@@ -327,3 +327,30 @@ def test_cli_report_bad_input_names_the_line(tmp_path: Path, capsys):
     assert (
         main([*base, "--mde", "-1", "--queries", str(tmp_path / "e.jsonl"), "--events", str(tmp_path / "e.jsonl")]) == 2
     )
+
+
+def test_cli_report_reads_the_event_log_of_the_data_directory(tmp_path: Path, capsys):
+    data = tmp_path / "data"
+    exp = experiment(50, 50)
+    ExperimentStore(experiments_path(data)).put(exp)
+    args = ["ab", "report", "exp1", "--data-dir", str(data), "--json"]
+    try:
+        from middleware.events.store import open_event_log
+    except ModuleNotFoundError as err:
+        assert err.name == "middleware.events.store"
+        assert main(args) == 1
+        assert "no event log (middleware.events.store)" in capsys.readouterr().err
+        return
+    from middleware.config import Settings
+
+    queries, events = simulate(exp, {"control": 0.10, "treatment": 0.14}, users=3000, seed=11)
+    log = open_event_log(Settings(data_dir=data, embedder="none", reranker="none"))
+    try:
+        log.log_queries([QueryRecord.model_validate(q.model_dump(by_alias=True)) for q in queries])
+        log.append_events([Event.model_validate(e.model_dump()) for e in events])
+    finally:
+        log.close()
+    assert main(args) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert sum(v["searches"] for v in rep["variants"]) == len(queries)
+    assert rep["variants"][1]["metrics"]["ctr"]["p_value"] < 0.01

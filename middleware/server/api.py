@@ -34,8 +34,8 @@ class SearchBody(SearchRequest):
     page: int | None = Field(None, ge=1, description="1-based page of `size` hits (instead of `from`)")
 
 
-def _prepare(state: ServiceState, body: SearchBody) -> tuple[SearchRequest, experiments.Exposure | None]:
-    """The request as the pipeline runs it (its A/B variant's overlay applied), and that exposure."""
+def _prepare(state: ServiceState, body: SearchBody) -> SearchRequest:
+    """The request as the pipeline runs it: checked, cut to the caps, its A/B variant's overlay applied."""
     settings = state.settings
     if body.page is not None:
         if body.from_:
@@ -47,24 +47,22 @@ def _prepare(state: ServiceState, body: SearchBody) -> tuple[SearchRequest, expe
     except storefront.StorefrontError as err:
         raise ApiError(400, err.message, param=err.param) from None
     active = state.base.experiments.active()
-    req, exposure = experiments.expose(active, body, settings)
+    req, _ = experiments.expose(active, body, settings)
     check_caps(settings, req)
-    prepared = req.model_copy(
+    return req.model_copy(  # (the copy keeps the exposure the response will name)
         update={
             # longer text is cut, never refused
             "query": (req.query or "")[: min(MAX_QUERY_CHARS, settings.server.max_query_chars)],
             "deadline_ms": capped_deadline_ms(settings, req.deadline_ms),
         }
     )
-    return prepared, exposure
 
 
 @router.post("/v1/search", response_model=SearchResponse, tags=["search"])
 async def search(body: SearchBody, request: Request) -> SearchResponse:
     """Hybrid retrieval → fusion → rerank → business score. `degraded` lists stages skipped."""
     state = get_state(request)
-    req, exposure = _prepare(state, body)
-    return experiments.stamp(await state.search(req), exposure)
+    return await state.search(_prepare(state, body))
 
 
 MAX_SUGGEST_SIZE = 50
