@@ -248,6 +248,7 @@ def test_events_off_the_experiment_or_off_the_page_are_counted_not_used():
     ]
     rep = ab.report(exp, queries, events)
     assert (rep.events_used, rep.events_ignored, rep.events_not_served, rep.searches_without_unit) == (3, 2, 1, 1)
+    assert rep.impressions == 0
     treatment = rep.variants[1]
     assert (treatment.units, treatment.searches, treatment.clicks, treatment.purchases) == (1, 1, 2, 1)
     assert treatment.metrics["ctr"].value == 1.0 and treatment.metrics["clicks_per_search"].value == 2.0

@@ -235,7 +235,8 @@ class ABReport:
     searches_without_unit: int = 0
     units_in_several_variants: int = 0
     unknown_variant_searches: int = 0
-    events_used: int = 0
+    events_used: int = 0  # clicks, add-to-carts and purchases on served hits of exposed searches
+    impressions: int = 0  # read and not used: the rates are per search
     events_ignored: int = 0  # not on an exposed search of this experiment
     events_not_served: int = 0  # on one, but for an object it did not serve
 
@@ -312,6 +313,7 @@ def report(
             counts.not_served += 1
             continue
         if ev.action == "impression":
+            counts.impressions += 1
             continue
         counts.used += 1
         unit = units[unit_id]
@@ -369,6 +371,7 @@ def report(
         units_in_several_variants=len(mixed),
         unknown_variant_searches=counts.unknown_variant,
         events_used=counts.used,
+        impressions=counts.impressions,
         events_ignored=counts.ignored,
         events_not_served=counts.not_served,
     )
@@ -379,6 +382,7 @@ class _Counts:
     without_unit: int = 0
     unknown_variant: int = 0
     used: int = 0
+    impressions: int = 0
     ignored: int = 0
     not_served: int = 0
 
@@ -472,8 +476,8 @@ def format_report(rep: ABReport) -> str:
         f"sample ratio: chi-square {rep.srm_chi2:.3f}, p = {rep.srm_p:.3g}" + ("  MISMATCH" if rep.srm else ""),
     ]
     lines.append(
-        f"events: {rep.events_used} used, {rep.events_ignored} on other searches, {rep.events_not_served} for "
-        "objects not served"
+        f"events: {rep.events_used} used, {rep.impressions} impressions, {rep.events_ignored} on other searches, "
+        f"{rep.events_not_served} for objects not served"
     )
     if rep.warnings:
         lines += ["", *(f"warning: {w}" for w in rep.warnings)]
