@@ -214,7 +214,7 @@ async def _extras(state: ServiceState, resp: SearchResponse | None, translated: 
     if translated.aggs is not None:
         match = resp._match if resp is not None else None
         if translated.agg_request is not None:  # post_filter narrowed the hits, not the aggregations
-            whole = None if translated.agg_matches_nothing else await state.search(translated.agg_request)
+            whole = None if translated.agg_matches_nothing else await state.search(translated.agg_request, served=False)
             match = whole._match if whole is not None else None
         out["aggregations"] = await state.admitted(run_aggs, backend, match, translated.aggs)
     if translated.suggest is not None:
@@ -355,7 +355,11 @@ async def count(index: str, request: Request) -> Response:
     if _browse_goes_upstream(state, translated):
         return await _forward_or(state, request, path, raw, _no_index(names))
     translated = await _resolved(state, translated)
-    resp = None if translated.matches_nothing else await state.search(_within_deadline_cap(state, translated.request))
+    resp = (
+        None
+        if translated.matches_nothing
+        else await state.search(_within_deadline_cap(state, translated.request), served=False)
+    )
     return JSONResponse({"count": resp.total if resp is not None else 0, "_shards": shards})
 
 
