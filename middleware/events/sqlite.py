@@ -23,16 +23,16 @@ BUSY_TIMEOUT_MS = 10_000
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queries (
     seq INTEGER PRIMARY KEY,
-    query_id TEXT NOT NULL UNIQUE,
+    query_id TEXT NOT NULL UNIQUE CHECK (query_id <> ''),
     ts TEXT NOT NULL,
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS queries_ts ON queries (ts, seq);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY,
-    query_id TEXT NOT NULL,
+    query_id TEXT NOT NULL CHECK (query_id <> ''),
     ts TEXT NOT NULL,
-    action TEXT NOT NULL,
+    action TEXT NOT NULL CHECK (action IN ('impression', 'click', 'add_to_cart', 'purchase')),
     object_id TEXT NOT NULL,
     record TEXT NOT NULL
 );
