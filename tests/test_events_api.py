@@ -237,3 +237,26 @@ def test_the_library_pipeline_logs_when_given_an_event_log(server_store, server_
         "u9",
     )
     log.close()
+
+
+def test_the_proxy_takes_opensearch_ubi_ext(service) -> None:
+    ubi = {"query_id": "ubi-q-1", "client_id": "browser-7", "user_query": "watch for her"}
+    body = {"query": {"match": {"title": QUERY}}, "size": 3, "ext": {"ubi": ubi}}
+    r = service.client.post("/products/_search", json=body, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["ext"] == {"ubi": {"query_id": "ubi-q-1"}}
+    first = r.json()["hits"]["hits"][0]["_id"]
+    ubi_event = {
+        "query_id": "ubi-q-1",
+        "action_name": "click",
+        "client_id": "browser-7",
+        "timestamp": "2026-03-01T12:00:00Z",
+        "event_attributes": {"object": {"object_id": first, "object_id_field": "id"}, "position": {"ordinal": 1}},
+    }
+    assert service.events([ubi_event]).json()["trusted"] == 1
+    queries, events, _ = service.stored()
+    assert [(q.query_id, q.query, q.user_id) for q in queries] == [("ubi-q-1", "watch for her", "browser-7")]
+    assert [(e.object_id, e.position, e.user_id) for e in events] == [(first, 1, "browser-7")]
+    bad = {**body, "ext": {"ubi": {"query_id": 7}}}
+    refused = service.client.post("/products/_search", json=bad, headers=AUTH)
+    assert refused.status_code == 400 and "ext.ubi.query_id" in refused.json()["error"]["reason"]

@@ -157,9 +157,13 @@ class ServiceState(ModelService):
         if self.query_log is not None:
             self.query_log.record(req, resp)
 
-    async def search(self, req: SearchRequest, *, served: bool = True) -> SearchResponse:
+    async def search(
+        self, req: SearchRequest, *, served: bool = True, query_id: str | None = None, user_query: str | None = None
+    ) -> SearchResponse:
         """`served`: the response is what the client is shown (logged, counted for autocomplete);
-        False for the searches behind a proxy answer's aggregations."""
+        False for the searches behind a proxy answer's aggregations and counts. `query_id`: the
+        client's own id for this search (OpenSearch UBI's `ext.ubi.query_id`), instead of a new one;
+        `user_query`: the shopper's text, logged instead of the request's when given."""
         try:
             resp = await self.admitted(self.pipeline.search, req, deadline_ms=req.deadline_ms)
         except CapExceeded as err:  # a request above a cap (the routes check first; this is the backstop)
@@ -167,8 +171,10 @@ class ServiceState(ModelService):
         except ValueError as err:  # a request the configuration cannot answer (e.g. vector without embedder)
             raise ApiError(400, str(err), param=getattr(err, "param", None)) from None
         self.metrics.observe_search(resp.timings_ms, resp.degraded)
+        if query_id is not None:
+            resp.query_id = query_id
         if served:
-            self._record(req, resp)
+            self._record(req if user_query is None else req.model_copy(update={"query": user_query}), resp)
         return resp
 
     def warm_up(self) -> None:
