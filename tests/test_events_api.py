@@ -214,7 +214,9 @@ def test_the_proxy_logs_the_searches_it_answers_not_its_counts(service) -> None:
     r = service.client.post("/products/_search", json=body, headers=AUTH)
     assert r.status_code == 200
     served = [h["_id"] for h in r.json()["hits"]["hits"]]
-    assert service.client.post("/products/_count", json={"query": body["query"]}, headers=AUTH).status_code == 200
+    if service.settings.backend == "embedded":  # the proxy answers _count itself over the embedded store only
+        count = service.client.post("/products/_count", json={"query": body["query"]}, headers=AUTH)
+        assert count.status_code == 200 and count.json()["count"] >= len(served)
     queries, _, _ = service.stored()
     assert [(q.query, q.hit_ids) for q in queries] == [(QUERY, served)]
 

@@ -23,6 +23,8 @@ a search could see them). Reads walk a point in time with `search_after`, oldest
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -210,6 +212,16 @@ class OpenSearchEventLog:
         self.client = client if client is not None else make_client(cluster)
         self.untrusted_index = cfg.events_index + UNTRUSTED_SUFFIX
         self._ready = False
+        self._ids = 0
+        self._ids_lock = threading.Lock()
+        self._id_suffix = uuid.uuid4().hex[:12]
+
+    def _event_id(self) -> str:
+        """Unique, and in write order within a process: events of equal timestamps read back in the
+        order they were appended."""
+        with self._ids_lock:
+            self._ids += 1
+            return f"{time.time_ns():020d}-{self._ids:012d}-{self._id_suffix}"
 
     def ensure_indexes(self) -> None:
         """Create the indexes that do not exist yet (an existing one, e.g. UBI's own, is left as it is)."""
@@ -233,10 +245,10 @@ class OpenSearchEventLog:
     def append_checked(self, trusted: Sequence[Event], untrusted: Sequence[tuple[Event, str]]) -> None:
         actions = []
         for e in trusted:
-            event_id = uuid.uuid4().hex
+            event_id = self._event_id()
             actions.append((self.cfg.events_index, event_id, event_document(e, event_id)))
         for e, reason in untrusted:
-            event_id = uuid.uuid4().hex
+            event_id = self._event_id()
             actions.append((self.untrusted_index, event_id, event_document(e, event_id, reason)))
         self._bulk_all_or_nothing(actions, "storing events")
 
