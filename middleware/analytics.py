@@ -8,7 +8,8 @@ Definitions (every report uses them):
 - a click is counted once per (search, object), however many times it was sent; its position is the
   event's, which the event log has checked against (or filled from) the served page;
 - a search converts when it has an add_to_cart (purchase) event for one of its hits;
-- only events of the given searches count: an event whose query_id is not among them is ignored.
+- only events of the given searches count: an event whose query_id is not among them is ignored
+  (a window of time selects searches; their events count whenever they came).
 """
 
 from __future__ import annotations

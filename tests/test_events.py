@@ -427,7 +427,10 @@ def test_cli_analytics_json_text_and_png(tmp_path, capsys) -> None:
         at(7).isoformat(),
     ]
     assert main(window) == 0
-    assert json.loads(capsys.readouterr().out)["searches"] == 4  # q3 .. q6
+    windowed = json.loads(capsys.readouterr().out)
+    assert windowed["searches"] == 4  # q3 .. q6
+    # q6's purchase came after `until`: the window selects searches, and their events count
+    assert windowed["conversion"]["searches_with_purchase"] == 1
     assert main(["analytics", "--data-dir", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "untrusted events 1 (unknown_query 1)" in text and "purchase 0.286" in text

@@ -101,7 +101,7 @@ def run_analytics(args: argparse.Namespace) -> int:
     _, store = _open(args)
     try:
         queries = list(store.queries(args.since, args.until))
-        events = list(store.events(args.since, args.until))
+        events = list(store.events(args.since, None))  # the window's searches' events, whenever they came
         untrusted = list(store.untrusted(args.since, args.until))
     except BackendError as err:
         raise CliError(str(err)) from None

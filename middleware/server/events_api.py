@@ -117,7 +117,7 @@ async def get_analytics(
         store: Any = log.store
         try:
             queries = list(store.queries(since, until))
-            events = list(store.events(since, until))
+            events = list(store.events(since, None))  # the window's searches' events, whenever they came
             untrusted = list(store.untrusted(since, until)) if hasattr(store, "untrusted") else []
         except BackendError as err:
             raise _unavailable(err) from None
