@@ -229,15 +229,18 @@ def test_the_library_pipeline_logs_when_given_an_event_log(server_store, server_
     pipeline = Pipeline(settings, server_store, *server_models, owns_backend=False, event_log=log)
     try:
         resp = pipeline.search(SearchRequest(query=QUERY, size=4, **{"from": 2}, user_id="u9"))
+        assert resp.next_cursor is not None
+        after = pipeline.search(SearchRequest(query=QUERY, size=4, search_after=resp.next_cursor))
     finally:
         pipeline.close()  # flushes the writer
-    (record,) = SqliteEventLog(tmp_path / "events.sqlite").queries()
-    assert (record.query_id, record.hit_ids, record.from_, record.user_id) == (
+    first, second = SqliteEventLog(tmp_path / "events.sqlite").queries()
+    assert (first.query_id, first.hit_ids, first.from_, first.user_id) == (
         resp.query_id,
         [h.id for h in resp.hits],
         2,
         "u9",
     )
+    assert (second.query_id, second.hit_ids, second.from_) == (after.query_id, [h.id for h in after.hits], 6)
     log.close()
 
 

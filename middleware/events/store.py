@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from middleware.events.model import Event, EventLog, QueryRecord
+from middleware.paging import cursor_position
 from middleware.redaction import redact
 
 if TYPE_CHECKING:
@@ -74,13 +75,16 @@ def query_record(req: SearchRequest, resp: SearchResponse, now: datetime | None 
         if ids is not None and len(ids) > MAX_LOGGED_IDS_FILTER:
             del filters["ids"]
             filters["ids_count"] = len(ids)
+    start = req.from_
+    if req.search_after is not None:  # a cursor's page starts where the cursor says
+        start = cursor_position(req.search_after) or 0
     return QueryRecord(
         query_id=resp.query_id,
         timestamp=now or datetime.now(UTC),
         query=(req.query or "").strip(),
         filters=filters,
         hit_ids=[h.id for h in resp.hits],
-        from_=req.from_,
+        from_=start,
         total=resp.total,
         user_id=req.user_id,
         session_id=req.session_id,
