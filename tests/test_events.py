@@ -475,3 +475,17 @@ def test_cli_import_sends_bad_lines_to_the_dead_letter_file(tmp_path, capsys) ->
     log = SqliteEventLog(tmp_path / "events.sqlite")
     assert [q.query_id for q in log.queries()] == ["q1"] and len(list(log.events())) == 1
     log.close()
+
+
+def test_the_rate_limiter_refills_per_key() -> None:
+    from middleware.server.limits import RateLimiter
+
+    now = [100.0]
+    limiter = RateLimiter(rate=2.0, burst=5, clock=lambda: now[0])
+    assert limiter.take("a", 5) == 0.0
+    assert limiter.take("a", 1) == 0.5  # one token comes in half a second
+    assert limiter.take("b", 5) == 0.0  # another key has its own bucket
+    now[0] += 0.5
+    assert limiter.take("a", 1) == 0.0
+    now[0] += 100
+    assert limiter.take("a", 6) == 0.5  # never more than the burst saved up

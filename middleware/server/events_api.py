@@ -74,13 +74,18 @@ async def post_events(request: Request, body: Any = Body(...)) -> dict[str, Any]
     def store() -> dict[str, Any]:
         records = log.lookup([e.query_id for e in events])
         checked = check_events(events, records, in_catalog, cfg.query_log_sample_rate)
+        # a library caller's own EventLog may not keep untrusted events apart: only clean ones are stored there
+        append_checked = getattr(log.store, "append_checked", None)
         try:
-            log.store.append_checked(checked.trusted, checked.untrusted)  # type: ignore[attr-defined]
+            if append_checked is not None:
+                append_checked(checked.trusted, checked.untrusted)
+            else:
+                log.store.append_events(checked.trusted)
         except BackendError as err:
             raise _unavailable(err) from None
         return {
             "received": len(events),
-            "stored": len(checked.trusted) + len(checked.untrusted),
+            "stored": len(checked.trusted) + (len(checked.untrusted) if append_checked is not None else 0),
             "trusted": len(checked.trusted),
             "untrusted": len(checked.untrusted),
             "untrusted_by_reason": checked.counts(),
