@@ -440,6 +440,13 @@ def test_cli_analytics_json_text_and_png(tmp_path, capsys) -> None:
     )
 
 
+def test_cli_reads_need_an_event_log(tmp_path, capsys) -> None:
+    assert main(["analytics", "--data-dir", str(tmp_path / "none")]) == 2
+    assert "no event log at" in capsys.readouterr().err
+    assert main(["events", "export", "--data-dir", str(tmp_path / "none"), str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "none").exists() and not (tmp_path / "out").exists()
+
+
 def test_cli_export_then_import_round_trips(tmp_path, capsys) -> None:
     write_log(tmp_path / "a")
     assert main(["events", "export", "--data-dir", str(tmp_path / "a"), str(tmp_path / "out")]) == 0

@@ -72,11 +72,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imp.set_defaults(func=run_import)
 
 
-def _open(args: argparse.Namespace) -> Any:
+def _open(args: argparse.Namespace, *, create: bool = False) -> Any:
     from middleware.backends.base import BackendError
+    from middleware.events.sqlite import FILE_NAME
     from middleware.events.store import open_event_log
 
     settings = load_settings(args)
+    path = Path(settings.data_dir) / FILE_NAME
+    if settings.backend == "embedded" and not create and not path.is_file():
+        raise CliError(f"no event log at {path} (is --data-dir the service's data directory?)", EXIT_USAGE)
     try:
         return settings, open_event_log(settings)
     except BackendError as err:
@@ -195,11 +199,12 @@ def run_export(args: argparse.Namespace) -> int:
 
     _check_window(args)
     out = Path(args.out_dir)
+    _, store = _open(args)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
+        store.close()
         raise CliError(f"cannot create {out}: {err.strerror}", EXIT_USAGE) from None
-    _, store = _open(args)
     counts = {}
     try:
         for name, rows in (
@@ -241,7 +246,7 @@ def run_import(args: argparse.Namespace) -> int:
         stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
     except OSError as err:
         raise CliError(f"cannot read {args.file}: {err.strerror}", EXIT_USAGE) from None
-    settings, store = _open(args)
+    settings, store = _open(args, create=True)
     rejected: list[Rejection] = []
     stored = {"queries": 0, "events": 0}
     pending: dict[str, list[tuple[int, Any, Any]]] = {"queries": [], "events": []}
