@@ -146,6 +146,10 @@ def test_searches_are_logged_and_events_on_them_trusted(service) -> None:
     assert [(q["query"], q["mean_click_position"]) for q in deep["queries"]] == [(QUERY, 2.0)]
     zero = service.client.get("/v1/analytics/zero-results", headers=AUTH)
     assert zero.status_code == 200 and zero.json()["queries"] == []
+    metrics = service.client.get("/metrics", headers=AUTH).text
+    assert 'shopsearch_events_total{trust="trusted"} 3.0' in metrics
+    assert 'shopsearch_events_total{trust="position_mismatch"} 1.0' in metrics
+    assert 'shopsearch_query_log_records{outcome="logged"} 1.0' in metrics
 
 
 def test_a_malformed_event_is_a_400_naming_it_and_nothing_is_stored(service) -> None:

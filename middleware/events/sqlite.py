@@ -79,7 +79,7 @@ class SqliteEventLog:
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA synchronous=FULL")  # a call that returned survives a power cut too
         db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         return db
 

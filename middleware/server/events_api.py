@@ -83,6 +83,10 @@ async def post_events(request: Request, body: Any = Body(...)) -> dict[str, Any]
                 log.store.append_events(checked.trusted)
         except BackendError as err:
             raise _unavailable(err) from None
+        state.metrics.events.labels("trusted").inc(len(checked.trusted))
+        for reason, n in checked.counts().items():
+            if n:
+                state.metrics.events.labels(reason).inc(n)
         return {
             "received": len(events),
             "stored": len(checked.trusted) + (len(checked.untrusted) if append_checked is not None else 0),
