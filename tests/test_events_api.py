@@ -146,6 +146,12 @@ def test_searches_are_logged_and_events_on_them_trusted(service) -> None:
     assert [(q["query"], q["mean_click_position"]) for q in deep["queries"]] == [(QUERY, 2.0)]
     zero = service.client.get("/v1/analytics/zero-results", headers=AUTH)
     assert zero.status_code == 200 and zero.json()["queries"] == []
+    mixed = {"since": "2020-01-01T00:00:00", "until": "2099-01-01T00:00:00+08:00"}  # no zone: UTC
+    assert service.client.get("/v1/analytics/top-queries", params=mixed, headers=AUTH).json()["searches"] == 1
+    backwards = service.client.get(
+        "/v1/analytics/ctr", params={"since": "2099-01-01", "until": "2020-01-01"}, headers=AUTH
+    )
+    assert backwards.status_code == 400 and backwards.json()["param"] == "until"
     metrics = service.client.get("/metrics", headers=AUTH).text
     assert 'shopsearch_events_total{trust="trusted"} 3.0' in metrics
     assert 'shopsearch_events_total{trust="position_mismatch"} 1.0' in metrics

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Body, Query, Request
 from middleware import analytics
 from middleware.backends.base import BackendError
 from middleware.events.ingest import EventInputError, check_events, parse_events
+from middleware.events.sqlite import utc
 from middleware.events.store import QueryLogger
 from middleware.server.auth import presented_key
 from middleware.server.errors import ApiError, redact
@@ -119,6 +120,8 @@ async def get_analytics(
     are reported by reason beside them."""
     state = get_state(request)
     log = _query_log(state)
+    since = utc(since) if since is not None else None  # no zone: UTC
+    until = utc(until) if until is not None else None
     if since is not None and until is not None and since >= until:
         raise ApiError(400, "must be later than since", param="until", location="query")
 
