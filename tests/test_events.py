@@ -496,3 +496,19 @@ def test_the_rate_limiter_refills_per_key() -> None:
     assert limiter.take("a", 1) == 0.0
     now[0] += 100
     assert limiter.take("a", 6) == 0.5  # never more than the burst saved up
+
+
+def test_the_query_logger_keeps_the_batch_when_one_record_is_refused(tmp_path) -> None:
+    from middleware.events.store import QueryLogger
+
+    log = SqliteEventLog(tmp_path / "events.sqlite")
+    logger = QueryLogger(log, EventSettings(writer_flush_ms=50), owns_store=False)
+    logger.submit(record("q1", 1))
+    assert logger.flush()
+    for r in (record("q2", 2), record("q1", 3), record("q3", 4)):  # q1 again: refused by the store
+        logger.submit(r)
+    logger.close()
+    assert [q.query_id for q in log.queries()] == ["q1", "q2", "q3"]
+    assert (logger.logged, logger.failed, logger.dropped) == (3, 1, 0)
+    assert logger.lookup(["q3", "nope"]) == {"q3": record("q3", 4)}
+    log.close()
