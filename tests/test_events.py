@@ -237,6 +237,8 @@ def test_parse_names_the_faulty_field_by_its_index() -> None:
         ({"events": [{**ok, "colour": "red"}]}, "events[0].colour"),
         ({"events": [ok, "click"]}, "events[1]"),
         ({"events": [{**ok, "object_id": "x\ud800"}]}, "events[0].object_id"),  # a lone surrogate
+        ({"events": [{**ok, "value": float("inf")}]}, "events[0].value"),
+        ({"events": [{**ok, "position": 2**31}]}, "events[0].position"),
         ({"events": []}, "events"),
         ({"events": [ok] * 4}, "events"),
         ({"evnts": [ok]}, "evnts"),
@@ -471,13 +473,15 @@ def test_cli_import_sends_bad_lines_to_the_dead_letter_file(tmp_path, capsys) ->
         good_e,
         record("q1", 3).model_dump_json(by_alias=True),  # the query_id again
         "[1, 2]",
+        json.dumps({**json.loads(good_e), "value": 1e400}),  # parses as infinity
     ]
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n")
     dead = tmp_path / "dead.jsonl"
     assert main(["events", "import", "--data-dir", str(tmp_path), str(src), "--dead-letter", str(dead)]) == 3
     rejected = [json.loads(x) for x in dead.read_text().splitlines()]
-    assert [r["line"] for r in rejected] == [2, 3, 5, 6]
+    assert [r["line"] for r in rejected] == [2, 3, 5, 6, 7]
+    assert rejected[4]["reason"] == "value: must be a finite number"
     assert rejected[1]["reason"].startswith("action:") and "not stored" in rejected[2]["reason"]
     log = SqliteEventLog(tmp_path / "events.sqlite")
     assert [q.query_id for q in log.queries()] == ["q1"] and len(list(log.events())) == 1

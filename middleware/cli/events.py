@@ -240,6 +240,7 @@ def _line_error(err: ValidationError) -> str:
 def run_import(args: argparse.Namespace) -> int:
     from loaders.validate import DeadLetters, Rejection
     from middleware.backends.base import BackendError
+    from middleware.events.ingest import event_fault
     from middleware.events.model import Event, QueryRecord
 
     try:
@@ -293,6 +294,10 @@ def run_import(args: argparse.Namespace) -> int:
                         row = Event.model_validate(data) if kind == "events" else QueryRecord.model_validate(data)
                     except ValidationError as err:
                         rejected.append(Rejection(number, data, _line_error(err)))
+                        continue
+                    fault = event_fault(row) if isinstance(row, Event) else None
+                    if fault is not None:
+                        rejected.append(Rejection(number, data, f"{fault[0]}: {fault[1]}"))
                         continue
                     pending[kind].append((number, data, row))
                     if len(pending[kind]) >= IMPORT_BATCH:

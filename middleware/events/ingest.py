@@ -18,6 +18,7 @@ event without a position takes the position its object was served at.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ REASONS: tuple[str, ...] = (
     "position_mismatch",
 )
 
+MAX_POSITION = 2**31 - 1  # the integer of UBI's `event_attributes.position.ordinal` mapping
 UBI_IGNORED = frozenset({"application", "message", "message_type", "event_id", "page_id"})
 
 
@@ -128,7 +130,19 @@ def parse_events(body: Any, max_events: int) -> list[Event]:
             if first.get("type") == "extra_forbidden":
                 message = "unknown field"
             raise EventInputError(path, message) from None
+        fault = event_fault(parsed[-1])
+        if fault is not None:
+            raise EventInputError(paths.get(fault[0], f"{where}.{fault[0]}"), fault[1])
     return parsed
+
+
+def event_fault(e: Event) -> tuple[str, str] | None:
+    """What a valid Event may still hold that the logs cannot store or report: (field, message)."""
+    if e.value is not None and not math.isfinite(e.value):
+        return "value", "must be a finite number"
+    if e.position is not None and e.position > MAX_POSITION:
+        return "position", f"must be at most {MAX_POSITION}"
+    return None
 
 
 @dataclass
