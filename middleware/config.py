@@ -172,6 +172,41 @@ class RemoteModelSettings(BaseModel):
     ca_certs: Path | None = None
 
 
+class EventSettings(BaseModel):
+    """The learning loop's log: searches served (query records) and shoppers' actions on them (events).
+
+    Embedded: `<data_dir>/events.sqlite`. OpenSearch: the `queries_index` / `events_index` indexes
+    (UBI's own names by default, so UBI's dashboards and the Search Relevance Workbench read them);
+    events that cannot be trusted go to `<events_index>_untrusted`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True  # log searches and accept POST /v1/events
+    # share of searches logged, decided by a hash of the query_id (an event can tell a sampled-out
+    # search from an unknown one)
+    query_log_sample_rate: float = Field(1.0, ge=0, le=1)
+    max_events_per_request: int = Field(1000, ge=1, le=100_000)
+    # per API key (or client address without keys), per process: events per second, and the burst
+    rate_limit_events_per_s: float = Field(2000.0, gt=0)
+    rate_limit_burst: int = Field(10_000, ge=1)
+    # the background query-log writer: records per write, and the longest a record waits
+    writer_batch_size: int = Field(500, ge=1)
+    writer_flush_ms: float = Field(200.0, gt=0)
+    writer_queue_size: int = Field(100_000, ge=1)  # records waiting; beyond it new ones are dropped and counted
+    queries_index: str = Field("ubi_queries", min_length=1, max_length=200)
+    events_index: str = Field("ubi_events", min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _burst_holds_a_request(self) -> EventSettings:
+        if self.rate_limit_burst < self.max_events_per_request:
+            raise ValueError(
+                f"rate_limit_burst ({self.rate_limit_burst}) must be at least max_events_per_request "
+                f"({self.max_events_per_request}): a full request could never pass"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SHOPSEARCH_",
@@ -231,6 +266,7 @@ class Settings(BaseSettings):
     knn_floor: KnnFloorSettings = Field(default_factory=KnnFloorSettings)
 
     server: ServerSettings = Field(default_factory=ServerSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
 
     @model_validator(mode="after")
     def _defaults_within_caps(self) -> Settings:

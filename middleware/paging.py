@@ -156,6 +156,16 @@ def encode_cursor(key: str, mark: str, cursor: Cursor) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
+def cursor_position(token: str) -> int | None:
+    """The ranked position a cursor's page starts at, unchecked (for a search already answered with
+    it); None when it is not a cursor."""
+    try:
+        position = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))["p"]
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        return None
+    return position if isinstance(position, int) and not isinstance(position, bool) and position >= 0 else None
+
+
 def decode_cursor(token: str, key: str, mark: str) -> Cursor:
     """The cursor, or InvalidRequest("stale cursor ...") when it is from another query, store state, or garbled."""
     try:

@@ -22,6 +22,8 @@ from middleware import rules as merch
 from middleware.backends.base import Backend, MatchSet, SortKey
 from middleware.budget import Deadline, Stopwatch
 from middleware.config import BusinessSettings, Settings
+from middleware.events.model import EventLog
+from middleware.events.store import QueryLogger
 from middleware.experiments import ExperimentStore, experiments_path
 from middleware.products import Candidate, Filters
 from middleware.query_expansion import QueryExpander, SynonymStore, synonyms_path
@@ -51,7 +53,10 @@ class Pipeline:
         rules: merch.RuleStore | None = None,
         experiments: ExperimentStore | None = None,
         named_rerankers: NamedRerankers | None = None,
+        event_log: EventLog | None = None,
     ) -> None:
+        """`event_log`: every search is logged there (sampled by `events.query_log_sample_rate`),
+        through a background writer that `close` flushes; the log stays the caller's."""
         self.settings = settings
         # merchandising rules: <data_dir>/rules.json, shared by every pipeline over this data directory
         self.rules = rules if rules is not None else merch.RuleStore(merch.rules_path(settings.data_dir))
@@ -67,6 +72,7 @@ class Pipeline:
         self.default_rerank_k = settings.rerank_k if settings.rerank_k is not None else (100 if gpu else 20)
         self._executor = ThreadPoolExecutor(max_workers=stage_workers, thread_name_prefix="shopsearch-stage")
         self.expander = QueryExpander(backend, SynonymStore(synonyms_path(settings)), typos=settings.typo_tolerance)
+        self.query_log = QueryLogger(event_log, settings.events, owns_store=False) if event_log is not None else None
 
     def with_models(
         self,
@@ -188,6 +194,8 @@ class Pipeline:
             variant=req._exposure.variant if req._exposure is not None else None,
         )
         resp._match = match
+        if self.query_log is not None:
+            self.query_log.record(req, resp)
         return resp
 
     def _ranked_head(
@@ -454,6 +462,8 @@ class Pipeline:
     def close(self) -> None:
         """Stop the stage threads; close the backend unless this pipeline borrows it (`with_models`)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.query_log is not None:
+            self.query_log.close()
         if self.owns_backend:
             self.backend.close()
             self.named_rerankers.close()

@@ -380,3 +380,41 @@ def test_a_request_with_its_own_fusion_fuses_in_the_pipeline_not_on_the_server(m
         assert all(h.explain.bm25 is not None for h in lexical.hits)  # fused by the request's weights
     finally:
         pipeline.close()
+
+
+def test_exposures_reach_the_query_log_and_the_report_reads_them(tmp_path: Path, capsys):
+    """Searches in an experiment over REST, clicks through POST /v1/events, then `shopsearch ab report`
+    over the data directory's event log."""
+    from middleware.cli import main
+
+    data = tmp_path / "store"
+    backend = EmbeddedBackend(data)
+    backend.upsert(CATALOG, None)
+    settings = Settings(
+        embedder="none", reranker="none", data_dir=data, server={"enable_writes": True}, events={"writer_flush_ms": 10}
+    )
+    pipeline = Pipeline(settings, backend)
+    exp = Experiment.model_validate({**BODY, "id": "e1"})
+    served: dict[str, int] = {"a": 0, "b": 0}
+    try:
+        with TestClient(create_app(settings, pipeline)) as client:
+            assert client.put("/v1/experiments/e1", json=BODY).status_code == 200
+            for i in range(40):
+                resp = client.post("/v1/search", json={"query": "手表", "session_id": f"s{i}", "size": 3}).json()
+                assert resp["variant"] == exp.variant_for(f"s{i}").name
+                served[resp["variant"]] += 1
+                if i % 2 == 0:
+                    event = {"query_id": resp["query_id"], "action": "click", "object_id": resp["hits"][0]["id"],
+                             "position": 1, "session_id": f"s{i}", "timestamp": "2026-12-02T10:00:00Z"}  # fmt: skip
+                    r = client.post("/v1/events", json={"events": [event]})
+                    assert r.status_code == 200 and r.json()["trusted"] == 1, r.json()
+            client.post("/v1/search", json={"query": "手表", "size": 3})  # not exposed: not in the report
+    finally:
+        pipeline.close()
+        backend.close()
+    assert main(["--data-dir", str(data), "ab", "report", "e1", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    by_name = {v["name"]: v for v in rep["variants"]}
+    assert {n: v["searches"] for n, v in by_name.items()} == served
+    assert sum(v["clicks"] for v in by_name.values()) == 20 and rep["events_used"] == 20
+    assert all(v["units"] == v["searches"] for v in by_name.values())  # one search a session here

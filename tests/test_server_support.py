@@ -51,6 +51,8 @@ def make_settings(tmp: Path | None = None, **server: Any) -> Settings:
     values: dict[str, Any] = {"server": server, "rerank_k": 10, "deadline_ms": 5000}
     if tmp is not None:
         values["data_dir"] = tmp
+    else:  # no data directory of its own: no event log (it would land in the working directory)
+        values["events"] = {"enabled": False}
     return Settings(**values)
 
 

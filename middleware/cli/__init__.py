@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "rules",
     "synonyms",
     "ab",
+    "events",
 )
 
 EXIT_OK = 0

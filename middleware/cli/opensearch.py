@@ -200,6 +200,10 @@ def template_files(settings: Settings, dim: int | None, analyzer: str) -> dict[s
     for technique in ("min_max", "l2", "z_score", "rrf"):
         variant = cfg.model_copy(update={"hybrid_normalization": technique})
         files[f"search_pipeline.{technique}.json"] = bodies.search_pipeline(variant, settings.fusion)
+    from middleware.events.opensearch import index_templates as event_templates
+
+    for name, body in event_templates(settings.events).items():  # the event log's indexes (UBI's names)
+        files[f"index_template.{name}.json"] = body
     return files
 
 

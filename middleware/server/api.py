@@ -522,4 +522,7 @@ async def readyz(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> Response:
     state = get_state(request)
     state.metrics.in_flight.set(state.limiter.in_flight)
+    if state.query_log is not None:
+        for outcome in ("logged", "dropped", "failed"):
+            state.metrics.query_log.labels(outcome).set(getattr(state.query_log, outcome))
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

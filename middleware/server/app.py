@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from middleware import __version__
 from middleware.config import Settings
 from middleware.pipeline import Pipeline
-from middleware.server import api, proxy
+from middleware.server import api, events_api, proxy
 from middleware.server.auth import ApiKeyChecker, load_api_keys
 from middleware.server.errors import ApiError, opensearch_error, redact, render, route_group, v1_error
 from middleware.server.loader import BackgroundLoader
@@ -292,6 +292,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
 
     _install_handlers(app)
     app.include_router(api.router)
+    app.include_router(events_api.router)
     app.include_router(proxy.router)  # last: its routes are OpenSearch's path patterns
     app.add_middleware(ServiceMiddleware, get=lambda: holder["state"], settings=settings)
     return app

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
 from middleware import caps
 from middleware.config import ServerSettings, Settings
 from middleware.schema import SearchRequest
@@ -84,3 +89,31 @@ def queue_full() -> ApiError:
         os_type="rejected_execution_exception",
         headers={"Retry-After": RETRY_AFTER_S},
     )
+
+
+class RateLimiter:
+    """A token bucket per key: `rate` tokens a second, at most `burst` saved up. Keys are bounded
+    (the least recently seen are forgotten, which only ever lets a forgotten key start full)."""
+
+    MAX_KEYS = 10_000
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, key: str, n: int) -> float:
+        """Spend n tokens of the key's bucket: 0.0 when granted, else the seconds until they would be."""
+        now = self.clock()
+        with self._lock:
+            tokens, then = self._buckets.pop(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - then) * self.rate)
+            granted = tokens >= n
+            if granted:
+                tokens -= n
+            self._buckets[key] = (tokens, now)
+            if len(self._buckets) > self.MAX_KEYS:
+                self._buckets.popitem(last=False)
+        return 0.0 if granted else (n - tokens) / self.rate

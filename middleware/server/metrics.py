@@ -75,6 +75,19 @@ class ServiceMetrics:
             registry=r,
         )
 
+        self.events = Counter(
+            "shopsearch_events_total",
+            "Events taken in by POST /v1/events: trusted, or the reason they are not",
+            ["trust"],
+            registry=r,
+        )
+        self.query_log = Gauge(
+            "shopsearch_query_log_records",
+            "Searches sent to the query log since start: logged, dropped (queue full), failed (not stored)",
+            ["outcome"],
+            registry=r,
+        )
+
     def observe_batch(self, model: str, size: int, seconds: float) -> None:
         self.batch_size.labels(model).observe(size)
         self.batch_seconds.labels(model).observe(seconds)

@@ -155,6 +155,7 @@ async def search(index: str, request: Request) -> Response:
         raise ApiError(400, "the search body must be a JSON object", os_type="parse_exception")
     params = _params(request)
     refuse_scripts(body, server)
+    ubi, body = ubi_request(body)
     try:
         translated = translate_search(
             body, params, server, default_deadline_ms=capped_deadline_ms(state.settings, None)
@@ -172,11 +173,48 @@ async def search(index: str, request: Request) -> Response:
     translated = await _resolved(state, translated)
     req = translated.request
     req = _within_deadline_cap(state, req)
+    if ubi is not None and ubi.get("client_id") and req.user_id is None:
+        req = req.model_copy(update={"user_id": ubi["client_id"]})
     resp: SearchResponse | None = None
     if not translated.matches_nothing:
-        resp = await state.search(req)
+        ubi_ids = {"query_id": ubi.get("query_id"), "user_query": ubi.get("user_query")} if ubi else {}
+        resp = await state.search(req, **ubi_ids)
     extras = await _extras(state, resp, translated)
+    if ubi is not None:  # as OpenSearch's UBI plugin answers: the id events name this search by
+        extras["ext"] = {"ubi": {"query_id": resp.query_id if resp is not None else ubi.get("query_id")}}
     return _search_answer(state, resp, translated, index=server.index_name, started=started, extras=extras)
+
+
+UBI_FIELDS = {
+    "query_id": 128,
+    "client_id": 256,
+    "user_query": 10_000,
+    "object_id_field": 256,
+    "application": 256,
+}
+
+
+def ubi_request(body: dict[str, Any] | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """OpenSearch UBI's `ext.ubi` (query_id, client_id, user_query, ...), taken out of the body.
+
+    A body whose `ext` holds anything else is left whole (the translation refuses `ext` by name).
+    `query_attributes` is accepted and not logged."""
+    if not body or not isinstance(body.get("ext"), dict) or set(body["ext"]) != {"ubi"}:
+        return None, body
+    ubi = body["ext"]["ubi"]
+    if not isinstance(ubi, dict):
+        raise ApiError(400, "must be an object", param="ext.ubi")
+    for key, value in ubi.items():
+        if key == "query_attributes":
+            if not isinstance(value, dict):
+                raise ApiError(400, "must be an object", param="ext.ubi.query_attributes")
+            continue
+        limit = UBI_FIELDS.get(key)
+        if limit is None:
+            raise ApiError(400, "unknown field of OpenSearch UBI's ext.ubi", param=f"ext.ubi.{key}")
+        if not isinstance(value, str) or not 1 <= len(value) <= limit:
+            raise ApiError(400, f"must be a string of 1 to {limit} characters", param=f"ext.ubi.{key}")
+    return ubi, {k: v for k, v in body.items() if k != "ext"}
 
 
 def _browse_goes_upstream(state: ServiceState, translated: Translated) -> bool:
@@ -214,7 +252,7 @@ async def _extras(state: ServiceState, resp: SearchResponse | None, translated: 
     if translated.aggs is not None:
         match = resp._match if resp is not None else None
         if translated.agg_request is not None:  # post_filter narrowed the hits, not the aggregations
-            whole = None if translated.agg_matches_nothing else await state.search(translated.agg_request)
+            whole = None if translated.agg_matches_nothing else await state.search(translated.agg_request, served=False)
             match = whole._match if whole is not None else None
         out["aggregations"] = await state.admitted(run_aggs, backend, match, translated.aggs)
     if translated.suggest is not None:
@@ -355,7 +393,11 @@ async def count(index: str, request: Request) -> Response:
     if _browse_goes_upstream(state, translated):
         return await _forward_or(state, request, path, raw, _no_index(names))
     translated = await _resolved(state, translated)
-    resp = None if translated.matches_nothing else await state.search(_within_deadline_cap(state, translated.request))
+    resp = (
+        None
+        if translated.matches_nothing
+        else await state.search(_within_deadline_cap(state, translated.request), served=False)
+    )
     return JSONResponse({"count": resp.total if resp is not None else 0, "_shards": shards})
 
 

@@ -15,12 +15,13 @@ from fastapi import Request
 from middleware.backends.base import BackendError
 from middleware.caps import CapExceeded
 from middleware.config import Settings
+from middleware.events.store import QueryLogger
 from middleware.pipeline import Pipeline
 from middleware.schema import SearchRequest, SearchResponse
 from middleware.server.batching import BatchingEmbedder, BatchingReranker, logit_scorer
 from middleware.server.caches import LruTtlCache
 from middleware.server.errors import ApiError, redact
-from middleware.server.limits import InflightLimiter, capped_deadline_ms, queue_full
+from middleware.server.limits import InflightLimiter, RateLimiter, capped_deadline_ms, queue_full
 from middleware.server.metrics import ServiceMetrics
 from middleware.server.upstream import Upstream
 from middleware.storefront import PopularQueries
@@ -143,12 +144,26 @@ class ServiceState(ModelService):
         )
         self.upstream = Upstream.from_settings(settings, self.metrics)
         self.popular = PopularQueries()  # autocomplete's past queries: this process's, bounded
+        # the learning loop's log: the library pipeline's own when it has one, else the configured one
+        self.owns_query_log = base.query_log is None and settings.events.enabled
+        self.query_log: QueryLogger | None = (
+            QueryLogger.open(settings) if self.owns_query_log else base.query_log if settings.events.enabled else None
+        )
+        self.event_limiter = RateLimiter(settings.events.rate_limit_events_per_s, settings.events.rate_limit_burst)
 
     def _record(self, req: SearchRequest, resp: SearchResponse) -> None:
         if req.query and resp.total > 0 and req.from_ == 0:  # a query that found something, once (its first page)
             self.popular.record(req.query)
+        if self.query_log is not None:
+            self.query_log.record(req, resp)
 
-    async def search(self, req: SearchRequest) -> SearchResponse:
+    async def search(
+        self, req: SearchRequest, *, served: bool = True, query_id: str | None = None, user_query: str | None = None
+    ) -> SearchResponse:
+        """`served`: the response is what the client is shown (logged, counted for autocomplete);
+        False for the searches behind a proxy answer's aggregations and counts. `query_id`: the
+        client's own id for this search (OpenSearch UBI's `ext.ubi.query_id`), instead of a new one;
+        `user_query`: the shopper's text, logged instead of the request's when given."""
         try:
             resp = await self.admitted(self.pipeline.search, req, deadline_ms=req.deadline_ms)
         except CapExceeded as err:  # a request above a cap (the routes check first; this is the backstop)
@@ -156,7 +171,10 @@ class ServiceState(ModelService):
         except ValueError as err:  # a request the configuration cannot answer (e.g. vector without embedder)
             raise ApiError(400, str(err), param=getattr(err, "param", None)) from None
         self.metrics.observe_search(resp.timings_ms, resp.degraded)
-        self._record(req, resp)
+        if query_id is not None:
+            resp.query_id = query_id
+        if served:
+            self._record(req if user_query is None else req.model_copy(update={"query": user_query}), resp)
         return resp
 
     def warm_up(self) -> None:
@@ -171,6 +189,8 @@ class ServiceState(ModelService):
         log.info("warm-up search took %.0f ms", (time.perf_counter() - started) * 1000.0)
 
     async def close(self) -> None:
+        if self.owns_query_log and self.query_log is not None:
+            await asyncio.to_thread(self.query_log.close)  # flush what is queued
         self.close_models()
         self.pipeline.close()  # its stage threads; the backend stays with the base pipeline
         if self.upstream is not None:
