@@ -230,6 +230,9 @@ class Settings(BaseSettings):
     query_instruction: str | None = None  # None: the model's own default (BGE zh: 为这个句子…)
     reranker: str = DEFAULT_RERANKER
     reranker_precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"  # auto: fp16 on CUDA, int8 on CPU
+    # other rerankers a search may name (`SearchRequest.reranker`, an A/B variant's overlay): name -> hub id,
+    # local directory or URL, loaded like `reranker` the first time a search names it, once per process
+    rerankers: dict[str, str] = Field(default_factory=dict)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_cache_dir: Path = Field(default_factory=default_model_cache)
     max_length: int = Field(512, ge=8)

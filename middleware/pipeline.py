@@ -24,10 +24,11 @@ from middleware.budget import Deadline, Stopwatch
 from middleware.config import BusinessSettings, Settings
 from middleware.events.model import EventLog
 from middleware.events.store import QueryLogger
+from middleware.experiments import ExperimentStore, experiments_path
 from middleware.products import Candidate, Filters
 from middleware.query_expansion import QueryExpander, SynonymStore, synonyms_path
 from middleware.redaction import redact
-from middleware.rerank import PairScorer, QueuedPairScorer, rerank_head
+from middleware.rerank import NamedRerankers, PairScorer, QueuedPairScorer, rerank_head
 from middleware.retrieve import QueryEncoder, QueuedQueryEncoder, retrieve
 from middleware.schema import Explanation, Hit, SearchRequest, SearchResponse
 
@@ -50,6 +51,8 @@ class Pipeline:
         stage_workers: int = 8,
         owns_backend: bool = True,
         rules: merch.RuleStore | None = None,
+        experiments: ExperimentStore | None = None,
+        named_rerankers: NamedRerankers | None = None,
         event_log: EventLog | None = None,
     ) -> None:
         """`event_log`: every search is logged there (sampled by `events.query_log_sample_rate`),
@@ -57,6 +60,10 @@ class Pipeline:
         self.settings = settings
         # merchandising rules: <data_dir>/rules.json, shared by every pipeline over this data directory
         self.rules = rules if rules is not None else merch.RuleStore(merch.rules_path(settings.data_dir))
+        # A/B experiments (<data_dir>/experiments.json): applied before a search, by middleware.experiments
+        self.experiments = experiments or ExperimentStore(experiments_path(settings.data_dir))
+        # the other rerankers a search may name, loaded on first use
+        self.named_rerankers = named_rerankers or NamedRerankers(settings.rerankers, _reranker_loader(settings))
         self.backend = backend
         self.embedder = embedder
         self.reranker = reranker
@@ -86,6 +93,8 @@ class Pipeline:
             stage_workers=stage_workers,
             owns_backend=False,
             rules=self.rules,
+            experiments=self.experiments,
+            named_rerankers=self.named_rerankers,
         )
         derived.default_rerank_k = self.default_rerank_k
         return derived
@@ -114,6 +123,9 @@ class Pipeline:
         sort = paging.parse_sort(req.sort)
         if not query and (req.filters is None or req.filters.is_empty()):
             raise paging.InvalidRequest("give a query, or filters to browse (e.g. a category) without one", "query")
+        if req.reranker is not None and req.reranker not in cfg.rerankers:
+            known = ", ".join(sorted(cfg.rerankers)) or "none configured (settings.rerankers)"
+            raise paging.InvalidRequest(f"no reranker named {req.reranker!r} (named rerankers: {known})", "reranker")
         if req.search_after is not None and req.from_:
             raise paging.InvalidRequest("give either search_after or from, not both", "search_after")
         default_order = not sort or (query and [(k.field, k.descending) for k in sort] == [("_score", True)])
@@ -178,6 +190,8 @@ class Pipeline:
             facets=facets,
             rules_report=shaped.report,
             query_id=uuid.uuid4().hex,
+            experiment=req._exposure.experiment if req._exposure is not None else None,
+            variant=req._exposure.variant if req._exposure is not None else None,
         )
         resp._match = match
         if self.query_log is not None:
@@ -210,6 +224,8 @@ class Pipeline:
             executor=self._executor,
             watch=watch,
             expand=self.expander.expand,
+            # a request's own fusion (an A/B variant's, say) is not the backend's configured one
+            server_fusion=all(v is None for v in (req.fusion, req.bm25_weight, req.knn_weight, req.rrf_k)),
         )
         degraded = list(found.degraded)
 
@@ -244,22 +260,24 @@ class Pipeline:
         if found.fused is not None:
             candidates = fused
         elif method == "rrf":
-            candidates = fusion.rrf(found.lists, k=cfg.fusion.rrf_k)
+            candidates = fusion.rrf(found.lists, k=req.rrf_k or cfg.fusion.rrf_k)
         else:
             bm25_w = cfg.fusion.bm25_weight if req.bm25_weight is None else req.bm25_weight
             knn_w = cfg.fusion.knn_weight if req.knn_weight is None else req.knn_weight
             candidates = fusion.minmax(found.lists, {"bm25": bm25_w, "knn": knn_w})
         watch.record("fuse", t)
 
-        # 3. rerank the head
+        # 3. rerank the head (with the configured reranker, or the one the request names)
         k = min(self.default_rerank_k if req.rerank_k is None else req.rerank_k, len(candidates))
         reranked = 0
-        if req.rerank and k > 0 and self.reranker is not None:  # None: disabled by configuration
+        # None: disabled by configuration
+        if req.rerank and k > 0 and (self.reranker is not None or req.reranker is not None):
             t = time.perf_counter()
             try:
+                scorer = self.reranker if req.reranker is None else self.named_rerankers.get(req.reranker)
                 candidates = rerank_head(
                     candidates,
-                    score=self._score,
+                    score=lambda q, docs: self._score(scorer, q, docs),
                     query=query,
                     k=k,
                     deadline=deadline,
@@ -431,11 +449,11 @@ class Pipeline:
             return self.embedder.submit_queries([text])
         return self._executor.submit(self.embedder.encode_queries, [text])
 
-    def _score(self, query: str, docs: list[str]) -> Future:
-        assert self.reranker is not None
-        if isinstance(self.reranker, QueuedPairScorer):
-            return self.reranker.submit_scores(query, docs)
-        return self._executor.submit(self.reranker.score, query, docs)
+    def _score(self, reranker: PairScorer | None, query: str, docs: list[str]) -> Future:
+        assert reranker is not None
+        if isinstance(reranker, QueuedPairScorer):
+            return reranker.submit_scores(query, docs)
+        return self._executor.submit(reranker.score, query, docs)
 
     async def asearch(self, req: SearchRequest) -> SearchResponse:
         """The same search, off the event loop (model calls and SQLite are blocking)."""
@@ -448,6 +466,7 @@ class Pipeline:
             self.query_log.close()
         if self.owns_backend:
             self.backend.close()
+            self.named_rerankers.close()
 
 
 @dataclass
@@ -459,6 +478,15 @@ class Merchandised:
     hidden: frozenset[str] = frozenset()
     families: frozenset[str] | None = None  # collapsed: the families the head shows
     report: dict | None = None
+
+
+def _reranker_loader(settings: Settings):  # -> Callable[[str], PairScorer | None]
+    def load(spec: str) -> PairScorer | None:
+        from middleware.models import load_reranker
+
+        return load_reranker(settings.model_copy(update={"reranker": spec}))
+
+    return load
 
 
 def _with_stock_filter(filters: Filters | None, only_in_stock: bool) -> Filters | None:
@@ -485,7 +513,17 @@ def _order_parts(
         "sort": [(k.field, k.descending) for k in sort],
         "request": req.model_dump(
             mode="json",
-            include={"retrieval", "fusion", "bm25_weight", "knn_weight", "retrieve_n", "rerank", "rerank_k"},
+            include={
+                "retrieval",
+                "fusion",
+                "bm25_weight",
+                "knn_weight",
+                "rrf_k",
+                "retrieve_n",
+                "rerank",
+                "rerank_k",
+                "reranker",
+            },
         ),
         "business": weights.model_dump(mode="json") if req.business_enabled else None,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Protocol, runtime_checkable
@@ -63,3 +64,39 @@ def rerank_head(
         cand.rerank = float(score)
     order = sorted(range(len(head)), key=lambda i: (-float(scores[i]), i))
     return [head[i] for i in order] + tail
+
+
+class NamedRerankers:
+    """The other rerankers a search may name (`settings.rerankers`), each loaded the first time a search
+    names it and kept for the process; a load that fails is remembered and raised again, not retried."""
+
+    def __init__(self, specs: dict[str, str], load: Callable[[str], PairScorer | None]) -> None:
+        self.specs = dict(specs)
+        self._load = load
+        self._loaded: dict[str, PairScorer | BaseException] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> PairScorer:
+        """The named reranker. KeyError for a name not configured; the load's error when it cannot load."""
+        if name not in self.specs:
+            raise KeyError(name)
+        with self._lock:  # one load per name, even when many searches ask at once
+            if name not in self._loaded:
+                try:
+                    scorer = self._load(self.specs[name])
+                    if scorer is None:
+                        raise ValueError(f"reranker {name!r} is configured as none")
+                    self._loaded[name] = scorer
+                except Exception as err:
+                    log.warning("reranker %r cannot be loaded: %s", name, err)
+                    self._loaded[name] = err
+            found = self._loaded[name]
+        if isinstance(found, BaseException):
+            raise RuntimeError(f"reranker {name!r} could not be loaded: {found}")
+        return found
+
+    def close(self) -> None:
+        for scorer in self._loaded.values():
+            close = getattr(scorer, "close", None)
+            if callable(close):
+                close()

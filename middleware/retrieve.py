@@ -61,9 +61,12 @@ def retrieve(
     executor: Executor,
     watch: Stopwatch,
     expand: Callable[[str], str] | None = None,
+    server_fusion: bool = True,
 ) -> Retrieved:
     """`embed_query(text)`: a future of the query's vectors (one row); None without an embedder.
-    `expand(text)`: the lexical query's text (synonyms, typo corrections); the vector query keeps `text`."""
+    `expand(text)`: the lexical query's text (synonyms, typo corrections); the vector query keeps `text`.
+    `server_fusion`: False when the request fuses otherwise than the backend's configured pipeline does
+    (its own method, weights or k): the two lists then come back separately, for the pipeline to fuse."""
     out = Retrieved()
     started = time.perf_counter()
     lexical_text = text
@@ -76,7 +79,9 @@ def retrieve(
     out.lexical_text = lexical_text
     if use_knn and embed_query is None:
         raise ValueError("vector retrieval needs an embedder (SHOPSEARCH_EMBEDDER is 'none')")
-    server_fuses = use_bm25 and use_knn and isinstance(backend, HybridBackend) and backend.fuses_server_side
+    server_fuses = (
+        server_fusion and use_bm25 and use_knn and isinstance(backend, HybridBackend) and backend.fuses_server_side
+    )
     # with server-side fusion the hybrid query carries BM25: a separate one is sent only if it fails
     bm25_future = executor.submit(backend.bm25, lexical_text, filters, n) if use_bm25 and not server_fuses else None
 

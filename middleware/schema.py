@@ -50,9 +50,11 @@ class SearchRequest(BaseModel):
     fusion: Literal["rrf", "minmax"] | None = None  # None: the configured method
     bm25_weight: float | None = Field(None, ge=0)
     knn_weight: float | None = Field(None, ge=0)
+    rrf_k: int | None = Field(None, ge=1, le=10_000)  # None: the configured fusion.rrf_k
     retrieve_n: int | None = Field(None, ge=1, le=10_000)
     rerank: bool = True
     rerank_k: int | None = Field(None, ge=0, le=10_000)
+    reranker: str | None = Field(None, min_length=1, max_length=128)  # a name from settings.rerankers; None: reranker
     business: BusinessSettings | None = None  # None: the configured weights; see business_enabled
     business_enabled: bool = True
     explain: bool = False
@@ -70,6 +72,8 @@ class SearchRequest(BaseModel):
     # who searched: the unit of A/B assignment and of the event log (opaque ids, never shown back)
     user_id: str | None = Field(None, min_length=1, max_length=256)
     session_id: str | None = Field(None, min_length=1, max_length=256)
+    # the A/B exposure middleware.experiments assigned (never the client's to claim): the response names it
+    _exposure: Any = PrivateAttr(default=None)
 
 
 class Explanation(BaseModel):

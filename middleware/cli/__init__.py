@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "models",
     "rules",
     "synonyms",
+    "ab",
     "events",
 )
 

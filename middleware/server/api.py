@@ -1,5 +1,5 @@
-"""REST API for storefront backends: /v1/search, /v1/suggest, /v1/rerank, /v1/embed, products, rules, health,
-metrics."""
+"""REST API for storefront backends: /v1/search, /v1/suggest, /v1/rerank, /v1/embed, products, rules,
+experiments, health, metrics."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from middleware import experiments, storefront
 from middleware import rules as merch
-from middleware import storefront
 from middleware.backends.base import EmbedderMismatch
 from middleware.products import MAX_DESCRIPTION_CHARS, MAX_QUERY_CHARS, Product, SignalUpdate
 from middleware.schema import SearchRequest, SearchResponse, SuggestResponse
@@ -35,6 +35,7 @@ class SearchBody(SearchRequest):
 
 
 def _prepare(state: ServiceState, body: SearchBody) -> SearchRequest:
+    """The request as the pipeline runs it: checked, cut to the caps, its A/B variant's overlay applied."""
     settings = state.settings
     if body.page is not None:
         if body.from_:
@@ -45,12 +46,14 @@ def _prepare(state: ServiceState, body: SearchBody) -> SearchRequest:
         storefront.check_request(body)
     except storefront.StorefrontError as err:
         raise ApiError(400, err.message, param=err.param) from None
-    check_caps(settings, body)
-    return body.model_copy(
+    active = state.base.experiments.active()
+    req, _ = experiments.expose(active, body, settings)
+    check_caps(settings, req)
+    return req.model_copy(  # (the copy keeps the exposure the response will name)
         update={
             # longer text is cut, never refused
-            "query": (body.query or "")[: min(MAX_QUERY_CHARS, settings.server.max_query_chars)],
-            "deadline_ms": capped_deadline_ms(settings, body.deadline_ms),
+            "query": (req.query or "")[: min(MAX_QUERY_CHARS, settings.server.max_query_chars)],
+            "deadline_ms": capped_deadline_ms(settings, req.deadline_ms),
         }
     )
 
@@ -403,6 +406,78 @@ async def delete_rule(rule_id: str, request: Request) -> dict[str, Any]:
     _writes_enabled(state)
     if not await _on_rules(_rule_store(state).delete, rule_id):
         raise ApiError(404, f"no rule with id {rule_id[:200]!r}", param="rule_id", location="path")
+    return {"deleted": 1}
+
+
+# ------------------------------------------------------------------------------------- experiments
+# Experiments change what shoppers are served and reveal how: every route, reads too, is closed unless
+# server.enable_writes (like the synonym set's).
+
+
+async def _on_experiments(fn: Any, *args: Any) -> Any:
+    """An experiment store call off the event loop; an unreadable file is a 500 naming it, not a traceback."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except (OSError, ValueError) as err:
+        message = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        raise ApiError(500, f"the experiments file cannot be read or written: {message}") from None
+
+
+@router.get("/v1/experiments", tags=["experiments"])
+async def list_experiments(request: Request) -> dict[str, Any]:
+    """Every A/B experiment, in id order (stopped ones included). Off unless server.enable_writes."""
+    state = get_state(request)
+    _writes_enabled(state)
+    found = await _on_experiments(state.base.experiments.all)
+    return {"experiments": [e.model_dump(mode="json") for e in found]}
+
+
+@router.get("/v1/experiments/{experiment_id}", tags=["experiments"])
+async def get_experiment(experiment_id: str, request: Request) -> dict[str, Any]:
+    state = get_state(request)
+    _writes_enabled(state)
+    found = await _on_experiments(state.base.experiments.get, experiment_id)
+    if found is None:
+        raise ApiError(404, f"no experiment with id {experiment_id[:200]!r}", param="experiment_id", location="path")
+    return found.model_dump(mode="json")
+
+
+@router.put("/v1/experiments/{experiment_id}", tags=["experiments"])
+async def put_experiment(experiment_id: str, request: Request, body: Any = Body(...)) -> dict[str, Any]:  # noqa: B008
+    """Create or replace an experiment (the path names it; a body `id` must agree). 409 when its window
+    overlaps another enabled experiment's. Off unless server.enable_writes."""
+    state = get_state(request)
+    _writes_enabled(state)
+    if not isinstance(body, dict):
+        raise ApiError(400, "an experiment is a JSON object", param="experiment")
+    if "id" in body and body["id"] != experiment_id:
+        raise ApiError(400, f"the body's id {str(body['id'])[:200]!r} differs from the path's", param="id")
+    try:
+        found = experiments.Experiment.model_validate({**body, "id": experiment_id})
+        found.check_settings(state.settings)
+    except ValidationError as err:
+        name, message = experiments.experiment_error(err)
+        raise ApiError(400, f"{name}: {message}", param=name) from None
+    except ValueError as err:
+        raise ApiError(400, str(err), param=str(err).partition(": ")[0]) from None
+    try:
+        await asyncio.to_thread(state.base.experiments.put, found)
+    except ValueError as err:
+        if "overlaps experiment" in str(err):
+            raise ApiError(409, str(err), param="active_from") from None
+        raise ApiError(400, str(err), param="experiment") from None
+    except OSError as err:
+        raise ApiError(500, f"the experiments file cannot be written: {err}") from None
+    return {"experiment": found.model_dump(mode="json")}
+
+
+@router.delete("/v1/experiments/{experiment_id}", tags=["experiments"])
+async def delete_experiment(experiment_id: str, request: Request) -> dict[str, Any]:
+    """Remove an experiment (to end one and keep it for its report, PUT it with `enabled: false`)."""
+    state = get_state(request)
+    _writes_enabled(state)
+    if not await _on_experiments(state.base.experiments.delete, experiment_id):
+        raise ApiError(404, f"no experiment with id {experiment_id[:200]!r}", param="experiment_id", location="path")
     return {"deleted": 1}
 
 
