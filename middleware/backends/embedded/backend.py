@@ -367,10 +367,9 @@ class EmbeddedBackend:
         self._check_open()
         if n <= 0 or not isinstance(text, str):
             return []
-        query = self.lexical.match_query(text, filters)
-        if query is None:
+        hits = self.lexical.top(text, filters, n)
+        if not hits:
             return []
-        hits = self.lexical.search(query, n)
         with self.store.reader() as conn:
             products = self._products_by_pk(conn, [pk for pk, _ in hits])
         out: list[Candidate] = []
