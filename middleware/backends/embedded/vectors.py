@@ -329,6 +329,16 @@ class VectorIndex:
 
     def search(self, query: np.ndarray, allowed: np.ndarray | AllowedIds | None, n: int) -> list[tuple[int, float]]:
         """(pk, inner product) of the top n, best first, ties by pk; `allowed`: only these pks (int64)."""
+        # one query gains nothing from OpenMP threads, and on a busy machine their spin-waits cost more
+        # than the search itself: this thread searches alone (the setting is per thread, restored after)
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return self._search(query, allowed, n)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    def _search(self, query: np.ndarray, allowed: np.ndarray | AllowedIds | None, n: int) -> list[tuple[int, float]]:
         index = self._index
         if index is None or index.ntotal == 0:
             return []
