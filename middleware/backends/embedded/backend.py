@@ -67,6 +67,7 @@ class EmbeddedBackend:
         analysis_workers: int | None = None,  # processes analysing large write batches (None: one per core)
         product_cache_size: int = 20_000,  # parsed products kept per process for search results
         filter_cache_pks: int = 2_000_000,  # kNN: the pks of recent filters, at most this many in all, per process
+        prepared_size: int = 8192,  # analysed texts kept by `prepare` until their upsert
         hnsw_threshold: int = 50_000,
         hnsw_m: int = 32,
         hnsw_ef_construction: int = 128,
@@ -101,6 +102,8 @@ class EmbeddedBackend:
         self._filter_cache_pks = max(1, filter_cache_pks)
         workers = (os.cpu_count() or 1) if analysis_workers is None else analysis_workers
         self._analysis = ParallelAnalysis(workers if workers >= 2 else 0)
+        # (title, search text) -> tokens_json, analysed by `prepare` ahead of the upsert that writes them
+        self._prepared: LRUCache[tuple[str, str], str] = LRUCache(maxsize=max(1, prepared_size))
         self.vectors = VectorIndex(
             self.data_dir / FAISS_NAME,
             self.store.vector_snapshot,
@@ -256,7 +259,7 @@ class EmbeddedBackend:
         last = {p.id: i for i, p in enumerate(products)}
         order = sorted(last.values())
         # analyse before taking any lock: jieba is the slow part of a write
-        tokens = self._analysis.tokens([products[i] for i in order])
+        tokens = self._tokens([products[i] for i in order])
         rows = [
             (products[i], None if vecs is None else vecs[i].astype("<f4").tobytes(), tokens[k])
             for k, i in enumerate(order)
@@ -291,6 +294,36 @@ class EmbeddedBackend:
                     added = np.stack([vecs[i] for i in order])  # type: ignore[index]
                 self.vectors.apply(removed, added_pks, added, generation)
             self._lexical_catch_up(text_generation)
+
+    def prepare(self, products: Sequence[Product]) -> None:
+        """Analyse products ahead of their `upsert` (optional): a loader calls it on another thread
+        while it writes the previous batch, so the analysis workers are busy during that write. Nothing
+        is stored; the upsert finds the tokens of any product whose text is unchanged."""
+        self._check_open()
+        wanted: dict[tuple[str, str], Product] = {}
+        with self._cache_lock:
+            for product in products:
+                if not isinstance(product, Product):
+                    raise TypeError(f"prepare: products must be Products, got {type(product).__name__}")
+                key = (product.title, product.search_text())
+                if key not in self._prepared:
+                    wanted[key] = product
+        if not wanted:
+            return
+        tokens = self._analysis.tokens(list(wanted.values()))
+        with self._cache_lock:
+            self._prepared.update(zip(wanted, tokens, strict=True))
+
+    def _tokens(self, products: Sequence[Product]) -> list[str]:
+        """tokens_json of each product: prepared ones from `prepare`, the others analysed now."""
+        keys = [(p.title, p.search_text()) for p in products]
+        with self._cache_lock:
+            found: list[str | None] = [self._prepared.get(key) for key in keys]
+        missing = [i for i, tokens in enumerate(found) if tokens is None]
+        if missing:
+            for i, tokens in zip(missing, self._analysis.tokens([products[i] for i in missing]), strict=True):
+                found[i] = tokens
+        return found  # type: ignore[return-value]
 
     def _delete_pk(self, conn: sqlite3.Connection, pk: int, text_generation: int) -> None:
         self.lexical.remove(conn, pk, text_generation)
