@@ -67,7 +67,7 @@ class EmbeddedBackend:
         analysis_workers: int | None = None,  # processes analysing large write batches (None: one per core)
         product_cache_size: int = 20_000,  # parsed products kept per process for search results
         filter_cache_pks: int = 2_000_000,  # kNN: the pks of recent filters, at most this many in all, per process
-        prepared_size: int = 8192,  # analysed texts kept by `prepare` until their upsert
+        prepared_size: int = 4096,  # analysed texts kept by `prepare` until their upsert
         hnsw_threshold: int = 50_000,
         hnsw_m: int = 32,
         hnsw_ef_construction: int = 128,
@@ -317,8 +317,8 @@ class EmbeddedBackend:
     def _tokens(self, products: Sequence[Product]) -> list[str]:
         """tokens_json of each product: prepared ones from `prepare`, the others analysed now."""
         keys = [(p.title, p.search_text()) for p in products]
-        with self._cache_lock:
-            found: list[str | None] = [self._prepared.get(key) for key in keys]
+        with self._cache_lock:  # taken, not kept: a catalog's long descriptions make large token lists
+            found: list[str | None] = [self._prepared.pop(key, None) for key in keys]
         missing = [i for i, tokens in enumerate(found) if tokens is None]
         if missing:
             for i, tokens in zip(missing, self._analysis.tokens([products[i] for i in missing]), strict=True):
