@@ -179,8 +179,14 @@ def index_rows(
         name="shopsearch-read",
         daemon=True,
     )
+    # a backend that analyses text before writing it (the embedded store) does so on the embed thread,
+    # while this thread writes the previous batch
+    prepare = getattr(backend, "prepare", None)
     embed_thread = threading.Thread(
-        target=_embed_stage, args=(embed, to_embed, events, stop), name="shopsearch-embed", daemon=True
+        target=_embed_stage,
+        args=(embed, to_embed, events, stop, prepare if callable(prepare) else None),
+        name="shopsearch-embed",
+        daemon=True,
     )
     pending: Counter[str] = Counter()  # ids classified but not yet written
     inflight = 0
@@ -342,12 +348,15 @@ def _embed_stage(
     to_embed: queue.Queue[Batch | None],
     events: queue.Queue[tuple[str, Any]],
     stop: threading.Event,
+    prepare: Callable[[Sequence[Product]], None] | None = None,
 ) -> None:
     while True:
         batch = to_embed.get()
         if batch is None or stop.is_set():  # after a failure, queued batches are not worth embedding
             return
         try:
+            if prepare is not None and batch.to_write:
+                prepare(batch.to_write)
             embed_batch(batch, embed)
             events.put(("embedded", batch))
         except BaseException as err:

@@ -40,7 +40,7 @@ from middleware.backends.base import (
 from middleware.backends.embedded import lexical
 from middleware.backends.embedded.lexical import KEY_SEPARATOR, SUGGEST_FIELD, ParallelAnalysis, TantivyLexicalIndex
 from middleware.backends.embedded.store import SqliteStore, filter_sql
-from middleware.backends.embedded.vectors import VectorIndex
+from middleware.backends.embedded.vectors import AllowedIds, VectorIndex
 from middleware.products import Candidate, Filters, Product, SignalUpdate
 from middleware.text import normalize
 
@@ -66,6 +66,8 @@ class EmbeddedBackend:
         field_boosts: dict[str, float] | None = None,  # query-time BM25 boost per lexical field (text.FIELD_BOOSTS)
         analysis_workers: int | None = None,  # processes analysing large write batches (None: one per core)
         product_cache_size: int = 20_000,  # parsed products kept per process for search results
+        filter_cache_pks: int = 2_000_000,  # kNN: the pks of recent filters, at most this many in all, per process
+        prepared_size: int = 4096,  # analysed texts kept by `prepare` until their upsert
         hnsw_threshold: int = 50_000,
         hnsw_m: int = 32,
         hnsw_ef_construction: int = 128,
@@ -93,8 +95,15 @@ class EmbeddedBackend:
         self._product_cache: LRUCache[int, Product] = LRUCache(maxsize=product_cache_size)
         self._cache_generation = -1
         self._cache_lock = threading.Lock()
+        # (filters as JSON, lexical generation) -> the pks they allow: every write bumps that generation
+        self._filter_cache: LRUCache[tuple[str, int], AllowedIds] = LRUCache(
+            maxsize=max(1, filter_cache_pks), getsizeof=lambda allowed: allowed.size + 1
+        )
+        self._filter_cache_pks = max(1, filter_cache_pks)
         workers = (os.cpu_count() or 1) if analysis_workers is None else analysis_workers
         self._analysis = ParallelAnalysis(workers if workers >= 2 else 0)
+        # (title, search text) -> tokens_json, analysed by `prepare` ahead of the upsert that writes them
+        self._prepared: LRUCache[tuple[str, str], str] = LRUCache(maxsize=max(1, prepared_size))
         self.vectors = VectorIndex(
             self.data_dir / FAISS_NAME,
             self.store.vector_snapshot,
@@ -250,7 +259,7 @@ class EmbeddedBackend:
         last = {p.id: i for i, p in enumerate(products)}
         order = sorted(last.values())
         # analyse before taking any lock: jieba is the slow part of a write
-        tokens = self._analysis.tokens([products[i] for i in order])
+        tokens = self._tokens([products[i] for i in order])
         rows = [
             (products[i], None if vecs is None else vecs[i].astype("<f4").tobytes(), tokens[k])
             for k, i in enumerate(order)
@@ -285,6 +294,36 @@ class EmbeddedBackend:
                     added = np.stack([vecs[i] for i in order])  # type: ignore[index]
                 self.vectors.apply(removed, added_pks, added, generation)
             self._lexical_catch_up(text_generation)
+
+    def prepare(self, products: Sequence[Product]) -> None:
+        """Analyse products ahead of their `upsert` (optional): a loader calls it on another thread
+        while it writes the previous batch, so the analysis workers are busy during that write. Nothing
+        is stored; the upsert finds the tokens of any product whose text is unchanged."""
+        self._check_open()
+        wanted: dict[tuple[str, str], Product] = {}
+        with self._cache_lock:
+            for product in products:
+                if not isinstance(product, Product):
+                    raise TypeError(f"prepare: products must be Products, got {type(product).__name__}")
+                key = (product.title, product.search_text())
+                if key not in self._prepared:
+                    wanted[key] = product
+        if not wanted:
+            return
+        tokens = self._analysis.tokens(list(wanted.values()))
+        with self._cache_lock:
+            self._prepared.update(zip(wanted, tokens, strict=True))
+
+    def _tokens(self, products: Sequence[Product]) -> list[str]:
+        """tokens_json of each product: prepared ones from `prepare`, the others analysed now."""
+        keys = [(p.title, p.search_text()) for p in products]
+        with self._cache_lock:  # taken, not kept: a catalog's long descriptions make large token lists
+            found: list[str | None] = [self._prepared.pop(key, None) for key in keys]
+        missing = [i for i, tokens in enumerate(found) if tokens is None]
+        if missing:
+            for i, tokens in zip(missing, self._analysis.tokens([products[i] for i in missing]), strict=True):
+                found[i] = tokens
+        return found  # type: ignore[return-value]
 
     def _delete_pk(self, conn: sqlite3.Connection, pk: int, text_generation: int) -> None:
         self.lexical.remove(conn, pk, text_generation)
@@ -361,10 +400,9 @@ class EmbeddedBackend:
         self._check_open()
         if n <= 0 or not isinstance(text, str):
             return []
-        query = self.lexical.match_query(text, filters)
-        if query is None:
+        hits = self.lexical.top(text, filters, n)
+        if not hits:
             return []
-        hits = self.lexical.search(query, n)
         with self.store.reader() as conn:
             products = self._products_by_pk(conn, [pk for pk, _ in hits])
         out: list[Candidate] = []
@@ -393,6 +431,30 @@ class EmbeddedBackend:
             found.update(fetched)
         return found
 
+    def _allowed(self, conn: sqlite3.Connection, filters: Filters) -> AllowedIds:
+        """The pks `filters` allow, from a per-process cache: gathering them (tens of thousands for a broad
+        filter) and building their faiss selector was most of a filtered kNN call, and storefront filters
+        repeat. Keyed by the lexical generation, which every write bumps (price and stock changes too),
+        so a cached set is exactly what the store holds at that generation."""
+        key = filters.model_dump_json()
+        generation = self.store.meta_int(LEXICAL_GENERATION, conn) or 0
+        with self._cache_lock:
+            allowed = self._filter_cache.get((key, generation))
+        if allowed is not None:
+            return allowed
+        conn.execute("BEGIN")  # the generation and the pks from one snapshot
+        try:
+            generation = self.store.meta_int(LEXICAL_GENERATION, conn) or 0
+            allowed = AllowedIds(self.store.filtered_pks(conn, filters))
+        finally:
+            conn.rollback()
+        if allowed.size < self._filter_cache_pks:
+            with self._cache_lock:
+                if any(k[1] != generation for k in self._filter_cache):
+                    self._filter_cache.clear()  # sets of another generation are never right again
+                self._filter_cache[(key, generation)] = allowed
+        return allowed
+
     def knn(self, vector: np.ndarray, filters: Filters | None, n: int) -> list[Candidate]:
         """Exact (flat) or HNSW inner-product top-n among the products matching `filters`."""
         self._check_open()
@@ -411,7 +473,7 @@ class EmbeddedBackend:
                     hits: list[tuple[int, float]] = []
                     with self.store.reader() as conn:
                         if self.vectors.ntotal:
-                            allowed = None if filters is None else self.store.filtered_pks(conn, filters)
+                            allowed = None if filters is None else self._allowed(conn, filters)
                             hits = self.vectors.search(query, allowed, n)
                         products = self._products_by_pk(conn, [pk for pk, _ in hits])
                     break

@@ -34,6 +34,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import sqlite3
 import subprocess
@@ -41,6 +42,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,11 @@ SUGGEST_FIELD = "suggest"  # title words as typed (text.suggest_terms): completi
 KEY_SEPARATOR = "\x00"  # brand_key / category_key terms: casefolded value, separator, the value as stored
 SCHEMA_REVISION = 2  # of the tantivy schema below; a change rebuilds the index
 _ADD_BATCH = 2000  # pks re-synced per SQLite read
+# post-filtering (see TantivyLexicalIndex.top): only for filters at least this share of products pass
+POST_FILTER_MIN_SHARE = 0.3
+POST_FILTER_MARGIN = 1.5  # collect this many times the hits the filter's share predicts, plus a few
+_SHARE_TTL_S = 30.0  # a filter's share of the products is an estimate: counted again after this long
+_SHARES_KEPT = 256
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS product_text (
@@ -300,6 +307,8 @@ class TantivyLexicalIndex:
         self._stamp_seen = -2
         self._closed = threading.Event()
         self._poller: threading.Thread | None = None
+        self._shares: OrderedDict[str, tuple[float, float]] = OrderedDict()  # filters -> (share, when counted)
+        self._shares_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -606,6 +615,78 @@ class TantivyLexicalIndex:
 
     # ------------------------------------------------------------------ reads
 
+    def top(self, text: str, filters: Filters | None, n: int) -> list[tuple[int, float]]:
+        """BM25 top n of `text` among the products `filters` allow: (pk, score), best first, ties by pk.
+
+        A filter inside the query is intersected with the text's matches, and tantivy then scores every
+        match: block-max WAND prunes only a pure disjunction. A filter on price and stock alone that
+        most products pass is therefore applied after an unfiltered, pruned search instead, reading the
+        hits' price and stock from fast fields; the result is kept only when it is provably the same top
+        n (the search was exhaustive, or n allowed hits score above the lowest collected one), else the
+        filtered query runs."""
+        if n <= 0:
+            return []
+        numeric = _fast_filter(filters)
+        if numeric is not None:
+            assert filters is not None
+            share = self._share(filters)
+            if share >= POST_FILTER_MIN_SHARE:
+                query = self.match_query(text, None)
+                if query is None:
+                    return []
+                limit = math.ceil(POST_FILTER_MARGIN * n / share) + 16
+                found = self._post_filtered(query, numeric, n, limit)
+                if found is not None:
+                    return found
+        query = self.match_query(text, filters)
+        return [] if query is None else self.search(query, n)
+
+    def _share(self, filters: Filters) -> float:
+        """About what share of the products `filters` allow (a count, kept for a while per filter)."""
+        key = filters.model_dump_json()
+        now = time.monotonic()
+        with self._shares_lock:
+            kept = self._shares.get(key)
+            if kept is not None and now - kept[1] < _SHARE_TTL_S:
+                self._shares.move_to_end(key)
+                return kept[0]
+        searcher = self._searcher()
+        total = int(searcher.num_docs)
+        query = self.match_query(None, filters)
+        share = 0.0 if not total or query is None else searcher.search(query, limit=1, count=True).count / total
+        with self._shares_lock:
+            self._shares[key] = (share, now)
+            while len(self._shares) > _SHARES_KEPT:
+                self._shares.popitem(last=False)
+        return share
+
+    def _post_filtered(
+        self, query: tantivy.Query, numeric: _FastFilter, n: int, limit: int
+    ) -> list[tuple[int, float]] | None:
+        searcher = self._searcher()
+        found = searcher.search(query, limit=limit, count=False).hits
+        if not found:
+            return []
+        addrs = [addr for _, addr in found]
+        pks = searcher.fast_field_values("pk", addrs)
+        keep = [True] * len(found)
+        if numeric.low is not None or numeric.high is not None:
+            low = -math.inf if numeric.low is None else numeric.low
+            high = math.inf if numeric.high is None else numeric.high
+            prices = searcher.fast_field_values("price", addrs)
+            keep = [k and p is not None and low <= p <= high for k, p in zip(keep, prices, strict=True)]
+        if numeric.in_stock:
+            stock = searcher.fast_field_values("in_stock", addrs)
+            keep = [k and s == 1 for k, s in zip(keep, stock, strict=True)]
+        hits = [(int(pk), float(score)) for (score, _), pk, k in zip(found, pks, keep, strict=True) if k]
+        if len(found) >= limit:  # not exhaustive: only hits above the lowest collected score are sure
+            lowest = float(found[-1][0])
+            hits = [h for h in hits if h[1] > lowest]
+            if len(hits) < n:
+                return None
+        hits.sort(key=lambda h: (-h[1], h[0]))
+        return hits[:n]
+
     def _searcher(self) -> tantivy.Searcher:
         if self._writer is not None and self._applied != self.generation:
             with self._lock:  # this process's own writes are searchable once they return
@@ -680,6 +761,29 @@ class TantivyLexicalIndex:
             "owns_writer": self.owns_writer,
             "size_bytes": size,
         }
+
+
+@dataclass(frozen=True)
+class _FastFilter:
+    """A filter that fast fields answer: a price range (inclusive) and in stock."""
+
+    low: float | None
+    high: float | None
+    in_stock: bool
+
+
+def _fast_filter(filters: Filters | None) -> _FastFilter | None:
+    """The filter as a `_FastFilter` when it restricts price and stock only, else None."""
+    if filters is None:
+        return None
+    restricting = {name for name, value in filters.model_dump(exclude_none=True).items() if value is not False}
+    if not restricting or not restricting <= {"price_min", "price_max", "in_stock"}:
+        return None
+    return _FastFilter(
+        low=None if filters.price_min is None else float(filters.price_min),
+        high=None if filters.price_max is None else float(filters.price_max),
+        in_stock=bool(filters.in_stock),
+    )
 
 
 def _pages(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> Iterator[list[int]]:

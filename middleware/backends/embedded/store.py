@@ -306,9 +306,10 @@ class SqliteStore:
     def filtered_pks(conn: sqlite3.Connection, filters: Filters) -> np.ndarray:
         """The pks of the products matching `filters` (int64)."""
         where, params = filter_sql(filters)
-        # no `vector IS NOT NULL` here: that reads every row, and the vector index skips pks it lacks anyway
-        rows = conn.execute(f"SELECT p.pk FROM products p WHERE {where}", params)
-        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+        # no `vector IS NOT NULL` here: that reads every row, and the vector index skips pks it lacks anyway;
+        # one comma-joined string parsed by numpy, not a Python tuple per row
+        joined = conn.execute(f"SELECT group_concat(p.pk) FROM products p WHERE {where}", params).fetchone()[0]
+        return np.fromstring(joined or "", dtype=np.int64, sep=",")
 
     def iter_ids(self, page: int = 1000) -> Iterator[str]:
         last = -1

@@ -98,6 +98,25 @@ def _file_generation(path: Path) -> int | None:
     return int(generation) if magic == FAISS_MAGIC else None
 
 
+class AllowedIds:
+    """The pks a filter allows (int64), and the faiss selector over them, built on first use: a holder
+    that a cache can keep, so a repeated filter builds its selector once."""
+
+    def __init__(self, pks: np.ndarray) -> None:
+        self.pks = np.ascontiguousarray(pks, dtype=np.int64)
+        self._selector: faiss.IDSelectorBatch | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.pks.size)
+
+    def selector(self) -> faiss.IDSelectorBatch:
+        selector = self._selector
+        if selector is None:  # two threads may both build one: either is right
+            selector = self._selector = faiss.IDSelectorBatch(self.pks)
+        return selector
+
+
 def _sorted_hits(ids: Iterable[int], scores: Iterable[float]) -> list[tuple[int, float]]:
     hits = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i >= 0]
     hits.sort(key=lambda h: (-h[1], h[0]))
@@ -308,20 +327,32 @@ class VectorIndex:
 
     # ------------------------------------------------------------------ search (read lock)
 
-    def search(self, query: np.ndarray, allowed: np.ndarray | None, n: int) -> list[tuple[int, float]]:
+    def search(self, query: np.ndarray, allowed: np.ndarray | AllowedIds | None, n: int) -> list[tuple[int, float]]:
         """(pk, inner product) of the top n, best first, ties by pk; `allowed`: only these pks (int64)."""
+        # one query gains nothing from OpenMP threads, and on a busy machine their spin-waits cost more
+        # than the search itself: this thread searches alone (the setting is per thread, restored after)
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return self._search(query, allowed, n)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    def _search(self, query: np.ndarray, allowed: np.ndarray | AllowedIds | None, n: int) -> list[tuple[int, float]]:
         index = self._index
         if index is None or index.ntotal == 0:
             return []
         live = index.ntotal - len(self._dead)
         params: faiss.SearchParameters | None = None
         if allowed is not None:
+            if not isinstance(allowed, AllowedIds):
+                allowed = AllowedIds(allowed)
             if allowed.size == 0:
                 return []
-            k = min(n, int(allowed.size))
+            k = min(n, allowed.size)
             if self._kind == "hnsw" and (allowed.size <= self.exact_max or allowed.size < 0.05 * live):
-                return self._exact_over(query, allowed, k)
-            selector = faiss.IDSelectorBatch(allowed)
+                return self._exact_over(query, allowed.pks, k)
+            selector = allowed.selector()
             if self._kind == "hnsw":
                 ef = max(self.hnsw_ef_search, k)
                 ef = min(math.ceil(ef * live / allowed.size), 10 * ef)  # selective filter: look wider
