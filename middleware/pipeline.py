@@ -142,7 +142,7 @@ class Pipeline:
             else:
                 page, listing_offset = self._sorted_page(match, sort, cursor.position, req.size)
 
-        facets_future = self._start_facets(req, match)  # counted over the same match set as the total
+        facets_future = self._start_facets(req, match, deadline)  # over the same match set as the total
         t = time.perf_counter()
         if req.track_total_hits is False:
             total, relation = cursor.position + len(page), "gte"
@@ -159,7 +159,7 @@ class Pipeline:
 
         # storefront: highlighted fragments of the page, and the facets
         self._highlight(req, query, hits, watch, degraded)
-        facets = self._facets(facets_future, watch, degraded)
+        facets = self._facets(facets_future, deadline, watch, degraded)
         resp = SearchResponse(
             hits=hits,
             total=total,
@@ -375,23 +375,27 @@ class Pipeline:
         merged = heapq.merge(*streams, key=lambda c: (-(c.final or 0.0), c.id))
         return list(itertools.islice(merged, position, position + size))
 
-    def _start_facets(self, req: SearchRequest, match: MatchSet) -> Future | None:
+    def _start_facets(self, req: SearchRequest, match: MatchSet, deadline: Deadline) -> Future | None:
         plan = storefront.facet_plan(req.facets)
         if not plan:
             return None
 
         def count() -> tuple[dict, float]:
             t = time.perf_counter()
-            found = storefront.compute_facets(self.backend, match, plan, disjunctive=req.disjunctive_facets)
+            found = storefront.compute_facets(
+                self.backend, match, plan, disjunctive=req.disjunctive_facets, deadline=deadline
+            )
             return found, t
 
         return self._executor.submit(count)
 
-    def _facets(self, future: Future | None, watch: Stopwatch, degraded: list[str]) -> dict | None:
+    def _facets(self, future: Future | None, deadline: Deadline, watch: Stopwatch, degraded: list[str]) -> dict | None:
+        """The facets once counted, or none (degraded) when counting fails or outlasts the request's
+        budget: counts are whole or absent, never partial."""
         if future is None:
             return None
         try:
-            found, started = future.result()
+            found, started = deadline.wait(future, reserve_s=min(0.005, 0.05 * deadline.budget_s))
         except Exception as err:  # the hits still answer; the shopper sees no counts
             log.warning("facets degraded: %s", redact(str(err)))
             degraded.append("facets")
