@@ -159,6 +159,8 @@ def narrower(request: Filters | None, rule: Filters) -> bool:
         return False
     if rule.price_max is not None and (req.price_max is None or req.price_max > rule.price_max):
         return False
+    if rule.exclude and not all(clause in (req.exclude or ()) for clause in rule.exclude):
+        return False  # the request leaves out at least what the rule's filters leave out
     return not (rule.in_stock and not req.in_stock)
 
 

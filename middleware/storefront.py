@@ -6,7 +6,8 @@ matches after filters plus the vector hits above the similarity floor. Faceting 
 it off: a facet's own filter (brand for the brand facet, category for category, the price bounds for
 price) is left out of its counts, so a shopper who picked one brand still sees the other brands'
 counts. The vector part of a relaxed count is the hits retrieved under the full filters (the other
-brands' vector hits were never retrieved); the lexical part is exact.
+brands' vector hits were never retrieved); the lexical part is exact. Exclusions (`Filters.exclude`)
+apply to every facet: a product the request leaves out is counted nowhere.
 """
 
 from __future__ import annotations

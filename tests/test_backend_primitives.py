@@ -193,7 +193,16 @@ class TestCount:
         assert len(expected_set("sneakers")) == 288
         assert backend.count_matches(MatchSet(text="sneakers")) == 288
 
-    @pytest.mark.parametrize("filters", [ACME, CHEAP_IN_STOCK, Filters(category=["outdoor"], price_min=50.0)])
+    @pytest.mark.parametrize(
+        "filters",
+        [
+            ACME,
+            CHEAP_IN_STOCK,
+            Filters(category=["outdoor"], price_min=50.0),
+            Filters(exclude=[{"brand": ["Acme"]}]),
+            Filters(category=["shoes"], exclude=[{"price_min": 60.0, "price_max": 120.0}, {"in_stock": True}]),
+        ],
+    )
     def test_filters_restrict_the_count(self, backend: Backend, filters: Filters) -> None:
         want = len(expected_set("sneakers", filters))
         assert 0 < want < 288
@@ -422,7 +431,10 @@ class TestFacets:
     )
     def test_facets_equal_a_brute_force_count(self, backend: Backend, text, ids, brands, low, in_stock, bounds):
         """Random match sets (text, ids standing for vector hits, filters) and random range facets."""
-        filters = Filters(brand=brands or None, price_min=low, in_stock=in_stock)
+        exclude = [{"brand": brands[-1]}, {"price_max": low}] if brands and low is not None else None
+        filters = Filters(brand=brands[:1] or None, price_min=low, in_stock=in_stock, exclude=exclude)
+        if in_stock and low is None:
+            filters = Filters(in_stock=True, exclude={"brand": ["Acme"], "price_max": 100.0})
         ids = ids if text is not None else []  # (no text is every product already)
         ranges = tuple(
             (a, b) if a is None or b is None or a <= b else (b, a)

@@ -82,6 +82,17 @@ def random_filters(rng: np.random.Generator, ids: list[str]) -> Filters:
         kwargs["in_stock"] = bool(rng.random() < 0.8)
     if rng.random() < 0.2:
         kwargs["ids"] = list(rng.choice(ids, size=20, replace=False))
+    if rng.random() < 0.4:  # the negative side: none of these clauses
+        shapes = [
+            {"brand": [b for b in BRANDS if b][int(rng.integers(4))]},
+            {"category": list(rng.choice(CATEGORIES, size=2, replace=False))},
+            {"price_min": float(rng.integers(0, 1000))},
+            {"price_max": 400.0, "in_stock": True},
+            {"ids": list(rng.choice(ids, size=30, replace=False))},
+        ]
+        kwargs["exclude"] = [
+            shapes[int(i)] for i in rng.choice(len(shapes), size=int(rng.integers(1, 3)), replace=False)
+        ]
     return Filters(**kwargs)
 
 

@@ -296,6 +296,10 @@ def filter_clauses(filters: Filters | None) -> list[dict[str, Any]]:
         )
     if filters.ids is not None:
         clauses.append({"terms": {"id": list(filters.ids)}})
+    if filters.exclude:
+        # a product matching any exclude clause (each its fields together) is left out
+        negative = [{"bool": {"filter": filter_clauses(clause)}} for clause in filters.exclude]
+        clauses.append({"bool": {"must_not": negative}})
     return clauses
 
 

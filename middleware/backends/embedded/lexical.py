@@ -582,6 +582,17 @@ class TantivyLexicalIndex:
             out.append(tantivy.Query.term_query(schema, "in_stock", 1))
         if filters.ids is not None:
             out.append(tantivy.Query.term_set_query(schema, "id", list(filters.ids)))
+        if filters.exclude:  # a product matching any exclude clause (each its fields together) is left out
+            negative: list[tuple[tantivy.Occur, tantivy.Query]] = [(tantivy.Occur.Must, tantivy.Query.all_query())]
+            for clause in filters.exclude:
+                parts = self.filter_query(clause)
+                together = (
+                    parts[0]
+                    if len(parts) == 1
+                    else tantivy.Query.boolean_query([(tantivy.Occur.Must, q) for q in parts])
+                )
+                negative.append((tantivy.Occur.MustNot, together))
+            out.append(tantivy.Query.boolean_query(negative))
         return out
 
     def match_query(self, text: str | None, filters: Filters | None, ids: Sequence[str] = ()) -> tantivy.Query | None:
