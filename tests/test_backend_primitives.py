@@ -212,6 +212,11 @@ class TestCount:
         assert backend.count_matches(MatchSet()) == len(CATALOG)
         for filters in (ACME, CHEAP_IN_STOCK, Filters(category=["outdoor"])):
             assert backend.count_matches(MatchSet(filters=filters)) == len(expected_set(None, filters))
+            # no text is every product already: ids add nothing
+            with_ids = MatchSet(filters=filters, ids=("p001", "p002"))
+            assert backend.count_matches(with_ids) == len(expected_set(None, filters))
+            (brand,) = backend.facets(with_ids, [FacetSpec("brand")])
+            assert sum(v.count for v in brand.values or []) == sum(1 for p in expected_set(None, filters) if p.brand)
 
     def test_any_token_matches(self, backend: Backend) -> None:
         want = len(expected_set("sneakers waterproof"))
@@ -435,7 +440,6 @@ class TestFacets:
         filters = Filters(brand=brands[:1] or None, price_min=low, in_stock=in_stock, exclude=exclude)
         if in_stock and low is None:
             filters = Filters(in_stock=True, exclude={"brand": ["Acme"], "price_max": 100.0})
-        ids = ids if text is not None else []  # (no text is every product already)
         ranges = tuple(
             (a, b) if a is None or b is None or a <= b else (b, a)
             for a, b in zip(bounds[::2], bounds[1::2], strict=False)

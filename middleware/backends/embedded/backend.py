@@ -433,7 +433,7 @@ class EmbeddedBackend:
     def _match_pks(self, match: MatchSet) -> tuple[str, list[object], dict[int, float]]:
         """The match set as SQL over `products p` (a WHERE clause and its parameters), and the BM25
         score of each text match. Text and ids are matched in the lexical index, filters included."""
-        if match.text is None and not match.ids:
+        if match.text is None:  # every product under the filters (ids add nothing)
             where, params = filter_sql(match.filters)
             return where, params, {}
         query = self.lexical.match_query(match.text, match.filters, match.ids)
@@ -442,7 +442,7 @@ class EmbeddedBackend:
 
     def count_matches(self, match: MatchSet) -> int:
         self._check_open()
-        if match.text is None and not match.ids:
+        if match.text is None:
             where, params = filter_sql(match.filters)
             with self.store.reader() as conn:
                 return int(conn.execute(f"SELECT count(*) FROM products p WHERE {where}", params).fetchone()[0])

@@ -596,11 +596,11 @@ class TantivyLexicalIndex:
         return out
 
     def match_query(self, text: str | None, filters: Filters | None, ids: Sequence[str] = ()) -> tantivy.Query | None:
-        """(text's tokens OR ids) AND filters; every product when text is None and ids empty.
+        """(text's tokens OR ids) AND filters; every product when text is None (ids then add nothing).
         None: nothing can match (a text without tokens and no ids)."""
         schema = self._schema
         matching: tantivy.Query | None
-        if text is None and not ids:
+        if text is None:
             matching = tantivy.Query.all_query()
         else:
             parts = []
