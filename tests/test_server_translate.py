@@ -97,6 +97,8 @@ def test_must_not_becomes_exclude_clauses_and_negative_requirements():
         ("phrase", "儿童 手表", ("title",), 1),
     ]
     assert t.requirements == []
+    many = tr({"query": {"bool": {"must_not": [{"term": {"brand": f"b{i:03d}"}} for i in range(100)]}}})
+    assert [c.brand for c in many.request.filters.exclude] == [[f"b{i:03d}" for i in range(100)]]
     # inside a filter too, and on its own (a browse of everything else)
     inside = tr({"query": {"bool": {"filter": {"bool": {"must_not": {"ids": {"values": ["a"]}}}}}}})
     assert inside.request.query is None and inside.request.filters.exclude[0].ids == ["a"]

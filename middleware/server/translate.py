@@ -347,7 +347,19 @@ def _add_must_not(builder: _FilterBuilder, clauses: list[Any], path: str) -> Non
         elif found is None:
             builder.contradiction = True  # it matches every product (match_all): all are excluded
         else:
-            builder.excludes.append(found)
+            _add_exclusion(builder.excludes, found)
+
+
+def _add_exclusion(excludes: list[dict[str, Any]], found: dict[str, Any]) -> None:
+    """One more exclude clause; clauses on one value field alone are one clause of their values
+    (excluding brand a, and brand b, is excluding brand a or b)."""
+    (name,) = found if len(found) == 1 else (None,)
+    if name in ("brand", "category", "ids"):
+        for clause in excludes:
+            if set(clause) == {name}:
+                clause[name] = sorted({*clause[name], *found[name]})
+                return
+    excludes.append(found)
 
 
 def _empty_optional(key: str, sub: Any, spec: Mapping[str, Any]) -> bool:
