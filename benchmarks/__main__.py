@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--quick] [--only rerank,embed,sweep,gemm,gpu,service,index,lexical] [--output DIR]`
+"""`python -m benchmarks [--quick] [--only rerank,embed,sweep,gemm,gpu,service,index,lexical,storefront] [--output DIR]`
 
 Runs every section in one process, on the same weights and inputs, and writes one JSON per section
 plus SUMMARY.md to the output directory (default benchmarks/results, or benchmarks/results/quick
@@ -17,12 +17,13 @@ from typing import Any
 
 from benchmarks import common
 
-SECTIONS = ("rerank", "gemm", "embed", "sweep", "gpu", "service", "index", "lexical")
+SECTIONS = ("rerank", "gemm", "embed", "sweep", "gpu", "service", "index", "lexical", "storefront")
 # sections other helpers own: module with `run(quick, output_dir) -> dict`
 EXTERNAL = {
     "service": "benchmarks.service_bench",
     "index": "benchmarks.index_bench",
     "lexical": "benchmarks.lexical_bench",
+    "storefront": "benchmarks.storefront_bench",
 }
 
 log = logging.getLogger("benchmarks")

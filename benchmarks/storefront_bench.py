@@ -1,8 +1,10 @@
 """Storefront latency on an embedded store: autocomplete (/v1/suggest's work) and facet counts.
 
+`python -m benchmarks --only storefront [--quick]`, or on its own:
 `python -m benchmarks.storefront_bench [--products 100000] [--store DIR] [--quick] [--output DIR]`
 
-Builds (or reuses, with --store) an embedded store of synthetic products titled from the qbqtc corpus,
+Builds (or reuses: --store, else a store cached under ~/.cache/shopsearch/bench-storefront, or
+SHOPSEARCH_BENCH_STOREFRONT_CACHE) an embedded store of synthetic products titled from the qbqtc corpus,
 fills the popular-query count with qbqtc queries, then times:
 - suggest: storefront.suggest for prefixes of 1-3 characters of real queries (size 8);
 - facets: storefront.compute_facets (brand, category, price ranges, price stats; disjunctive, with a
@@ -10,14 +12,16 @@ fills the popular-query count with qbqtc queries, then times:
   standing in for the vector hits.
 Prints the figures and writes benchmarks/results/storefront.json. The target is p99 <= 10 ms for
 suggest at 100k products. Wall time and the calling thread's CPU time are both recorded, with the load
-average: on a shared machine the wall-time tail is mostly waiting for a core.
+average before and after: on a shared machine the wall-time tail is mostly waiting for a core.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +37,10 @@ from middleware.schema import FacetRequest
 
 BRANDS = ["欧米茄", "卡西欧", "天梭", "华为", "小米", "苹果", "索尼", "耐克", "Maison Lune", "SWAROVSKI"]
 CATEGORIES = ["手表", "礼盒", "女士", "男士", "耳机", "手机", "运动", "美妆", "箱包", "珠宝首饰", "数码", "家居"]
+SYNTH_VERSION = 1  # bump when `products` changes: invalidates the cached stores
+CACHE = Path(
+    os.environ.get("SHOPSEARCH_BENCH_STOREFRONT_CACHE", Path.home() / ".cache" / "shopsearch" / "bench-storefront")
+)
 FACETS = [
     "brand",
     "category",
@@ -74,15 +82,26 @@ def percentiles(samples_s: list[float]) -> dict[str, float]:
 
 
 def _open_store(path: Path, n: int, titles: list[str]) -> tuple[Any, float | None]:
+    """The store at `path`, built there unless it holds this version's n products (a store of another
+    version or size is built afresh)."""
     from middleware.backends.embedded import EmbeddedBackend
 
+    marker = path / "bench-storefront.json"
+    want = {"products": n, "synth_version": SYNTH_VERSION, "titles": len(titles)}
+    try:
+        reusable = json.loads(marker.read_text()) == want
+    except (OSError, ValueError):
+        reusable = False
+    if not reusable and path.exists() and any(path.iterdir()):
+        shutil.rmtree(path)
     backend = EmbeddedBackend(path)
-    if backend.count() == n:
+    if reusable and backend.count() == n:
         return backend, None
     started = time.perf_counter()
     catalog = products(n, titles)
     for i in range(0, n, 5000):
         backend.upsert(catalog[i : i + 5000], None)
+    marker.write_text(json.dumps(want))
     return backend, time.perf_counter() - started
 
 
@@ -93,6 +112,9 @@ def run(quick: bool, output_dir: Path, *, n_products: int | None = None, store: 
     except OSError:
         titles, queries = [], ["手表", "礼盒", "耳机", "手机", "运动鞋", "女士包"]
     rng = random.Random(1)
+    load_before = os.getloadavg()
+    if store is None and not quick:
+        store = CACHE / str(n)
     with tempfile.TemporaryDirectory(prefix="storefront-bench-") as tmp:
         backend, build_s = _open_store(store or Path(tmp), n, titles)
         try:
@@ -144,6 +166,7 @@ def run(quick: bool, output_dir: Path, *, n_products: int | None = None, store: 
             "match_set_max": int(max(matched)),
         },
         "target": {"suggest_p99_ms": 10.0, "met": percentiles(suggest_s)["p99_ms"] <= 10.0},
+        "load_average_before": load_before,
         "load_average": os.getloadavg(),
         "cpu_count": os.cpu_count(),
         "machine": common.machine_info(),
@@ -162,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output or (common.DEFAULT_RESULTS / "quick" if args.quick else common.DEFAULT_RESULTS)
     r = run(args.quick, output, n_products=args.products, store=args.store)
     s, f = r["suggest"], r["facets"]
-    print(f"storefront at {r['products']} products (build {r['build_s']} s; load average {r['load_average'][0]:.1f})")
+    before, after = r["load_average_before"][0], r["load_average"][0]
+    print(f"storefront at {r['products']} products (build {r['build_s']} s; load average {before:.1f} -> {after:.1f})")
     print(f"  suggest  p50 {s['p50_ms']} ms  p95 {s['p95_ms']} ms  p99 {s['p99_ms']} ms  max {s['max_ms']} ms"
           f"  ({s['n']} prefixes, target p99 <= 10 ms: {'met' if r['target']['met'] else 'NOT met'})")  # fmt: skip
     print(f"           this thread's CPU time: p50 {s['cpu']['p50_ms']} ms  p99 {s['cpu']['p99_ms']} ms")

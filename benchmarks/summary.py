@@ -233,7 +233,7 @@ def write_summary(output_dir: Path, run_info: dict[str, Any], results: dict[str,
             lines += [f"Skipped: {gp['reason']}.", ""]
         else:
             lines += ["```json", json.dumps(gp, indent=2, default=str), "```", ""]
-    for name in ("service", "index", "lexical"):
+    for name in ("service", "index", "lexical", "storefront"):
         part = results.get(name)
         if part:
             lines += [f"## {name.capitalize()}", ""]

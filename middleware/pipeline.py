@@ -132,7 +132,7 @@ class Pipeline:
         if req.collapse and not (query and default_order):
             raise paging.InvalidRequest("collapse applies to a query's ranked order (no sort, no browse)", "collapse")
         parts = _order_parts(req, query, filters, weights, sort if not default_order else [])
-        if query and default_order and (req.rules or req.collapse):
+        if req.rules or req.collapse:
             parts["merchandising"] = [self.rules.version() if req.rules else None, req.collapse]
         key = paging.query_key(parts)
         mark: str | None = None
@@ -146,11 +146,12 @@ class Pipeline:
         floor: float | None = None
         shaped = Merchandised()
         if not query:  # a category page: the business order, or the requested one
-            match = MatchSet(text=None, filters=filters)
+            ruled = self._page_rules(req, query, filters, watch, degraded, pins=not sort)
+            match, shaped = ruled.restrict(MatchSet(text=None, filters=filters)), ruled.shaped
             if sort:
                 page, listing_offset = self._sorted_page(match, sort, cursor.position, req.size)
             else:
-                page = self._business_browse(match, filters, weights, req.business_enabled, cursor.position, req.size)
+                page = self._pinned_browse(match, weights, req.business_enabled, cursor.position, req.size, ruled.pins)
                 listing_offset = 0
         else:
             head, match, floor, degraded, reranked = self._ranked_head(req, query, filters, weights, deadline, watch)
@@ -158,9 +159,11 @@ class Pipeline:
                 head, shaped = self._merchandise(req, query, filters, head, watch, degraded)
                 page, listing_offset = self._ranked_page(head, match, cursor, req.size, shaped)
             else:
+                ruled = self._page_rules(req, query, filters, watch, degraded, pins=False)
+                match, shaped = ruled.restrict(match), ruled.shaped
                 page, listing_offset = self._sorted_page(match, sort, cursor.position, req.size)
 
-        facets_future = self._start_facets(req, match)  # counted over the same match set as the total
+        facets_future = self._start_facets(req, match, deadline)  # over the same match set as the total
         t = time.perf_counter()
         if req.track_total_hits is False:
             total, relation = cursor.position + len(page), "gte"
@@ -177,7 +180,7 @@ class Pipeline:
 
         # storefront: highlighted fragments of the page, and the facets
         self._highlight(req, query, hits, watch, degraded)
-        facets = self._facets(facets_future, watch, degraded)
+        facets = self._facets(facets_future, deadline, watch, degraded)
         resp = SearchResponse(
             hits=hits,
             total=total,
@@ -333,6 +336,98 @@ class Pipeline:
             watch.record("rules", t)
         return head, shaped
 
+    def _page_rules(
+        self,
+        req: SearchRequest,
+        query: str,
+        filters: Filters | None,
+        watch: Stopwatch,
+        degraded: list[str],
+        *,
+        pins: bool,
+    ) -> PageRules:
+        """The rules of a category page (pins: True) or of a sorted page (pins: False). Such a page keeps
+        its order (the business order, or the one asked for): hide leaves products out (not counted
+        either); on a category page pins place products at their positions; boost and bury, which
+        reorder a query's ranked results, do not apply, nor pins on a sorted page. The report names
+        what was not applied and why."""
+        out = PageRules()
+        if not req.rules:
+            return out
+        t = time.perf_counter()
+        try:
+            fired = merch.matching(self.rules.all(), query, req.filters)
+            if not fired:
+                return out
+            hidden: set[str] = set().union(*(r.hide for r in fired))
+            not_applied: list[dict[str, str]] = []
+            for rule in fired:
+                for action in ("boost", "bury", "pin"):
+                    if getattr(rule, action) and (action != "pin" or not pins):
+                        reason = (
+                            "a sorted page keeps the order asked for"
+                            if action == "pin" or req.sort
+                            else "boost and bury reorder a query's ranked results; a category page keeps "
+                            "the business order"
+                        )
+                        not_applied.append({"rule": rule.id, "action": action, "reason": reason})
+            missing: list[dict[str, str]] = []
+            actions: dict[str, list[str]] = {}
+            if pins:
+                wanted = sorted(((p, r) for r in fired for p in r.pin), key=lambda pr: pr[0].position)
+                found = {p.id: p for p in self.backend.get(list(dict.fromkeys(p.id for p, _ in wanted)))}
+                for pin, rule in wanted:
+                    if pin.id in actions:
+                        continue
+                    product = found.get(pin.id)
+                    if product is None or (filters is not None and not filters.matches(product)):
+                        why = "no such product" if product is None else "excluded by the request's filters"
+                        missing.append({"rule": rule.id, "id": pin.id, "reason": why})
+                        continue
+                    out.pins.append((pin.position, Candidate(id=product.id, product=product)))
+                    actions[pin.id] = [f"pin:{rule.id} position {pin.position}"]
+                hidden -= set(actions)  # a pin wins over a hide
+            out.hidden = hidden
+            report = {"applied": [r.id for r in fired], "missing_pins": missing, "not_applied": not_applied}
+            out.shaped = Merchandised(actions=actions, hidden=frozenset(hidden), report=report)
+        except Exception as err:  # an unreadable rules file or a failed pin fetch: the page as it is
+            log.warning("rules degraded: %s", redact(str(err)))
+            degraded.append("rules")
+            return PageRules()
+        watch.record("rules", t)
+        return out
+
+    def _pinned_browse(
+        self,
+        match: MatchSet,
+        weights: BusinessSettings,
+        enabled: bool,
+        position: int,
+        size: int,
+        pins: list[tuple[int, Candidate]],
+    ) -> list[Candidate]:
+        """Positions [position, + size) of the category page with the pinned products at their
+        positions (one past the end lands at the end) and the rest in the business order."""
+        if not pins:
+            return self._business_browse(match, match.filters, weights, enabled, position, size)
+        rest = _excluding(match.filters, [c.id for _, c in pins])
+        rest_match = MatchSet(text=None, filters=rest)
+        remaining = self.backend.count_matches(rest_match)
+        placed: list[tuple[int, Candidate]] = []  # final index, product: later pins push earlier ones down
+        for wanted, cand in pins:
+            at = min(wanted - 1, remaining + len(placed))
+            placed = [(i + 1 if i >= at else i, c) for i, c in placed] + [(at, cand)]
+        where = dict(placed)
+        before = sum(1 for i in where if i < position)
+        inside = sum(1 for i in where if position <= i < position + size)
+        others = iter(self._business_browse(rest_match, rest, weights, enabled, position - before, size - inside))
+        page = []
+        for i in range(position, position + size):
+            cand = where.get(i) or next(others, None)
+            if cand is not None:
+                page.append(cand)
+        return page
+
     def _ranked_page(
         self, head: list[Candidate], match: MatchSet, cursor: paging.Cursor, size: int, shaped: Merchandised
     ) -> tuple[list[Candidate], int]:
@@ -401,23 +496,27 @@ class Pipeline:
         merged = heapq.merge(*streams, key=lambda c: (-(c.final or 0.0), c.id))
         return list(itertools.islice(merged, position, position + size))
 
-    def _start_facets(self, req: SearchRequest, match: MatchSet) -> Future | None:
+    def _start_facets(self, req: SearchRequest, match: MatchSet, deadline: Deadline) -> Future | None:
         plan = storefront.facet_plan(req.facets)
         if not plan:
             return None
 
         def count() -> tuple[dict, float]:
             t = time.perf_counter()
-            found = storefront.compute_facets(self.backend, match, plan, disjunctive=req.disjunctive_facets)
+            found = storefront.compute_facets(
+                self.backend, match, plan, disjunctive=req.disjunctive_facets, deadline=deadline
+            )
             return found, t
 
         return self._executor.submit(count)
 
-    def _facets(self, future: Future | None, watch: Stopwatch, degraded: list[str]) -> dict | None:
+    def _facets(self, future: Future | None, deadline: Deadline, watch: Stopwatch, degraded: list[str]) -> dict | None:
+        """The facets once counted, or none (degraded) when counting fails or outlasts the request's
+        budget: counts are whole or absent, never partial."""
         if future is None:
             return None
         try:
-            found, started = future.result()
+            found, started = deadline.wait(future, reserve_s=min(0.005, 0.05 * deadline.budget_s))
         except Exception as err:  # the hits still answer; the shopper sees no counts
             log.warning("facets degraded: %s", redact(str(err)))
             degraded.append("facets")
@@ -487,6 +586,28 @@ def _reranker_loader(settings: Settings):  # -> Callable[[str], PairScorer | Non
         return load_reranker(settings.model_copy(update={"reranker": spec}))
 
     return load
+
+
+@dataclass
+class PageRules:
+    """The rules of a category or sorted page: products left out, products pinned (1-based position)."""
+
+    hidden: set[str] = field(default_factory=set)
+    pins: list[tuple[int, Candidate]] = field(default_factory=list)
+    shaped: Merchandised = field(default_factory=Merchandised)
+
+    def restrict(self, match: MatchSet) -> MatchSet:
+        """The match set without the hidden products (so totals and facets leave them out too)."""
+        if not self.hidden:
+            return match
+        return MatchSet(match.text, _excluding(match.filters, sorted(self.hidden)), match.ids)
+
+
+def _excluding(filters: Filters | None, ids: list[str]) -> Filters | None:
+    if not ids:
+        return filters
+    base = filters or Filters()
+    return base.model_copy(update={"exclude": [*(base.exclude or ()), Filters(ids=ids)]})
 
 
 def _with_stock_filter(filters: Filters | None, only_in_stock: bool) -> Filters | None:

@@ -213,8 +213,16 @@ class SignalUpdate(BaseModel):
         return self
 
 
+MAX_EXCLUDE = 64  # exclude clauses in one Filters
+
+
 class Filters(BaseModel):
-    """Restrictions applied inside both retrievals (never after them)."""
+    """Restrictions applied inside both retrievals (never after them).
+
+    The fields restrict together (AND). `exclude` is the negative side (OpenSearch's bool.must_not):
+    clauses of the same shapes, each restricting its fields together, and a product matching any one
+    of them is left out, e.g. `{"category": ["shoes"], "exclude": [{"brand": ["Acme"]}, {"price_min": 500}]}`:
+    shoes, but no Acme and nothing from 500 up. An exclude clause has no exclude of its own."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -224,6 +232,7 @@ class Filters(BaseModel):
     price_max: Price | None = None
     in_stock: bool | None = None  # True: only stock > 0 (or untracked)
     ids: list[str] | None = None
+    exclude: list[Filters] | None = Field(None, max_length=MAX_EXCLUDE)  # none of these (each its fields together)
 
     @field_validator("category", "brand", "ids", mode="before")
     @classmethod
@@ -231,6 +240,24 @@ class Filters(BaseModel):
         if isinstance(value, str):
             return [value]
         return value
+
+    @field_validator("exclude", mode="before")
+    @classmethod
+    def _one_clause(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+    @field_validator("exclude", mode="after")
+    @classmethod
+    def _flat_clauses(cls, value: list[Filters] | None) -> list[Filters] | None:
+        for i, clause in enumerate(value or []):
+            if clause.exclude is not None:
+                raise ValueError(f"exclude[{i}] must not hold an exclude of its own")
+            if (
+                not any(v is not None for k, v in clause.model_dump().items() if k != "in_stock")
+                and not clause.in_stock
+            ):
+                raise ValueError(f"exclude[{i}] restricts no field: it would exclude every product")
+        return value or None
 
     @model_validator(mode="after")
     def _range(self) -> Filters:
@@ -253,7 +280,9 @@ class Filters(BaseModel):
             return False
         if self.in_stock and not product.in_stock:
             return False
-        return not (self.ids is not None and product.id not in self.ids)
+        if self.ids is not None and product.id not in self.ids:
+            return False
+        return not any(clause.matches(product) for clause in self.exclude or ())
 
 
 @dataclass

@@ -10,7 +10,8 @@ Within the ranked candidates, in rule id order: hide removes, boost multiplies t
 products its filter matches (then the list is re-sorted, ties keeping their order), bury moves matching
 products after all others, and pins place products at 1-based positions (a pinned product outside the
 candidates is fetched; one that does not exist, or that the request's filters exclude, is reported and
-not placed). Each hit's explain lists what the rules did to it.
+not placed). Each hit's explain lists what the rules did to it. A category page or a sorted page keeps
+its order (the pipeline's `_page_rules`): hide and, on a category page, pins apply; boost and bury do not.
 
 Storage: one JSON file, `<data_dir>/rules.json`, for both backends. Writes take an exclusive lock, write a
 temporary file and rename it over the old one (atomic), so the rules survive restarts and every worker
@@ -159,6 +160,8 @@ def narrower(request: Filters | None, rule: Filters) -> bool:
         return False
     if rule.price_max is not None and (req.price_max is None or req.price_max > rule.price_max):
         return False
+    if rule.exclude and not all(clause in (req.exclude or ()) for clause in rule.exclude):
+        return False  # the request leaves out at least what the rule's filters leave out
     return not (rule.in_stock and not req.in_stock)
 
 

@@ -6,7 +6,8 @@ matches after filters plus the vector hits above the similarity floor. Faceting 
 it off: a facet's own filter (brand for the brand facet, category for category, the price bounds for
 price) is left out of its counts, so a shopper who picked one brand still sees the other brands'
 counts. The vector part of a relaxed count is the hits retrieved under the full filters (the other
-brands' vector hits were never retrieved); the lexical part is exact.
+brands' vector hits were never retrieved); the lexical part is exact. Exclusions (`Filters.exclude`)
+apply to every facet: a product the request leaves out is counted nowhere.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from middleware.backends.base import (
     MatchSet,
     TermCount,
 )
+from middleware.budget import Deadline, DeadlineExceeded
 from middleware.products import Filters
 from middleware.schema import (
     FacetRequest,
@@ -125,10 +127,16 @@ def _relaxed(filters: Filters | None, field: str) -> Filters | None:
 
 
 def compute_facets(
-    backend: Backend, match: MatchSet, plan: Sequence[NamedFacet], *, disjunctive: bool = True
+    backend: Backend,
+    match: MatchSet,
+    plan: Sequence[NamedFacet],
+    *,
+    disjunctive: bool = True,
+    deadline: Deadline | None = None,
 ) -> dict[str, list[ValueBucket] | list[RangeBucket] | StatsResult]:
     """Each facet counted over `match`, or (disjunctive) over `match` without the facet's own filter.
-    Facets that share a match set are asked for in one backend call."""
+    Facets that share a match set are asked for in one backend call. DeadlineExceeded when the
+    deadline passes before the last call starts: the counts are all there or none are."""
     groups: dict[str, tuple[MatchSet, list[NamedFacet]]] = {}
     for item in plan:
         filters = _relaxed(match.filters, item.spec.field) if disjunctive else match.filters
@@ -136,6 +144,8 @@ def compute_facets(
         groups.setdefault(key, (MatchSet(match.text, filters, match.ids), []))[1].append(item)
     answers: dict[str, Facet] = {}
     for group_match, items in groups.values():
+        if deadline is not None and deadline.remaining_s() <= 0:
+            raise DeadlineExceeded("facets ran out of the request's time budget")
         for item, facet in zip(items, backend.facets(group_match, [i.spec for i in items]), strict=True):
             answers[item.name] = facet
     return {item.name: _facet_result(answers[item.name]) for item in plan}

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 
 import opensearchpy
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from middleware.backends.base import (
     Backend,
@@ -191,7 +193,16 @@ class TestCount:
         assert len(expected_set("sneakers")) == 288
         assert backend.count_matches(MatchSet(text="sneakers")) == 288
 
-    @pytest.mark.parametrize("filters", [ACME, CHEAP_IN_STOCK, Filters(category=["outdoor"], price_min=50.0)])
+    @pytest.mark.parametrize(
+        "filters",
+        [
+            ACME,
+            CHEAP_IN_STOCK,
+            Filters(category=["outdoor"], price_min=50.0),
+            Filters(exclude=[{"brand": ["Acme"]}]),
+            Filters(category=["shoes"], exclude=[{"price_min": 60.0, "price_max": 120.0}, {"in_stock": True}]),
+        ],
+    )
     def test_filters_restrict_the_count(self, backend: Backend, filters: Filters) -> None:
         want = len(expected_set("sneakers", filters))
         assert 0 < want < 288
@@ -201,6 +212,11 @@ class TestCount:
         assert backend.count_matches(MatchSet()) == len(CATALOG)
         for filters in (ACME, CHEAP_IN_STOCK, Filters(category=["outdoor"])):
             assert backend.count_matches(MatchSet(filters=filters)) == len(expected_set(None, filters))
+            # no text is every product already: ids add nothing
+            with_ids = MatchSet(filters=filters, ids=("p001", "p002"))
+            assert backend.count_matches(with_ids) == len(expected_set(None, filters))
+            (brand,) = backend.facets(with_ids, [FacetSpec("brand")])
+            assert sum(v.count for v in brand.values or []) == sum(1 for p in expected_set(None, filters) if p.brand)
 
     def test_any_token_matches(self, backend: Backend) -> None:
         want = len(expected_set("sneakers waterproof"))
@@ -374,6 +390,81 @@ class TestFacets:
         assert (price.stats.count, price.stats.min, price.stats.max, price.stats.avg) == (0, None, None, None)
         assert price.stats.sum == 0
         assert backend.facets(MatchSet(), []) == []
+
+    def test_overlapping_ranges_and_fractional_bounds_on_counts(self, backend: Backend) -> None:
+        match = MatchSet(text="sneakers")
+        products = expected_set("sneakers")
+        ranges = ((None, 10.5), (5.0, 50.0), (0.5, 0.5), (20.2, None), (0.0, 96.5), (-3.0, 1.0))
+        stock_ranges = ((None, 2.5), (1.0, 4.0), (3.5, None))
+        sales, stock, price = backend.facets(
+            match,
+            [
+                FacetSpec("sales", ranges=ranges),
+                FacetSpec("stock", ranges=stock_ranges),
+                FacetSpec("price", ranges=((None, None), (40.5, 100.5), (60.0, 150.0))),
+            ],
+        )
+
+        def want(values: list[float], bounds: tuple) -> list[FacetRange]:
+            return [
+                FacetRange(lo, hi, sum(1 for x in values if (lo is None or x >= lo) and (hi is None or x < hi)))
+                for lo, hi in bounds
+            ]
+
+        assert sales.ranges == want([p.sales for p in products], ranges)
+        stocks = [p.stock for p in products if p.stock is not None]
+        assert len(stocks) < len(products)  # untracked stock is in no bucket
+        assert stock.ranges == want(stocks, stock_ranges)
+        prices = [p.price for p in products if p.price is not None]
+        assert price.ranges == want(prices, ((None, None), (40.5, 100.5), (60.0, 150.0)))
+
+    def test_stats_on_stock_count_the_tracked_only(self, backend: Backend) -> None:
+        (stock,) = backend.facets(MatchSet(text="jacket"), [FacetSpec("stock", stats=True)])
+        stocks = [p.stock for p in expected_set("jacket") if p.stock is not None]
+        assert stock.stats is not None
+        assert (stock.stats.count, stock.stats.min, stock.stats.max) == (len(stocks), min(stocks), max(stocks))
+        assert stock.stats.sum == sum(stocks)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(
+        text=st.one_of(st.none(), st.sampled_from(["sneakers", "red boots", "snug", "waterproof mesh", "qzxvbn"])),
+        ids=st.lists(st.sampled_from([p.id for p in CATALOG[::7]]), max_size=6, unique=True),
+        brands=st.lists(st.sampled_from(BRANDS), max_size=2, unique=True),
+        low=st.one_of(st.none(), st.floats(0, 200, allow_nan=False)),
+        in_stock=st.sampled_from([None, True]),
+        bounds=st.lists(st.one_of(st.none(), st.floats(0, 200, allow_nan=False)), min_size=2, max_size=6),
+    )
+    def test_facets_equal_a_brute_force_count(self, backend: Backend, text, ids, brands, low, in_stock, bounds):
+        """Random match sets (text, ids standing for vector hits, filters) and random range facets."""
+        exclude = [{"brand": brands[-1]}, {"price_max": low}] if brands and low is not None else None
+        filters = Filters(brand=brands[:1] or None, price_min=low, in_stock=in_stock, exclude=exclude)
+        if in_stock and low is None:
+            filters = Filters(in_stock=True, exclude={"brand": ["Acme"], "price_max": 100.0})
+        ranges = tuple(
+            (a, b) if a is None or b is None or a <= b else (b, a)
+            for a, b in zip(bounds[::2], bounds[1::2], strict=False)
+        )
+        products = expected_set(text, filters, tuple(ids))
+        specs = [
+            FacetSpec("brand", size=2),
+            FacetSpec("category"),
+            FacetSpec("price", ranges=ranges),
+            FacetSpec("sales", ranges=ranges),
+            FacetSpec("sales", stats=True),
+        ]
+        brand, category, price, sales, sales_stats = backend.facets(MatchSet(text, filters, tuple(ids)), specs)
+        brands_want = value_counts(products, "brand")
+        assert brand.values == [FacetValue(v, n) for v, n in brands_want[:2]]
+        assert brand.other == sum(n for _, n in brands_want[2:])
+        assert category.values == [FacetValue(v, n) for v, n in value_counts(products, "category")]
+
+        def counts(values: list[float]) -> list[int]:
+            return [sum(1 for x in values if (a is None or x >= a) and (b is None or x < b)) for a, b in ranges]
+
+        assert [r.count for r in price.ranges or []] == counts([p.price for p in products if p.price is not None])
+        assert [r.count for r in sales.ranges or []] == counts([p.sales for p in products])
+        assert sales_stats.stats is not None and sales_stats.stats.count == len(products)
+        assert sales_stats.stats.sum == sum(p.sales for p in products)
 
 
 # ------------------------------------------------------------------ highlight

@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import struct
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,17 @@ def random_filters(rng: np.random.Generator, ids: list[str]) -> Filters:
         kwargs["in_stock"] = bool(rng.random() < 0.8)
     if rng.random() < 0.2:
         kwargs["ids"] = list(rng.choice(ids, size=20, replace=False))
+    if rng.random() < 0.4:  # the negative side: none of these clauses
+        shapes = [
+            {"brand": [b for b in BRANDS if b][int(rng.integers(4))]},
+            {"category": list(rng.choice(CATEGORIES, size=2, replace=False))},
+            {"price_min": float(rng.integers(0, 1000))},
+            {"price_max": 400.0, "in_stock": True},
+            {"ids": list(rng.choice(ids, size=30, replace=False))},
+        ]
+        kwargs["exclude"] = [
+            shapes[int(i)] for i in rng.choice(len(shapes), size=int(rng.integers(1, 3)), replace=False)
+        ]
     return Filters(**kwargs)
 
 
@@ -355,6 +367,83 @@ def test_update_signals_touches_neither_text_nor_vectors(tmp_path: Path, catalog
     assert _text_and_vector_state(data) == before
     assert faiss_file.read_bytes() == faiss_bytes
     assert faiss_file.stat().st_mtime_ns == faiss_stat.st_mtime_ns  # not rewritten, even on close
+
+
+def test_facets_are_exact_across_segments_and_follow_signal_updates(store: EmbeddedBackend, catalog) -> None:
+    """Written in batches, each searched before the next (a segment each), then updated and pruned:
+    the aggregations over the lexical index count what SQLite holds."""
+    from middleware.backends.base import FacetSpec, MatchSet
+
+    products, _ = catalog
+    for start in range(0, len(products), 40):
+        store.upsert(products[start : start + 40], None)
+        store.count_matches(MatchSet(text="手表"))
+    assert store.lexical.details()["segments"] > 1
+    store.update_signals([SignalUpdate(id="p3", sales=100_000, stock=0), SignalUpdate(id="p4", price=1.5)])
+    store.delete(["p5", "p6"])
+    current = {p.id: p for p in store.get([p.id for p in products])}
+    specs = [
+        FacetSpec("brand", size=2),
+        FacetSpec("category"),
+        FacetSpec("sales", stats=True),
+        FacetSpec("stock", ranges=((None, 1.0), (1.0, None))),
+        FacetSpec("price", ranges=((0.0, 2.0), (None, 500.0))),
+    ]
+    updated = MatchSet(filters=Filters(ids=["p3", "p4", "p5"]))
+    for match in (
+        MatchSet(filters=Filters(category=["手表", "数码"], price_max=800)),
+        MatchSet(text="手表 耳机"),
+        updated,
+    ):
+        if match.text is None:
+            matching = [p for p in current.values() if match.filters is not None and match.filters.matches(p)]
+        else:  # the lexical matches, as listed (their values read from SQLite)
+            matching = [c.product for c in store.listing(match, [], 0, len(products)) if c.product is not None]
+        assert 10 < len(matching) < len(current) or match is updated
+        _assert_facets(store.facets(match, specs), matching)
+    _, _, sales, _, price = store.facets(updated, specs)
+    assert sales.stats is not None and sales.stats.max == 100_000 and sales.stats.count == 2  # p5 is deleted
+    assert price.ranges is not None and price.ranges[0].count == 1
+
+
+def _assert_facets(facets: list, matching: list[Product]) -> None:
+    brand, category, sales, stock, price = facets
+    brands = sorted(Counter(p.brand for p in matching if p.brand).items(), key=lambda kv: (-kv[1], kv[0]))
+    assert [(v.value, v.count) for v in brand.values or []] == brands[:2]
+    assert brand.other == sum(n for _, n in brands[2:])
+    categories = Counter(c for p in matching for c in set(p.category))
+    assert {v.value: v.count for v in category.values or []} == categories
+    assert sales.stats is not None and sales.stats.sum == sum(p.sales for p in matching)
+    assert sales.stats.max == max(p.sales for p in matching)
+    assert [r.count for r in stock.ranges or []] == [
+        sum(1 for p in matching if p.stock is not None and p.stock < 1),
+        sum(1 for p in matching if p.stock is not None and p.stock >= 1),
+    ]
+    priced = [p.price for p in matching if p.price is not None]
+    assert [r.count for r in price.ranges or []] == [sum(x < 2.0 for x in priced), sum(x < 500.0 for x in priced)]
+
+
+def test_prefix_terms_count_live_documents_after_deletes(store: EmbeddedBackend) -> None:
+    """Deleted documents stay in the term dictionary's frequencies until their segment merges: the
+    counts and the order offered are still those of the live products."""
+    from middleware.backends.base import TermCount
+
+    alpha = [Product(id=f"a{i}", title=f"alpha watch {i}", brand="Omega") for i in range(50)]
+    alps = [Product(id=f"b{i}", title=f"alps boots {i}", brand="Alps Co", category="boots") for i in range(28)]
+    alps += [Product(id=f"b{i}", title=f"alps boots {i}", brand="Omega") for i in range(28, 30)]
+    store.upsert(alpha + alps, None)
+    assert store.prefix_terms("al", 1) == [TermCount("alpha", 50)]
+    store.delete([f"a{i}" for i in range(40)])
+    store.update_signals([SignalUpdate(id=f"b{i}", sales=i) for i in range(5)])  # re-written documents
+    assert store.lexical._holds_deleted(store.lexical._searcher())
+    assert store.prefix_terms("al", 1) == [TermCount("alps", 30)]
+    assert store.prefix_terms("alp", 3) == [
+        TermCount("alps", 30),
+        TermCount("Alps Co", 28, "brand"),
+        TermCount("alpha", 10),
+    ]
+    store.delete([f"a{i}" for i in range(40, 50)])
+    assert [t.term for t in store.prefix_terms("alph", 5)] == []
 
 
 def test_update_signals_rejects_non_updates(store: EmbeddedBackend) -> None:

@@ -366,6 +366,30 @@ def test_filters_inside_knn_clause_and_hybrid() -> None:
         bodies.knn_search(np.array([np.nan, 1.0]), None, 3, 10)
 
 
+def test_exclude_is_must_not_inside_both_retrievals() -> None:
+    f = Filters(category="shoes", exclude=[{"brand": "Acme"}, {"price_min": 500, "in_stock": True}])
+    negative = {
+        "bool": {
+            "must_not": [
+                {"bool": {"filter": [{"terms": {"brand.keyword": ["Acme"]}}]}},
+                {
+                    "bool": {
+                        "filter": [
+                            {"range": {"price": {"gte": 500.0}}},
+                            bodies.filter_clauses(Filters(in_stock=True))[0],
+                        ]
+                    }
+                },
+            ]
+        }
+    }
+    assert bodies.filter_clauses(f) == [{"terms": {"category.keyword": ["shoes"]}}, negative]
+    assert negative in bodies.knn_search(VEC, f, 7, 100)["query"]["knn"]["vector"]["filter"]["bool"]["filter"]
+    assert negative in bodies.bm25_search("x", f, 5)["query"]["bool"]["filter"]
+    hybrid = json.dumps(bodies.hybrid_search("x", VEC, f, 7, 100)["query"]["hybrid"]["queries"])
+    assert hybrid.count(json.dumps(negative)) == 2  # in the BM25 and in the kNN leg
+
+
 def test_pipeline_weights_sum_to_one() -> None:
     weights = bodies.normalized_weights(FusionSettings(bm25_weight=1, knn_weight=2))
     assert abs(sum(weights) - 1) < 1e-9 and weights[0] < weights[1]

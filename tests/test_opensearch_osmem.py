@@ -218,6 +218,9 @@ class TestReads:
             Filters(price_min=30, price_max=90),
             Filters(in_stock=True),
             Filters(ids=["p0", "p2", "p4"], brand=["Acme", "Omega"]),
+            Filters(exclude=[{"brand": "Acme"}]),
+            Filters(category="连衣裙", exclude=[{"price_min": 30, "price_max": 90}, {"ids": ["p0"]}]),
+            Filters(exclude={"in_stock": True}),  # only the out-of-stock ones
         ]
         for filters in filter_sets:
             for query in ("连衣裙", "衬衫", "款"):
@@ -275,6 +278,9 @@ class TestVectors:
         filtered = backend.knn(vectors[4], filters, 20)
         assert filtered and all(filters.matches(c.product) for c in filtered)
         assert {c.id for c in filtered} == {p.id for p in products if filters.matches(p)}
+        excluding = Filters(exclude=[{"brand": "Zeta"}, {"ids": ["p4"]}])  # must_not inside the knn filter
+        kept = backend.knn(vectors[4], excluding, len(products))
+        assert {c.id for c in kept} == {p.id for p in products if excluding.matches(p)} != set()
 
     def test_hybrid_through_pipeline(self, loaded, target) -> None:
         if target.pipeline_skip_reason:

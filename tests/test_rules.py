@@ -263,3 +263,62 @@ def test_an_unreadable_rules_file_degrades_to_the_business_order(env):
     store.path.write_text("{broken", encoding="utf-8")
     resp = search(pipeline)
     assert ids(resp) == base and "rules" in resp["degraded"]
+
+
+# ------------------------------------------------------------------ category pages and sorted pages
+
+WATCHES = Filters(category=["手表"])
+
+
+def browse(pipeline: Pipeline, size: int = 20, **extra) -> dict:
+    req = SearchRequest.model_validate({"filters": WATCHES, "size": size, "explain": True, **extra})
+    return pipeline.search(req).model_dump(mode="json")
+
+
+def test_a_category_page_honours_pins_and_hides_and_keeps_its_order(env):
+    """Pins at their positions, hidden products out (and not counted), the rest in the business order;
+    boost and bury are reported as not applied."""
+    pipeline, store = env
+    base = ids(browse(pipeline, rules=False))
+    assert len(base) == 9 and base[0] == "w9"
+    category_rule = {"id": "cat", "when": {"match": "any", "filters": {"category": ["手表"]}}}
+    store.put(
+        [
+            Rule.model_validate(
+                {
+                    **category_rule,
+                    "pin": [{"id": "w3", "position": 1}, {"id": "w5", "position": 4}, {"id": "e1", "position": 2}],
+                    "hide": ["w9", "w5"],  # w5 is also pinned: the pin wins
+                    "boost": [{"filter": {"brand": ["Zeta"]}, "factor": 2}],
+                }
+            )
+        ]
+    )
+    resp = browse(pipeline)
+    rest = [i for i in base if i not in {"w9", "w3", "w5"}]
+    assert ids(resp) == ["w3", rest[0], rest[1], "w5", *rest[2:]]
+    assert resp["total"] == 8  # w9 hidden: the total and the pages agree
+    assert resp["hits"][0]["explain"]["rules"] == ["pin:cat position 1"]
+    report = resp["rules_report"]
+    assert report["applied"] == ["cat"]
+    assert report["missing_pins"] == [{"rule": "cat", "id": "e1", "reason": "excluded by the request's filters"}]
+    assert [(n["rule"], n["action"]) for n in report["not_applied"]] == [("cat", "boost")]
+    # every page of the pinned listing, none repeated, none skipped
+    pages = [ids(browse(pipeline, size=3, **{"from": f})) for f in range(0, 9, 3)]
+    assert [i for page in pages for i in page] == ids(resp)
+
+
+def test_a_sorted_page_keeps_the_order_asked_for_and_hides(env):
+    pipeline, store = env
+    store.put([rule(hide=["w9"], pin=[{"id": "w4", "position": 1}])])
+    resp = search(pipeline, sort=[{"price": "asc"}])
+    prices = {p.id: p.price for p in CATALOG}
+    got = ids(resp)
+    assert "w9" not in got and got[0] != "w4"
+    assert [prices[i] for i in got if prices[i] is not None] == sorted(p for i in got if (p := prices[i]) is not None)
+    assert resp["total"] == len(got)
+    assert resp["rules_report"]["not_applied"] == [
+        {"rule": "r1", "action": "pin", "reason": "a sorted page keeps the order asked for"}
+    ]
+    sorted_browse = browse(pipeline, sort=[{"price": "desc"}])
+    assert "w9" in ids(sorted_browse)  # the rule is for queries containing 手表, not for the category page

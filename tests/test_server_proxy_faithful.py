@@ -212,8 +212,10 @@ def test_lexical_requirements_keep_opensearch_meaning(client, query, expected):
         ({"query": {"multi_match": {"query": "x", "fields": ["title", "attributes.color"]}}}, {},
          "query.multi_match.fields[1]"),
         ({"query": {"query_string": {"query": "running AND shoes"}}}, {}, "query.query_string.query"),
-        ({"query": {"bool": {"must": {"match": {"title": "x"}}, "must_not": {"term": {"brand": "Acme"}}}}}, {},
-         "query.bool.must_not"),
+        ({"query": {"bool": {"must": {"match": {"title": "x"}}, "must_not": {"term": {"color": "red"}}}}}, {},
+         "query.bool.must_not[0].term.color"),
+        ({"query": {"bool": {"must_not": {"bool": {"must_not": {"term": {"brand": "A"}}}}}}}, {},
+         "query.bool.must_not[0]"),
         ({"query": {"bool": {"must": [{"match": {"title": "x"}}, {"match": {"description": "y"}}]}}}, {},
          "query.bool.must"),
         ({"query": {"bool": {"filter": {"term": {"brand": "Acme"}}, "should": [{"match": {"title": "x"}}]}}}, {},
@@ -260,3 +262,69 @@ def test_msearch_answers_lexical_requirements_and_names_refusals(client):
     first, second = r.json()["responses"]
     assert first["status"] == 200 and [h["_id"] for h in first["hits"]["hits"]] == ["shoe"]
     assert second["status"] == 400 and "[query.match.title.slop]" in second["error"]["reason"]
+
+
+# ------------------------------------------------------------------------------------------ must_not
+
+
+def _must_not(*clauses: dict, text: str | None = "running") -> dict:
+    query: dict = {"bool": {"must_not": list(clauses)}}
+    if text is not None:
+        query["bool"]["must"] = [{"match": {"title": text}}]
+    return {"query": query, "size": 10}
+
+
+@pytest.mark.parametrize(
+    ("clauses", "text", "excluded"),
+    [
+        ([{"term": {"brand": "Acme"}}], "running", {"shoe", "sock"}),
+        ([{"range": {"price": {"gte": 50}}}], "running", {"shoe", "boot"}),
+        ([{"match": {"description": "sun"}}], "running", {"cap"}),  # text under must_not: its matches go
+        ([{"match_phrase": {"description": "for running"}}], "running", {"shoe"}),
+        ([{"prefix": {"title": "ca"}}, {"ids": {"values": ["shoe"]}}], "running", {"shoe", "cap"}),
+        ([{"bool": {"filter": [{"term": {"brand": "Peak"}}, {"range": {"price": {"lt": 20}}}]}}], None, {"tee"}),
+        ([{"terms": {"category": ["shoes", "socks"]}}], None, {"shoe", "boot", "sock"}),
+        ([{"term": {"in_stock": True}}], None, {"shoe", "boot", "cap", "tee"}),  # only the out-of-stock sock
+        ([{"match_none": {}}], None, set()),
+    ],
+)
+def test_must_not_excludes_what_it_matches(client, clauses, text, excluded):
+    """Never returned, by either retrieval (lexical or vector), and never counted. A browse is an exact
+    set; a query keeps every lexical match not excluded (its vector hits depend on the filtered kNN)."""
+    got = search(client, _must_not(*clauses, text=text))
+    found = set(ids(got))
+    assert not found & excluded and got["hits"]["total"]["value"] == len(found)
+    if text is None:
+        base = search(client, {"query": {"match_all": {}}, "size": 10})
+        assert found == set(ids(base)) - excluded  # (a browse leaves out-of-stock products out by default)
+    else:
+        assert {p.id for p in CATALOG if text in p.title} - excluded <= found
+    counted = client.post("/products/_count", json={"query": _must_not(*clauses, text=text)["query"]}).json()
+    assert counted["count"] == len(found)
+
+
+def test_must_not_everything_matches_nothing_and_aggs_count_without_the_excluded(client):
+    assert ids(search(client, _must_not({"match_all": {}}))) == []
+    body = {**_must_not({"term": {"brand": "Acme"}}, text=None), "aggs": {"b": {"terms": {"field": "brand"}}}}
+    got = search(client, body)
+    brands = {b["key"]: b["doc_count"] for b in got["aggregations"]["b"]["buckets"]}
+    assert brands == {"Peak": 2, "running": 1}
+    post = {
+        "query": {"match": {"title": "running"}},
+        "post_filter": {"bool": {"must_not": {"term": {"brand": "Acme"}}}},
+    }
+    answer = search(client, {**post, "aggs": {"b": {"terms": {"field": "brand"}}}})
+    assert "shoe" not in ids(answer)  # post_filter narrows the hits, not the aggregations
+    assert {b["key"] for b in answer["aggregations"]["b"]["buckets"]} >= {"Acme"}
+
+
+def test_rest_filters_exclude(client):
+    body = {"query": "running", "filters": {"exclude": [{"brand": "Acme"}, {"price_min": 100}]}, "size": 10}
+    r = client.post("/v1/search", json=body)
+    assert r.status_code == 200, r.text
+    got = {h["id"] for h in r.json()["hits"]}
+    assert got and not got & {"shoe", "sock", "boot"}
+    bad = client.post("/v1/search", json={"query": "x", "filters": {"exclude": [{}]}})
+    assert bad.status_code == 422 and bad.json()["param"] == "filters.exclude", bad.text
+    browse = client.post("/v1/search", json={"filters": {"exclude": {"brand": "Acme"}}, "size": 10}).json()
+    assert {h["id"] for h in browse["hits"]} == {"boot", "cap", "tee"} and browse["total"] == 3

@@ -65,6 +65,57 @@ def test_filters_come_from_bool_filter():
     assert f.price_min == 100 and f.price_max == 500 and f.in_stock is True and f.ids == ["a", "b"]
 
 
+def test_must_not_becomes_exclude_clauses_and_negative_requirements():
+    body = {
+        "query": {
+            "bool": {
+                "must": [{"match": {"title": "手表"}}],
+                "filter": {"term": {"category": "手表"}},
+                "must_not": [
+                    {"term": {"brand.keyword": "Casio"}},
+                    {"range": {"price": {"gt": 500}}},
+                    {"bool": {"filter": [{"terms": {"brand": ["DW", "Omega"]}}, {"term": {"in_stock": True}}]}},
+                    {"match": {"description": "二手"}},
+                    {"match_phrase": {"title": "儿童 手表"}},
+                    {"match": {"category": "配件"}},
+                    {"match_none": {}},  # matches nothing: excludes nothing
+                ],
+            }
+        }
+    }
+    t = tr(body)
+    f = t.request.filters
+    assert f is not None and f.category == ["手表"] and t.request.query == "手表"
+    assert [c.model_dump(exclude_none=True) for c in f.exclude or []] == [
+        {"brand": ["Casio"]},
+        {"price_min": math.nextafter(500, math.inf)},
+        {"brand": ["DW", "Omega"], "in_stock": True},
+        {"category": ["配件"]},
+    ]
+    assert [(r.kind, r.text, r.fields, r.minimum) for r in t.negatives] == [
+        ("at_least", "二手", ("description",), 1),
+        ("phrase", "儿童 手表", ("title",), 1),
+    ]
+    assert t.requirements == []
+    many = tr({"query": {"bool": {"must_not": [{"term": {"brand": f"b{i:03d}"}} for i in range(100)]}}})
+    assert [c.brand for c in many.request.filters.exclude] == [[f"b{i:03d}" for i in range(100)]]
+    # inside a filter too, and on its own (a browse of everything else)
+    inside = tr({"query": {"bool": {"filter": {"bool": {"must_not": {"ids": {"values": ["a"]}}}}}}})
+    assert inside.request.query is None and inside.request.filters.exclude[0].ids == ["a"]
+    everything = tr({"query": {"bool": {"must": {"match": {"title": "x"}}, "must_not": {"match_all": {}}}}})
+    assert everything.matches_nothing
+
+
+def test_must_not_clauses_that_cannot_be_one_exclusion_are_refused_by_name():
+    mixed = {
+        "bool": {"must_not": [{"bool": {"must": [{"match": {"title": "a"}}], "filter": {"term": {"brand": "B"}}}}]}
+    }
+    with pytest.raises(Unsupported, match=r"\[query\.bool\.must_not\[0\]"):
+        tr({"query": {"bool": {"must": {"match": {"title": "x"}}, "must_not": mixed["bool"]["must_not"]}}})
+    with pytest.raises(Unsupported, match=r"must_not inside a must_not"):
+        tr({"query": {"bool": {"must_not": {"bool": {"must_not": {"term": {"brand": "A"}}}}}}})
+
+
 def test_strict_price_bounds_exclude_the_bound_itself():
     price = {"range": {"price": {"gt": 10, "lt": 20}}}
     f = tr({"query": {"bool": {"must": {"match": {"title": "x"}}, "filter": price}}})
@@ -100,7 +151,8 @@ def test_contradictory_term_filters_match_nothing():
         {"query": {"match": {"title": "x"}}, "highlight": {"fields": {"brand": {}}}},
         {"query": {"match": {"title": "x"}}, "suggest": {"s": {"text": "x", "phrase": {"field": "title"}}}},
         {"query": {"match": {"title": "x"}}, "sort": [{"title.keyword": "asc"}]},
-        {"query": {"bool": {"must": {"match": {"title": "x"}}, "must_not": {"term": {"brand": "A"}}}}},
+        {"query": {"bool": {"must_not": {"bool": {"must_not": {"term": {"brand": "A"}}}}}}},
+        {"query": {"bool": {"must_not": {"term": {"color": "red"}}}}},
         {"query": {"bool": {"must": {"match": {"title": "x"}}, "filter": {"term": {"color": "red"}}}}},
         {"query": {"fuzzy": {"title": "x"}}},
     ],

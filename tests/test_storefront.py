@@ -9,8 +9,11 @@ runs when OPENSEARCH_URL is set (`tests/opensearch/with-node python -m pytest ..
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,11 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from middleware.backends.base import Backend, MatchSet
+from middleware.budget import Deadline, DeadlineExceeded, Stopwatch
 from middleware.config import Settings
 from middleware.pipeline import Pipeline
 from middleware.products import Filters, Product
-from middleware.schema import SearchRequest
-from middleware.storefront import PopularQueries, StorefrontError, check_tags, facet_plan
+from middleware.schema import FacetRequest, SearchRequest
+from middleware.storefront import PopularQueries, StorefrontError, check_tags, compute_facets, facet_plan
 from tests.test_backend_primitives import BRANDS, CATALOG, COLORS, backend, expected_set
 from tests.test_server_support import make_app, server_models, server_store
 
@@ -131,6 +135,35 @@ def test_facets_never_count_the_whole_store(pipeline):
     got = search(pipeline, "snug", None)
     assert sum(c["count"] for c in got["facets"]["brand"]) == sum(1 for p in expected_set("snug") if p.brand)
     assert got["facets"]["price_stats"]["count"] < len(CATALOG) / 5
+
+
+def test_facets_obey_the_deadline_whole_or_absent(pipeline):
+    """Counting that outlasts the request's budget is dropped (degraded), never cut short: a spent
+    budget stops before the next backend call, and the response does not wait past it."""
+    plan = facet_plan(["brand", FacetRequest(field="price", stats=True)])
+    match = MatchSet("sneakers", Filters(brand=["Acme"]))
+    with pytest.raises(DeadlineExceeded):
+        compute_facets(pipeline.backend, match, plan, deadline=Deadline(0.001))
+    counted = compute_facets(pipeline.backend, match, plan, deadline=Deadline(30_000))
+    brands = sum(b.count for b in counted["brand"])  # type: ignore[union-attr]
+    assert brands == sum(1 for p in expected_set("sneakers") if p.brand)  # the brand facet leaves its filter out
+
+    release = threading.Event()
+
+    def slow_count() -> tuple[dict, float]:
+        release.wait(10)
+        return compute_facets(pipeline.backend, match, plan), time.perf_counter()
+
+    with ThreadPoolExecutor(1) as executor:
+        future = executor.submit(slow_count)
+        degraded: list[str] = []
+        started = time.perf_counter()
+        assert pipeline._facets(future, Deadline(50), Stopwatch(), degraded) is None
+        assert degraded == ["facets"] and time.perf_counter() - started < 5
+        release.set()
+        found, _ = future.result()  # the abandoned count ends on its own
+        assert found == counted
+        assert pipeline._facets(future, Deadline(50), Stopwatch(), []) == counted  # in time: all of them
 
 
 # ------------------------------------------------------------------ facets: property test (embedded)

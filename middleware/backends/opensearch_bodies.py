@@ -7,6 +7,7 @@ are these same bodies rendered for the default settings.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -296,6 +297,10 @@ def filter_clauses(filters: Filters | None) -> list[dict[str, Any]]:
         )
     if filters.ids is not None:
         clauses.append({"terms": {"id": list(filters.ids)}})
+    if filters.exclude:
+        # a product matching any exclude clause (each its fields together) is left out
+        negative = [{"bool": {"filter": filter_clauses(clause)}} for clause in filters.exclude]
+        clauses.append({"bool": {"must_not": negative}})
     return clauses
 
 
@@ -597,6 +602,9 @@ def facet_aggregation(field_name: str, size: int | None, ranges: Any, stats: boo
         return {"stats": {"field": field_name}}
     buckets: list[dict[str, Any]] = []
     for i, (start, end) in enumerate(ranges):
+        if field_name != "price":  # long fields: OpenSearch cuts fractional bounds; x >= a iff x >= ceil(a)
+            start = None if start is None else math.ceil(start)
+            end = None if end is None else math.ceil(end)
         bucket: dict[str, Any] = {"key": str(i)}
         if start is not None:
             bucket["from"] = start

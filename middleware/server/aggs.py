@@ -175,6 +175,8 @@ def _and(base: Filters | None, extra: Filters | None) -> tuple[Filters | None, b
     if lows and highs and merged["price_min"] > merged["price_max"]:
         return None, True
     merged["in_stock"] = True if (base.in_stock or extra.in_stock) else None
+    excluded = [c.model_dump() for c in (*(base.exclude or ()), *(extra.exclude or ()))]
+    merged["exclude"] = excluded or None  # a product either side excludes stays out
     return Filters(**merged), False
 
 

@@ -30,7 +30,7 @@ from middleware.schema import SearchRequest, SearchResponse
 from middleware.server.aggs import run_aggs, suggest_section
 from middleware.server.errors import ApiError
 from middleware.server.limits import capped_deadline_ms
-from middleware.server.requirements import allowed_ids
+from middleware.server.requirements import allowed_ids, excluded_ids
 from middleware.server.state import ServiceState, get_state
 from middleware.server.translate import (
     Translated,
@@ -223,23 +223,38 @@ def _browse_goes_upstream(state: ServiceState, translated: Translated) -> bool:
 
 
 async def _resolved(state: ServiceState, translated: Translated) -> Translated:
-    """Lexical requirements (operator and, phrases, prefixes, fuzziness) as the ids the search may return."""
+    """Lexical requirements (operator and, phrases, prefixes, fuzziness) as the ids the search may return,
+    and must_not text clauses as the ids it must leave out."""
     backend = state.base.backend
 
-    async def narrowed(req: SearchRequest, requirements: list[Any], nothing: bool) -> tuple[SearchRequest, bool]:
-        if not requirements or nothing:
+    async def narrowed(
+        req: SearchRequest, requirements: list[Any], negatives: list[Any], nothing: bool
+    ) -> tuple[SearchRequest, bool]:
+        if nothing or not (requirements or negatives):
             return req, nothing
-        ids = await state.admitted(allowed_ids, backend, requirements, req.filters)
-        if not ids:
-            return req, True
         base = req.filters if req.filters is not None else Filters()
-        return req.model_copy(update={"filters": base.model_copy(update={"ids": ids})}), False
+        if negatives:
+            excluded = await state.admitted(excluded_ids, backend, negatives, req.filters)
+            if excluded:
+                clauses = [*(base.exclude or ()), Filters(ids=excluded)]
+                base = base.model_copy(update={"exclude": clauses})
+        if requirements:
+            ids = await state.admitted(allowed_ids, backend, requirements, base)
+            if not ids:
+                return req, True
+            base = base.model_copy(update={"ids": ids})
+        return req.model_copy(update={"filters": base}), False
 
-    request, nothing = await narrowed(translated.request, translated.requirements, translated.matches_nothing)
-    update: dict[str, Any] = {"request": request, "matches_nothing": nothing, "requirements": []}
+    request, nothing = await narrowed(
+        translated.request, translated.requirements, translated.negatives, translated.matches_nothing
+    )
+    update: dict[str, Any] = {"request": request, "matches_nothing": nothing, "requirements": [], "negatives": []}
     if translated.agg_request is not None:
         agg, agg_nothing = await narrowed(
-            translated.agg_request, translated.agg_requirements, translated.agg_matches_nothing
+            translated.agg_request,
+            translated.agg_requirements,
+            translated.agg_negatives,
+            translated.agg_matches_nothing,
         )
         update |= {"agg_request": agg, "agg_matches_nothing": agg_nothing}
     return dataclasses.replace(translated, **update)

@@ -120,6 +120,15 @@ def _near(wanted: str, found: str, max_edits: int) -> bool:
     return Levenshtein.distance(wanted, found, score_cutoff=edits) <= edits
 
 
+def excluded_ids(backend: Backend, negatives: Sequence[Requirement], filters: Filters | None) -> list[str]:
+    """The products, under `filters`, that any negative requirement (a must_not text clause) matches:
+    the search leaves them out (ApiError when a clause is too broad to check)."""
+    out: set[str] = set()
+    for req in negatives:
+        out.update(allowed_ids(backend, [req], filters))
+    return sorted(out)
+
+
 def allowed_ids(backend: Backend, requirements: Sequence[Requirement], filters: Filters | None) -> list[str]:
     """The products, under `filters`, that satisfy every requirement (ApiError when a clause is too broad)."""
     allowed: set[str] | None = None

@@ -193,6 +193,8 @@ class _FilterBuilder:
         self.in_stock: bool | None = None
         self.contradiction = False  # clauses no product can satisfy
         self.requirements: list[Requirement] = []  # lexical requirements: resolved to ids before searching
+        self.excludes: list[dict[str, Any]] = []  # must_not filter clauses: Filters.exclude
+        self.negatives: list[Requirement] = []  # must_not text clauses: the products they match are excluded
 
     def any_of(self, name: str, values: list[Any]) -> None:
         found = {str(v) for v in values}
@@ -213,6 +215,8 @@ class _FilterBuilder:
             out.pop("price_min")
         if self.in_stock:
             out["in_stock"] = True
+        if self.excludes:
+            out["exclude"] = list(self.excludes)
         return out or None
 
 
@@ -307,10 +311,55 @@ def _add_filter(builder: _FilterBuilder, clause: Any, where: str) -> None:
                     _add_filter(builder, c, f"{path}.{key}[{i}]")
             elif key in ("boost", "adjust_pure_negative") or _empty_optional(key, sub, spec):
                 continue
+            elif key == "must_not":
+                _add_must_not(builder, sub if isinstance(sub, list) else [sub], path)
             else:
                 raise Unsupported(f"[{path}.{key}] bool.{key} inside a filter is not a shopsearch filter")
         return
     raise Unsupported(f"[{path}] filter clause [{kind}] is not a shopsearch filter")
+
+
+def _add_must_not(builder: _FilterBuilder, clauses: list[Any], path: str) -> None:
+    """bool.must_not: each clause excludes the products it matches. A filter clause becomes a
+    Filters.exclude clause (inside both retrievals); a text clause, or a prefix, is a negative
+    requirement (the products it matches lexically are excluded by id)."""
+    for i, clause in enumerate(clauses):
+        here = f"{path}.must_not[{i}]"
+        sub = _FilterBuilder()
+        if _is_text_clause(clause):
+            kind = next(iter(clause))
+            _text_of(kind, clause[kind], here, sub, negated=True)
+        else:
+            _add_filter(sub, clause, here)
+        if sub.excludes:
+            raise _refuse(here, "a must_not inside a must_not is not answered by the pipeline")
+        if sub.contradiction:
+            continue  # the clause matches nothing: it excludes nothing
+        found = sub.to_filters()
+        textual = sub.negatives + sub.requirements
+        if textual and found is not None:
+            raise _refuse(here, "a must_not clause joining text and filters is not answered by the pipeline "
+                          "(give them as separate must_not clauses, which exclude either)")  # fmt: skip
+        if len(textual) > 1:
+            raise _refuse(here, "a must_not clause of several text clauses is not answered by the pipeline")
+        if textual:
+            builder.negatives.extend(textual)
+        elif found is None:
+            builder.contradiction = True  # it matches every product (match_all): all are excluded
+        else:
+            _add_exclusion(builder.excludes, found)
+
+
+def _add_exclusion(excludes: list[dict[str, Any]], found: dict[str, Any]) -> None:
+    """One more exclude clause; clauses on one value field alone are one clause of their values
+    (excluding brand a, and brand b, is excluding brand a or b)."""
+    (name,) = found if len(found) == 1 else (None,)
+    if name in ("brand", "category", "ids"):
+        for clause in excludes:
+            if set(clause) == {name}:
+                clause[name] = sorted({*clause[name], *found[name]})
+                return
+    excludes.append(found)
 
 
 def _empty_optional(key: str, sub: Any, spec: Mapping[str, Any]) -> bool:
@@ -467,8 +516,17 @@ def _fields_of(names: list[str]) -> tuple[str, ...]:
 
 
 def _requirement(
-    kind: Kind | None, text: str, fields: tuple[str, ...], wanted: dict[str, Any], path: str, per_field: bool = True
+    kind: Kind | None,
+    text: str,
+    fields: tuple[str, ...],
+    wanted: dict[str, Any],
+    path: str,
+    per_field: bool = True,
+    negated: bool = False,
 ) -> Requirement | None:
+    """The requirement the clause adds to the match set (None: none past matching any word); negated
+    (under must_not), what the clause matches: any word at least."""
+    any_word = Requirement(path=path, text=text, fields=fields, kind="at_least", minimum=1, per_field=per_field)
     if wanted and kind in ("phrase", "phrase_prefix"):
         key = next(iter(wanted))
         raise _refuse(f"{path}.{key}", f"[{key}] on a phrase is not answered by the pipeline")
@@ -478,7 +536,7 @@ def _requirement(
         here, value = wanted["minimum_should_match"]
         n = _minimum(value, text, here)
         if n <= 1:
-            return None
+            return any_word if negated else None
         return Requirement(path=here, text=text, fields=fields, kind="at_least", minimum=n, per_field=per_field)
     if "fuzziness" in wanted:
         here, value = wanted["fuzziness"]
@@ -490,7 +548,7 @@ def _requirement(
         return Requirement(path=here, text=text, fields=fields, kind="fuzzy", max_edits=edits)
     if kind is not None:
         return Requirement(path=path, text=text, fields=fields, kind=kind)
-    return None
+    return any_word if negated else None
 
 
 def _query_value(value: Any, path: str) -> str:
@@ -516,9 +574,12 @@ def _check_fields(fields: Any, path: str) -> None:
             )
 
 
-def _text_of(kind: str, spec: Any, where: str, builder: _FilterBuilder, optional: bool = False) -> str | None:
+def _text_of(
+    kind: str, spec: Any, where: str, builder: _FilterBuilder, optional: bool = False, negated: bool = False
+) -> str | None:
     """The user text of a text clause; None when the clause was a keyword match (added as a filter).
-    A clause that narrows the match set lexically adds a Requirement (refused where it is optional)."""
+    A clause that narrows the match set lexically adds a Requirement (refused where it is optional);
+    negated (under must_not), what it matches is a negative requirement."""
     path = f"{where}.{kind}"
     if not isinstance(spec, dict):
         raise ApiError(400, "must be an object", param=path)
@@ -540,7 +601,7 @@ def _text_of(kind: str, spec: Any, where: str, builder: _FilterBuilder, optional
         text = _query_value(value, here)
         wanted = _check_options(options, set(), here)
         phrase: Kind | None = {"match": None, "match_phrase": "phrase", "match_phrase_prefix": "phrase_prefix"}[kind]
-        requirement = _requirement(phrase, text, _fields_of([name]), wanted, here)
+        requirement = _requirement(phrase, text, _fields_of([name]), wanted, here, negated=negated)
     elif kind == "multi_match":
         fields = spec.get("fields", ["*"])
         _check_fields(fields, f"{path}.fields")
@@ -549,7 +610,9 @@ def _text_of(kind: str, spec: Any, where: str, builder: _FilterBuilder, optional
         mm_type = spec.get("type", "best_fields")
         phrase = mm_type if mm_type in ("phrase", "phrase_prefix") else None
         names = [fields] if isinstance(fields, str) else fields
-        requirement = _requirement(phrase, text, _fields_of(names), wanted, path, per_field=mm_type != "cross_fields")
+        requirement = _requirement(
+            phrase, text, _fields_of(names), wanted, path, per_field=mm_type != "cross_fields", negated=negated
+        )
     else:  # query_string, simple_query_string: plain words only
         for key in ("fields", "default_field"):
             if key in spec:
@@ -560,8 +623,11 @@ def _text_of(kind: str, spec: Any, where: str, builder: _FilterBuilder, optional
             raise _refuse(f"{path}.query", "query syntax (operators, quotes, fields, wildcards) is not answered by "
                           "the pipeline: send plain words")  # fmt: skip
         names = spec.get("fields", [spec.get("default_field", "*")])
-        requirement = _requirement(None, text, _fields_of([names] if isinstance(names, str) else names), wanted, path)
-    if requirement is not None:
+        fields = _fields_of([names] if isinstance(names, str) else names)
+        requirement = _requirement(None, text, fields, wanted, path, negated=negated)
+    if requirement is not None and negated:
+        builder.negatives.append(requirement)
+    elif requirement is not None:
         if optional:
             raise _refuse(requirement.path, "a lexical requirement in an optional (should) clause is not answered")
         builder.requirements.append(requirement)
@@ -627,7 +693,7 @@ def _walk_query(query: Any, texts: list[str], builder: _FilterBuilder, where: st
                     _add_filter(builder, c, f"{path}.filter[{i}]")
             elif key == "must_not":
                 if clauses not in ([], [{}]):
-                    raise _refuse(f"{path}.must_not", "excluding products (must_not) is not answered by the pipeline")
+                    _add_must_not(builder, clauses, path)
             elif key in ("boost", "adjust_pure_negative", "minimum_should_match"):
                 continue
             elif key == "_name":
@@ -670,6 +736,8 @@ class Translated:
     agg_matches_nothing: bool = False
     requirements: list[Requirement] = field(default_factory=list)  # lexical: resolved to ids before searching
     agg_requirements: list[Requirement] = field(default_factory=list)  # the query's alone (not post_filter's)
+    negatives: list[Requirement] = field(default_factory=list)  # must_not text: its matches excluded by id
+    agg_negatives: list[Requirement] = field(default_factory=list)
     total_as_int: bool = False  # rest_total_hits_as_int: hits.total is a number
     version: bool = False  # each hit carries _version
 
@@ -840,6 +908,7 @@ def translate_search(
     query_filters = builder.to_filters()
     query_contradiction = builder.contradiction
     query_requirements = list(builder.requirements)
+    query_negatives = list(builder.negatives)
     if "post_filter" in body:
         _add_filter(builder, body["post_filter"], "post_filter")
     filters = builder.to_filters()
@@ -906,6 +975,8 @@ def translate_search(
         agg_matches_nothing=query_contradiction,
         requirements=builder.requirements,
         agg_requirements=query_requirements,
+        negatives=builder.negatives,
+        agg_negatives=query_negatives,
         total_as_int=_flag(params.get("rest_total_hits_as_int", False)),
         version=version,
     )

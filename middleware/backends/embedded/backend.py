@@ -9,15 +9,19 @@ owns its writer: another process's write is applied within its poll interval).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import tantivy
 from cachetools import LRUCache
 
 from middleware.backends.base import (
@@ -491,7 +495,7 @@ class EmbeddedBackend:
     def _match_pks(self, match: MatchSet) -> tuple[str, list[object], dict[int, float]]:
         """The match set as SQL over `products p` (a WHERE clause and its parameters), and the BM25
         score of each text match. Text and ids are matched in the lexical index, filters included."""
-        if match.text is None and not match.ids:
+        if match.text is None:  # every product under the filters (ids add nothing)
             where, params = filter_sql(match.filters)
             return where, params, {}
         query = self.lexical.match_query(match.text, match.filters, match.ids)
@@ -500,7 +504,7 @@ class EmbeddedBackend:
 
     def count_matches(self, match: MatchSet) -> int:
         self._check_open()
-        if match.text is None and not match.ids:
+        if match.text is None:
             where, params = filter_sql(match.filters)
             with self.store.reader() as conn:
                 return int(conn.execute(f"SELECT count(*) FROM products p WHERE {where}", params).fetchone()[0])
@@ -538,56 +542,60 @@ class EmbeddedBackend:
         return out
 
     def facets(self, match: MatchSet, specs: Sequence[FacetSpec]) -> list[Facet]:
+        """Counted by tantivy's aggregations over the fast fields, in one pass over the match set's
+        documents (the query `count_matches` counts: text or ids, under the filters). Term facets ask
+        every segment for all its values, so counts are exact across segments; ranges, which tantivy
+        wants disjoint, are counted over the partition their bounds cut the axis into, then summed."""
         self._check_open()
         specs = list(specs)
         if not specs:
             return []
-        where, params, _ = self._match_pks(match)
+        query = self.lexical.match_query(match.text, match.filters, match.ids)
+        aggregations: dict[str, dict[str, object]] = {}
+        partitions: dict[int, list[float]] = {}
+        for i, spec in enumerate(specs):
+            if spec.ranges is not None:
+                cuts = sorted({b for r in _integral_ranges(spec) if r is not None for b in r if b is not None})
+                partitions[i] = cuts
+                if cuts:
+                    pieces = [{"to": cuts[0]}, *({"from": a, "to": b} for a, b in itertools.pairwise(cuts))]
+                    pieces.append({"from": cuts[-1]})
+                    aggregations[f"f{i}"] = {"range": {"field": spec.field, "ranges": pieces}}
+                else:  # only open or empty ranges: everything with a value
+                    aggregations[f"f{i}"] = {"stats": {"field": spec.field}}
+            elif spec.stats:
+                aggregations[f"f{i}"] = {"stats": {"field": spec.field}}
+            else:
+                every = {"size": _ALL_TERMS, "segment_size": _ALL_TERMS, "min_doc_count": 1}
+                aggregations[f"f{i}"] = {"terms": {"field": spec.field, **every}}
+        try:
+            found = self.lexical.aggregate(query or tantivy.Query.empty_query(), aggregations)
+        except ValueError as exc:  # e.g. more distinct values than tantivy's bucket limit
+            raise BackendError(f"facets: the lexical index could not count them: {exc}") from exc
         out: list[Facet] = []
-        with self.store.reader(snapshot=True) as conn:
-            for spec in specs:
-                if spec.field in ("brand", "category"):
-                    if spec.field == "brand":
-                        sql = (
-                            f"SELECT p.brand, count(*) FROM products p WHERE {where} AND p.brand IS NOT NULL"
-                            " GROUP BY p.brand"
-                        )
-                    else:
-                        sql = (
-                            "SELECT c.category, count(*) FROM product_categories c JOIN products p ON p.pk = c.pk"
-                            f" WHERE {where} GROUP BY c.category"
-                        )
-                    counts = sorted(conn.execute(sql, params).fetchall(), key=lambda r: (-r[1], r[0]))
-                    values = [FacetValue(value=v, count=int(c)) for v, c in counts[: spec.size]]
-                    other = sum(int(c) for _, c in counts[spec.size :])
-                    out.append(Facet(spec=spec, values=values, other=other))
-                elif spec.ranges is not None:
-                    ranges = []
-                    for start, end in spec.ranges:
-                        conditions = [f"p.{spec.field} IS NOT NULL"]
-                        bounds: list[object] = []
-                        if start is not None:
-                            conditions.append(f"p.{spec.field} >= ?")
-                            bounds.append(start)
-                        if end is not None:
-                            conditions.append(f"p.{spec.field} < ?")
-                            bounds.append(end)
-                        sql = f"SELECT count(*) FROM products p WHERE {where} AND {' AND '.join(conditions)}"
-                        count = int(conn.execute(sql, [*params, *bounds]).fetchone()[0])
-                        ranges.append(FacetRange(start=start, end=end, count=count))
-                    out.append(Facet(spec=spec, ranges=ranges))
-                else:
-                    f = spec.field
-                    sql = f"SELECT count(p.{f}), min(p.{f}), max(p.{f}), total(p.{f}) FROM products p WHERE {where}"
-                    count, low, high, total = conn.execute(sql, params).fetchone()
-                    stats = FacetStats(
-                        count=int(count),
-                        min=None if low is None else float(low),
-                        max=None if high is None else float(high),
-                        sum=float(total),
-                        avg=float(total) / count if count else None,
-                    )
-                    out.append(Facet(spec=spec, stats=stats))
+        for i, spec in enumerate(specs):
+            answer = found.get(f"f{i}") or {}
+            if spec.ranges is not None:
+                out.append(Facet(spec=spec, ranges=_range_counts(spec, partitions[i], answer)))
+            elif spec.stats:
+                count = int(answer.get("count") or 0)
+                low, high = answer.get("min"), answer.get("max")
+                total = float(answer.get("sum") or 0.0)
+                stats = FacetStats(
+                    count=count,
+                    min=None if not count or low is None else float(low),
+                    max=None if not count or high is None else float(high),
+                    sum=total,
+                    avg=total / count if count else None,
+                )
+                out.append(Facet(spec=spec, stats=stats))
+            else:
+                counts = sorted(
+                    ((str(b["key"]), int(b["doc_count"])) for b in answer.get("buckets", [])),
+                    key=lambda vc: (-vc[1], vc[0]),
+                )
+                values = [FacetValue(value=v, count=c) for v, c in counts[: spec.size]]
+                out.append(Facet(spec=spec, values=values, other=sum(c for _, c in counts[spec.size :])))
         return out
 
     def highlight(
@@ -736,3 +744,50 @@ class EmbeddedBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_ALL_TERMS = 2**31 - 1  # a terms aggregation's size and segment_size: every value, so no count is an estimate
+
+
+def _integral_ranges(spec: FacetSpec) -> list[tuple[float | None, float | None] | None]:
+    """The spec's ranges with bounds on the field's own scale, None for a range nothing can fall in. On
+    the integer fields (sales, stock: 0 and up) x >= a exactly when x >= ceil(a), and x < b when
+    x < ceil(b): fractional bounds are made whole (tantivy would round them to the field's type), and a
+    lower bound of 0 or less is no bound."""
+    assert spec.ranges is not None
+    out: list[tuple[float | None, float | None] | None] = []
+    for a, b in spec.ranges:
+        low = None if a is None else float(a)
+        high = None if b is None else float(b)
+        if spec.field != "price":
+            low = None if low is None or math.ceil(low) <= 0 else float(math.ceil(low))
+            high = None if high is None else float(max(0, math.ceil(high)))
+            if high == 0.0:
+                out.append(None)
+                continue
+        out.append(None if low is not None and high is not None and low >= high else (low, high))
+    return out
+
+
+def _range_counts(spec: FacetSpec, cuts: list[float], answer: dict[str, Any]) -> list[FacetRange]:
+    """Each asked range's count: the sum of the partition pieces it covers."""
+    assert spec.ranges is not None
+    asked = _integral_ranges(spec)
+    if not cuts:  # every asked range is empty, or open on both sides
+        count = int(answer.get("count") or 0)
+        return [FacetRange(a, b, 0 if r is None else count) for (a, b), r in zip(spec.ranges, asked, strict=True)]
+    found = {(piece.get("from"), piece.get("to")): int(piece["doc_count"]) for piece in answer.get("buckets", [])}
+    bounds: list[float | None] = [None, *cuts, None]
+    try:  # piece k covers [bounds[k], bounds[k + 1])
+        pieces = [found[(bounds[k], bounds[k + 1])] for k in range(len(cuts) + 1)]
+    except KeyError as exc:
+        raise BackendError(f"facets: no range bucket {exc} on {spec.field!r} in {sorted(found, key=str)}") from None
+    out = []
+    for (start, end), r in zip(spec.ranges, asked, strict=True):
+        if r is None:
+            out.append(FacetRange(start=start, end=end, count=0))
+            continue
+        first = 0 if r[0] is None else cuts.index(r[0]) + 1
+        last = len(cuts) if r[1] is None else cuts.index(r[1])  # the last piece covered
+        out.append(FacetRange(start=start, end=end, count=sum(pieces[first : last + 1])))
+    return out

@@ -61,7 +61,7 @@ INDEX_DIR = "lexical"
 STAMP_NAME = "STAMP"
 SUGGEST_FIELD = "suggest"  # title words as typed (text.suggest_terms): completions and typo corrections
 KEY_SEPARATOR = "\x00"  # brand_key / category_key terms: casefolded value, separator, the value as stored
-SCHEMA_REVISION = 2  # of the tantivy schema below; a change rebuilds the index
+SCHEMA_REVISION = 3  # of the tantivy schema below; a change rebuilds the index
 _ADD_BATCH = 2000  # pks re-synced per SQLite read
 # post-filtering (see TantivyLexicalIndex.top): only for filters at least this share of products pass
 POST_FILTER_MIN_SHARE = 0.3
@@ -115,6 +115,8 @@ def _schema() -> tantivy.Schema:
     builder.add_text_field("category", stored=False, fast=True, tokenizer_name="raw")
     builder.add_float_field("price", stored=False, indexed=True, fast=True)
     builder.add_unsigned_field("in_stock", stored=False, indexed=True, fast=True)
+    builder.add_unsigned_field("sales", stored=False, indexed=False, fast=True)
+    builder.add_unsigned_field("stock", stored=False, indexed=False, fast=True)  # absent: not tracked
     return builder.build()
 
 
@@ -129,6 +131,8 @@ class TextRow:
     categories: list[str]
     price: float | None
     in_stock: bool
+    sales: int = 0
+    stock: int | None = None
 
 
 def tokens_json(product: Product) -> str:
@@ -533,6 +537,9 @@ class TantivyLexicalIndex:
         if row.price is not None:
             doc.add_float("price", row.price)
         doc.add_unsigned("in_stock", 1 if row.in_stock else 0)
+        doc.add_unsigned("sales", row.sales)
+        if row.stock is not None:
+            doc.add_unsigned("stock", row.stock)
         return doc
 
     def stamped_generation(self) -> int | None:
@@ -584,14 +591,25 @@ class TantivyLexicalIndex:
             out.append(tantivy.Query.term_query(schema, "in_stock", 1))
         if filters.ids is not None:
             out.append(tantivy.Query.term_set_query(schema, "id", list(filters.ids)))
+        if filters.exclude:  # a product matching any exclude clause (each its fields together) is left out
+            negative: list[tuple[tantivy.Occur, tantivy.Query]] = [(tantivy.Occur.Must, tantivy.Query.all_query())]
+            for clause in filters.exclude:
+                parts = self.filter_query(clause)
+                together = (
+                    parts[0]
+                    if len(parts) == 1
+                    else tantivy.Query.boolean_query([(tantivy.Occur.Must, q) for q in parts])
+                )
+                negative.append((tantivy.Occur.MustNot, together))
+            out.append(tantivy.Query.boolean_query(negative))
         return out
 
     def match_query(self, text: str | None, filters: Filters | None, ids: Sequence[str] = ()) -> tantivy.Query | None:
-        """(text's tokens OR ids) AND filters; every product when text is None and ids empty.
+        """(text's tokens OR ids) AND filters; every product when text is None (ids then add nothing).
         None: nothing can match (a text without tokens and no ids)."""
         schema = self._schema
         matching: tantivy.Query | None
-        if text is None and not ids:
+        if text is None:
             matching = tantivy.Query.all_query()
         else:
             parts = []
@@ -728,18 +746,46 @@ class TantivyLexicalIndex:
     def count(self, query: tantivy.Query) -> int:
         return int(self._searcher().search(query, limit=1, count=True).count)
 
+    def aggregate(self, query: tantivy.Query, aggregations: dict[str, Any]) -> dict[str, Any]:
+        """tantivy's aggregations (Elasticsearch's request and response shapes) over the query's matches."""
+        return dict(self._searcher().aggregate(query, aggregations))
+
     def terms_with_prefix(
         self, field: str, prefix: str, limit: int | None, *, exact: bool = True
     ) -> list[tuple[str, int]]:
-        """(term, documents holding it), most frequent first. `exact`: deleted documents are not counted
-        (each term's postings are walked); else the term dictionary's document frequencies, which count
-        deleted documents until their segment merges, and cost nothing per term."""
+        """(term, documents holding it), most frequent first, ties by term. `exact`: deleted documents
+        are not counted; else the term dictionary's document frequencies, which count deleted
+        documents until their segment merges.
+
+        Both walk the term dictionary only (asking tantivy to count live documents instead costs a
+        pass over every document per call). The dictionary's frequencies are exact when the index
+        holds no deleted document; otherwise they are upper bounds, and the terms are counted exactly
+        in their order until no uncounted term can reach the `limit` best counted ones."""
         searcher = self._searcher()
-        if exact:
-            found = searcher.terms_with_prefix(field, prefix, filter_query=tantivy.Query.all_query(), limit=limit)
-        else:
-            found = searcher.terms_with_prefix(field, prefix, limit=limit)
-        return [(str(t), int(c)) for t, c in found if c > 0]
+        found = sorted(((str(t), int(c)) for t, c in searcher.terms_with_prefix(field, prefix) if c > 0),
+                       key=lambda tc: (-tc[1], tc[0]))  # fmt: skip
+        if not exact or not found or not self._holds_deleted(searcher):
+            return found if limit is None else found[:limit]
+        counted: list[tuple[str, int]] = []
+        kth = 0  # the limit-th best exact count so far (0 until there are limit of them)
+        for term, upper in found:
+            if limit is not None and len(counted) >= limit and upper < kth:
+                break
+            live = int(searcher.search(tantivy.Query.term_query(self._schema, field, term), limit=1, count=True).count)
+            if live > 0:
+                counted.append((term, live))
+                if limit is not None and len(counted) >= limit:
+                    counted.sort(key=lambda tc: (-tc[1], tc[0]))
+                    del counted[limit:]
+                    kth = counted[-1][1]
+        counted.sort(key=lambda tc: (-tc[1], tc[0]))
+        return counted if limit is None else counted[:limit]
+
+    def _holds_deleted(self, searcher: tantivy.Searcher) -> bool:
+        """Whether the searcher's segments hold deleted documents: every document has exactly one
+        `in_stock` term, and the dictionary counts deleted documents too."""
+        stored = sum(int(searcher.doc_freq("in_stock", value)) for value in (0, 1))
+        return stored != int(searcher.num_docs)
 
     def live_doc_freq(self, field: str, term: str) -> int:
         """Documents holding `term`, deleted ones not counted."""
@@ -795,7 +841,7 @@ def _pages(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> It
 def _text_rows(conn: sqlite3.Connection, pks: Sequence[int]) -> Iterator[TextRow]:
     """The document makings of the pks that exist, re-analysing rows of another analysis version."""
     rows = conn.execute(
-        "SELECT p.pk, p.id, p.doc, p.brand, p.price, p.stock, t.analysis, t.fields FROM products p"
+        "SELECT p.pk, p.id, p.doc, p.brand, p.price, p.stock, p.sales, t.analysis, t.fields FROM products p"
         " LEFT JOIN product_text t ON t.pk = p.pk WHERE p.pk IN (SELECT value FROM json_each(?))",
         (json.dumps(list(pks)),),
     ).fetchall()
@@ -805,7 +851,7 @@ def _text_rows(conn: sqlite3.Connection, pks: Sequence[int]) -> Iterator[TextRow
         (json.dumps(list(pks)),),
     ):
         categories.setdefault(int(pk), []).append(category)
-    for pk, pid, doc, brand, price, stock, version, fields in rows:
+    for pk, pid, doc, brand, price, stock, sales, version, fields in rows:
         if version != analysis.ANALYSIS_VERSION or fields is None:
             fields = tokens_json(Product.model_validate_json(doc))  # stale tokens: analyse again
         yield TextRow(
@@ -816,4 +862,6 @@ def _text_rows(conn: sqlite3.Connection, pks: Sequence[int]) -> Iterator[TextRow
             categories=categories.get(int(pk), []),
             price=None if price is None else float(price),
             in_stock=stock is None or int(stock) > 0,
+            sales=int(sales or 0),
+            stock=None if stock is None else int(stock),
         )

@@ -87,6 +87,11 @@ def filter_sql(filters: Filters | None, alias: str = "p") -> tuple[str, list[Any
     if filters.ids is not None:
         clauses.append(f"{alias}.id IN (SELECT value FROM json_each(?))")
         params.append(_json(filters.ids))
+    for clause in filters.exclude or ():  # a product matching any exclude clause is left out
+        where, more = filter_sql(clause, alias)
+        # a NULL price compares as unknown: such a product matches no price bound, so is not excluded by one
+        clauses.append(f"NOT coalesce(({where}), 0)")
+        params.extend(more)
     return " AND ".join(clauses) or "1", params  # in_stock=False alone restricts nothing
 
 
