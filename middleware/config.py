@@ -33,6 +33,9 @@ def default_model_cache() -> Path:
 class FusionSettings(BaseModel):
     method: Literal["rrf", "minmax"] = "rrf"
     rrf_k: int = Field(60, ge=1)
+    # weighted RRF: fused = rrf_bm25_weight / (k + bm25 rank) + rrf_knn_weight / (k + knn rank)
+    rrf_bm25_weight: float = Field(1.0, ge=0)
+    rrf_knn_weight: float = Field(1.0, ge=0)
     # min-max weighted sum: final = bm25_weight * norm(bm25) + knn_weight * norm(knn)
     bm25_weight: float = Field(0.3, ge=0)
     knn_weight: float = Field(0.7, ge=0)
