@@ -35,7 +35,7 @@ SETS: dict[str, tuple[str, str, float]] = {
     "qbqtc": ("test", "score", 1.0),
 }
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
-CURRENT = tuning.FusionConfig("rrf", rrf_k=60)
+CURRENT = tuning.FusionConfig("rrf", rrf_k=60)  # the default before this measurement
 BM25_ONLY = tuning.FusionConfig("minmax", bm25_weight=1.0, knn_weight=0.0)
 VECTOR_ONLY = tuning.FusionConfig("minmax", bm25_weight=0.0, knn_weight=1.0)
 
@@ -99,6 +99,10 @@ def run_set(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 scores[config] = scorer.ndcg(config)
             result = compare("ndcg@10", config.label, scores[config], CURRENT.label, scores[CURRENT], seed=args.seed)
             tests.append(result.to_dict())
+        bm25_tests = [
+            compare("ndcg@10", c.label, scores[c], "bm25 alone", scores[BM25_ONLY], seed=args.seed).to_dict()
+            for c in dict.fromkeys([best, *args.candidates_configs])
+        ]
         split_check = tuning.tune(scorer, grid, CURRENT, dev_fraction=0.5, seed=args.seed)
         out["pools"][pool] = {
             "queries": len(query_ids),
@@ -111,6 +115,7 @@ def run_set(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "best": {**best.to_dict(), "ndcg@10": round(means[best], 4)},
             "best_by_method": best_by,
             "paired_tests_vs_current": tests,
+            "paired_tests_vs_bm25": bm25_tests,
             "dev_held_out": {k: split_check[k] for k in ("queries", "chosen", "dev", "held_out")},
             "grid": sorted(({**c.to_dict(), "ndcg@10": round(means[c], 4)} for c in grid), key=lambda r: -r["ndcg@10"]),
         }
@@ -127,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queries", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=Path("./eval-work"))
-    p.add_argument("--candidates", default="rrf:60,rrf:20,rrf:10,minmax:0.5", help="configs tested against rrf k=60")
+    p.add_argument(
+        "--candidates",
+        default="rrf:60,rrf:20,rrf:10,rrf:1,minmax:0.5,minmax:0.7,minmax:0.8,minmax:0.9",
+        help="configs tested against rrf k=60",
+    )
     p.add_argument("--output", type=Path, required=True)
     args = p.parse_args(argv)
     args.pools = [x for x in args.pools.split(",") if x]
