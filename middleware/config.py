@@ -32,8 +32,8 @@ def default_model_cache() -> Path:
 
 class FusionSettings(BaseModel):
     """How the lexical and vector lists merge. The defaults are the configuration that came out best,
-    or within a hair of the best, on every evaluation set and pool measured with all-MiniLM-L6-v2 (benchmarks/results/FUSION.md); with another embedder, measure your
-    own with `shopsearch tune fusion`."""
+    or within a hair of the best, on every evaluation set and pool measured with all-MiniLM-L6-v2
+    (benchmarks/results/FUSION.md); with another embedder, measure your own with `shopsearch tune fusion`."""
 
     method: Literal["rrf", "minmax"] = "minmax"
     rrf_k: int = Field(60, ge=1)
