@@ -31,11 +31,18 @@ def default_model_cache() -> Path:
 
 
 class FusionSettings(BaseModel):
-    method: Literal["rrf", "minmax"] = "rrf"
+    """How the lexical and vector lists merge. The defaults are the configuration that came out best,
+    or within a hair of the best, on every evaluation set and pool measured with all-MiniLM-L6-v2
+    (benchmarks/results/FUSION.md); with another embedder, measure your own with `shopsearch tune fusion`."""
+
+    method: Literal["rrf", "minmax"] = "minmax"
     rrf_k: int = Field(60, ge=1)
+    # weighted RRF: fused = rrf_bm25_weight / (k + bm25 rank) + rrf_knn_weight / (k + knn rank)
+    rrf_bm25_weight: float = Field(1.0, ge=0)
+    rrf_knn_weight: float = Field(1.0, ge=0)
     # min-max weighted sum: final = bm25_weight * norm(bm25) + knn_weight * norm(knn)
-    bm25_weight: float = Field(0.3, ge=0)
-    knn_weight: float = Field(0.7, ge=0)
+    bm25_weight: float = Field(0.8, ge=0)
+    knn_weight: float = Field(0.2, ge=0)
 
 
 class BusinessSettings(BaseModel):

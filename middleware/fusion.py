@@ -34,13 +34,20 @@ def _ordered(merged: dict[str, Candidate]) -> list[Candidate]:
     return sorted(merged.values(), key=lambda c: (-(c.fused or 0.0), c.id))
 
 
-def rrf(lists: Mapping[str, Sequence[Candidate]], k: int = 60) -> list[Candidate]:
-    """Reciprocal rank fusion: fused = Σ 1 / (k + rank). Scale-free, so BM25 and cosine mix safely."""
+def rrf(
+    lists: Mapping[str, Sequence[Candidate]], k: int = 60, weights: Mapping[str, float] | None = None
+) -> list[Candidate]:
+    """Reciprocal rank fusion: fused = Σ w / (k + rank), w = 1 per list unless `weights` says otherwise.
+    Scale-free, so BM25 and cosine mix safely."""
     if k < 1:
         raise ValueError("rrf k must be >= 1")
+    weights = dict(weights or {})
+    for name, weight in weights.items():
+        if not weight >= 0:
+            raise ValueError(f"fusion weight for {name!r} must be >= 0")
     merged = _merge(lists)
     for cand in merged.values():
-        cand.fused = sum(1.0 / (k + rank) for rank in cand.ranks.values())
+        cand.fused = sum(weights.get(name, 1.0) / (k + rank) for name, rank in cand.ranks.items())
     return _ordered(merged)
 
 

@@ -263,7 +263,8 @@ class Pipeline:
         if found.fused is not None:
             candidates = fused
         elif method == "rrf":
-            candidates = fusion.rrf(found.lists, k=req.rrf_k or cfg.fusion.rrf_k)
+            rrf_weights = {"bm25": cfg.fusion.rrf_bm25_weight, "knn": cfg.fusion.rrf_knn_weight}
+            candidates = fusion.rrf(found.lists, k=req.rrf_k or cfg.fusion.rrf_k, weights=rrf_weights)
         else:
             bm25_w = cfg.fusion.bm25_weight if req.bm25_weight is None else req.bm25_weight
             knn_w = cfg.fusion.knn_weight if req.knn_weight is None else req.knn_weight

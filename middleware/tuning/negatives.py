@@ -1,7 +1,9 @@
 """Hard-negative mining: search with the current embedder, sample negatives from a rank range.
 
-Two searchers: `CorpusSearcher` (a BEIR corpus.jsonl embedded into an in-memory faiss flat index)
-and `IndexSearcher` (the live store through the configured backend's knn). For every record, the
+Three searchers: `CorpusSearcher` (a BEIR corpus.jsonl embedded into an in-memory faiss flat index),
+`IndexSearcher` (the live store through the configured backend's knn) and `HybridSearcher` (the
+live store through the product's own hybrid retrieval and fusion, i.e. what the reranker is handed at
+query time). A searcher that has `search_texts` is asked with the query texts. For every record, the
 candidates at 1-based ranks A..B (rank 1 = top hit; FlagEmbedding's `2-200` slices 0-based [2:200],
 i.e. ranks 3..200) are filtered — positives, judged documents, near-duplicates of a positive
 (normalised text equal, or cosine ≥ `dup_threshold`), candidates scoring within `margin` of the
@@ -125,6 +127,47 @@ class IndexSearcher:
         return np.stack([self._cache[h.text] for h in hits])
 
 
+class HybridSearcher:
+    """The live store through the product's own pipeline: hybrid retrieval and the configured fusion,
+    no rerank, no business score, so negatives come from the very lists the reranker will reorder."""
+
+    def __init__(self, pipeline: Any, encoder: Encoder) -> None:
+        self.pipeline = pipeline
+        self.encoder = encoder
+        self._cache: dict[str, np.ndarray] = {}
+
+    def search_texts(self, queries: Sequence[str], depth: int) -> list[list[Hit]]:
+        from middleware.schema import SearchRequest
+
+        settings = self.pipeline.settings
+        results: list[list[Hit]] = []
+        for text in queries:
+            request = SearchRequest(
+                query=text,
+                size=depth,
+                retrieve_n=min(max(depth, settings.retrieve_n), settings.max_retrieve_n),
+                retrieval="hybrid",
+                rerank=False,
+                business_enabled=False,
+            )
+            response = self.pipeline.search(request)
+            results.append([Hit(h.id, _product_text(h.product)) for h in response.hits])
+        return results
+
+    def search(self, query_vectors: np.ndarray, depth: int) -> list[list[Hit]]:
+        raise TypeError("HybridSearcher searches by query text: call search_texts")
+
+    def vectors(self, hits: Sequence[Hit]) -> np.ndarray:
+        return IndexSearcher.vectors(self, hits)  # type: ignore[arg-type]
+
+
+def _product_text(product: dict[str, Any]) -> str:
+    """The embedder's text of a hit's product (Product.embedding_text of its serialised form)."""
+    title = str(product.get("title") or "")
+    description = product.get("description")
+    return f"{title}\n{description}" if description else title
+
+
 @dataclass
 class MiningConfig:
     rank_range: tuple[int, int] = (2, 200)
@@ -180,7 +223,11 @@ def mine_negatives(
     for offset in range(0, len(records), config.batch_size):
         batch = records[offset : offset + config.batch_size]
         query_vecs = _normalise_rows(encoder.encode_queries([r["query"] for r in batch]))
-        hit_lists = searcher.search(query_vecs, end)
+        search_texts = getattr(searcher, "search_texts", None)
+        if search_texts is not None:
+            hit_lists = search_texts([r["query"] for r in batch], end)
+        else:
+            hit_lists = searcher.search(query_vecs, end)
         all_pos = _positive_vectors(batch, encoder, searcher) if need_vectors else None
         pos_start = 0
         for i, (record, hits) in enumerate(zip(batch, hit_lists, strict=True)):

@@ -1,7 +1,10 @@
-"""Cross-encoder fine-tuning on sentence-transformers' CrossEncoderTrainer (binary cross-entropy).
+"""Cross-encoder fine-tuning on sentence-transformers' CrossEncoderTrainer.
 
-Examples are (query, document, label) pairs: positives (label 1, or their graded label in [0, 1]),
-judged-but-not-relevant documents (their graded label, in graded mode), and hard negatives (0).
+Pointwise (`bce`, binary cross-entropy): examples are (query, document, label) pairs: positives
+(label 1, or their graded label in [0, 1]), judged-but-not-relevant documents (their graded label, in
+graded mode), and hard negatives (0). Listwise (`lambda`: LambdaLoss with the NDCG-Loss2++ weighting;
+`listnet`: ListNet): one example per query, its documents (the same positives, judged documents and
+negatives) scored together and ranked against their labels.
 The saved directory is a plain `…ForSequenceClassification` checkpoint with one logit, which the
 middleware's Reranker loads and exports to ONNX like any other.
 """
@@ -32,6 +35,8 @@ from middleware.tuning.common import (
 log = logging.getLogger(__name__)
 
 LabelMode = Literal["auto", "binary", "graded"]
+LossName = Literal["bce", "lambda", "listnet"]
+LOSSES: tuple[str, ...] = ("bce", "lambda", "listnet")
 
 
 @dataclass
@@ -46,6 +51,8 @@ class RerankerTrainConfig:
     labels: LabelMode = "auto"  # auto: graded when records carry pos_labels
     negatives_per_query: int = 7
     pos_weight: float | None = None  # None: #negative / #positive examples (BCE class balance)
+    loss: LossName = "bce"
+    max_docs_per_query: int = 16  # listwise: documents per query list (positives first, then judged, negatives)
     max_length: int = 256
     max_records: int | None = None
     gradient_checkpointing: bool = False
@@ -63,6 +70,10 @@ class RerankerTrainConfig:
             raise TrainingSetupError(f"--negatives-per-query must be ≥ 0, got {self.negatives_per_query}")
         if self.pos_weight is not None and self.pos_weight <= 0:
             raise TrainingSetupError(f"--pos-weight must be > 0, got {self.pos_weight}")
+        if self.loss not in LOSSES:
+            raise TrainingSetupError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.max_docs_per_query < 2:
+            raise TrainingSetupError(f"--max-docs-per-query must be ≥ 2, got {self.max_docs_per_query}")
 
 
 def build_pairs(
@@ -91,6 +102,34 @@ def build_pairs(
     return columns
 
 
+def build_lists(
+    records: Sequence[dict[str, Any]], *, graded: bool, negatives_per_query: int, max_docs: int, seed: int
+) -> dict[str, list[Any]]:
+    """Columns query, docs (a list per query), labels (a list per query, floats in [0, 1]) for the
+    listwise losses: the same documents as `build_pairs`, one row per query, at most `max_docs` of them
+    (negatives keep at least a quarter of the list). Queries whose list has one label only are dropped:
+    a list with nothing to order teaches a listwise loss nothing."""
+    pairs = build_pairs(records, graded=graded, negatives_per_query=negatives_per_query, seed=seed)
+    grouped: dict[str, tuple[list[str], list[float]]] = {}
+    for query, doc, label in zip(pairs["query"], pairs["document"], pairs["label"], strict=True):
+        docs, labels = grouped.setdefault(query, ([], []))
+        docs.append(doc)
+        labels.append(label)
+    columns: dict[str, list[Any]] = {"query": [], "docs": [], "labels": []}
+    keep_negatives = max(1, max_docs // 4)
+    for query, (docs, labels) in grouped.items():
+        rated = [(d, x) for d, x in zip(docs, labels, strict=True) if x > 0]
+        zeros = [(d, x) for d, x in zip(docs, labels, strict=True) if x <= 0]
+        negatives = zeros[: max(keep_negatives, max_docs - len(rated))]
+        chosen = (rated[: max_docs - len(negatives)] + negatives)[:max_docs]
+        if len({x for _, x in chosen}) < 2:
+            continue
+        columns["query"].append(query)
+        columns["docs"].append([d for d, _ in chosen])
+        columns["labels"].append([x for _, x in chosen])
+    return columns
+
+
 def load_cross_encoder(base: str, *, max_length: int) -> Any:
     from sentence_transformers.cross_encoder import CrossEncoder
 
@@ -109,7 +148,7 @@ def train_reranker(
 ) -> TrainResult:
     from datasets import Dataset
     from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
-    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, LambdaLoss, ListNetLoss
 
     check_precision(config.fp16)
     output_dir = Path(output_dir)
@@ -131,10 +170,27 @@ def train_reranker(
             "(mine negatives first: `shopsearch tune mine-negatives`)"
         )
     pos_weight = config.pos_weight if config.pos_weight is not None else n_neg / n_pos
-    dataset = Dataset.from_dict(columns)
+    if config.loss == "bce":
+        dataset = Dataset.from_dict(columns)
+    else:
+        lists = build_lists(
+            records,
+            graded=graded,
+            negatives_per_query=config.negatives_per_query,
+            max_docs=config.max_docs_per_query,
+            seed=config.seed,
+        )
+        if not lists["query"]:
+            raise TrainingSetupError("listwise training needs queries whose documents differ in label")
+        dataset = Dataset.from_dict(lists)
 
     model = load_cross_encoder(config.base, max_length=config.max_length)
-    loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(pos_weight))
+    if config.loss == "lambda":
+        loss: Any = LambdaLoss(model)
+    elif config.loss == "listnet":
+        loss = ListNetLoss(model)
+    else:
+        loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(pos_weight))
     args = CrossEncoderTrainingArguments(
         **trainer_arguments(config, checkpoint_dir),
     )
@@ -153,9 +209,11 @@ def train_reranker(
             "kind": "reranker",
             "config": asdict(config),
             "labels": "graded" if graded else "binary",
-            "pos_weight": pos_weight,
+            "loss": config.loss,
+            "pos_weight": pos_weight if config.loss == "bce" else None,
             "records": len(records),
-            "pairs": len(dataset),
+            "pairs": len(labels),
+            "rows": len(dataset),
             "positive_pairs": n_pos,
             "negative_pairs": n_neg,
             "steps": result.steps,
