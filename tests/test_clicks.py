@@ -279,3 +279,28 @@ def test_cli_malformed_event_names_line_and_field(tmp_path: Path, capsys: pytest
     err = capsys.readouterr().err
     assert f"events.jsonl:{lines}: field 'action'" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_harvested_propensities_use_products_seen_at_two_positions() -> None:
+    log = Log()
+    # "saw": the ranking flips between versions, the same two products take turns at 1 and 2
+    for order in (["p0", "p1"], ["p1", "p0"]):
+        for clicked in ("top", "top", "second", None):
+            hits = list(order)
+            action = {hits[0]: "click"} if clicked == "top" else {hits[1]: "click"} if clicked else {}
+            log.search("saw", hits, action)
+    # "drill": a good product always on top, a bad one always second (relevance confounded with position)
+    for _ in range(4):
+        log.search("drill", ["p2", "p3"], {"p2": "click"})
+    _, ctr = log.pairs(min_skips=1)
+    _, harvest = log.pairs(min_skips=1, propensities="harvest")
+    assert ctr.propensities[2] == 0.25  # CTR 2/12 over 8/12: the confounded estimate
+    assert harvest.propensities[2] == 0.5  # the swapped products alone: half the clicks at position 2
+    # without products at two positions it falls back to the CTR ratio
+    only_drill = Log()
+    for _ in range(4):
+        only_drill.search("drill", ["p2", "p3"], {"p2": "click", "p3": "click"})
+        only_drill.search("drill", ["p2", "p3"], {"p2": "click"})
+    assert only_drill.pairs(propensities="harvest")[1].propensities == {1: 1.0, 2: 0.5}
+    with pytest.raises(TuningDataError, match="--propensities"):
+        ClickPairsConfig(propensities="em")  # type: ignore[arg-type]

@@ -35,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--catalog", help="with --from-events: products JSONL or BEIR corpus.jsonl (default: the store)")
     p.add_argument("--correction", choices=["ipw", "coec", "none"], default="ipw",
                    help="position-bias correction of click scores (default ipw)")  # fmt: skip
+    p.add_argument("--propensities", choices=["ctr", "harvest"], default="ctr",
+                   help="CTR ratio, or harvested from products shown at several positions (default ctr)")  # fmt: skip
     p.add_argument("--no-skip-above", action="store_true",
                    help="negatives: every shown, never-engaged product (default: skip-above only)")  # fmt: skip
     p.add_argument("--min-query-searches", type=int, default=3, help="served searches a query needs (default 3)")
@@ -202,6 +204,7 @@ def _make_pairs_from_events(args: argparse.Namespace) -> int:
     try:
         config = ClickPairsConfig(
             correction=args.correction,
+            propensities=args.propensities,
             skip_above=not args.no_skip_above,
             min_query_searches=args.min_query_searches,
             min_impressions=args.min_impressions,
@@ -232,6 +235,7 @@ def _make_pairs_from_events(args: argparse.Namespace) -> int:
     summary = {
         "source": str(Path(args.from_events).resolve()),
         "correction": config.correction,
+        "propensity_method": config.propensities,
         "skip_above": config.skip_above,
         "train_records": len(train_ids),
         "dev_records": len(dev_ids),

@@ -24,8 +24,11 @@ last click that nobody looked at.
 Caveat on the propensities: without randomised rankings, position and relevance are confounded —
 the top slots also hold the better products — so CTR_p / CTR_1 overstates how fast examination
 decays, and the correction over-credits deep clicks. It is the randomisation-free estimate of
-clicks-over-expected-clicks; swapping results at random for a small share of traffic (or the
-same product reaching several positions across ranker versions) is what removes the bias.
+clicks-over-expected-clicks. `propensities="harvest"` removes the confound where the log allows:
+the same product shown for the same query at adjacent positions k and k+1 (ranker versions, A/B
+variants, randomised swaps of a small share of traffic) gives θ_{k+1} / θ_k as the ratio of its
+click-through rates there (intervention harvesting); steps without such evidence fall back to the
+CTR ratio.
 
 Untrusted input is skipped and counted, never used: events naming a query_id no served search has,
 events for a product that search did not serve, duplicate query_ids, products missing from the
@@ -46,6 +49,8 @@ from middleware.tuning.data import TuningDataError, normalise_text
 
 Correction = Literal["ipw", "coec", "none"]
 CORRECTIONS: tuple[str, ...] = ("ipw", "coec", "none")
+PropensityMethod = Literal["ctr", "harvest"]
+PROPENSITY_METHODS: tuple[str, ...] = ("ctr", "harvest")
 DEFAULT_ACTION_WEIGHTS: dict[str, float] = {"click": 1.0, "add_to_cart": 2.0, "purchase": 3.0}
 # the corrected score a product needs to be a positive, by correction (ipw/none: a click-through
 # rate; coec: a ratio to the expected clicks)
@@ -55,6 +60,7 @@ DEFAULT_POSITIVE_MIN: dict[str, float] = {"ipw": 0.1, "coec": 1.0, "none": 0.1}
 @dataclass
 class ClickPairsConfig:
     correction: Correction = "ipw"
+    propensities: PropensityMethod = "ctr"
     skip_above: bool = True
     min_query_searches: int = 3  # served searches of a query text before any pair is drawn from it
     min_impressions: int = 3  # times a product was shown for a query before it is a positive or negative
@@ -68,6 +74,9 @@ class ClickPairsConfig:
     def __post_init__(self) -> None:
         if self.correction not in CORRECTIONS:
             raise TuningDataError(f"--correction must be one of {', '.join(CORRECTIONS)}, got {self.correction!r}")
+        if self.propensities not in PROPENSITY_METHODS:
+            methods = ", ".join(PROPENSITY_METHODS)
+            raise TuningDataError(f"--propensities must be one of {methods}, got {self.propensities!r}")
         for name in ("min_query_searches", "min_impressions", "min_skips", "min_position_impressions"):
             if getattr(self, name) < 1:
                 raise TuningDataError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
@@ -225,7 +234,11 @@ def click_pairs(
     ctr = {p: clicked_at[p] / shown_at[p] for p in sorted(shown_at)}
     stats.ctr_by_position = {p: round(v, 6) for p, v in ctr.items()}
     stats.impressions_by_position = dict(sorted(shown_at.items()))
-    theta = estimate_propensities(ctr, shown_at, config)
+    if config.propensities == "harvest":
+        evidence = [e for query in queries.values() for e in query.products.values()]
+        theta = harvest_propensities(evidence, ctr, shown_at, config)
+    else:
+        theta = estimate_propensities(ctr, shown_at, config)
     stats.propensities = {p: round(v, 6) for p, v in theta.items()}
     stats.queries = len(queries)
 
@@ -261,6 +274,49 @@ def estimate_propensities(
         value = max(value, config.propensity_floor)
         theta[position] = value
         previous = value
+    return theta
+
+
+def harvest_propensities(
+    evidence: Iterable[_Evidence], ctr: Mapping[int, float], impressions: Mapping[int, int], config: ClickPairsConfig
+) -> dict[int, float]:
+    """Intervention harvesting over adjacent positions: for every (query, product) shown at both k and
+    k+1, θ_{k+1} / θ_k ≈ Σ w·CTR_{k+1} / Σ w·CTR_k with w the harmonic mean of its impressions at the two
+    positions. A step whose Σ w is below `min_position_impressions` takes the CTR ratio of the two
+    positions instead; the result is non-increasing and floored like `estimate_propensities`."""
+    up: Counter[int] = Counter()  # Σ w·CTR at k+1, by k
+    down: Counter[int] = Counter()  # Σ w·CTR at k
+    weight: Counter[int] = Counter()
+    for item in evidence:
+        if len(item.positions) < 2:
+            continue
+        clicks = Counter(position for position, _ in item.engaged_at)
+        for k, shown in item.positions.items():
+            shown_next = item.positions.get(k + 1)
+            if not shown_next:
+                continue
+            w = shown * shown_next / (shown + shown_next)
+            up[k] += w * clicks[k + 1] / shown_next
+            down[k] += w * clicks[k] / shown
+            weight[k] += w
+    theta: dict[int, float] = {}
+    previous: int | None = None
+    for position in sorted(ctr):
+        if previous is None:
+            value = 1.0
+        else:
+            value = theta[previous]
+            if previous == position - 1 and weight[previous] >= config.min_position_impressions and down[previous] > 0:
+                value *= up[previous] / down[previous]
+            elif (
+                ctr[previous] > 0
+                and impressions[previous] >= config.min_position_impressions
+                and impressions[position] >= config.min_position_impressions
+            ):
+                value *= ctr[position] / ctr[previous]
+            value = min(value, theta[previous])
+        theta[position] = max(value, config.propensity_floor)
+        previous = position
     return theta
 
 
