@@ -173,7 +173,10 @@ def simulate(
     model: ClickModel,
     sessions: int,
     seed: int,
+    swap_share: float = 0.0,
 ) -> tuple[list[QueryRecord], list[Event], dict[str, Any]]:
+    """Sessions over the served pages; a `swap_share` of searches shows one random adjacent pair of the
+    top 10 swapped (randomised traffic that lets propensities be harvested)."""
     rng = random.Random(seed)
     records: list[QueryRecord] = []
     events: list[Event] = []
@@ -181,9 +184,14 @@ def simulate(
     shown_at: np.ndarray = np.zeros(10)
     clicks = 0
     clock = datetime(2026, 11, 1, tzinfo=UTC)
+    swapped = 0
     for qid, hits in served.items():
-        page = hits[:10]
         for s in range(sessions):
+            page = hits[:10]
+            if swap_share and len(page) > 1 and rng.random() < swap_share:
+                k = rng.randrange(len(page) - 1)
+                page = [*page[:k], page[k + 1], page[k], *page[k + 2 :]]
+                swapped += 1
             clock += timedelta(seconds=7)
             session = f"{qid}-{s}"
             query_id = f"{session}-q"
@@ -221,6 +229,7 @@ def simulate(
             p + 1: round(float(e / max(s, 1)), 4) for p, (e, s) in enumerate(zip(examined_at, shown_at, strict=True))
         },
         "searches": len(records),
+        "swapped_searches": swapped,
         "clicks": clicks,
         "events": len(events),
     }
@@ -304,7 +313,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--continue-after-skip", type=float, default=ClickModel.continue_after_skip)
     p.add_argument("--continue-after-click", type=float, default=ClickModel.continue_after_click)
+    p.add_argument("--swap-share", type=float, default=0.0, help="share of searches with an adjacent pair swapped")
+    p.add_argument("--propensities", choices=["ctr", "harvest"], default="ctr", help="for the corrected pairs")
     p.add_argument("--output", default=str(RESULTS / "clicks.json"))
+    p.add_argument("--report", default=str(RESULTS / "CLICKS.md"))
     return p.parse_args(argv)
 
 
@@ -332,16 +344,15 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     model = ClickModel(continue_after_skip=args.continue_after_skip, continue_after_click=args.continue_after_click)
-    records, events, truth = simulate(
-        {q: served[q] for q in train_ids}, queries, qrels, model, args.sessions, args.seed
-    )
+    train_served = {q: served[q] for q in train_ids}
+    records, events, truth = simulate(train_served, queries, qrels, model, args.sessions, args.seed, args.swap_share)
     export = runs / "export"
     write_export(export, records, events)
     timings["simulate_s"] = time.perf_counter() - t
 
     catalog = str(data / "corpus.jsonl")
     variants = {
-        "corrected": ["--correction", "ipw"],
+        "corrected": ["--correction", "ipw", "--propensities", args.propensities],
         "uncorrected": ["--correction", "none", "--no-skip-above"],
     }
     summaries: dict[str, Any] = {}
@@ -389,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         "serving": ("hybrid: RRF of BM25 and " + BASE if args.serve == "hybrid" else "BM25")
         + ", the embedded store holding the whole corpus, top 10 shown",
         "click_model": asdict(model),
+        "swap_share": args.swap_share,
+        "propensity_method": args.propensities,
         "simulated": truth,
         "pairs": {
             name: {
@@ -398,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in variants
         },
     }
-    for kind in args.models.split(","):
+    for kind in [m for m in args.models.split(",") if m and m != "none"]:
         for name in variants:
             t = time.perf_counter()
             model_dir = runs / f"{kind}-{name}"
@@ -463,7 +476,7 @@ def write_results(
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
-    (output.parent / "CLICKS.md").write_text(report(result))
+    Path(args.report).write_text(report(result))
 
 
 def report(result: dict[str, Any]) -> str:
@@ -496,14 +509,20 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"| {c['mode_a']} − {c['mode_b']} | {c['mean_diff']:+.4f} | {ci} | {c['p_value']:.4f} |")
     truth = result["simulated"]["examination_by_position"]
     est = result["pairs"]["corrected"]["propensities"]
+    ctr_est = result["pairs"]["uncorrected"]["propensities"]  # its pairs ignore them; always the CTR ratio
     lines += [
         "",
-        "Position propensities: estimated from the log (CTR_p / CTR_1, non-increasing) vs the simulation's true "
-        "examination rate:",
+        f"Position propensities estimated from the log (swapped adjacent pairs in {result.get('swap_share', 0.0):.0%} "
+        "of searches) vs the simulation's true examination rate:",
         "",
         "| position | " + " | ".join(str(p) for p in truth) + " |",
         "|---" * (len(truth) + 1) + "|",
-        "| estimated θ | " + " | ".join(f"{est.get(str(p), est.get(p, float('nan'))):.3f}" for p in truth) + " |",
+        f"| estimated θ, corrected pairs ({result.get('propensity_method', 'ctr')}) | "
+        + " | ".join(f"{est.get(str(p), est.get(p, float('nan'))):.3f}" for p in truth)
+        + " |",
+        "| estimated θ, CTR ratio | "
+        + " | ".join(f"{ctr_est.get(str(p), ctr_est.get(p, float('nan'))):.3f}" for p in truth)
+        + " |",
         "| true examination | " + " | ".join(f"{v:.3f}" for v in truth.values()) + " |",
         "",
         "Pairs: "
