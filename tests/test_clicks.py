@@ -292,8 +292,8 @@ def test_harvested_propensities_use_products_seen_at_two_positions() -> None:
     # "drill": a good product always on top, a bad one always second (relevance confounded with position)
     for _ in range(4):
         log.search("drill", ["p2", "p3"], {"p2": "click"})
-    _, ctr = log.pairs(min_skips=1)
-    _, harvest = log.pairs(min_skips=1, propensities="harvest")
+    _, ctr = log.pairs(min_skips=1, propensities="ctr")
+    _, harvest = log.pairs(min_skips=1)  # the default
     assert ctr.propensities[2] == 0.25  # CTR 2/12 over 8/12: the confounded estimate
     assert harvest.propensities[2] == 0.5  # the swapped products alone: half the clicks at position 2
     # without products at two positions it falls back to the CTR ratio

@@ -314,7 +314,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--continue-after-skip", type=float, default=ClickModel.continue_after_skip)
     p.add_argument("--continue-after-click", type=float, default=ClickModel.continue_after_click)
     p.add_argument("--swap-share", type=float, default=0.0, help="share of searches with an adjacent pair swapped")
-    p.add_argument("--propensities", choices=["ctr", "harvest"], default="ctr", help="for the corrected pairs")
+    p.add_argument("--propensities", choices=["ctr", "harvest"], default="harvest", help="for the corrected pairs")
     p.add_argument("--output", default=str(RESULTS / "clicks.json"))
     p.add_argument("--report", default=str(RESULTS / "CLICKS.md"))
     return p.parse_args(argv)
@@ -375,10 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         ndcg[name] = np.array([ndcg_at_k(ranking[q], qrels[q], 10, GAIN) for q in qids])
         log.info("held-out nDCG@10 %s: %.4f", name, ndcg[name].mean())
 
+    kinds = [m for m in args.models.split(",") if m and m != "none"]
     score("served", candidates)
-    t = time.perf_counter()
-    score("base-embedder", rerank(candidates, cosine_scores(BASE, flat, args.threads)))
-    timings["heldout_base_s"] = time.perf_counter() - t
+    if kinds:  # --models none: the log and its pairs only (e.g. to study the propensities)
+        t = time.perf_counter()
+        score("base-embedder", rerank(candidates, cosine_scores(BASE, flat, args.threads)))
+        timings["heldout_base_s"] = time.perf_counter() - t
     result: dict[str, Any] = {
         "command": "python -m benchmarks.tuning.click_simulation " + " ".join(sys.argv[1:] if argv is None else argv),
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -411,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in variants
         },
     }
-    for kind in [m for m in args.models.split(",") if m and m != "none"]:
+    for kind in kinds:
         for name in variants:
             t = time.perf_counter()
             model_dir = runs / f"{kind}-{name}"

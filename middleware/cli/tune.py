@@ -35,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--catalog", help="with --from-events: products JSONL or BEIR corpus.jsonl (default: the store)")
     p.add_argument("--correction", choices=["ipw", "coec", "none"], default="ipw",
                    help="position-bias correction of click scores (default ipw)")  # fmt: skip
-    p.add_argument("--propensities", choices=["ctr", "harvest"], default="ctr",
-                   help="CTR ratio, or harvested from products shown at several positions (default ctr)")  # fmt: skip
+    p.add_argument("--propensities", choices=["ctr", "harvest"], default="harvest",
+                   help="harvest (products seen at adjacent positions; else the CTR ratio) or ctr")  # fmt: skip
     p.add_argument("--no-skip-above", action="store_true",
                    help="negatives: every shown, never-engaged product (default: skip-above only)")  # fmt: skip
     p.add_argument("--min-query-searches", type=int, default=3, help="served searches a query needs (default 3)")

@@ -10,8 +10,9 @@ over).
 
 Position bias. A product shown at position 1 is clicked more than the same product at position 8
 because more shoppers look at position 1. Each position p gets a propensity θ_p (the chance a
-shopper examines it, relative to position 1), estimated from the log itself as the click-through
-rate at p over that at position 1, made non-increasing with depth. Corrections:
+shopper examines it, relative to position 1), estimated from the log itself: harvested from products
+shown for the same query at adjacent positions where the log has them (below), else the
+click-through rate at p over that at position 1; made non-increasing with depth. Corrections:
 - `ipw` (default): relevance = mean over impressions of weight · 1[engaged] / θ_p, i.e. clicks
   counted with inverse-propensity weights (θ floored at `propensity_floor` to bound the variance);
 - `coec`: clicks over expected clicks, Σ weight · engaged / Σ CTR_p over the impressions (1.0 = as
@@ -24,11 +25,11 @@ last click that nobody looked at.
 Caveat on the propensities: without randomised rankings, position and relevance are confounded —
 the top slots also hold the better products — so CTR_p / CTR_1 overstates how fast examination
 decays, and the correction over-credits deep clicks. It is the randomisation-free estimate of
-clicks-over-expected-clicks. `propensities="harvest"` removes the confound where the log allows:
-the same product shown for the same query at adjacent positions k and k+1 (ranker versions, A/B
-variants, randomised swaps of a small share of traffic) gives θ_{k+1} / θ_k as the ratio of its
-click-through rates there (intervention harvesting); steps without such evidence fall back to the
-CTR ratio.
+clicks-over-expected-clicks. `propensities="harvest"` (the default) removes the confound where the
+log allows: the same product shown for the same query at adjacent positions k and k+1 (ranker
+versions, A/B variants, randomised swaps of a small share of traffic) gives θ_{k+1} / θ_k as the
+ratio of its click-through rates there (intervention harvesting); steps without such evidence fall
+back to the CTR ratio.
 
 Untrusted input is skipped and counted, never used: events naming a query_id no served search has,
 events for a product that search did not serve, duplicate query_ids, products missing from the
@@ -60,7 +61,7 @@ DEFAULT_POSITIVE_MIN: dict[str, float] = {"ipw": 0.1, "coec": 1.0, "none": 0.1}
 @dataclass
 class ClickPairsConfig:
     correction: Correction = "ipw"
-    propensities: PropensityMethod = "ctr"
+    propensities: PropensityMethod = "harvest"
     skip_above: bool = True
     min_query_searches: int = 3  # served searches of a query text before any pair is drawn from it
     min_impressions: int = 3  # times a product was shown for a query before it is a positive or negative
