@@ -124,6 +124,9 @@ def test_evidence_thresholds_are_parameters() -> None:
     assert list(_by_query(records)) == ["hose"]
     assert stats.queries == 2 and stats.queries_below_evidence == 1
     assert records[0]["neg_ids"] == ["p0"] and stats.products_below_evidence == 1  # p9 too rarely shown
+    # a single deep click is no positive when two engaged searches are asked for
+    records, _ = log.pairs(min_query_searches=1, min_clicks=2)
+    assert "rake" not in _by_query(records) and _by_query(records)["hose"]["pos_ids"] == ["p1"]
     records, stats = log.pairs(min_query_searches=1, min_impressions=5)
     assert records == [] and stats.queries_without_positive == 2
     with pytest.raises(TuningDataError, match="--min-impressions"):

@@ -315,6 +315,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--continue-after-click", type=float, default=ClickModel.continue_after_click)
     p.add_argument("--swap-share", type=float, default=0.0, help="share of searches with an adjacent pair swapped")
     p.add_argument("--propensities", choices=["ctr", "harvest"], default="harvest", help="for the corrected pairs")
+    p.add_argument("--min-clicks", type=int, default=1, help="engaged searches a corrected positive needs")
+    p.add_argument("--variants", default="corrected,uncorrected", help="pairs variants to build and train")
     p.add_argument("--output", default=str(RESULTS / "clicks.json"))
     p.add_argument("--report", default=str(RESULTS / "CLICKS.md"))
     return p.parse_args(argv)
@@ -352,9 +354,10 @@ def main(argv: list[str] | None = None) -> int:
 
     catalog = str(data / "corpus.jsonl")
     variants = {
-        "corrected": ["--correction", "ipw", "--propensities", args.propensities],
+        "corrected": ["--correction", "ipw", "--propensities", args.propensities, "--min-clicks", str(args.min_clicks)],
         "uncorrected": ["--correction", "none", "--no-skip-above"],
     }
+    variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     summaries: dict[str, Any] = {}
     for name, flags in variants.items():
         t = time.perf_counter()
@@ -404,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "click_model": asdict(model),
         "swap_share": args.swap_share,
         "propensity_method": args.propensities,
+        "corrected_min_clicks": args.min_clicks,
         "simulated": truth,
         "pairs": {
             name: {
@@ -511,7 +515,7 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"| {c['mode_a']} − {c['mode_b']} | {c['mean_diff']:+.4f} | {ci} | {c['p_value']:.4f} |")
     truth = result["simulated"]["examination_by_position"]
     est = result["pairs"]["corrected"]["propensities"]
-    ctr_est = result["pairs"]["uncorrected"]["propensities"]  # its pairs ignore them; always the CTR ratio
+    ctr_est = result["pairs"].get("uncorrected", result["pairs"]["corrected"])["propensities"]  # the CTR ratio
     lines += [
         "",
         f"Position propensities estimated from the log (swapped adjacent pairs in {result.get('swap_share', 0.0):.0%} "

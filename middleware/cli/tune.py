@@ -42,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-query-searches", type=int, default=3, help="served searches a query needs (default 3)")
     p.add_argument("--min-impressions", type=int, default=3, help="times a product was shown for it (default 3)")
     p.add_argument("--min-skips", type=int, default=2, help="skips a skip-above negative needs (default 2)")
+    p.add_argument("--min-clicks", type=int, default=1, help="searches engaging a positive (default 1)")
     p.add_argument("--positive-min", type=float, help="corrected score of a positive (ipw/none 0.1, coec 1.0)")
     p.add_argument("--max-negatives", type=int, default=30, help="negatives per query (default 30)")
     p.add_argument("--propensity-floor", type=float, default=0.05, help="lowest position propensity (0.05)")
@@ -209,6 +210,7 @@ def _make_pairs_from_events(args: argparse.Namespace) -> int:
             min_query_searches=args.min_query_searches,
             min_impressions=args.min_impressions,
             min_skips=args.min_skips,
+            min_clicks=args.min_clicks,
             positive_min=args.positive_min,
             max_negatives=args.max_negatives,
             propensity_floor=args.propensity_floor,

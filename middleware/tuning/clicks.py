@@ -66,6 +66,7 @@ class ClickPairsConfig:
     min_query_searches: int = 3  # served searches of a query text before any pair is drawn from it
     min_impressions: int = 3  # times a product was shown for a query before it is a positive or negative
     min_skips: int = 2  # skip-above negatives: times skipped (and never engaged)
+    min_clicks: int = 1  # positives: searches in which the product was engaged
     positive_min: float | None = None  # None: DEFAULT_POSITIVE_MIN[correction]
     propensity_floor: float = 0.05  # θ_p below this is raised to it (bounds IPW weights at 1/floor)
     min_position_impressions: int = 20  # positions shown fewer times inherit the propensity above them
@@ -78,7 +79,7 @@ class ClickPairsConfig:
         if self.propensities not in PROPENSITY_METHODS:
             methods = ", ".join(PROPENSITY_METHODS)
             raise TuningDataError(f"--propensities must be one of {methods}, got {self.propensities!r}")
-        for name in ("min_query_searches", "min_impressions", "min_skips", "min_position_impressions"):
+        for name in ("min_query_searches", "min_impressions", "min_skips", "min_clicks", "min_position_impressions"):
             if getattr(self, name) < 1:
                 raise TuningDataError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
         if self.max_negatives < 0:
@@ -358,7 +359,8 @@ def _query_record(
             continue
         if evidence.engaged:
             score = _score(evidence, theta, ctr, config)
-            (positives if score >= threshold else judged).append((score, object_id))
+            strong = score >= threshold and evidence.engaged >= config.min_clicks
+            (positives if strong else judged).append((score, object_id))
         elif config.skip_above:
             if evidence.skips >= config.min_skips:
                 negatives.append((evidence.skips, object_id))
