@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             "embedder": {
                 "steps": args.embedder_steps,
                 "batch_size": args.batch_size,
-                "group_size": 4,
+                "group_size": args.embedder_group,
                 "max_length": 32,
             },
             "reranker": {"steps": args.reranker_steps, "batch_size": args.batch_size, "max_length": args.max_length},
