@@ -24,9 +24,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = tune.add_subparsers(dest="tune_command", metavar="STEP")
     tune.set_defaults(func=lambda args: _usage(tune))
 
-    p = sub.add_parser("make-pairs", help="query→positives pairs from a BEIR folder, split by query")
-    p.add_argument("data_dir", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels-<split>.tsv)")
-    p.add_argument("--output-dir", required=True, help="writes train.jsonl, dev.jsonl, id lists, beir/")
+    p = sub.add_parser(
+        "make-pairs",
+        help="query→positives pairs from a BEIR folder or from shoppers' clicks, split by query",
+        epilog="--from-events: searches and events (queries.jsonl + events.jsonl export) become pairs: engaged "
+        "products are positives scored with position-bias correction, skip-above products negatives",
+    )
+    p.add_argument("data_dir", nargs="?", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels-<split>.tsv)")
+    p.add_argument("--from-events", metavar="SRC", help="export folder holding queries.jsonl + events.jsonl")
+    p.add_argument("--catalog", help="with --from-events: products JSONL or BEIR corpus.jsonl (default: the store)")
+    p.add_argument("--correction", choices=["ipw", "coec", "none"], default="ipw",
+                   help="position-bias correction of click scores (default ipw)")  # fmt: skip
+    p.add_argument("--propensities", choices=["ctr", "harvest"], default="harvest",
+                   help="harvest (products seen at adjacent positions; else the CTR ratio) or ctr")  # fmt: skip
+    p.add_argument("--no-skip-above", action="store_true",
+                   help="negatives: every shown, never-engaged product (default: skip-above only)")  # fmt: skip
+    p.add_argument("--min-query-searches", type=int, default=3, help="served searches a query needs (default 3)")
+    p.add_argument("--min-impressions", type=int, default=3, help="times a product was shown for it (default 3)")
+    p.add_argument("--min-skips", type=int, default=2, help="skips a skip-above negative needs (default 2)")
+    p.add_argument("--min-clicks", type=int, default=1, help="searches engaging a positive (default 1)")
+    p.add_argument("--positive-min", type=float, help="corrected score of a positive (ipw/none 0.1, coec 1.0)")
+    p.add_argument("--max-negatives", type=int, default=30, help="negatives per query (default 30)")
+    p.add_argument("--propensity-floor", type=float, default=0.05, help="lowest position propensity (0.05)")
+    p.add_argument("--output-dir", required=True, help="writes train.jsonl, dev.jsonl, id lists (+ beir/)")
     p.add_argument("--split", default="train", help="qrels split to read (default train)")
     p.add_argument("--threshold", type=float, default=1.0, help="score ≥ this is a positive (homedepot: 2.5)")
     p.add_argument("--dev-fraction", type=float, default=0.1, help="share of queries held out (default 0.1)")
@@ -182,6 +202,12 @@ def _print_summary(payload: dict[str, Any]) -> None:
 def run_make_pairs(args: argparse.Namespace) -> int:
     from middleware.tuning.data import TuningDataError, build_pairs, write_pairs_build
 
+    if (args.data_dir is None) == (args.from_events is None):
+        raise CliError("make-pairs: give either DATA_DIR (BEIR judgments) or --from-events SRC", EXIT_USAGE)
+    if args.from_events is not None:
+        return _make_pairs_from_events(args)
+    if args.catalog is not None:
+        raise CliError("--catalog goes with --from-events (a BEIR folder has its own corpus.jsonl)", EXIT_USAGE)
     try:
         build, _corpus, queries, qrels = build_pairs(
             args.data_dir,
@@ -195,6 +221,74 @@ def run_make_pairs(args: argparse.Namespace) -> int:
         summary = write_pairs_build(build, args.output_dir, args.data_dir, queries, qrels, split=args.split)
     except TuningDataError as err:
         raise CliError(str(err), EXIT_USAGE) from None
+    _print_summary(summary)
+    return EXIT_OK
+
+
+def _store_texts(args: argparse.Namespace, records: list[Any]) -> dict[str, str]:
+    """Texts of every served product, read from the configured store."""
+    from middleware.cli.store import open_store, require_store
+
+    settings = load_settings(args)
+    require_store(settings)
+    ids = sorted({object_id for record in records for object_id in record.hit_ids})
+    backend = open_store(settings)
+    try:
+        texts: dict[str, str] = {}
+        for start in range(0, len(ids), 500):
+            for product in backend.get(ids[start : start + 500]):
+                texts[product.id] = product.embedding_text()
+    finally:
+        backend.close()
+    return texts
+
+
+def _make_pairs_from_events(args: argparse.Namespace) -> int:
+    from middleware.tuning.clicks import ClickPairsConfig, click_pairs, read_catalog, read_export
+    from middleware.tuning.data import TuningDataError, split_by_query, write_jsonl
+
+    try:
+        config = ClickPairsConfig(
+            correction=args.correction,
+            propensities=args.propensities,
+            skip_above=not args.no_skip_above,
+            min_query_searches=args.min_query_searches,
+            min_impressions=args.min_impressions,
+            min_skips=args.min_skips,
+            min_clicks=args.min_clicks,
+            positive_min=args.positive_min,
+            max_negatives=args.max_negatives,
+            propensity_floor=args.propensity_floor,
+        )
+        records, events = read_export(args.from_events)
+        catalog = read_catalog(args.catalog) if args.catalog else _store_texts(args, records)
+        pairs, stats = click_pairs(records, events, catalog, config)
+        train_ids, dev_ids = split_by_query([r["query_id"] for r in pairs], args.dev_fraction, args.seed)
+    except TuningDataError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    if not pairs:
+        raise CliError(
+            f"no pairs: {stats.queries} queries, {stats.queries_below_evidence} with fewer than "
+            f"{config.min_query_searches} searches, {stats.queries_without_positive} without a positive "
+            "(lower --min-query-searches / --min-impressions / --positive-min, or log more traffic)",
+            EXIT_USAGE,
+        )
+    out = Path(args.output_dir)
+    dev = set(dev_ids)
+    write_jsonl(out / "train.jsonl", (r for r in pairs if r["query_id"] not in dev))
+    write_jsonl(out / "dev.jsonl", (r for r in pairs if r["query_id"] in dev))
+    (out / "train_query_ids.txt").write_text("".join(f"{q}\n" for q in train_ids))
+    (out / "dev_query_ids.txt").write_text("".join(f"{q}\n" for q in dev_ids))
+    summary = {
+        "source": str(Path(args.from_events).resolve()),
+        "correction": config.correction,
+        "propensity_method": config.propensities,
+        "skip_above": config.skip_above,
+        "train_records": len(train_ids),
+        "dev_records": len(dev_ids),
+        **stats.to_dict(),
+    }
+    (out / "pairs_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     _print_summary(summary)
     return EXIT_OK
 
