@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 EXIT_SHORT_OF_NEGATIVES = 3  # mine-negatives wrote its output, but most records got too few negatives
 
 
+LIVE_EVENT_LOG = "<event log>"  # --from-events without SRC: read the configured store's log
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     tune = subparsers.add_parser("tune", help="fine-tune the embedder/reranker on your own judgments")
     sub = tune.add_subparsers(dest="tune_command", metavar="STEP")
@@ -30,8 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="--from-events: searches and events (queries.jsonl + events.jsonl export) become pairs: engaged "
         "products are positives scored with position-bias correction, skip-above products negatives",
     )
-    p.add_argument("data_dir", nargs="?", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels-<split>.tsv)")
-    p.add_argument("--from-events", metavar="SRC", help="export folder holding queries.jsonl + events.jsonl")
+    # dest beir_dir: the global --data-dir (the store, and its event log) keeps its own name
+    p.add_argument(
+        "beir_dir", nargs="?", metavar="DATA_DIR", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels-<split>.tsv)"
+    )
+    p.add_argument("--from-events", metavar="SRC", nargs="?", const=LIVE_EVENT_LOG,
+                   help="export folder holding queries.jsonl + events.jsonl; without SRC, the configured "
+                   "store's event log (--data-dir / SHOPSEARCH_BACKEND)")  # fmt: skip
     p.add_argument("--catalog", help="with --from-events: products JSONL or BEIR corpus.jsonl (default: the store)")
     p.add_argument("--correction", choices=["ipw", "coec", "none"], default="ipw",
                    help="position-bias correction of click scores (default ipw)")  # fmt: skip
@@ -202,7 +210,7 @@ def _print_summary(payload: dict[str, Any]) -> None:
 def run_make_pairs(args: argparse.Namespace) -> int:
     from middleware.tuning.data import TuningDataError, build_pairs, write_pairs_build
 
-    if (args.data_dir is None) == (args.from_events is None):
+    if (args.beir_dir is None) == (args.from_events is None):
         raise CliError("make-pairs: give either DATA_DIR (BEIR judgments) or --from-events SRC", EXIT_USAGE)
     if args.from_events is not None:
         return _make_pairs_from_events(args)
@@ -210,7 +218,7 @@ def run_make_pairs(args: argparse.Namespace) -> int:
         raise CliError("--catalog goes with --from-events (a BEIR folder has its own corpus.jsonl)", EXIT_USAGE)
     try:
         build, _corpus, queries, qrels = build_pairs(
-            args.data_dir,
+            args.beir_dir,
             split=args.split,
             threshold=args.threshold,
             dev_fraction=args.dev_fraction,
@@ -218,7 +226,7 @@ def run_make_pairs(args: argparse.Namespace) -> int:
             label_min=args.label_min,
             label_max=args.label_max,
         )
-        summary = write_pairs_build(build, args.output_dir, args.data_dir, queries, qrels, split=args.split)
+        summary = write_pairs_build(build, args.output_dir, args.beir_dir, queries, qrels, split=args.split)
     except TuningDataError as err:
         raise CliError(str(err), EXIT_USAGE) from None
     _print_summary(summary)
@@ -243,6 +251,22 @@ def _store_texts(args: argparse.Namespace, records: list[Any]) -> dict[str, str]
     return texts
 
 
+def _live_events(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
+    """Every query record and trusted event of the configured store's event log, oldest first."""
+    from middleware.events.sqlite import FILE_NAME
+    from middleware.events.store import open_event_log
+
+    settings = load_settings(args)
+    if settings.backend == "embedded" and not (settings.data_dir / FILE_NAME).is_file():
+        path = settings.data_dir / FILE_NAME
+        raise CliError(f"--from-events: no event log at {path} (nothing logged yet?)", EXIT_USAGE)
+    log = open_event_log(settings)
+    try:
+        return list(log.queries()), list(log.events())
+    finally:
+        log.close()
+
+
 def _make_pairs_from_events(args: argparse.Namespace) -> int:
     from middleware.tuning.clicks import ClickPairsConfig, click_pairs, read_catalog, read_export
     from middleware.tuning.data import TuningDataError, split_by_query, write_jsonl
@@ -260,7 +284,10 @@ def _make_pairs_from_events(args: argparse.Namespace) -> int:
             max_negatives=args.max_negatives,
             propensity_floor=args.propensity_floor,
         )
-        records, events = read_export(args.from_events)
+        if args.from_events == LIVE_EVENT_LOG:
+            records, events = _live_events(args)
+        else:
+            records, events = read_export(args.from_events)
         catalog = read_catalog(args.catalog) if args.catalog else _store_texts(args, records)
         pairs, stats = click_pairs(records, events, catalog, config)
         train_ids, dev_ids = split_by_query([r["query_id"] for r in pairs], args.dev_fraction, args.seed)
@@ -280,7 +307,7 @@ def _make_pairs_from_events(args: argparse.Namespace) -> int:
     (out / "train_query_ids.txt").write_text("".join(f"{q}\n" for q in train_ids))
     (out / "dev_query_ids.txt").write_text("".join(f"{q}\n" for q in dev_ids))
     summary = {
-        "source": str(Path(args.from_events).resolve()),
+        "source": "event log" if args.from_events == LIVE_EVENT_LOG else str(Path(args.from_events).resolve()),
         "correction": config.correction,
         "propensity_method": config.propensities,
         "skip_above": config.skip_above,

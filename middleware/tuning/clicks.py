@@ -427,7 +427,7 @@ def read_export(directory: str | Path) -> tuple[list[QueryRecord], list[Event]]:
     if absent:
         raise TuningDataError(
             f"--from-events {directory}: no {' or '.join(absent)} there; give an export folder holding "
-            f"{' and '.join(EXPORT_FILES)} (reading a live event store is not available in this build)"
+            f"{' and '.join(EXPORT_FILES)} (or give --from-events alone to read the store's event log)"
         )
     return _read_models(paths[0], QueryRecord), _read_models(paths[1], Event)
 
