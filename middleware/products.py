@@ -120,7 +120,9 @@ class Product(BaseModel):
     url: str | None = Field(None, max_length=MAX_URL_CHARS)
     image: str | None = Field(None, max_length=MAX_URL_CHARS)
     # field -> original length, for fields cut on validation (not stored: a stored product is already cut)
-    _truncated: dict[str, int] = PrivateAttr(default_factory=dict)
+    # None, not a default_factory: pydantic inspects a factory's signature for every instance, which was
+    # most of the cost of reading products back from the store
+    _truncated: dict[str, int] | None = PrivateAttr(default=None)
 
     @field_validator("category", mode="before")
     @classmethod
@@ -155,14 +157,14 @@ class Product(BaseModel):
             if getattr(self, name) == "":
                 object.__setattr__(self, name, None)
         if self.description is not None and len(self.description) > MAX_DESCRIPTION_CHARS:
-            self._truncated["description"] = len(self.description)
+            self._truncated = {**(self._truncated or {}), "description": len(self.description)}
             object.__setattr__(self, "description", self.description[:MAX_DESCRIPTION_CHARS].rstrip())
         return self
 
     @property
     def truncated(self) -> dict[str, int]:
         """Fields cut to their bound when this product was validated: field -> original length."""
-        return dict(self._truncated)
+        return dict(self._truncated or {})
 
     @property
     def in_stock(self) -> bool:
