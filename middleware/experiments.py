@@ -40,15 +40,21 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from middleware.config import BusinessSettings, Settings
 from middleware.schema import SearchRequest, SearchResponse
 
-if TYPE_CHECKING:
-    from middleware.pipeline import Pipeline
+
+class ExperimentSearcher(Protocol):
+    """What `search` needs of a pipeline (middleware.pipeline.Pipeline is one; it imports this module)."""
+
+    settings: Settings
+    experiments: ExperimentStore
+
+    def search(self, req: SearchRequest) -> SearchResponse: ...
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +378,7 @@ def expose(active: Experiment | None, req: SearchRequest, settings: Settings) ->
     return overlaid, exposure
 
 
-def search(pipeline: Pipeline, req: SearchRequest, now: datetime | None = None) -> SearchResponse:
+def search(pipeline: ExperimentSearcher, req: SearchRequest, now: datetime | None = None) -> SearchResponse:
     """The library's search inside experiments: the active experiment of the pipeline's data directory
     assigns the request's unit a variant, the overlay applies, and the response names the exposure."""
     active = pipeline.experiments.active(now)
