@@ -28,23 +28,20 @@ exclusive lock, a temporary file renamed over the old one, re-read by every proc
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from middleware.config import BusinessSettings, Settings
+from middleware.json_records import JsonRecordStore, first_error
 from middleware.schema import SearchRequest, SearchResponse
 
 
@@ -55,6 +52,7 @@ class ExperimentSearcher(Protocol):
     experiments: ExperimentStore
 
     def search(self, req: SearchRequest) -> SearchResponse: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -229,50 +227,18 @@ def bucket(experiment_id: str, unit_id: str) -> int:
 
 def experiment_error(err: ValidationError) -> tuple[str, str]:
     """(field, message) of an experiment's first validation error: `variants.1.overlay.rrf_k`, …"""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    # model-level checks name their field at the front of the message
-    head, sep, rest = msg.partition(": ")
-    if sep and re.fullmatch(r"[a-z_]+", head):
-        loc, msg = ".".join(p for p in (loc, head) if p), rest
-    return loc or "experiment", msg
+    return first_error(err, "experiment")
 
 
 # ------------------------------------------------------------------------------------------- storage
 
 
-class ExperimentStore:
+class ExperimentStore(JsonRecordStore[Experiment]):
     """Experiments in one JSON file (`{"experiments": [...]}`), re-read when the file changes."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._seen: tuple[int, int, int] | None = None
-        self._experiments: list[Experiment] = []
-
-    def _stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def version(self) -> str:
-        stamp = self._stamp()
-        return "none" if stamp is None else "-".join(str(v) for v in stamp)
-
-    def all(self) -> list[Experiment]:
-        """Every stored experiment, in id order."""
-        stamp = self._stamp()
-        with self._lock:
-            if stamp != self._seen:
-                self._experiments = self._read() if stamp is not None else []
-                self._seen = stamp
-            return list(self._experiments)
-
-    def get(self, experiment_id: str) -> Experiment | None:
-        return next((e for e in self.all() if e.id == experiment_id), None)
+    key = "experiments"
+    model = Experiment
+    dump_options: ClassVar[dict[str, Any]] = {"exclude_none": True}
 
     def active(self, now: datetime | None = None) -> Experiment | None:
         """The experiment running now; None when none is, or when the file cannot be read (searches go on
@@ -311,41 +277,6 @@ class ExperimentStore:
             stopped = found.model_copy(update=update)
             current[experiment_id] = stopped
         return stopped
-
-    def delete(self, experiment_id: str) -> bool:
-        with self._writing() as current:
-            found = current.pop(experiment_id, None) is not None
-        return found
-
-    def _read(self) -> list[Experiment]:
-        with open(self.path, encoding="utf-8") as f:
-            data = json.load(f)
-        return sorted((Experiment.model_validate(e) for e in data.get("experiments", [])), key=lambda e: e.id)
-
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[dict[str, Experiment]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(f".{self.path.name}.lock")
-        with open(lock_path, "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time across workers
-            current = {e.id: e for e in (self._read() if self.path.exists() else [])}
-            before = dict(current)
-            yield current
-            if current == before:
-                return
-            ordered = sorted(current.values(), key=lambda e: e.id)
-            payload = {"experiments": [e.model_dump(mode="json", exclude_none=True) for e in ordered]}
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(payload, f, ensure_ascii=False, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
 
 
 def experiments_path(data_dir: Path | str) -> Path:

@@ -20,14 +20,9 @@ sharing the data directory sees the same ones; readers re-read the file when it 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import math
-import os
 import re
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from middleware.json_records import JsonRecordStore, first_error
 from middleware.products import Candidate, Filters, Product, ProductId
 from middleware.text import normalize
 
@@ -167,51 +163,17 @@ def narrower(request: Filters | None, rule: Filters) -> bool:
 
 def rule_error(err: ValidationError) -> tuple[str, str]:
     """(field, message) of a rule's first validation error: `pin.0.position`, `when.match`, …"""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    # model-level checks name their field at the front of the message
-    head, sep, rest = msg.partition(": ")
-    if sep and re.fullmatch(r"[a-z_]+", head):
-        loc, msg = ".".join(p for p in (loc, head) if p), rest
-    return loc or "rule", msg
+    return first_error(err, "rule")
 
 
 # ------------------------------------------------------------------------------------------- storage
 
 
-class RuleStore:
+class RuleStore(JsonRecordStore[Rule]):
     """Rules in one JSON file (`{"rules": [...]}`), re-read when the file changes."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._seen: tuple[int, int, int] | None = None
-        self._rules: list[Rule] = []
-
-    def _stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def version(self) -> str:
-        """Changes whenever the stored rules change (cursors over a rule-shaped order check it)."""
-        stamp = self._stamp()
-        return "none" if stamp is None else "-".join(str(v) for v in stamp)
-
-    def all(self) -> list[Rule]:
-        """Every stored rule, in id order."""
-        stamp = self._stamp()
-        with self._lock:
-            if stamp != self._seen:
-                self._rules = self._read() if stamp is not None else []
-                self._seen = stamp
-            return list(self._rules)
-
-    def get(self, rule_id: str) -> Rule | None:
-        return next((r for r in self.all() if r.id == rule_id), None)
+    key = "rules"
+    model = Rule
 
     def put(self, rules: Sequence[Rule]) -> int:
         """Insert or replace rules by id; the number written."""
@@ -221,40 +183,6 @@ class RuleStore:
             if len(current) > MAX_RULES:
                 raise ValueError(f"at most {MAX_RULES} rules")
         return len(rules)
-
-    def delete(self, rule_id: str) -> bool:
-        with self._writing() as current:
-            found = current.pop(rule_id, None) is not None
-        return found
-
-    def _read(self) -> list[Rule]:
-        with open(self.path, encoding="utf-8") as f:
-            data = json.load(f)
-        return sorted((Rule.model_validate(r) for r in data.get("rules", [])), key=lambda r: r.id)
-
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[dict[str, Rule]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(f".{self.path.name}.lock")
-        with open(lock_path, "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time across workers
-            current = {r.id: r for r in (self._read() if self.path.exists() else [])}
-            before = dict(current)
-            yield current
-            if current == before:
-                return
-            payload = {"rules": [r.model_dump(mode="json") for r in sorted(current.values(), key=lambda r: r.id)]}
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(payload, f, ensure_ascii=False, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
 
 
 def rules_path(data_dir: Path | str) -> Path:
