@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -23,6 +24,23 @@ class Rejection:
 
     def to_dict(self) -> dict[str, Any]:
         return {"line": self.line, "raw": self.raw, "reason": self.reason}
+
+
+def json_object_lines(lines: Iterable[str], what: str) -> Iterator[tuple[int, dict[str, Any] | Rejection]]:
+    """Each non-blank line of a JSON-lines stream, numbered from 1, as its object, or as a Rejection
+    saying why it is not one (`what` names an item in the reason: "a rule is a JSON object")."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield number, Rejection(number, line.rstrip("\n"), f"invalid JSON: {err.msg}")
+            continue
+        if not isinstance(data, dict):
+            yield number, Rejection(number, data, f"{what} is a JSON object")
+            continue
+        yield number, data
 
 
 def _validate(row: SourceRow, model: type[BaseModel]) -> Any:

@@ -238,7 +238,7 @@ def _line_error(err: ValidationError) -> str:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from loaders.validate import DeadLetters, Rejection
+    from loaders.validate import DeadLetters, Rejection, json_object_lines
     from middleware.backends.base import BackendError
     from middleware.events.ingest import event_fault
     from middleware.events.model import Event, QueryRecord
@@ -278,16 +278,9 @@ def run_import(args: argparse.Namespace) -> int:
     try:
         with stream:
             try:
-                for number, line in enumerate(stream, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        data = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        rejected.append(Rejection(number, line.rstrip("\n"), f"invalid JSON: {err.msg}"))
-                        continue
-                    if not isinstance(data, dict):
-                        rejected.append(Rejection(number, data, "a line is a JSON object"))
+                for number, data in json_object_lines(stream, "a line"):
+                    if isinstance(data, Rejection):
+                        rejected.append(data)
                         continue
                     kind = "events" if "action" in data else "queries"
                     try:

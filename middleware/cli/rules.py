@@ -43,7 +43,7 @@ def _store(args: argparse.Namespace):  # -> RuleStore
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from loaders.validate import DeadLetters, Rejection
+    from loaders.validate import DeadLetters, Rejection, json_object_lines
     from middleware.rules import Rule, RuleStore, rule_error, rules_path
 
     settings = load_settings(args)
@@ -57,16 +57,9 @@ def run_import(args: argparse.Namespace) -> int:
     seen: dict[str, int] = {}
     with stream:
         try:
-            for number, line in enumerate(stream, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    data = json.loads(line)
-                except json.JSONDecodeError as err:
-                    rejected.append(Rejection(number, line.rstrip("\n"), f"invalid JSON: {err.msg}"))
-                    continue
-                if not isinstance(data, dict):
-                    rejected.append(Rejection(number, data, "a rule is a JSON object"))
+            for number, data in json_object_lines(stream, "a rule"):
+                if isinstance(data, Rejection):
+                    rejected.append(data)
                     continue
                 try:
                     rule = Rule.model_validate(data)
