@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from middleware.config import BusinessSettings, Settings
-from middleware.json_records import JsonRecordStore, first_error
+from middleware.json_records import JsonRecordStore, ScheduledRecord, first_error
 from middleware.schema import SearchRequest, SearchResponse
 
 
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 BUCKETS = 10_000
 MAX_VARIANTS = 10
 MAX_EXPERIMENTS = 1000
-EXPERIMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 BUSINESS_KEYS = tuple(BusinessSettings.model_fields)
 
@@ -134,36 +133,14 @@ class Variant(BaseModel):
         return value
 
 
-class Experiment(BaseModel):
+class Experiment(ScheduledRecord):
     """One A/B test. Datetimes without a zone are UTC."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    id: str = Field(description="letters, digits and . _ : - (at most 128 characters)")
     unit: Literal["user", "session"] = "user"
     variants: list[Variant] = Field(min_length=2, max_length=MAX_VARIANTS)
-    active_from: datetime | None = None
-    active_until: datetime | None = None
-    enabled: bool = True
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, value: str) -> str:
-        if not EXPERIMENT_ID.match(value):
-            raise ValueError("must be 1-128 characters: letters, digits and . _ : - (starting with a letter or digit)")
-        return value
-
-    @field_validator("active_from", "active_until")
-    @classmethod
-    def _utc(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Experiment:
-        if self.active_from and self.active_until and self.active_from >= self.active_until:
-            raise ValueError("active_until: must be after active_from")
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError("variants: two variants share a name")
@@ -175,13 +152,6 @@ class Experiment(BaseModel):
     @property
     def control(self) -> Variant:
         return self.variants[0]
-
-    def active(self, now: datetime) -> bool:
-        if not self.enabled:
-            return False
-        if self.active_from is not None and now < self.active_from:
-            return False
-        return not (self.active_until is not None and now >= self.active_until)
 
     def overlaps(self, other: Experiment) -> bool:
         """Whether both are enabled and their windows share a moment (an open end is unbounded)."""

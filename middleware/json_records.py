@@ -15,10 +15,52 @@ import os
 import re
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+RECORD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+class ScheduledRecord(BaseModel):
+    """A stored record with an id and an active window: in force while enabled, from `active_from`
+    (inclusive) until `active_until` (exclusive). Datetimes without a zone are UTC."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="letters, digits and . _ : - (at most 128 characters)")
+    active_from: datetime | None = None
+    active_until: datetime | None = None
+    enabled: bool = True
+
+    @field_validator("id")
+    @classmethod
+    def _record_id(cls, value: str) -> str:
+        if not RECORD_ID.match(value):
+            raise ValueError("must be 1-128 characters: letters, digits and . _ : - (starting with a letter or digit)")
+        return value
+
+    @field_validator("active_from", "active_until")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+    @model_validator(mode="after")
+    def _window(self) -> ScheduledRecord:
+        if self.active_from and self.active_until and self.active_from >= self.active_until:
+            raise ValueError("active_until: must be after active_from")
+        return self
+
+    def active(self, now: datetime) -> bool:
+        if not self.enabled:
+            return False
+        if self.active_from is not None and now < self.active_from:
+            return False
+        return not (self.active_until is not None and now >= self.active_until)
 
 
 class _Record(Protocol):

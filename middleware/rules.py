@@ -21,16 +21,15 @@ sharing the data directory sees the same ones; readers re-read the file when it 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from middleware.json_records import JsonRecordStore, first_error
+from middleware.json_records import JsonRecordStore, ScheduledRecord, first_error
 from middleware.products import Candidate, Filters, Product, ProductId
 from middleware.text import normalize
 
@@ -38,7 +37,6 @@ MAX_RULE_QUERY_CHARS = 512
 MAX_PIN_POSITION = 1000
 MAX_RULE_ITEMS = 1000  # pins, hides, boosts or buries in one rule
 MAX_RULES = 10_000
-RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 def normalize_query(text: str) -> str:
@@ -80,39 +78,17 @@ class Bury(BaseModel):
     filter: Filters
 
 
-class Rule(BaseModel):
+class Rule(ScheduledRecord):
     """One merchandising rule. Datetimes without a zone are UTC."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    id: str = Field(description="letters, digits and . _ : - (at most 128 characters)")
     when: RuleWhen = Field(default_factory=lambda: RuleWhen(match="any"))
     pin: list[Pin] = Field(default_factory=list, max_length=MAX_RULE_ITEMS)
     hide: list[ProductId] = Field(default_factory=list, max_length=MAX_RULE_ITEMS)
     boost: list[Boost] = Field(default_factory=list, max_length=MAX_RULE_ITEMS)
     bury: list[Bury] = Field(default_factory=list, max_length=MAX_RULE_ITEMS)
-    active_from: datetime | None = None
-    active_until: datetime | None = None
-    enabled: bool = True
-
-    @field_validator("id")
-    @classmethod
-    def _rule_id(cls, value: str) -> str:
-        if not RULE_ID.match(value):
-            raise ValueError("must be 1-128 characters: letters, digits and . _ : - (starting with a letter or digit)")
-        return value
-
-    @field_validator("active_from", "active_until")
-    @classmethod
-    def _utc(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Rule:
-        if self.active_from and self.active_until and self.active_from >= self.active_until:
-            raise ValueError("active_until: must be after active_from")
         positions = [p.position for p in self.pin]
         if len(set(positions)) != len(positions):
             raise ValueError("pin: two pins share a position")
@@ -122,13 +98,6 @@ class Rule(BaseModel):
         if not (self.pin or self.hide or self.boost or self.bury):
             raise ValueError("rule: needs at least one of pin, hide, boost, bury")
         return self
-
-    def active(self, now: datetime) -> bool:
-        if not self.enabled:
-            return False
-        if self.active_from is not None and now < self.active_from:
-            return False
-        return not (self.active_until is not None and now >= self.active_until)
 
     def applies(self, query: str, filters: Filters | None, now: datetime) -> bool:
         """Whether this rule fires for `query` (already normalised) under the request's filters."""
