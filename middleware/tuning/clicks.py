@@ -410,10 +410,15 @@ def _read_models(path: Path, model: type[QueryRecord] | type[Event]) -> list[Any
             try:
                 rows.append(model.model_validate_json(line))
             except ValidationError as err:
-                first = err.errors()[0]
-                name = ".".join(str(part) for part in first["loc"]) or "line"
-                raise TuningDataError(f"{where}: field {name!r}: {first['msg']}") from None
+                raise TuningDataError(f"{where}: {_field_error(err)}") from None
     return rows
+
+
+def _field_error(err: Any) -> str:
+    """`field 'name': message` of a pydantic ValidationError's first error."""
+    first = err.errors()[0]
+    name = ".".join(str(part) for part in first["loc"]) or "line"
+    return f"field {name!r}: {first['msg']}"
 
 
 def read_export(directory: str | Path) -> tuple[list[QueryRecord], list[Event]]:
@@ -435,41 +440,30 @@ def read_export(directory: str | Path) -> tuple[list[QueryRecord], list[Event]]:
 def read_catalog(path: str | Path) -> dict[str, str]:
     """Product id → text (Product.embedding_text) from a products JSONL file (`id`, `title`,
     `description`, …: what `shopsearch index` loads) or a BEIR corpus.jsonl (`_id`, `title`, `text`)."""
-    import json
 
     from pydantic import ValidationError
 
     from middleware.products import Product
-    from middleware.tuning.data import document_text
+    from middleware.tuning.data import document_text, json_lines
 
     path = Path(path)
     if not path.is_file():
         raise TuningDataError(f"--catalog {path}: file not found")
     texts: dict[str, str] = {}
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TuningDataError(f"{where}: invalid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise TuningDataError(f"{where}: expected a JSON object")
-            if "_id" in row and "id" not in row:
-                title, text = row.get("title") or "", row.get("text") or ""
-                if not isinstance(title, str) or not isinstance(text, str):
-                    raise TuningDataError(f"{where}: fields 'title' and 'text' must be strings")
-                texts[str(row["_id"])] = document_text(title, text)
-                continue
-            try:
-                product = Product.model_validate(row)
-            except ValidationError as err:
-                first = err.errors()[0]
-                name = ".".join(str(part) for part in first["loc"]) or "line"
-                raise TuningDataError(f"{where}: field {name!r}: {first['msg']}") from None
-            texts[product.id] = product.embedding_text()
+    for where, row in json_lines(path):
+        if not isinstance(row, dict):
+            raise TuningDataError(f"{where}: expected a JSON object")
+        if "_id" in row and "id" not in row:
+            title, text = row.get("title") or "", row.get("text") or ""
+            if not isinstance(title, str) or not isinstance(text, str):
+                raise TuningDataError(f"{where}: fields 'title' and 'text' must be strings")
+            texts[str(row["_id"])] = document_text(title, text)
+            continue
+        try:
+            product = Product.model_validate(row)
+        except ValidationError as err:
+            raise TuningDataError(f"{where}: {_field_error(err)}") from None
+        texts[product.id] = product.embedding_text()
     if not texts:
         raise TuningDataError(f"--catalog {path}: no products")
     return texts

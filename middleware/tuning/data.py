@@ -78,22 +78,25 @@ def validate_record(record: Any, where: str) -> dict[str, Any]:
     return record
 
 
-def read_pairs(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a pairs JSONL file, validated; blank lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise TuningDataError(f"input file not found: {path}")
-    records: list[dict[str, Any]] = []
+def json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """("file:line", parsed value) of each non-blank line of a JSONL file; invalid JSON raises naming the line."""
     with path.open(encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             where = f"{path}:{line_no}"
             try:
-                raw = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as err:
                 raise TuningDataError(f"{where}: invalid JSON ({err.msg})") from None
-            records.append(validate_record(raw, where))
+
+
+def read_pairs(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a pairs JSONL file, validated; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise TuningDataError(f"input file not found: {path}")
+    records = [validate_record(raw, where) for where, raw in json_lines(path)]
     if not records:
         raise TuningDataError(f"{path}: no records")
     return records
@@ -126,18 +129,10 @@ class BeirCorpus:
 def _iter_jsonl(path: Path, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
     if not path.is_file():
         raise TuningDataError(f"{kind} file not found: {path}")
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TuningDataError(f"{where}: invalid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("_id"), (str, int)):
-                raise TuningDataError(f"{where}: each {kind} line needs an '_id'")
-            yield where, row
+    for where, row in json_lines(path):
+        if not isinstance(row, dict) or not isinstance(row.get("_id"), (str, int)):
+            raise TuningDataError(f"{where}: each {kind} line needs an '_id'")
+        yield where, row
 
 
 def _text(row: dict[str, Any], name: str, where: str) -> str:
