@@ -354,13 +354,18 @@ def _rule_store(state: ServiceState) -> merch.RuleStore:
     return state.base.rules
 
 
-async def _on_rules(fn: Any, *args: Any) -> Any:
-    """A rule store call off the event loop; an unreadable rules file is a 500 naming it, not a traceback."""
+async def _on_store(what: str, fn: Any, *args: Any) -> Any:
+    """A JSON record store call (rules, experiments) off the event loop; an unreadable file is a 500
+    naming it, not a traceback."""
     try:
         return await asyncio.to_thread(fn, *args)
     except (OSError, ValueError) as err:
         message = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-        raise ApiError(500, f"the rules file cannot be read or written: {message}") from None
+        raise ApiError(500, f"the {what} file cannot be read or written: {message}") from None
+
+
+async def _on_rules(fn: Any, *args: Any) -> Any:
+    return await _on_store("rules", fn, *args)
 
 
 @router.get("/v1/rules", tags=["rules"])
@@ -415,12 +420,7 @@ async def delete_rule(rule_id: str, request: Request) -> dict[str, Any]:
 
 
 async def _on_experiments(fn: Any, *args: Any) -> Any:
-    """An experiment store call off the event loop; an unreadable file is a 500 naming it, not a traceback."""
-    try:
-        return await asyncio.to_thread(fn, *args)
-    except (OSError, ValueError) as err:
-        message = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-        raise ApiError(500, f"the experiments file cannot be read or written: {message}") from None
+    return await _on_store("experiments", fn, *args)
 
 
 @router.get("/v1/experiments", tags=["experiments"])
