@@ -147,6 +147,8 @@ class ServerSettings(BaseModel):
     max_embed_inputs: int = Field(256, ge=1)  # /v1/embed
     max_mget_docs: int = Field(1000, ge=1)  # proxy _mget: ids per request (bounded work per slot)
     warm_up: bool = True  # one search at startup, before taking traffic (lazy loads)
+    # allocations between young-generation collections (Python's default 700): middleware.server.heap
+    gc_young_threshold: int = Field(10_000, ge=0)
     # the shared batching queue: tokens (rows x longest row) in one model call
     batch_max_tokens: int = Field(16_384, ge=1)
 

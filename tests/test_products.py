@@ -3,7 +3,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from middleware.products import Filters, Product, SignalUpdate, describe_validation_error
+from middleware.products import MAX_DESCRIPTION_CHARS, Filters, Product, SignalUpdate, describe_validation_error
 
 
 def error_of(**row) -> str:
@@ -84,3 +84,50 @@ def test_filters_reference_semantics():
         Filters(price_min=10, price_max=1)
     with pytest.raises(ValidationError):
         Filters(colour="red")
+
+
+STORED_ROWS = [
+    {"id": "p1", "title": "Husky 26 in. Tool Chest"},
+    {
+        "id": 42,
+        "title": "  女士 轻奢 小众 手表  ",
+        "description": "x" * (MAX_DESCRIPTION_CHARS + 50),  # cut on validation: the stored row holds the cut text
+        "brand": "",
+        "category": "watches",
+        "price": "89.00",
+        "sales": "12",
+        "stock": 0,
+        "attributes": {"group_id": "g1", "colour": ["red", "blue"], "size": {"eu": 38}},
+        "url": "https://shop.example/p/42?a=1",
+        "image": None,
+    },
+]
+
+
+@pytest.mark.parametrize("row", STORED_ROWS)
+def test_a_stored_row_reads_back_as_the_validated_product(row):
+    product = Product.model_validate(row)
+    stored = product.model_dump_json()
+    read = Product.from_stored_json(stored)
+    assert isinstance(read, Product)
+    assert read == Product.model_validate_json(stored)  # what validating the row again gives
+    assert read.model_dump() == product.model_dump()
+    assert read.model_dump_json() == stored
+    assert read.content_hash() == product.content_hash()
+    assert read.in_stock == product.in_stock
+    assert read.truncated == {}  # the stored text is what was kept, not what was cut
+    # a copy with an update is a product of its own: the row it was read from is unchanged
+    changed = read.model_copy(update={"stock": 5})
+    assert changed.stock == 5 and read.stock == product.stock
+
+
+def test_a_row_from_another_model_version_keeps_known_fields_and_defaults_the_rest():
+    row = '{"id": "p1", "title": "Lamp", "retired_field": 1, "price": 3.5}'
+    read = Product.from_stored_json(row)
+    assert read == Product(id="p1", title="Lamp", price=3.5)
+    assert not hasattr(read, "retired_field")
+
+
+def test_a_stored_row_that_is_not_an_object_is_refused():
+    with pytest.raises(ValueError, match="JSON object"):
+        Product.from_stored_json("[1, 2]")

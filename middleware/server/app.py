@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from middleware import __version__
 from middleware.config import Settings
 from middleware.pipeline import Pipeline
-from middleware.server import api, events_api, proxy
+from middleware.server import api, events_api, heap, proxy
 from middleware.server.auth import ApiKeyChecker, load_api_keys
 from middleware.server.errors import ApiError, opensearch_error, redact, render, route_group, v1_error
 from middleware.server.loader import BackgroundLoader
@@ -243,11 +242,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         app.state.service = state
 
     def freeze() -> None:
-        # Models, tokenizers and imported libraries are millions of long-lived objects: left in the
-        # collector's oldest generation, every full collection walks them all and stalls every request
-        # in flight. Freeze them out of its reach.
-        gc.collect()
-        gc.freeze()
+        heap.settle(settings.server.gc_young_threshold)
 
     async def load_in_background() -> None:
         state = await loader.load()

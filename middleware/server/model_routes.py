@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -38,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from middleware import __version__
 from middleware.config import Settings
+from middleware.server import heap
 from middleware.server.api import RerankBody, RerankResponse, answer_rerank
 from middleware.server.errors import ApiError, redact
 from middleware.server.loader import BackgroundLoader
@@ -348,8 +348,7 @@ def create_models_app(settings: Settings | None = None, service: ModelService | 
                 log.error("%s", loader.error)
                 return
         loader.error = None
-        gc.collect()
-        gc.freeze()  # see app.py: long-lived model objects out of the collector's reach
+        heap.settle(settings.server.gc_young_threshold)
         holder["state"] = state
         app.state.service = state
 

@@ -69,7 +69,6 @@ class EmbeddedBackend:
         *,
         field_boosts: dict[str, float] | None = None,  # query-time BM25 boost per lexical field (text.FIELD_BOOSTS)
         analysis_workers: int | None = None,  # processes analysing large write batches (None: one per core)
-        product_cache_size: int = 20_000,  # parsed products kept per process for search results
         filter_cache_pks: int = 2_000_000,  # kNN: the pks of recent filters, at most this many in all, per process
         prepared_size: int = 4096,  # analysed texts kept by `prepare` until their upsert
         hnsw_threshold: int = 50_000,
@@ -96,8 +95,6 @@ class EmbeddedBackend:
         )
         self.lexical = TantivyLexicalIndex(self.data_dir, self.store.reader, field_boosts=field_boosts)
         self._writes = 0
-        self._product_cache: LRUCache[int, Product] = LRUCache(maxsize=product_cache_size)
-        self._cache_generation = -1
         self._cache_lock = threading.Lock()
         # (filters as JSON, lexical generation) -> the pks they allow: every write bumps that generation
         self._filter_cache: LRUCache[tuple[str, int], AllowedIds] = LRUCache(
@@ -408,32 +405,13 @@ class EmbeddedBackend:
         if not hits:
             return []
         with self.store.reader() as conn:
-            products = self._products_by_pk(conn, [pk for pk, _ in hits])
+            products = self.store.products_by_pk(conn, [pk for pk, _ in hits])
         out: list[Candidate] = []
         for pk, score in hits:
             product = products.get(pk)
             if product is not None:  # deleted since the index was searched
                 out.append(Candidate(id=product.id, product=product, bm25=score, ranks={"bm25": len(out) + 1}))
         return out
-
-    def _products_by_pk(self, conn: sqlite3.Connection, pks: list[int]) -> dict[int, Product]:
-        """Rows by pk, parsed products kept in a per-process cache: parsing the JSON of the top hits
-        was most of a BM25 call. Every write bumps the lexical generation, so a cache read at another
-        generation than the store's is dropped: a cached product is exactly the stored one."""
-        generation = self.store.meta_int(LEXICAL_GENERATION, conn) or 0
-        with self._cache_lock:
-            if generation != self._cache_generation:
-                self._product_cache.clear()
-                self._cache_generation = generation
-            found = {pk: self._product_cache[pk] for pk in pks if pk in self._product_cache}
-        missing = [pk for pk in pks if pk not in found]
-        if missing:
-            fetched = self.store.products_by_pk(conn, missing)
-            with self._cache_lock:
-                if generation == self._cache_generation:
-                    self._product_cache.update(fetched)
-            found.update(fetched)
-        return found
 
     def _allowed(self, conn: sqlite3.Connection, filters: Filters) -> AllowedIds:
         """The pks `filters` allow, from a per-process cache: gathering them (tens of thousands for a broad
@@ -479,7 +457,7 @@ class EmbeddedBackend:
                         if self.vectors.ntotal:
                             allowed = None if filters is None else self._allowed(conn, filters)
                             hits = self.vectors.search(query, allowed, n)
-                        products = self._products_by_pk(conn, [pk for pk, _ in hits])
+                        products = self.store.products_by_pk(conn, [pk for pk, _ in hits])
                     break
             with self.vectors.lock.write():  # another process wrote, or a failed update: catch up
                 self.vectors.catch_up(self.store.generation())
@@ -537,7 +515,7 @@ class EmbeddedBackend:
             rows = conn.execute(sql, [*params, *score_params, n, offset]).fetchall()
         out = []
         for pk, doc in rows:
-            product = Product.model_validate_json(doc)
+            product = Product.from_stored_json(doc)
             out.append(Candidate(id=product.id, product=product, bm25=scores.get(pk) or None))
         return out
 
