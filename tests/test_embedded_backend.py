@@ -157,6 +157,22 @@ def test_duplicate_id_in_one_batch_is_one_product_last_wins(store: EmbeddedBacke
     assert [c.id for c in store.knn(vectors[0], None, 5)].count("a") == 1
 
 
+def test_a_row_key_is_never_given_twice_even_after_the_newest_row_is_deleted(tmp_path: Path) -> None:
+    # the lexical and vector indexes address products by row key: a reused key would resurrect a
+    # deleted product's postings or vector under another product
+    with EmbeddedBackend(tmp_path / "data") as backend:
+        backend.upsert([Product(id="a", title="口红"), Product(id="b", title="耳机")], None)
+        backend.delete(["b"])
+        backend.upsert([Product(id="c", title="手表")], None)
+        backend.upsert([Product(id="a", title="新口红")], None)  # replaced: a new row
+        with sqlite3.connect(tmp_path / "data" / DB_NAME) as conn:
+            keys = dict(conn.execute("SELECT id, pk FROM products").fetchall())
+        assert keys == {"c": 3, "a": 4}
+        assert [c.id for c in backend.bm25("耳机", None, 5)] == []
+        assert [c.id for c in backend.bm25("手表", None, 5)] == ["c"]
+        assert [c.id for c in backend.bm25("新口红", None, 5)] == ["a"]
+
+
 def test_delete_removes_from_both_retrievals(store: EmbeddedBackend, catalog) -> None:
     products, vectors = catalog
     store.upsert(products[:20], vectors[:20])

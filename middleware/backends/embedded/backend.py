@@ -162,9 +162,8 @@ class EmbeddedBackend:
             tokens = [(pk, fields) for (pk, _), fields in zip(rows, analysed, strict=True)]
             with self.store.write_mutex, self.store.transaction() as conn:
                 generation = self.store.bump_counter(conn, LEXICAL_GENERATION)
-                for pk, fields in tokens:
-                    conn.execute("DELETE FROM product_text WHERE pk = ?", (pk,))
-                    self.lexical.add(conn, pk, fields, generation)
+                conn.executemany("DELETE FROM product_text WHERE pk = ?", [(pk,) for pk, _ in tokens])
+                self.lexical.add(conn, tokens, generation)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -276,16 +275,15 @@ class EmbeddedBackend:
                         wanted = f"{vecs.shape[1]}-d vectors"
                         raise EmbedderMismatch(str(self.data_dir), bound, wanted, _NEW_DATA_DIR)
                     self.store.set_meta(conn, "dim", str(vecs.shape[1]))
-                for product, blob, tokens in rows:
-                    old = self.store.find(conn, product.id)
-                    if old is not None:
-                        self._delete_pk(conn, old[0], text_generation)
-                        if old[1]:
-                            removed.append(old[0])
-                    pk = self.store.insert(conn, product, blob)
-                    self.lexical.add(conn, pk, tokens, text_generation)
-                    if blob is not None:
-                        added_pks.append(pk)
+                stored = self.store.found_by_id(conn, [product.id for product, _, _ in rows])
+                if stored:
+                    self._delete_pks(conn, [pk for pk, _ in stored.values()], text_generation)
+                    removed = [pk for pk, has_vector in stored.values() if has_vector]
+                pks = self.store.insert_many(conn, [(product, blob) for product, blob, _ in rows])
+                self.lexical.add(
+                    conn, [(pk, tokens) for pk, (_, _, tokens) in zip(pks, rows, strict=True)], text_generation
+                )
+                added_pks = [pk for pk, (_, blob, _) in zip(pks, rows, strict=True) if blob is not None]
                 generation = self.store.bump_generation(conn) if (removed or added_pks) else None
             if vecs is not None and self._dim is None:
                 self._dim = vecs.shape[1]
@@ -326,9 +324,9 @@ class EmbeddedBackend:
                 found[i] = tokens
         return found  # type: ignore[return-value]
 
-    def _delete_pk(self, conn: sqlite3.Connection, pk: int, text_generation: int) -> None:
-        self.lexical.remove(conn, pk, text_generation)
-        self.store.delete(conn, pk)
+    def _delete_pks(self, conn: sqlite3.Connection, pks: Sequence[int], text_generation: int) -> None:
+        self.lexical.remove(conn, pks, text_generation)
+        self.store.delete_many(conn, pks)
 
     def _bump_lexical(self, conn: sqlite3.Connection) -> int:
         """The lexical generation of this write transaction; now and then, forget changes the index has."""
@@ -351,10 +349,10 @@ class EmbeddedBackend:
             return 0
         with self.store.write_mutex, self.vectors.lock.write():
             with self.store.transaction() as conn:
-                found = self.store.find_many(conn, wanted)
+                found = list(self.store.found_by_id(conn, wanted).values())
                 text_generation = self._bump_lexical(conn) if found else None
-                for pk, _ in found:
-                    self._delete_pk(conn, pk, text_generation)  # type: ignore[arg-type]
+                if found:
+                    self._delete_pks(conn, [pk for pk, _ in found], text_generation)  # type: ignore[arg-type]
                 removed = [pk for pk, has_vector in found if has_vector]
                 generation = self.store.bump_generation(conn) if removed else None
             if generation is not None:

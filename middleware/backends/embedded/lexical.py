@@ -414,17 +414,20 @@ class TantivyLexicalIndex:
     # ------------------------------------------------------------------ writes
 
     @staticmethod
-    def add(conn: sqlite3.Connection, pk: int, tokens: str, generation: int) -> None:
-        """Record a new product's tokens (`tokens_json`) in the store's write transaction."""
-        conn.execute(
-            "INSERT INTO product_text (pk, analysis, fields) VALUES (?, ?, ?)", (pk, analysis.ANALYSIS_VERSION, tokens)
+    def add(conn: sqlite3.Connection, rows: Sequence[tuple[int, str]], generation: int) -> None:
+        """Record new products' tokens ((pk, `tokens_json`)) in the store's write transaction."""
+        version = analysis.ANALYSIS_VERSION
+        conn.executemany(
+            "INSERT INTO product_text (pk, analysis, fields) VALUES (?, ?, ?)", [(pk, version, t) for pk, t in rows]
         )
-        conn.execute("INSERT INTO lexical_changes (generation, pk) VALUES (?, ?)", (generation, pk))
+        conn.executemany(
+            "INSERT INTO lexical_changes (generation, pk) VALUES (?, ?)", [(generation, pk) for pk, _ in rows]
+        )
 
     @staticmethod
-    def remove(conn: sqlite3.Connection, pk: int, generation: int) -> None:
-        conn.execute("DELETE FROM product_text WHERE pk = ?", (pk,))
-        conn.execute("INSERT INTO lexical_changes (generation, pk) VALUES (?, ?)", (generation, pk))
+    def remove(conn: sqlite3.Connection, pks: Sequence[int], generation: int) -> None:
+        conn.executemany("DELETE FROM product_text WHERE pk = ?", [(pk,) for pk in pks])
+        conn.executemany("INSERT INTO lexical_changes (generation, pk) VALUES (?, ?)", [(generation, pk) for pk in pks])
 
     @staticmethod
     def changed(conn: sqlite3.Connection, pk: int, generation: int) -> None:

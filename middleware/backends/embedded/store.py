@@ -249,46 +249,54 @@ class SqliteStore:
     # ------------------------------------------------------------------ product rows (writes)
 
     @staticmethod
-    def find(conn: sqlite3.Connection, product_id: str) -> tuple[int, bool] | None:
-        """(pk, has a vector) of a stored product."""
-        row = conn.execute("SELECT pk, vector IS NOT NULL FROM products WHERE id = ?", (product_id,)).fetchone()
-        return None if row is None else (int(row[0]), bool(row[1]))
+    def found_by_id(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, tuple[int, bool]]:
+        """{id: (pk, has a vector)} of the stored products among `ids`."""
+        rows = _rows_in(conn, "SELECT id, pk, vector IS NOT NULL FROM products WHERE id IN ({})", list(ids))
+        return {pid: (int(pk), bool(has_vector)) for pid, pk, has_vector in rows}
 
     @staticmethod
-    def find_many(conn: sqlite3.Connection, ids: Sequence[str]) -> list[tuple[int, bool]]:
-        rows = conn.execute(
-            "SELECT pk, vector IS NOT NULL FROM products WHERE id IN (SELECT value FROM json_each(?))", (_json(ids),)
-        ).fetchall()
-        return [(int(pk), bool(has_vector)) for pk, has_vector in rows]
+    def insert_many(conn: sqlite3.Connection, rows: Sequence[tuple[Product, bytes | None]]) -> list[int]:
+        """New rows with their categories, in the caller's write transaction; returns their pks, in order.
 
-    @staticmethod
-    def insert(conn: sqlite3.Connection, product: Product, vector_blob: bytes | None) -> int:
-        """A new row (a new pk: AUTOINCREMENT never reuses one) with its categories; returns the pk."""
-        cur = conn.execute(
-            "INSERT INTO products (id, doc, brand, price, stock, sales, content_hash, vector)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                product.id,
-                product.model_dump_json(),
-                product.brand,
-                product.price,
-                product.stock,
-                product.sales,
-                product.content_hash(),
-                vector_blob,
-            ),
+        The pks follow the highest ever given (sqlite_sequence), as AUTOINCREMENT would give them one
+        by one, so a pk is never reused; one statement per table per batch instead of per product."""
+        if not rows:
+            return []
+        highest = conn.execute(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'products'), 0),"
+            " coalesce((SELECT max(pk) FROM products), 0))"
+        ).fetchone()[0]
+        first = int(highest) + 1
+        pks = list(range(first, first + len(rows)))
+        conn.executemany(
+            "INSERT INTO products (pk, id, doc, brand, price, stock, sales, content_hash, vector)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    pk,
+                    product.id,
+                    product.model_dump_json(),
+                    product.brand,
+                    product.price,
+                    product.stock,
+                    product.sales,
+                    product.content_hash(),
+                    blob,
+                )
+                for pk, (product, blob) in zip(pks, rows, strict=True)
+            ],
         )
-        pk = int(cur.lastrowid or 0)
         conn.executemany(
             "INSERT OR IGNORE INTO product_categories (category, pk) VALUES (?, ?)",
-            [(c, pk) for c in product.category],
+            [(c, pk) for pk, (product, _) in zip(pks, rows, strict=True) for c in product.category],
         )
-        return pk
+        return pks
 
     @staticmethod
-    def delete(conn: sqlite3.Connection, pk: int) -> None:
-        conn.execute("DELETE FROM product_categories WHERE pk = ?", (pk,))
-        conn.execute("DELETE FROM products WHERE pk = ?", (pk,))
+    def delete_many(conn: sqlite3.Connection, pks: Sequence[int]) -> None:
+        params = [(pk,) for pk in pks]
+        conn.executemany("DELETE FROM product_categories WHERE pk = ?", params)
+        conn.executemany("DELETE FROM products WHERE pk = ?", params)
 
     @staticmethod
     def product_doc(conn: sqlite3.Connection, product_id: str) -> tuple[int, Product] | None:
