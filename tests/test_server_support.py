@@ -154,3 +154,20 @@ class LiveServer:
     def __exit__(self, *exc: Any) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def test_a_loaded_server_freezes_its_start_up_heap_and_sets_the_young_threshold() -> None:
+    import gc
+
+    from middleware.server import heap
+
+    before = gc.get_threshold()
+    try:
+        heap.settle(12_345)
+        assert gc.get_threshold() == (12_345, *before[1:])
+        assert gc.get_freeze_count() > 0  # what was alive at start-up is out of the collector's scans
+        heap.settle(0)  # 0 keeps the threshold as it is
+        assert gc.get_threshold() == (12_345, *before[1:])
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
