@@ -180,7 +180,7 @@ class Product(BaseModel):
         object.__setattr__(product, "__dict__", values)
         object.__setattr__(product, "__pydantic_fields_set__", set(values))
         object.__setattr__(product, "__pydantic_extra__", None)
-        object.__setattr__(product, "__pydantic_private__", {"_truncated": None})
+        object.__setattr__(product, "__pydantic_private__", dict(_PRIVATE_DEFAULTS))
         return product
 
     @property
@@ -211,6 +211,7 @@ class Product(BaseModel):
 
 
 _FIELD_NAMES = frozenset(Product.model_fields)
+_PRIVATE_DEFAULTS = {name: attr.get_default() for name, attr in Product.__private_attributes__.items()}
 
 
 def describe_validation_error(err: ValidationError) -> str:
