@@ -17,7 +17,7 @@ import gc
 
 
 def settle(young_threshold: int) -> None:
-    """Collect, freeze everything alive now, and set the young generation's threshold (0: Python's own)."""
+    """Collect, freeze everything alive now, and set the young generation's threshold (0 leaves it as it is)."""
     gc.collect()
     gc.freeze()
     if young_threshold > 0:
