@@ -13,6 +13,7 @@ still in flight in an earlier batch are always rewritten, so a later duplicate i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -191,6 +192,11 @@ def index_rows(
     pending: Counter[str] = Counter()  # ids classified but not yet written
     inflight = 0
     reading_done = False
+    # a backend with a bulk mode (the embedded store) publishes the load in few large commits
+    loading = contextlib.ExitStack()
+    bulk_load = getattr(backend, "bulk_load", None)
+    if callable(bulk_load):
+        loading.enter_context(bulk_load())
     reader.start()
     embed_thread.start()
     try:
@@ -246,6 +252,7 @@ def index_rows(
             seen.close()
         if progress is not None:
             progress.close()
+        loading.close()
     summary.dead_letter_path = str(dead_letters.path) if dead_letters.count else None
     summary.finish(time.monotonic() - started)
     return summary

@@ -214,3 +214,40 @@ def test_search_results_carry_the_stored_product_after_any_process_changes_it(tm
     finally:
         first.close()
         second.close()
+
+
+def test_a_bulk_load_is_published_in_one_commit_and_searchable_when_it_ends(tmp_path: Path) -> None:
+    products = catalog(60)
+    with EmbeddedBackend(tmp_path / "small-commits") as store:
+        for start in range(0, 60, 10):  # a search commits this process's writes first: a segment each
+            store.upsert(products[start : start + 10], None)
+            assert len(ids(store, "手表")) == len({p.id for p in products[: start + 10] if "手表" in p.title})
+        assert store.lexical.details()["segments"] == 6
+    with EmbeddedBackend(tmp_path / "bulk") as store:
+        with store.bulk_load():
+            for start in range(0, 60, 10):
+                store.upsert(products[start : start + 10], None)
+                ids(store, "手表")  # searching during the load does not commit it piecemeal
+        watches = ids(store, "手表")
+        assert watches == sorted(p.id for p in products if "手表" in p.title)
+        assert store.lexical.details()["segments"] == 1
+        assert store.lexical.num_docs() == store.count() == 60
+
+
+def test_a_store_killed_during_a_bulk_load_catches_up_on_open(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from middleware.backends.embedded import EmbeddedBackend
+        from middleware.products import Product
+        store = EmbeddedBackend({str(tmp_path)!r})
+        with store.bulk_load():
+            store.upsert([Product(id=f"b{{i}}", title=f"珐琅手表 {{i}}") for i in range(40)], None)
+            os._exit(9)  # no commit, no close: what SIGKILL leaves
+        """
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 9
+    with EmbeddedBackend(tmp_path) as store:
+        assert store.count() == 40
+        assert ids(store, "手表") == sorted(f"b{i}" for i in range(40))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,21 @@ def test_post_products_writes_through_the_indexer(tmp_path: Path, server_models:
         stored = store.get(["a/b?c#d"])[0]
         assert len(stored.description or "") == MAX_DESCRIPTION_CHARS  # the same text bound as a file row
         assert store.embedder_binding() == EmbedderBinding(embedder.model_id, embedder.dim)
+
+
+def test_a_loaded_catalog_is_searchable_from_one_lexical_commit(tmp_path: Path) -> None:
+    rows = write_jsonl(tmp_path / "catalog.jsonl", catalog(60))
+
+    def slow_source() -> Any:  # pauses between batches longer than the lexical index's idle commit
+        for row in read_rows(str(rows), "jsonl"):
+            if row.line % 10 == 1:
+                time.sleep(0.4)
+            yield row
+
+    with EmbeddedBackend(tmp_path / "s", dim=None) as store:
+        summary = Indexer(None, batch_size=10).index(
+            slow_source(), store, dead_letters=DeadLetters(tmp_path / "dead.jsonl")
+        )
+        assert summary.indexed == 60
+        assert store.lexical.details()["segments"] == 1  # six batches, published once
+        assert len(store.bm25("手表", None, 200)) == 60

@@ -9,6 +9,7 @@ owns its writer: another process's write is applied within its poll interval).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -312,6 +313,14 @@ class EmbeddedBackend:
         tokens = self._analysis.tokens(list(wanted.values()))
         with self._cache_lock:
             self._prepared.update(zip(wanted, tokens, strict=True))
+
+    @contextlib.contextmanager
+    def bulk_load(self) -> Iterator[None]:
+        """Writes within it (a loader's run) reach the lexical index in few, large commits: a store
+        loaded in many small ones searches slower. They become searchable up to a minute late."""
+        self._check_open()
+        with self.lexical.bulk():
+            yield
 
     def _tokens(self, products: Sequence[Product]) -> list[str]:
         """tokens_json of each product: prepared ones from `prepare`, the others analysed now."""

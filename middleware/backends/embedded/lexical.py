@@ -24,6 +24,12 @@ between a bulk load's batches), at the latest `max_commit_delay_s` after the fir
 how late other processes see a write), and at once before this process searches, so a process always
 finds its own writes. Caveat: the first search after a write pays for that commit.
 
+Bulk loads (`bulk`) commit at most every `bulk_commit_s`, and a search does not commit first:
+every commit adds a segment, tantivy merges only runs of same-sized ones, and each segment of a
+search is scored on its own (block-max WAND's threshold starts afresh per segment), so a load
+committed every second leaves many segments and slower queries. Caveat: during a bulk load the
+loaded products become searchable up to `bulk_commit_s` late, in this process too.
+
 Queries are built from tokens (term queries), never parsed: user text cannot become query syntax.
 Filters are non-scoring clauses inside the same query, so BM25 top-n is over the filtered set.
 """
@@ -279,6 +285,7 @@ class TantivyLexicalIndex:
         poll_interval_s: float = 0.05,
         idle_commit_s: float = 0.3,
         max_commit_delay_s: float = 0.8,
+        bulk_commit_s: float = 60.0,
         writer_heap_bytes: int = 64_000_000,
         writer_threads: int = 1,
         field_boosts: dict[str, float] | None = None,
@@ -296,6 +303,8 @@ class TantivyLexicalIndex:
         self.poll_interval_s = poll_interval_s
         self.idle_commit_s = idle_commit_s
         self.max_commit_delay_s = max_commit_delay_s
+        self.bulk_commit_s = bulk_commit_s
+        self._bulk_loads = 0  # open `bulk` contexts of this process
         self._writer_heap = writer_heap_bytes
         self._writer_threads = writer_threads
         self._schema = _schema()
@@ -520,8 +529,25 @@ class TantivyLexicalIndex:
         if self._writer is None or self._applied == self.generation:
             return
         now = time.monotonic()
-        if now - self._last_apply >= self.idle_commit_s or now - self._first_pending >= self.max_commit_delay_s:
+        if self._bulk_loads:
+            due = now - self._first_pending >= self.bulk_commit_s
+        else:
+            due = now - self._last_apply >= self.idle_commit_s or now - self._first_pending >= self.max_commit_delay_s
+        if due:
             self._commit()
+
+    @contextlib.contextmanager
+    def bulk(self) -> Iterator[None]:
+        """Within it, applied changes are committed every `bulk_commit_s` at most, and once when it ends."""
+        with self._lock:
+            self._bulk_loads += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._bulk_loads -= 1
+                if not self._bulk_loads and self._writer is not None and self._index is not None:
+                    self._commit()
 
     def _document(self, row: TextRow) -> tantivy.Document:
         doc = tantivy.Document()
@@ -709,7 +735,7 @@ class TantivyLexicalIndex:
         return hits[:n]
 
     def _searcher(self) -> tantivy.Searcher:
-        if self._writer is not None and self._applied != self.generation:
+        if self._writer is not None and self._applied != self.generation and not self._bulk_loads:
             with self._lock:  # this process's own writes are searchable once they return
                 if self._writer is not None:
                     self._commit()
