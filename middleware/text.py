@@ -25,6 +25,7 @@ tokenizer is indexed exactly as analysed here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -266,6 +267,7 @@ class Analysis:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        object.__setattr__(self, "_bodies", {})  # short body text -> its streams (`_body_streams`)
 
     @property
     def field_boosts(self) -> dict[str, float]:
@@ -281,10 +283,13 @@ class Analysis:
             boosts |= {"pinyin_title": self.pinyin_boost, "initials_title": self.pinyin_boost}
         return boosts
 
-    def streams(self, text: str, *, query: bool = False, pinyin: bool = True) -> dict[str, list[str]]:
+    def streams(
+        self, text: str, *, query: bool = False, pinyin: bool = True, typed: list[str] | None = None
+    ) -> dict[str, list[str]]:
         """{"words", "cjk", "uni", "pinyin", "initials"} token lists of one text (`uni` empty unless
         unigrams="field"; `pinyin` and `initials` empty unless pinyin: a document's Han words, a query's
-        Latin words as typed; `pinyin=False`: leave them empty)."""
+        Latin words as typed; `pinyin=False`: leave them empty). `typed`: also appends the text's
+        words as `suggest_terms` sees them, repeats included, in the same pass."""
         pinyin_on = self.pinyin and pinyin
         words: list[str] = []
         cjk: list[str] = []
@@ -302,6 +307,8 @@ class Analysis:
                 if query and pinyin_on and word.isascii() and word.isalpha():
                     pinyin.append(word)
                     initials.append(word)
+                if typed is not None and word not in STOPWORDS and len(word) <= MAX_WORD_CHARS:
+                    typed.append(word)
                 if self.stopwords != "keep" and word in STOPWORDS:
                     if query:
                         stops.append(word)
@@ -317,6 +324,8 @@ class Analysis:
                 continue
             han_words = list(self._cjk_words(run))
             words.extend(han_words)
+            if typed is not None:
+                typed.extend(han_words)
             self._cjk_grams(run, cjk, uni)
             if pinyin_on and not query:
                 for han in han_words:
@@ -372,13 +381,31 @@ class Analysis:
             fields |= {"pinyin_title": title["pinyin"], "initials_title": title["initials"]}
         return fields
 
-    def product(self, title: str, body: str) -> dict[str, list[str]]:
-        return self._fields(self.streams(title), self.streams(body, pinyin=False))  # pinyin of titles only
+    def product(self, title: str, body: str, typed: list[str] | None = None) -> dict[str, list[str]]:
+        """`typed`: also appends the title's `suggest_terms` words (repeats included)."""
+        return self._fields(self.streams(title, typed=typed), self._body_streams(body))
+
+    def _body_streams(self, body: str) -> dict[str, list[str]]:
+        """The body's streams, without pinyin (titles only); short bodies are cached: most are a
+        brand and a category, repeated across a catalogue."""
+        if len(body) > _BODY_CACHED_CHARS:
+            return self.streams(body, pinyin=False)
+        cache: dict[str, dict[str, tuple[str, ...]]] = self._bodies  # type: ignore[attr-defined]
+        kept = cache.get(body)
+        if kept is None:
+            kept = cache[body] = {name: tuple(tokens) for name, tokens in self.streams(body, pinyin=False).items()}
+            if len(cache) > _BODY_CACHE_SIZE:  # the oldest entry goes (dict order)
+                with contextlib.suppress(KeyError, StopIteration, RuntimeError):  # another thread may trim too
+                    del cache[next(iter(cache))]
+        return {name: list(tokens) for name, tokens in kept.items()}
 
     def query(self, text: str) -> dict[str, list[str]]:
         distinct = {name: list(dict.fromkeys(tokens)) for name, tokens in self.streams(text, query=True).items()}
         return self._fields(distinct, distinct)
 
+
+_BODY_CACHED_CHARS = 200
+_BODY_CACHE_SIZE = 20_000
 
 ANALYSIS = Analysis()
 
@@ -422,3 +449,10 @@ def suggest_terms(title: str) -> list[str]:
     """The words of a title as a shopper types them (lower-cased, unstemmed, no stopwords): what
     autocomplete offers and typo correction compares against."""
     return list(dict.fromkeys(_AS_TYPED.streams(title)["words"]))
+
+
+def analyze_product_suggest(title: str, body: str) -> tuple[dict[str, list[str]], list[str]]:
+    """`analyze_product` and `suggest_terms(title)` together, the title read once."""
+    typed: list[str] = []
+    fields = ANALYSIS.product(title, body, typed=typed)
+    return fields, list(dict.fromkeys(typed))

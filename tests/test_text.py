@@ -14,9 +14,11 @@ from middleware.text import (
     LEXICAL_FIELDS,
     Analysis,
     analyze_product,
+    analyze_product_suggest,
     analyze_query,
     cjk_tokens,
     jieba_tokens,
+    suggest_terms,
 )
 
 
@@ -181,6 +183,36 @@ def test_tokens_are_non_empty_and_whitespace_free(text: str) -> None:
     """Stored space-joined and read back by a whitespace tokenizer, the tokens come back unchanged."""
     for tokens in [*analyze_product(text, text).values(), *analyze_query(text).values()]:
         assert " ".join(tokens).split() == tokens
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.lists(_ALPHABET, max_size=12).map("".join), st.lists(_ALPHABET, max_size=6).map("".join))
+def test_one_pass_gives_the_fields_and_the_suggest_terms_of_separate_passes(title: str, body: str) -> None:
+    fields, suggest = analyze_product_suggest(title, body)
+    assert fields == analyze_product(title, body)
+    assert suggest == suggest_terms(title)
+
+
+def test_suggest_terms_of_one_pass_on_product_titles() -> None:
+    titles = [
+        "The Sneakers for Men (2-Pack)",
+        "iPhone15 Pro 手机壳 防摔",
+        "復古手錶 ＡＢＣ",
+        "a" * 300 + " 手表 and the",
+    ]
+    for title in titles:
+        assert analyze_product_suggest(title, "Brand 服饰")[1] == suggest_terms(title)
+
+
+def test_a_cached_body_analysis_is_not_changed_by_its_callers() -> None:
+    first = analyze_product("手表", "Hampton Bay 家居")
+    first["words_body"].append("mutated")
+    first["cjk_body"].clear()
+    assert analyze_product("耳机", "Hampton Bay 家居")["words_body"] == ["hampton", "bay", "家居"]
+    assert (
+        analyze_product("耳机", "Hampton Bay 家居")["cjk_body"]
+        == analyze_product("耳机", "Hampton Bay 家居 ")["cjk_body"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -147,9 +147,9 @@ def tokens_json(product: Product) -> str:
 
 
 def _tokens_json(title: str, body: str) -> str:
-    tokens = analysis.analyze_product(title, body)
+    tokens, suggest = analysis.analyze_product_suggest(title, body)
     fields = {f: " ".join(tokens[f]) for f in analysis.LEXICAL_FIELDS}
-    fields[SUGGEST_FIELD] = " ".join(analysis.suggest_terms(title))
+    fields[SUGGEST_FIELD] = " ".join(suggest)
     return json.dumps(fields, ensure_ascii=False)
 
 
