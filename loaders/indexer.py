@@ -22,6 +22,7 @@ from loaders.embed_cache import EmbeddingCache
 from loaders.pipeline import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_PRUNE_SHARE,
+    LEXICAL_BATCH_SIZE,
     Batch,
     classify,
     commit_batch,
@@ -46,9 +47,11 @@ class Indexer:
         embedder: Any | None,
         *,
         cache: EmbeddingCache | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,  # None: DEFAULT_BATCH_SIZE, or LEXICAL_BATCH_SIZE with no embedder
         max_inflight: int = 4,
     ) -> None:
+        if batch_size is None:
+            batch_size = DEFAULT_BATCH_SIZE if embedder is not None else LEXICAL_BATCH_SIZE
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if cache is not None and (embedder is None or cache.model_id != embedder.model_id):

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PRUNE_SHARE = 0.5  # a snapshot that would delete more of the catalog than this is suspect
 TRUNCATION_EXAMPLES = 20  # cut fields named in the summary (the count covers all)
 DEFAULT_BATCH_SIZE = 512  # texts per embedder call: large enough for its length-sorted sub-batches
+# rows per write when nothing is embedded: a write transaction's fsync is a fixed cost per batch
+LEXICAL_BATCH_SIZE = 2048
 _COUNTS = ("read", "indexed", "updated", "unchanged", "rejected", "duplicates", "embedded", "cache_hits", "truncated")
 
 

@@ -205,12 +205,14 @@ class Product(BaseModel):
 
     def content_hash(self) -> str:
         """Changes when anything but the business signals changes (the rerank-cache version)."""
-        payload = self.model_dump(exclude={"sales", "stock", "price"})
-        raw = json.dumps(payload, ensure_ascii=False, sort_keys=True, default=str)
+        raw = _HASH_JSON.encode(self.model_dump(exclude=_SIGNAL_FIELDS))
         return hashlib.sha1(raw.encode("utf-8")).hexdigest()[:16]
 
 
 _FIELD_NAMES = frozenset(Product.model_fields)
+_SIGNAL_FIELDS = frozenset({"sales", "stock", "price"})
+# json.dumps(..., ensure_ascii=False, sort_keys=True, default=str) without building an encoder per call
+_HASH_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str)
 _PRIVATE_DEFAULTS = {name: attr.get_default() for name, attr in Product.__private_attributes__.items()}
 
 

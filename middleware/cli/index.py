@@ -66,7 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("file", metavar="FILE", help='catalog path, or "-" for stdin')
     source_flags(p)
     p.add_argument("--embedder", help="hub id, local directory, or none for BM25 only (env SHOPSEARCH_EMBEDDER)")
-    p.add_argument("--batch-size", type=int, default=512, help="rows per embed + write batch (default 512)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rows per embed + write batch (default 512; 2048 with --embedder none)",
+    )
     p.add_argument("--resume", action="store_true", help="continue after the last committed batch of FILE")
     p.add_argument("--prune", action="store_true", help="delete stored products absent from FILE (a snapshot)")
     p.add_argument(
@@ -167,7 +172,7 @@ def source_rows(args: argparse.Namespace, fields: Any):
         codecs.lookup(args.encoding)
     except LookupError:
         raise CliError(f"unknown encoding {args.encoding!r}", EXIT_USAGE) from None
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise CliError("--batch-size must be at least 1", EXIT_USAGE)
     return read_rows(args.file, fmt, encoding=args.encoding, mapping=mapping)
 

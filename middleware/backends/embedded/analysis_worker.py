@@ -1,5 +1,6 @@
 """A worker process of `lexical.ParallelAnalysis`: reads a JSON list of [title, body] pairs per line
-on stdin, writes the JSON list of their `product_text` token strings per line on stdout."""
+on stdin, writes their `product_text` token strings on stdout, one line each (a JSON object has no
+raw line break), so the caller stores them as read, without decoding a list of strings."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ def main() -> None:
 
     for line in sys.stdin:
         pairs = json.loads(line)
-        sys.stdout.write(json.dumps(analyse_texts([(str(t), str(b)) for t, b in pairs]), ensure_ascii=False))
-        sys.stdout.write("\n")
+        sys.stdout.write("".join(tokens + "\n" for tokens in analyse_texts([(str(t), str(b)) for t, b in pairs])))
         sys.stdout.flush()
 
 

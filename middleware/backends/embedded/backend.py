@@ -69,7 +69,7 @@ class EmbeddedBackend:
         dim: int | None = None,
         *,
         field_boosts: dict[str, float] | None = None,  # query-time BM25 boost per lexical field (text.FIELD_BOOSTS)
-        analysis_workers: int | None = None,  # processes analysing large write batches (None: one per core)
+        analysis_workers: int | None = None,  # processes analysing large write batches (None: cores - 1)
         filter_cache_pks: int = 2_000_000,  # kNN: the pks of recent filters, at most this many in all, per process
         prepared_size: int = 4096,  # analysed texts kept by `prepare` until their upsert
         hnsw_threshold: int = 50_000,
@@ -102,8 +102,9 @@ class EmbeddedBackend:
             maxsize=max(1, filter_cache_pks), getsizeof=lambda allowed: allowed.size + 1
         )
         self._filter_cache_pks = max(1, filter_cache_pks)
-        workers = (os.cpu_count() or 1) if analysis_workers is None else analysis_workers
-        self._analysis = ParallelAnalysis(workers if workers >= 2 else 0)
+        # one core is left to this process: it stores the batches and feeds tantivy meanwhile
+        workers = (os.cpu_count() or 1) - 1 if analysis_workers is None else analysis_workers
+        self._analysis = ParallelAnalysis(max(workers, 0))
         # (title, search text) -> tokens_json, analysed by `prepare` ahead of the upsert that writes them
         self._prepared: LRUCache[tuple[str, str], str] = LRUCache(maxsize=max(1, prepared_size))
         self.vectors = VectorIndex(

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
 import tantivy
 
 from middleware import text as analysis
@@ -126,7 +127,7 @@ def _schema() -> tantivy.Schema:
     return builder.build()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass sets each field through object.__setattr__
 class TextRow:
     """What the tantivy document of one product is made of (tokens from product_text, the rest from products)."""
 
@@ -174,7 +175,7 @@ class ParallelAnalysis:
     def tokens(self, products: Sequence[Product]) -> list[str]:
         """tokens_json of each product, in order."""
         texts = [(p.title, p.search_text()) for p in products]
-        if self.workers < 2 or len(texts) < self.min_batch:
+        if self.workers < 1 or len(texts) < self.min_batch:
             return analyse_texts(texts)
         with self._lock:
             try:
@@ -188,10 +189,11 @@ class ParallelAnalysis:
                 out: list[str] = []
                 for proc, chunk in zip(procs, chunks, strict=False):
                     assert proc.stdout is not None
-                    part = json.loads(proc.stdout.readline() or "null")
-                    if not isinstance(part, list) or len(part) != len(chunk):
-                        raise OSError(f"analysis worker {proc.pid} answered {type(part).__name__}")
-                    out.extend(part)
+                    readline = proc.stdout.readline
+                    part = [readline() for _ in chunk]
+                    if not all(line.startswith("{") and line.endswith("}\n") for line in part):
+                        raise OSError(f"analysis worker {proc.pid} stopped or answered out of protocol")
+                    out.extend(line[:-1] for line in part)
                 return out
             except (OSError, ValueError) as exc:
                 log.warning("parallel analysis unavailable (%s); analysing in this process", exc)
@@ -869,10 +871,11 @@ def _pages(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> It
 
 def _text_rows(conn: sqlite3.Connection, pks: Sequence[int]) -> Iterator[TextRow]:
     """The document makings of the pks that exist, re-analysing rows of another analysis version."""
-    rows = conn.execute(
-        "SELECT p.pk, p.id, p.doc, p.brand, p.price, p.stock, p.sales, t.analysis, t.fields FROM products p"
+    rows = conn.execute(  # the product itself only where its tokens must be made again
+        "SELECT p.pk, p.id, CASE WHEN t.analysis IS ? AND t.fields IS NOT NULL THEN NULL ELSE p.doc END,"
+        " p.brand, p.price, p.stock, p.sales, t.analysis, t.fields FROM products p"
         " LEFT JOIN product_text t ON t.pk = p.pk WHERE p.pk IN (SELECT value FROM json_each(?))",
-        (json.dumps(list(pks)),),
+        (analysis.ANALYSIS_VERSION, json.dumps(list(pks))),
     ).fetchall()
     categories: dict[int, list[str]] = {}
     for pk, category in conn.execute(
@@ -885,7 +888,7 @@ def _text_rows(conn: sqlite3.Connection, pks: Sequence[int]) -> Iterator[TextRow
             fields = tokens_json(Product.model_validate_json(doc))  # stale tokens: analyse again
         yield TextRow(
             pk=int(pk),
-            fields=json.loads(fields),
+            fields=pydantic_core.from_json(fields),
             id=pid,
             brand=brand,
             categories=categories.get(int(pk), []),
