@@ -549,7 +549,10 @@ class TantivyLexicalIndex:
             with self._lock:
                 self._bulk_loads -= 1
                 if not self._bulk_loads and self._writer is not None and self._index is not None:
-                    self._commit()
+                    try:
+                        self._commit()
+                    except Exception:  # SQLite has the load: the poller's next commit publishes it
+                        log.exception("lexical commit at the end of a bulk load failed; retried in the background")
 
     def _document(self, row: TextRow) -> tantivy.Document:
         doc = tantivy.Document()
