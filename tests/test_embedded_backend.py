@@ -340,6 +340,18 @@ def test_ties_are_ordered_by_insertion(store: EmbeddedBackend) -> None:
     assert [c.id for c in store.knn(same[0], None, 5)] == expected
 
 
+def test_a_tie_wider_than_the_cut_keeps_the_first_inserted(store: EmbeddedBackend) -> None:
+    """Each batch is searched, so committed, on its own: the lexical index holds several segments,
+    whose order is the engine's own. The top n of a tie many times wider than n are still the
+    first inserted, not the engine's first addresses."""
+    for batch in range(6):
+        store.upsert([Product(id=f"t{batch}{i}", title="同款手表") for i in range(5)], None)
+        assert len(store.bm25("手表", None, 100)) == 5 * (batch + 1)
+    ids = [f"t{batch}{i}" for batch in range(6) for i in range(5)]
+    for n in (1, 3, 7, 30):
+        assert [c.id for c in store.bm25("手表", None, n)] == ids[:n]
+
+
 # ---------------------------------------------------------------------------------------- signals
 
 

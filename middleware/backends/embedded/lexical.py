@@ -754,8 +754,11 @@ class TantivyLexicalIndex:
         if n <= 0:
             return []
         searcher = self._searcher()
-        limit = n + 1
-        while True:  # tantivy breaks ties by document address: widen while a tie crosses the cut
+        # tantivy breaks ties by document address: widen while a tie crosses the cut. Catalogues hold
+        # many equal titles, so a cut inside a tie is common; collecting twice n at once is cheaper
+        # than searching again.
+        limit = 2 * n + 1
+        while True:
             hits = self._hits(searcher, query, limit)
             if len(hits) < limit or hits[-1][1] != hits[n - 1][1]:
                 break
