@@ -15,6 +15,10 @@ class BackendError(RuntimeError):
     """The backend could not answer (unreachable, timed out, refused). Expected, not a bug."""
 
 
+class WriterBusy(BackendError):
+    """The operation needs the store's one writer role, which another process holds."""
+
+
 NO_EMBEDDER = "none"
 
 
@@ -268,6 +272,10 @@ class Backend(Protocol):
 
     def fuzzy_terms(self, word: str, max_edits: int, n: int) -> list[TermCount]:
         """Up to n indexed title words within `max_edits` (1 or 2) edits of `word`, nearest then most frequent."""
+        ...
+
+    def force_merge(self) -> tuple[int, int]:
+        """Merge the lexical index's segments into as few as the engine makes; (segments before, after)."""
         ...
 
     def close(self) -> None: ...

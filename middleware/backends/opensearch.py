@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 ANALYZER_PLUGINS = {"smartcn": "analysis-smartcn", "ik_smart": "analysis-ik"}
 _PROBE_TEXT = "红色连衣裙 red dress"
+FORCE_MERGE_TIMEOUT_S = 3600  # the call returns when the merge is done, not the client's usual timeout
 
 
 # ---------------------------------------------------------------- bulk report
@@ -447,6 +448,24 @@ class OpenSearchBackend:
             generation=None,
             details=details,
         )
+
+    def _segments(self) -> int:
+        with self._errors("segment stats"):
+            found = self.client.indices.stats(index=self.read_alias, metric="segments")
+        return int(found["_all"]["primaries"]["segments"]["count"])
+
+    def force_merge(self) -> tuple[int, int]:
+        """`_forcemerge` to one segment per shard of the indexes behind the read alias; (primary
+        segments before, after). Waits for the merge, which on a large index takes minutes."""
+        if not self.alias_indexes(self.read_alias):
+            return 0, 0
+        before = self._segments()
+        with self._errors(f"force merge {self.read_alias}"):
+            self.client.indices.forcemerge(
+                index=self.read_alias, params={"max_num_segments": 1, "request_timeout": FORCE_MERGE_TIMEOUT_S}
+            )
+            self.client.indices.refresh(index=self.read_alias)  # searchers open the merged segments
+        return before, self._segments()
 
     # ------------------------------------------------------------ Backend Protocol: storefront primitives
 

@@ -40,6 +40,7 @@ from middleware.backends.base import (
     SortKey,
     StoreStats,
     TermCount,
+    WriterBusy,
     check_highlight_fields,
 )
 from middleware.backends.embedded import lexical
@@ -322,6 +323,14 @@ class EmbeddedBackend:
         self._check_open()
         with self.lexical.bulk():
             yield
+
+    def force_merge(self) -> tuple[int, int]:
+        """The lexical index rewritten as one segment from SQLite; (segments before, after)."""
+        self._check_open()
+        try:
+            return self.lexical.merge_segments()
+        except lexical.LexicalWriterBusy as exc:
+            raise WriterBusy(f"force merge: {exc}") from exc
 
     def _tokens(self, products: Sequence[Product]) -> list[str]:
         """tokens_json of each product: prepared ones from `prepare`, the others analysed now."""

@@ -70,11 +70,19 @@ SUGGEST_FIELD = "suggest"  # title words as typed (text.suggest_terms): completi
 KEY_SEPARATOR = "\x00"  # brand_key / category_key terms: casefolded value, separator, the value as stored
 SCHEMA_REVISION = 3  # of the tantivy schema below; a change rebuilds the index
 _ADD_BATCH = 2000  # pks re-synced per SQLite read
+# The writer's heap while merging: a segment is flushed when it fills, so it bounds the segments a
+# merge leaves. A budget, allocated as used; tantivy's limit is 4 GB per indexing thread.
+MERGE_HEAP_BYTES = 1_000_000_000
 # post-filtering (see TantivyLexicalIndex.top): only for filters at least this share of products pass
 POST_FILTER_MIN_SHARE = 0.3
 POST_FILTER_MARGIN = 1.5  # collect this many times the hits the filter's share predicts, plus a few
 _SHARE_TTL_S = 30.0  # a filter's share of the products is an estimate: counted again after this long
 _SHARES_KEPT = 256
+
+
+class LexicalWriterBusy(RuntimeError):
+    """Another process holds the lexical index's writer."""
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS product_text (
@@ -473,10 +481,11 @@ class TantivyLexicalIndex:
             row = conn.execute("SELECT value FROM meta WHERE key = 'lexical_generation'").fetchone()
         return 0 if row is None else int(row[0])
 
-    def _sync(self, store_generation: int) -> None:
-        """Bring the index to `store_generation` (the caller owns the writer and holds `_lock`)."""
+    def _sync(self, store_generation: int, *, rebuild: bool = False) -> None:
+        """Bring the index to `store_generation` (the caller owns the writer and holds `_lock`);
+        `rebuild`: write every product afresh even when the index is current."""
         assert self._writer is not None and self._index is not None
-        applied = self._applied
+        applied = -1 if rebuild else self._applied
         with self._reader() as conn:
             conn.execute("BEGIN")  # one snapshot: the changes and the rows they point to
             try:
@@ -516,10 +525,10 @@ class TantivyLexicalIndex:
         self._last_apply = now
         self._applied = target_generation
 
-    def _commit(self) -> None:
+    def _commit(self, *, force: bool = False) -> None:
         """Publish what the writer holds (the caller owns the writer and holds `_lock`)."""
         assert self._writer is not None and self._index is not None
-        if self._applied == self.generation:
+        if self._applied == self.generation and not force:
             return
         self._writer.commit()
         self._stamp.write(self._applied)
@@ -553,6 +562,38 @@ class TantivyLexicalIndex:
                         self._commit()
                     except Exception:  # SQLite has the load: the poller's next commit publishes it
                         log.exception("lexical commit at the end of a bulk load failed; retried in the background")
+
+    def merge_segments(self) -> tuple[int, int]:
+        """Rewrite the index from SQLite in one commit, so that a search scores few segments (one
+        unless the merge heap fills); (segments before, after). Searches go on meanwhile, on the
+        segments before; writes wait for it. Only the process owning the writer can merge:
+        LexicalWriterBusy otherwise. Killed midway, the index is left as it was."""
+        with self._lock:
+            if self._index is None:
+                raise RuntimeError("the lexical index is closed")
+            if not self._try_own():
+                raise LexicalWriterBusy(
+                    f"another process writes the lexical index of {self.dir.parent} "
+                    "(a running `shopsearch serve`?): merge from that process, or when it has stopped"
+                )
+            assert self._writer is not None
+            self._sync(self._store_generation())
+            self._commit()
+            before = int(self._index.searcher().num_segments)
+            if before <= 1:
+                return before, before
+            self._writer.wait_merging_threads()  # tantivy allows one writer: this one goes first
+            self._writer = self._index.writer(heap_size=max(MERGE_HEAP_BYTES, self._writer_heap), num_threads=1)
+            try:
+                self._sync(self._store_generation(), rebuild=True)
+                self._commit(force=True)
+            finally:
+                writer, self._writer = self._writer, None
+                with contextlib.suppress(Exception):
+                    writer.rollback()  # nothing is pending after a commit; after a failure, the rebuild goes
+                writer.wait_merging_threads()
+                self._writer = self._index.writer(heap_size=self._writer_heap, num_threads=self._writer_threads)
+            return before, int(self._index.searcher().num_segments)
 
     def _document(self, row: TextRow) -> tantivy.Document:
         doc = tantivy.Document()

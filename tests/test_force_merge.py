@@ -1,0 +1,207 @@
+"""`Backend.force_merge` on both backends: fewer segments, the same answers, writes still work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import opensearchpy
+import pytest
+
+from middleware.backends import BackendError
+from middleware.backends.base import Backend, FacetSpec, MatchSet
+from middleware.backends.embedded import EmbeddedBackend
+from middleware.products import Filters, Product
+
+OPENSEARCH_URL = os.environ.get("OPENSEARCH_URL")
+SKIP_REASON = os.environ.get("SHOPSEARCH_TEST_OPENSEARCH_UNAVAILABLE") or (
+    "OPENSEARCH_URL is not set: run through tests/opensearch/with-node, or point it at a cluster"
+)
+SHARDS = 2
+REPO = Path(__file__).resolve().parents[1]
+BATCHES = 4  # each written and searched on its own: one lexical commit, so one segment, each
+
+WORDS = ["红色", "连衣裙", "手表", "皮鞋", "sneakers", "watch", "leather", "dress"]
+BRANDS = ["Acme", "Borealis", "Cygnus"]
+
+
+def product(i: int) -> Product:
+    words = " ".join(WORDS[(i * k) % len(WORDS)] for k in (1, 3, 5))
+    return Product(
+        id=f"p{i:03d}",
+        title=f"{words} {i % 7}",
+        brand=BRANDS[i % len(BRANDS)],
+        category=["apparel" if i % 2 else "shoes"],
+        price=float(10 + i % 50),
+        stock=i % 4,
+        sales=i,
+    )
+
+
+@pytest.fixture(params=["embedded", "opensearch"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "embedded":
+        embedded = EmbeddedBackend(tmp_path / "data")
+        yield embedded
+        embedded.close()
+        return
+    if not OPENSEARCH_URL:
+        pytest.skip(SKIP_REASON)
+    from middleware.backends.opensearch import OpenSearchBackend
+    from tests.test_opensearch_osmem import make_settings
+
+    prefix = f"shopsearch-test-{uuid.uuid4().hex[:8]}"
+    remote = OpenSearchBackend.from_settings(make_settings(OPENSEARCH_URL, index_prefix=prefix, shards=SHARDS))
+    try:
+        yield remote
+    finally:
+        remote.close()
+        client = opensearchpy.OpenSearch(hosts=[OPENSEARCH_URL])
+        client.indices.delete(index=f"{prefix}-v*", ignore=[404])
+        client.close()
+
+
+def load_in_batches(backend: Backend, n: int = 120) -> None:
+    size = n // BATCHES
+    for start in range(0, n, size):
+        backend.upsert([product(i) for i in range(start, start + size)], None)
+        assert backend.count_matches(MatchSet(text="手表")) > 0  # searched: the batch is committed
+
+
+def answers(backend: Backend) -> list[object]:
+    out: list[object] = []
+    for text, filters in (
+        ("红色 手表", None),
+        ("sneakers leather", Filters(brand=["Acme"])),
+        ("连衣裙", Filters(price_max=30.0, in_stock=True)),
+    ):
+        found = [(c.id, round(c.bm25 or 0.0, 4)) for c in backend.bm25(text, filters, 200)]  # all: no tie crosses a cut
+        out.append(sorted(found, key=lambda hit: (-hit[1], hit[0])))  # OpenSearch orders ties by segment
+    match = MatchSet(text="手表 watch")
+    out.append(backend.count_matches(match))
+    out.append(backend.facets(match, [FacetSpec(field="brand", size=5)]))
+    return out
+
+
+def test_a_merge_keeps_every_answer_and_leaves_fewer_segments(backend: Backend) -> None:
+    load_in_batches(backend)
+    before_answers = answers(backend)
+    before, after = backend.force_merge()
+    assert after <= before
+    assert after <= SHARDS  # one segment (per shard), or none on an empty shard
+    assert answers(backend) == before_answers
+    assert backend.force_merge()[1] == after  # a second merge has nothing to do
+
+
+def test_writes_after_a_merge_are_searchable(backend: Backend) -> None:
+    load_in_batches(backend)
+    backend.force_merge()
+    backend.upsert([Product(id="new", title="珐琅 手表 礼物", brand="Acme", price=99.0)], None)
+    backend.delete(["p001"])
+    assert [c.id for c in backend.bm25("珐琅", None, 5)] == ["new"]
+    assert "p001" not in {c.id for c in backend.bm25(product(1).title, None, 200)}
+    assert backend.get(["new", "p001"])[0].id == "new"
+
+
+def test_an_empty_store_merges_to_nothing(backend: Backend) -> None:
+    before, after = backend.force_merge()
+    assert after <= before <= 1
+
+
+# ------------------------------------------------------------------ embedded only
+
+
+def test_embedded_merge_makes_one_segment(tmp_path: Path) -> None:
+    from middleware.backends.embedded import EmbeddedBackend
+
+    with EmbeddedBackend(tmp_path / "data") as store:
+        load_in_batches(store)
+        before, after = store.force_merge()
+        assert before >= 2
+        assert after == 1
+        assert store.lexical.stamped_generation() == store.lexical.generation
+
+
+def test_after_a_merge_deleted_products_no_longer_weigh_in_the_scores(tmp_path: Path) -> None:
+    """Until a merge, a deleted product still counts in BM25's term statistics (as in Lucene);
+    merged, the store scores exactly as one loaded without it."""
+    from middleware.backends.embedded import EmbeddedBackend
+
+    gone = [f"p{i:03d}" for i in range(0, 120, 3)]
+    with EmbeddedBackend(tmp_path / "fresh") as fresh:
+        fresh.upsert([p for p in map(product, range(120)) if p.id not in gone], None)
+        want = answers(fresh)
+    with EmbeddedBackend(tmp_path / "data") as store:
+        load_in_batches(store)
+        store.delete(gone)
+        assert answers(store) != want
+        store.force_merge()
+        assert answers(store) == want
+
+
+def test_embedded_merge_is_refused_by_a_process_not_owning_the_writer(tmp_path: Path) -> None:
+    from middleware.backends.embedded import EmbeddedBackend
+
+    with EmbeddedBackend(tmp_path / "data") as owner:
+        load_in_batches(owner)
+        with EmbeddedBackend(tmp_path / "data") as other:
+            assert not other.lexical.owns_writer
+            with pytest.raises(BackendError, match="another process writes the lexical index"):
+                other.force_merge()
+        assert owner.force_merge()[1] == 1
+
+
+def test_embedded_merge_is_durable_across_a_reopen(tmp_path: Path) -> None:
+    from middleware.backends.embedded import EmbeddedBackend
+
+    with EmbeddedBackend(tmp_path / "data") as store:
+        load_in_batches(store)
+        store.force_merge()
+        kept = answers(store)
+    with EmbeddedBackend(tmp_path / "data") as store:
+        assert store.lexical._searcher().num_segments == 1
+        assert answers(store) == kept
+
+
+def test_embedded_merge_killed_midway_leaves_the_index_as_it_was(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from middleware.backends.embedded import EmbeddedBackend, lexical
+        from tests.test_force_merge import load_in_batches
+
+        sync = lexical.TantivyLexicalIndex._sync
+
+        def dying_sync(self, generation, *, rebuild=False):
+            if rebuild:  # the merge's rewrite: die with part of it written, uncommitted
+                document, written = self._document, []
+
+                def dying(row):
+                    written.append(row.pk)
+                    if len(written) == 50:
+                        os._exit(9)  # no commit, no close: what SIGKILL leaves
+                    return document(row)
+
+                self._document = dying
+            return sync(self, generation, rebuild=rebuild)
+
+        lexical.TantivyLexicalIndex._sync = dying_sync
+        store = EmbeddedBackend({str(tmp_path)!r})
+        load_in_batches(store)
+        store.force_merge()
+        """
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120, cwd=REPO).returncode == 9
+    with EmbeddedBackend(tmp_path) as store:
+        assert store.count() == 120
+        assert store.lexical._searcher().num_segments >= 2  # the segments before the merge, all there
+        expected = sorted(f"p{i:03d}" for i in range(120) if "手表" in product(i).title)
+        assert sorted(c.id for c in store.bm25("手表", None, 200)) == expected
+        assert store.force_merge()[1] == 1
+        assert sorted(c.id for c in store.bm25("手表", None, 200)) == expected
