@@ -132,3 +132,27 @@ def test_readme_worked_catalog_answers_the_readme_search_example(
     code, out, err = run_cli(capsys, *args)
     assert code == 0, err
     assert sorted(hit["id"] for hit in json.loads(out)["hits"]) == ["w1", "w2"]
+
+
+def test_index_force_merge_and_the_force_merge_command(
+    tmp_path: Path, cli_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = write_jsonl(tmp_path / "c.jsonl", catalog(60))
+    for start in (0, 20, 40):  # three loads: three lexical commits at least
+        part = write_jsonl(tmp_path / f"part{start}.jsonl", catalog(20, start=start))
+        assert run_cli(capsys, "index", str(part), "--embedder", "none", "-q")[0] == 0
+    code, out, err = run_cli(capsys, "force-merge", "--json")
+    assert code == 0, err
+    merged = json.loads(out)
+    assert merged["segments_before"] >= 2 and merged["segments_after"] == 1
+    code, out, err = run_cli(capsys, "index", str(source), "--embedder", "none", "--force-merge", "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out)["force_merge"]["segments_after"] == 1  # one JSON document: the summary holds it
+    code, out, _ = run_cli(capsys, "search", "欧米茄 手表", "--json")
+    assert code == 0
+    assert json.loads(out)["hits"][0]["product"]["brand"] == "欧米茄"
+
+    with EmbeddedBackend(cli_env):  # a process owning the writer (a running server): refused, by name
+        code, _, err = run_cli(capsys, "force-merge")
+    assert code == 1
+    assert "another process writes the lexical index" in _one_line(err)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from middleware.backends.embedded import EmbeddedBackend
 from middleware.config import Settings
 from middleware.products import Filters
 from middleware.server.batching import BatchingEmbedder, BatchingReranker
@@ -155,6 +156,7 @@ def test_product_writes_are_refused_unless_enabled(client):
         ("POST", "/v1/products/delete", {"ids": ["w01"]}),
         ("DELETE", "/v1/products/w01", None),
         ("POST", "/v1/signals", {"updates": [{"id": "w01", "stock": 0}]}),
+        ("POST", "/v1/force-merge", None),
     ]:
         r = client.request(method, path, json=body)
         assert r.status_code == 403, (path, r.text)
@@ -178,6 +180,29 @@ def test_product_writes_when_enabled(server_models, tmp_path):
             assert c.get("/v1/products/n1").status_code == 404
             bad = c.post("/v1/products", json={"products": [{"id": "n2", "title": "x", "price": -1}]})
             assert bad.status_code == 422 and "products.0.price" in bad.json()["message"]
+    finally:
+        store.close()
+
+
+def test_force_merge_endpoint(server_models, tmp_path):
+    store = fill_store(tmp_path / "store", server_models[0])
+    try:
+        app = make_app(store, *server_models, enable_writes=True)
+        with TestClient(app) as c:
+            for i in range(3):  # separate writes, each searched: separate lexical segments
+                c.post("/v1/products", json={"products": [{"id": f"n{i}", "title": f"珐琅彩 茶具 {i}"}]})
+                assert c.post("/v1/search", json={"query": "珐琅彩", "size": 5}).json()["hits"]
+            r = c.post("/v1/force-merge")
+            assert r.status_code == 200, r.text
+            assert r.json()["segments_before"] >= 2 and r.json()["segments_after"] == 1
+            hits = c.post("/v1/search", json={"query": "珐琅彩", "size": 50}).json()["hits"]
+            assert {"n0", "n1", "n2"} <= {h["id"] for h in hits}
+            with EmbeddedBackend(store.data_dir) as other:  # a worker not holding the writer: 409, by name
+                other_app = make_app(other, *server_models, enable_writes=True)
+                with TestClient(other_app) as o:
+                    busy = o.post("/v1/force-merge")
+                assert busy.status_code == 409, busy.text
+                assert "another process writes the lexical index" in busy.json()["message"]
     finally:
         store.close()
 

@@ -85,8 +85,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"refuse a prune deleting more than this share of the store (default {DEFAULT_MAX_PRUNE_SHARE})",
     )
     p.add_argument("--no-embedding-cache", action="store_true", help="embed every changed text afresh")
+    p.add_argument(
+        "--force-merge",
+        action="store_true",
+        help="when the load is done, merge the lexical index into one segment (see `shopsearch force-merge`)",
+    )
     _output_flags(p)
     p.set_defaults(func=run_index)
+
+    m = subparsers.add_parser(
+        "force-merge",
+        help="merge the lexical index into one segment: faster searches after loads and many small writes",
+        description="Merge the lexical index's segments into one (OpenSearch: one per shard, `_forcemerge`). "
+        "Each segment is searched on its own, so a store written in many commits searches slower. Searches "
+        "go on during the merge; writes wait for it. The embedded store rewrites its lexical index from "
+        "SQLite, about three seconds per 100,000 products, and only the process that writes the store can "
+        "do it: with `shopsearch serve` running on the data dir, run it when the server is stopped.",
+        epilog="exit codes: 0 merged (or nothing to merge); 1 the backend failed or refused; 2 usage",
+    )
+    m.add_argument("--json", action="store_true", help="print the result as JSON")
+    m.set_defaults(func=run_force_merge)
 
     s = subparsers.add_parser(
         "update-signals",
@@ -186,10 +204,12 @@ def dead_letter_path(args: argparse.Namespace, settings: Settings, previous: str
     return Path(settings.data_dir) / "dead-letters" / f"{stamp}-{os.getpid()}.jsonl"
 
 
-def _finish(args: argparse.Namespace, settings: Settings, summary: Any) -> None:
+def _finish(args: argparse.Namespace, settings: Settings, summary: Any, merged: dict[str, Any] | None = None) -> None:
     from loaders.checkpoint import atomic_write_json
 
     record = summary.to_dict()
+    if merged is not None:
+        record["force_merge"] = merged
     atomic_write_json(loader_dir(settings) / f"last-{summary.command}.json", record)  # shown by `stats`
     if args.report:
         try:
@@ -201,6 +221,8 @@ def _finish(args: argparse.Namespace, settings: Settings, summary: Any) -> None:
     else:
         for line in summary.lines():
             print(line)
+        if merged is not None:
+            print(_merge_line(merged))
     if summary.prune_refused:
         print(f"shopsearch: prune refused: {summary.prune_refused}", file=sys.stderr)
 
@@ -274,13 +296,14 @@ def run_index(args: argparse.Namespace) -> int:
             progress=Progress("indexing", every_s=args.progress_every, enabled=not args.quiet),
             summary=Summary(command="index", source=args.file),
         )
+        merged = _force_merge(backend) if args.force_merge else None
     finally:
         if dead_letters is not None:
             dead_letters.close()
         if cache is not None:
             cache.close()
         backend.close()
-    _finish(args, settings, summary)
+    _finish(args, settings, summary, merged)
     if summary.rejected:
         return EXIT_REJECTED
     return EXIT_PRUNE_REFUSED if summary.prune_refused else EXIT_OK
@@ -312,6 +335,33 @@ def run_update_signals(args: argparse.Namespace) -> int:
         backend.close()
     _finish(args, settings, summary)
     return EXIT_REJECTED if (summary.rejected or summary.not_found) else EXIT_OK
+
+
+def _force_merge(backend: Any) -> dict[str, Any]:
+    from middleware.backends import BackendError
+
+    started = time.monotonic()
+    try:
+        before, after = backend.force_merge()
+    except BackendError as err:
+        raise CliError(str(err)) from None
+    return {"segments_before": before, "segments_after": after, "seconds": round(time.monotonic() - started, 2)}
+
+
+def _merge_line(result: dict[str, Any]) -> str:
+    return f"lexical segments {result['segments_before']} -> {result['segments_after']} ({result['seconds']} s)"
+
+
+def run_force_merge(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    require_store(settings)
+    backend = open_store(settings)
+    try:
+        result = _force_merge(backend)
+    finally:
+        backend.close()
+    print(json.dumps(result) if args.json else _merge_line(result))
+    return EXIT_OK
 
 
 def run_delete(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from middleware import experiments, storefront
 from middleware import rules as merch
-from middleware.backends.base import EmbedderMismatch
+from middleware.backends.base import EmbedderMismatch, WriterBusy
 from middleware.products import MAX_DESCRIPTION_CHARS, MAX_QUERY_CHARS, Product, SignalUpdate
 from middleware.schema import SearchRequest, SearchResponse, SuggestResponse
 from middleware.server.errors import ApiError
@@ -297,6 +297,24 @@ async def delete_product(product_id: str, request: Request) -> dict[str, Any]:
     if not deleted:
         raise ApiError(404, f"no product with id {product_id[:200]!r}", param="product_id", location="path")
     return {"deleted": deleted}
+
+
+@router.post("/v1/force-merge", tags=["products"])
+async def force_merge(request: Request) -> dict[str, Any]:
+    """Merge the lexical index into one segment (after loads or many small writes: searches get faster).
+    Writes wait for it. Off unless server.enable_writes."""
+    state = get_state(request)
+    _writes_enabled(state)
+
+    def merge() -> dict[str, Any]:
+        started = time.monotonic()
+        try:
+            before, after = state.base.backend.force_merge()
+        except WriterBusy as err:  # another worker process holds the writer: it can merge, this one cannot
+            raise ApiError(409, str(err), os_type="illegal_state_exception", headers={"Retry-After": "1"}) from None
+        return {"segments_before": before, "segments_after": after, "seconds": round(time.monotonic() - started, 2)}
+
+    return await state.admitted(merge, bounded=False)
 
 
 # ------------------------------------------------------------------------------------------ synonyms
