@@ -154,13 +154,19 @@ class EmbeddedBackend:
 
         while True:
             with self.store.reader() as conn:
-                rows = conn.execute(
-                    "SELECT p.pk, p.doc FROM products p LEFT JOIN product_text t ON t.pk = p.pk"
-                    " WHERE t.pk IS NULL OR t.analysis != ? ORDER BY p.pk LIMIT ?",
-                    (ANALYSIS_VERSION, batch),
-                ).fetchall()
-            if not rows:
-                return
+                # pks first, from covering indexes: the check on open reads no product or token row
+                stale = [
+                    pk
+                    for (pk,) in conn.execute(
+                        "SELECT pk FROM products WHERE pk NOT IN"
+                        " (SELECT pk FROM product_text WHERE analysis = ?) LIMIT ?",
+                        (ANALYSIS_VERSION, batch),
+                    )
+                ]
+                if not stale:
+                    return
+                marks = ",".join("?" * len(stale))
+                rows = conn.execute(f"SELECT pk, doc FROM products WHERE pk IN ({marks}) ORDER BY pk", stale).fetchall()
             analysed = self._analysis.tokens([Product.model_validate_json(doc) for _, doc in rows])
             tokens = [(pk, fields) for (pk, _), fields in zip(rows, analysed, strict=True)]
             with self.store.write_mutex, self.store.transaction() as conn:

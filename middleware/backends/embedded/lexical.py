@@ -95,6 +95,8 @@ CREATE TABLE IF NOT EXISTS lexical_changes (
     pk INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS lexical_changes_generation ON lexical_changes (generation);
+-- the stale-analysis check on open reads this index, not the token rows
+CREATE INDEX IF NOT EXISTS product_text_analysis ON product_text (analysis);
 """
 
 # the SQLite FTS5 lexical index of earlier stores: dropped on open, the tantivy index is built instead
