@@ -345,10 +345,18 @@ def disk_usage(path: Path) -> dict[str, int]:
     return out
 
 
-def rss() -> int:
-    import psutil
+def resident() -> dict[str, int]:
+    """Resident bytes, split into private memory and mapped file pages. The store maps its SQLite file and
+    tantivy its segments: touched file pages count in RSS but are the OS page cache, shared and reclaimable,
+    which a process reading with read() also fills without RSS showing it."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if line.startswith(("RssAnon", "RssFile")))
+        return {name: int(fields[key].split()[0]) * 1024 for name, key in (("private", "RssAnon"), ("file", "RssFile"))}
+    except (OSError, KeyError):  # not Linux: psutil's RSS, undivided
+        import psutil
 
-    return psutil.Process().memory_info().rss
+        return {"private": psutil.Process().memory_info().rss, "file": 0}
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -554,23 +562,29 @@ def _memory_child() -> dict[str, Any]:
     filters = filter_cases()
     analyze_query(queries[0] if queries else "warm")  # the analysers' dictionaries are not the store's
     gc.collect()
-    before = rss()
+    before = resident()
     backend = EmbeddedBackend(job["store"])
-    opened = rss()
+    opened = resident()
     try:
         for flt in filters.values():
             for q in queries:
                 backend.bm25(q, flt, TOP_K)
         gc.collect()
-        warm = rss()
+        warm = resident()
         count = backend.count()
     finally:
         backend.close()
+
+    def delta(after: dict[str, int], part: str) -> float:
+        return round((after[part] - before[part]) / 2**20, 1)
+
     return {
         "products": count,
         "warmup_queries": len(filters) * len(queries),
-        "rss_open_delta_mb": round((opened - before) / 2**20, 1),
-        "rss_warm_delta_mb": round((warm - before) / 2**20, 1),
+        "rss_open_delta_mb": delta(opened, "private"),
+        "rss_warm_delta_mb": delta(warm, "private"),
+        "file_pages_open_delta_mb": delta(opened, "file"),
+        "file_pages_warm_delta_mb": delta(warm, "file"),
         "measured_in": "a fresh process",
     }
 
@@ -836,10 +850,11 @@ def targets(results: dict[str, Any], sizes: Sizes) -> list[dict[str, Any]]:
     ]
 
 
-def _merge_text(merge: dict[str, Any] | None) -> str:
+def _segments_text(searched: Any, merge: dict[str, Any] | None) -> str:
+    """How many lexical segments a store had, and what force_merge made of them."""
     if not merge:
-        return ""
-    return f" (merged from {merge['segments_before']} in {merge['seconds']} s)"
+        return f"{searched} segment(s)"
+    return f"{merge['segments_before']} segment(s), merged to {merge['segments_after']} in {merge['seconds']} s"
 
 
 def _memory_text(m: dict[str, Any]) -> str:
@@ -850,7 +865,12 @@ def _memory_text(m: dict[str, Any]) -> str:
         return "not readable (RSS fell while it was open: earlier steps' memory was freed)"
     opened = f"{m['rss_open_delta_mb']} MiB, then " if "rss_open_delta_mb" in m else ""
     where = f" ({m['measured_in']})" if "measured_in" in m else ""
-    return f"{opened}{warm} MiB after {m.get('warmup_queries', '?')} queries{where}"
+    mapped = (
+        f"; mapped file pages {m['file_pages_open_delta_mb']} MiB, then {m['file_pages_warm_delta_mb']} MiB"
+        if "file_pages_warm_delta_mb" in m
+        else ""
+    )
+    return f"private {opened}{warm} MiB after {m.get('warmup_queries', '?')} queries{mapped}{where}"
 
 
 def _load_at_start(results: dict[str, Any]) -> str:
@@ -977,12 +997,13 @@ def speed_section(results: dict[str, Any]) -> str:
         "- build times of the cached stores are not indexing figures (they include resumed and contended builds); "
         "the indexing figure is the `Indexer` run below.",
         "- the cached stores are built as `shopsearch index --force-merge` leaves a store: a bulk load "
-        "(`EmbeddedBackend.bulk_load`), then `force_merge`. Lexical segments searched at "
-        f"{sizes.catalog:,} {emb.get('lexical_segments', '?')}"
-        f"{_merge_text(emb.get('store', {}).get('force_merge'))}, "
-        f"at {sizes.large:,} {large.get('lexical_segments', '?')}"
-        f"{_merge_text(large.get('store', {}).get('force_merge'))}; "
-        f"after the indexing run {idx.get('lexical_segments', '?')}{_merge_text(idx.get('force_merge'))}. "
+        "(`EmbeddedBackend.bulk_load`), then `force_merge`. Lexical segments: at "
+        f"{sizes.catalog:,} "
+        f"{_segments_text(emb.get('lexical_segments', '?'), emb.get('store', {}).get('force_merge'))}; "
+        f"at {sizes.large:,} "
+        f"{_segments_text(large.get('lexical_segments', '?'), large.get('store', {}).get('force_merge'))}; "
+        f"the indexing run's store {_segments_text(idx.get('lexical_segments', '?'), idx.get('force_merge'))}, "
+        "timed both as loaded and merged. "
         "Each segment is scored on its own, so a store grown by many small commits (up to 7 segments per size "
         "class before tantivy merges them) searches slower until it is merged.",
         "",
@@ -1007,7 +1028,8 @@ def speed_section(results: dict[str, Any]) -> str:
         f"with {DIM}-d vectors: {_mb(emb['disk']['total'])} MiB "
         f"({', '.join(f'{k} {_mb(v)}' for k, v in emb['disk'].items() if k != 'total')}); "
         f"legacy FTS5 scratch db: {_mb(eng['legacy FTS5 (before)']['disk_bytes'])} MiB.",
-        f"- memory (RSS added by opening the store, then after warm-up queries): {sizes.catalog:,} products without "
+        f"- memory (RSS added by opening the store, then after warm-up queries; private memory apart from the "
+        "mapped file pages, which are the OS page cache): {sizes.catalog:,} products without "
         f"vectors {_memory_text(mem)}; {large['products']:,} products "
         f"{_memory_text(large.get('memory', {'rss_warm_delta_mb': large.get('rss_warm_delta_mb')}))}.",
         f"- {sizes.large:,}-product store: {_mb(large['disk']['total'])} MiB on disk; built in "
