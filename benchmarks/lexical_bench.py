@@ -1029,7 +1029,7 @@ def speed_section(results: dict[str, Any]) -> str:
         f"({', '.join(f'{k} {_mb(v)}' for k, v in emb['disk'].items() if k != 'total')}); "
         f"legacy FTS5 scratch db: {_mb(eng['legacy FTS5 (before)']['disk_bytes'])} MiB.",
         f"- memory (RSS added by opening the store, then after warm-up queries; private memory apart from the "
-        "mapped file pages, which are the OS page cache): {sizes.catalog:,} products without "
+        f"mapped file pages, which are the OS page cache): {sizes.catalog:,} products without "
         f"vectors {_memory_text(mem)}; {large['products']:,} products "
         f"{_memory_text(large.get('memory', {'rss_warm_delta_mb': large.get('rss_warm_delta_mb')}))}.",
         f"- {sizes.large:,}-product store: {_mb(large['disk']['total'])} MiB on disk; built in "

@@ -119,6 +119,23 @@ def test_another_analysis_version_rebuilds_with_fresh_tokens(tmp_path: Path, mon
     assert versions == {text.ANALYSIS_VERSION}
 
 
+def test_products_without_token_rows_are_analysed_on_open(tmp_path: Path) -> None:
+    with EmbeddedBackend(tmp_path) as store:
+        store.upsert(catalog(), None)
+        before = ids(store, "手表")
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    with db:
+        db.execute("DELETE FROM product_text WHERE pk IN (SELECT pk FROM products WHERE id IN ('p0', 'p5', 'p7'))")
+    db.close()
+    with EmbeddedBackend(tmp_path) as store:
+        assert ids(store, "手表") == before
+        assert store.lexical.num_docs() == store.count() == 30
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    missing = db.execute("SELECT count(*) FROM products WHERE pk NOT IN (SELECT pk FROM product_text)").fetchone()
+    db.close()
+    assert missing == (0,)
+
+
 @pytest.mark.parametrize(
     "query",
     ["title:手表 AND NOT", "*", "手表~2", '"unclosed', "(a OR b", "+running -shoes", "brand:b1", "[1 TO 5]", "\\"],

@@ -152,9 +152,21 @@ class EmbeddedBackend:
         or format): the lexical index rebuilds from them, and nothing is lost on the way."""
         from middleware.text import ANALYSIS_VERSION
 
+        with self.store.reader(mapped=False) as conn:
+            # the usual case, answered from two counts and one index probe: as many token rows as products
+            # (tokens and products are written and deleted in one transaction) and none of another analysis
+            (same_count,) = conn.execute(
+                "SELECT (SELECT count(*) FROM products) = (SELECT count(*) FROM product_text)"
+            ).fetchone()
+            other = conn.execute(
+                "SELECT 1 FROM product_text WHERE analysis < ? OR analysis > ? LIMIT 1",
+                (ANALYSIS_VERSION, ANALYSIS_VERSION),
+            ).fetchone()
+        if same_count and other is None:
+            return
         while True:
-            with self.store.reader() as conn:
-                # pks first, from covering indexes: the check on open reads no product or token row
+            with self.store.reader(mapped=False) as conn:
+                # pks first, from covering indexes: the scan reads no product or token row
                 stale = [
                     pk
                     for (pk,) in conn.execute(

@@ -170,19 +170,25 @@ class SqliteStore:
         return conn
 
     @contextlib.contextmanager
-    def reader(self, *, snapshot: bool = False) -> Iterator[sqlite3.Connection]:
-        """A pooled read-only connection; `snapshot`: its statements share one read transaction."""
+    def reader(self, *, snapshot: bool = False, mapped: bool = True) -> Iterator[sqlite3.Connection]:
+        """A pooled read-only connection; `snapshot`: its statements share one read transaction;
+        `mapped=False`: reads go through SQLite's own page cache, for scans of whole indexes, whose
+        pages (and the kernel's fault-around neighbours) would otherwise stay mapped into this process."""
         try:
             conn = self._idle_readers.get_nowait()
         except queue.Empty:
             conn = self._connect(readonly=True)
         try:
+            if not mapped:
+                conn.execute("PRAGMA mmap_size = 0")
             if snapshot:
                 conn.execute("BEGIN")
             yield conn
         finally:
             if conn.in_transaction:
                 conn.rollback()
+            if not mapped:
+                conn.execute(f"PRAGMA mmap_size = {READER_MMAP_BYTES}")
             self._idle_readers.put(conn)
 
     @contextlib.contextmanager
