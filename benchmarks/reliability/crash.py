@@ -12,6 +12,11 @@ vectors.faiss rebuilds identically.
 Signal updates: `shopsearch update-signals FILE` killed at seeded random times and re-run from the
 top (it sets absolute values, so a re-run is the resume). The final signals must equal the file's
 last value per field and id; text and vector blobs must be byte-identical to before.
+
+Force merge: `shopsearch force-merge` killed at seeded random moments between its start-up and the end
+of a whole merge (both measured on a copy). After each kill the lexical index must hold exactly SQLite's
+products with unchanged match counts; the last run merges to one segment, no larger than a merge that
+was never killed.
 """
 
 from __future__ import annotations
@@ -448,8 +453,110 @@ def signals_crash(work: Path, data_dir: Path, *, n_updates: int, kills: int, see
     }
 
 
+# ------------------------------------------------------------------------------------- force merge
+
+
+def _add_segments(data_dir: Path, *, rounds: int, per_round: int, rng: random.Random) -> None:
+    """Give the lexical index more segments: `rounds` separate signal writes of `per_round` products each
+    (same values), every one a commit that re-adds its products' documents."""
+    from middleware.backends.embedded import EmbeddedBackend
+    from middleware.products import SignalUpdate
+
+    for _ in range(rounds):
+        with EmbeddedBackend(data_dir) as backend:
+            ids = sorted(backend.iter_ids())
+            products = backend.get(rng.sample(ids, min(per_round, len(ids))))
+            backend.update_signals([SignalUpdate(id=p.id, sales=p.sales) for p in products])
+
+
+def _merge_state(data_dir: Path, queries: list[str]) -> dict[str, Any]:
+    """The lexical index as an open finds it: segments, bytes on disk, match counts of `queries`, and
+    whether it holds exactly SQLite's products (`_verify_lexical`)."""
+    from middleware.backends.base import MatchSet
+    from middleware.backends.embedded import DB_NAME, EmbeddedBackend
+
+    db = sqlite3.connect(data_dir / DB_NAME)
+    rows = db.execute("SELECT pk, id, doc, NULL FROM products").fetchall()
+    lexical_generation = db.execute("SELECT value FROM meta WHERE key = 'lexical_generation'").fetchone()
+    db.close()
+    with EmbeddedBackend(data_dir) as backend:
+        details = backend.lexical.details()
+        counts = [backend.count_matches(MatchSet(text=q)) for q in queries]
+    state = {"segments": int(details["segments"]), "lexical_bytes": int(details["size_bytes"]), "counts": counts}
+    state.update(_verify_lexical(data_dir, rows, 0 if lexical_generation is None else int(lexical_generation[0])))
+    return state
+
+
+def merge_crash(work: Path, data_dir: Path, *, kills: int, seed: int) -> dict[str, Any]:
+    """SIGKILL `shopsearch force-merge` at seeded random moments of its run, then run it to the end.
+
+    After every kill the index must hold exactly SQLite's products and answer every sample query with
+    the same match count as before; a kill after the merge's commit leaves it merged, which the next
+    attempt undoes by adding segments. The files of killed merges must not pile up: the final merge's
+    index is compared in size with a merge that was never killed."""
+    rng = random.Random(seed)
+    _add_segments(data_dir, rounds=3, per_round=200, rng=rng)
+    db = sqlite3.connect(data_dir / "catalog.sqlite3")
+    titles = [r[0] for r in db.execute("SELECT json_extract(doc, '$.title') FROM products ORDER BY pk")]
+    db.close()
+    queries = [" ".join(t.split()[:2]) for t in rng.sample(titles, min(30, len(titles)))]
+    before = _merge_state(data_dir, queries)
+    cmd = [*CLI, "force-merge", "--json"]
+
+    # the kill window, measured on a copy: from a merge with nothing to merge (start-up and the open)
+    # to a whole merge
+    reference = work / "merge-reference"
+    shutil.rmtree(reference, ignore_errors=True)
+    shutil.copytree(data_dir, reference)
+    whole = _run_and_kill(cmd, env_for_cli(work, reference), kill_when=lambda: False, extra_delay_s=0, timeout_s=900)
+    nothing = _run_and_kill(cmd, env_for_cli(work, reference), kill_when=lambda: False, extra_delay_s=0, timeout_s=900)
+    never_killed = _merge_state(reference, queries)
+    shutil.rmtree(reference, ignore_errors=True)
+
+    env = env_for_cli(work, data_dir)
+    attempts: list[dict[str, Any]] = []
+    while sum(a["killed"] for a in attempts) < kills and len(attempts) < 4 * kills:
+        if _merge_state(data_dir, [])["segments"] <= 1:  # merged by the last attempt: nothing left to kill
+            _add_segments(data_dir, rounds=2, per_round=200, rng=rng)
+        delay = rng.uniform(nothing["seconds"], whole["seconds"])
+        started = time.monotonic()
+        outcome = _run_and_kill(
+            cmd, env, kill_when=lambda t=started, d=delay: time.monotonic() - t >= d, extra_delay_s=0, timeout_s=900
+        )
+        state = _merge_state(data_dir, queries)
+        outcome.update(
+            kill_after_s=round(delay, 3),
+            left=("merged" if state["segments"] == 1 else "as before") if outcome["killed"] else "finished first",
+            segments=state["segments"],
+            lexical_bytes=state["lexical_bytes"],
+            lexical_agrees=state["lexical_agrees"],
+            counts_unchanged=state["counts"] == before["counts"],
+        )
+        attempts.append(outcome)
+    final = _run_and_kill(cmd, env, kill_when=lambda: False, extra_delay_s=0, timeout_s=900)
+    after = _merge_state(data_dir, queries)
+    killed = [a for a in attempts if a["killed"]]
+    return {
+        "products": len(titles),
+        "queries": len(queries),
+        "merge_seconds": whole["seconds"],
+        "nothing_to_merge_seconds": nothing["seconds"],
+        "segments_before": before["segments"],
+        "kills": len(killed),
+        "kills_left": {left: sum(a["left"] == left for a in killed) for left in ("as before", "merged")},
+        "attempts": attempts,
+        "every_kill_agrees": all(a["lexical_agrees"] and a["counts_unchanged"] for a in killed),
+        "final_exit_code": final["returncode"],
+        "final_segments": after["segments"],
+        "final_agrees": after["lexical_agrees"] and after["counts"] == before["counts"],
+        "final_lexical_bytes": after["lexical_bytes"],
+        "never_killed_lexical_bytes": never_killed["lexical_bytes"],
+        "max_lexical_bytes_after_a_kill": max((a["lexical_bytes"] for a in killed), default=None),
+    }
+
+
 def run(work: Path, *, quick: bool, seed: int = 20240611) -> dict[str, Any]:
-    """Every crash scenario: BM25-only (--embedder none) and tiny-model indexing, then signal updates."""
+    """Every crash scenario: BM25-only (--embedder none) and tiny-model indexing, signal updates, force merge."""
     n = 3_000 if quick else 20_000
     kills = 2 if quick else 5
     results: dict[str, Any] = {}
@@ -458,4 +565,5 @@ def run(work: Path, *, quick: bool, seed: int = 20240611) -> dict[str, Any]:
     results["update_signals"] = signals_crash(
         work, work / "store-tiny", n_updates=(6_000 if quick else 60_000), kills=kills, seed=seed + 2
     )
+    results["force_merge"] = merge_crash(work, work / "store-none", kills=kills, seed=seed + 3)
     return results

@@ -42,6 +42,19 @@ def _crash(section: dict[str, Any]) -> list[str]:
             f"{s['final_exit_code']}: signals wrong **{s['signals_wrong']}**, vectors byte-identical "
             f"{_yes(s['vectors_byte_identical'])}, text unchanged {_yes(s['text_unchanged'])}.",
         ]
+    m = section.get("force_merge")
+    if m:
+        left = ", ".join(f"{v} {k}" for k, v in m["kills_left"].items())
+        lines += [
+            "",
+            f"Force merge: {m['products']} products in {m['segments_before']} lexical segments, "
+            f"`shopsearch force-merge` killed {m['kills']} times between {m['nothing_to_merge_seconds']} s "
+            f"(start-up and open) and {m['merge_seconds']} s (a whole merge); the kills left {left}. Index = "
+            f"SQLite with unchanged match counts ({m['queries']} queries) after every kill "
+            f"{_yes(m['every_kill_agrees'])}; final run exit {m['final_exit_code']}, {m['final_segments']} "
+            f"segment, agrees {_yes(m['final_agrees'])}, {m['final_lexical_bytes']:,} bytes (a merge never "
+            f"killed: {m['never_killed_lexical_bytes']:,}).",
+        ]
     lines.append("")
     return lines
 
