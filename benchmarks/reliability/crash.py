@@ -515,10 +515,11 @@ def merge_crash(work: Path, data_dir: Path, *, kills: int, seed: int) -> dict[st
 
     env = env_for_cli(work, data_dir)
     attempts: list[dict[str, Any]] = []
+    low, high = nothing["seconds"], whole["seconds"]
     while sum(a["killed"] for a in attempts) < kills and len(attempts) < 4 * kills:
         if _merge_state(data_dir, [])["segments"] <= 1:  # merged by the last attempt: nothing left to kill
             _add_segments(data_dir, rounds=2, per_round=200, rng=rng)
-        delay = rng.uniform(nothing["seconds"], whole["seconds"])
+        delay = rng.uniform(min(low, 0.9 * high), high)
         started = time.monotonic()
         outcome = _run_and_kill(
             cmd, env, kill_when=lambda t=started, d=delay: time.monotonic() - t >= d, extra_delay_s=0, timeout_s=900
@@ -533,6 +534,8 @@ def merge_crash(work: Path, data_dir: Path, *, kills: int, seed: int) -> dict[st
             counts_unchanged=state["counts"] == before["counts"],
         )
         attempts.append(outcome)
+        if not outcome["killed"]:  # a run quicker than the reference (which paid for a cold start): kill sooner
+            high = min(high, outcome["seconds"])
     final = _run_and_kill(cmd, env, kill_when=lambda: False, extra_delay_s=0, timeout_s=900)
     after = _merge_state(data_dir, queries)
     killed = [a for a in attempts if a["killed"]]
