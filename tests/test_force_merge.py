@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from middleware.backends import BackendError
 from middleware.backends.base import Backend, FacetSpec, MatchSet
 from middleware.backends.embedded import EmbeddedBackend
-from middleware.products import Filters, Product
+from middleware.products import Filters, Product, SignalUpdate
 
 OPENSEARCH_URL = os.environ.get("OPENSEARCH_URL")
 SKIP_REASON = os.environ.get("SHOPSEARCH_TEST_OPENSEARCH_UNAVAILABLE") or (
@@ -166,6 +167,56 @@ def test_embedded_merge_is_durable_across_a_reopen(tmp_path: Path) -> None:
     with EmbeddedBackend(tmp_path / "data") as store:
         assert store.lexical._searcher().num_segments == 1
         assert answers(store) == kept
+
+
+def test_embedded_writes_during_a_merge_do_not_wait_and_land_in_it(tmp_path: Path) -> None:
+    """The merge's rewrite is held midway while this process writes and searches: the writes return
+    at once, searches answer from the segments before, and the merged index holds the writes."""
+    from middleware.backends.embedded import EmbeddedBackend
+
+    with EmbeddedBackend(tmp_path / "data") as store:
+        load_in_batches(store)
+        lex = store.lexical
+        held, release = threading.Event(), threading.Event()
+        document, seen = lex._document, []
+
+        def holding(row: object) -> object:
+            seen.append(row)
+            if lex._merging and len(seen) == 50:  # part of the rewrite done, uncommitted
+                held.set()
+                release.wait(30)
+            return document(row)
+
+        lex._document = holding
+        merged: list[tuple[int, int]] = []
+        merging = threading.Thread(target=lambda: merged.append(store.force_merge()))
+        merging.start()
+        try:
+            assert held.wait(30)
+            store.upsert([Product(id="new", title="珐琅 手表 礼物", brand="Acme", price=99.0)], None)
+            store.upsert([product(2).model_copy(update={"title": "景泰蓝 花瓶"})], None)
+            store.delete(["p001"])
+            store.update_signals([SignalUpdate(id="p003", stock=0)])
+            with EmbeddedBackend(tmp_path / "data") as other:  # a second process's view: not the writer
+                assert not other.lexical.owns_writer
+                other.upsert([Product(id="other", title="琉璃 摆件", brand="Cygnus", price=12.0)], None)
+            assert not release.is_set() and merging.is_alive()  # every write returned while the merge was held
+            assert store.bm25("珐琅", None, 5) == []  # searchable once the merge ends
+            # a deleted product is gone at once: hits are read back from SQLite
+            assert "p001" not in {c.id for c in store.bm25(product(1).title, None, 200)}
+        finally:
+            release.set()
+            merging.join(60)
+        lex._document = document
+        assert merged and merged[0][0] >= 2 and merged[0][1] == 1
+        assert [c.id for c in store.bm25("珐琅", None, 5)] == ["new"]
+        assert [c.id for c in store.bm25("景泰蓝", None, 5)] == ["p002"]
+        assert [c.id for c in store.bm25("琉璃", None, 5)] == ["other"]
+        assert "p002" not in {c.id for c in store.bm25(product(2).title, None, 200)}
+        assert "p001" not in {c.id for c in store.bm25(product(1).title, None, 200)}
+        assert "p003" not in {c.id for c in store.bm25(product(3).title, Filters(in_stock=True), 200)}
+        assert store.count_matches(MatchSet()) == lex.num_docs() == 121  # 120 loaded, two added, one deleted
+        assert lex._searcher().num_segments == 1  # the writes went into the merge's one commit
 
 
 def test_embedded_merge_killed_midway_leaves_the_index_as_it_was(tmp_path: Path) -> None:

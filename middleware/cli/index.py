@@ -98,9 +98,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="merge the lexical index into one segment: faster searches after loads and many small writes",
         description="Merge the lexical index's segments into one (OpenSearch: one per shard, `_forcemerge`). "
         "Each segment is searched on its own, so a store written in many commits searches slower. Searches "
-        "go on during the merge; writes wait for it. The embedded store rewrites its lexical index from "
-        "SQLite, about three seconds per 100,000 products, and only the process that writes the store can "
-        "do it: with `shopsearch serve` running on the data dir, run it when the server is stopped.",
+        "and writes go on during the merge; what writes change is searchable once it ends. The embedded "
+        "store rewrites its lexical index from SQLite, about three seconds per 100,000 products, and only "
+        "the process that writes the store can do it: with `shopsearch serve` running on the data dir, use "
+        "its POST /v1/force-merge, or run this when the server is stopped.",
         epilog="exit codes: 0 merged (or nothing to merge); 1 the backend failed or refused; 2 usage",
     )
     m.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -302,7 +302,7 @@ async def delete_product(product_id: str, request: Request) -> dict[str, Any]:
 @router.post("/v1/force-merge", tags=["products"])
 async def force_merge(request: Request) -> dict[str, Any]:
     """Merge the lexical index into one segment (after loads or many small writes: searches get faster).
-    Writes wait for it. Off unless server.enable_writes."""
+    Writes go on meanwhile and become searchable when it ends. Off unless server.enable_writes."""
     state = get_state(request)
     _writes_enabled(state)
 

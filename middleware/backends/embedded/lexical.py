@@ -13,10 +13,11 @@ pk, the analysed tokens (`product_text`, one space-joined string per lexical fie
   stamped before the oldest change still logged.
 
 One writer at a time: the process holding `lexical/writer.lock` (an flock, released by the kernel
-when the process dies) owns tantivy's IndexWriter. It applies its own writes before they return,
-and other processes' writes within `poll_interval_s` (a background thread polls the store's
-lexical generation). Every process searches; a process that does not own the writer reloads its
-reader when the stamp moves, and takes the writer over when its owner is gone.
+when the process dies) owns tantivy's IndexWriter. It applies its own writes before they return
+(except during a force merge, which applies them when it ends), and other processes' writes within
+`poll_interval_s` (a background thread polls the store's lexical generation). Every process
+searches; a process that does not own the writer reloads its reader when the stamp moves, and takes
+the writer over when its owner is gone.
 
 Commits are coalesced: a tantivy commit fsyncs, a fixed cost per commit that would dominate bulk
 loads. Applied changes are committed when the writes pause (`idle_commit_s`, longer than the gap
@@ -317,6 +318,8 @@ class TantivyLexicalIndex:
         self.max_commit_delay_s = max_commit_delay_s
         self.bulk_commit_s = bulk_commit_s
         self._bulk_loads = 0  # open `bulk` contexts of this process
+        self._bulk_count_lock = threading.Lock()
+        self._merging = False  # a force merge holds `_lock` for its whole rewrite: writes do not wait for it
         self._writer_heap = writer_heap_bytes
         self._writer_threads = writer_threads
         self._schema = _schema()
@@ -455,12 +458,21 @@ class TantivyLexicalIndex:
         """A product's filter fields changed (price, stock): its document is re-synced."""
         conn.execute("INSERT INTO lexical_changes (generation, pk) VALUES (?, ?)", (generation, pk))
 
+    def _lock_unless_merging(self) -> bool:
+        """Take `_lock`, unless a force merge holds it: False then, at once (the merge, or the poll
+        after it, applies what the store logs meanwhile)."""
+        while not self._lock.acquire(timeout=0.01):
+            if self._merging:
+                return False
+        return True
+
     def refresh(self, store_generation: int | None = None) -> None:
         """Catch up with the store: apply its changes when this process owns the writer (taking it over
-        when free), else reload the reader when the owner has committed."""
-        if self._closed.is_set():
+        when free), else reload the reader when the owner has committed. During a force merge it
+        returns at once: the change is in SQLite's log, and the merge's end applies it."""
+        if self._closed.is_set() or not self._lock_unless_merging():
             return
-        with self._lock:
+        try:
             if self._index is None:
                 return
             if store_generation is None:
@@ -477,6 +489,8 @@ class TantivyLexicalIndex:
                 self._index.reload()
                 if stamp is not None:
                     self.generation = stamp[0]
+        finally:
+            self._lock.release()
 
     def _store_generation(self) -> int:
         with self._reader() as conn:
@@ -551,24 +565,31 @@ class TantivyLexicalIndex:
 
     @contextlib.contextmanager
     def bulk(self) -> Iterator[None]:
-        """Within it, applied changes are committed every `bulk_commit_s` at most, and once when it ends."""
-        with self._lock:
+        """Within it, applied changes are committed every `bulk_commit_s` at most, and once when it ends
+        (during a force merge, by the merge)."""
+        with self._bulk_count_lock:
             self._bulk_loads += 1
         try:
             yield
         finally:
-            with self._lock:
+            with self._bulk_count_lock:
                 self._bulk_loads -= 1
-                if not self._bulk_loads and self._writer is not None and self._index is not None:
-                    try:
+                last = not self._bulk_loads
+            if last and self._lock_unless_merging():
+                try:
+                    if self._writer is not None and self._index is not None:
                         self._commit()
-                    except Exception:  # SQLite has the load: the poller's next commit publishes it
-                        log.exception("lexical commit at the end of a bulk load failed; retried in the background")
+                except Exception:  # SQLite has the load: the poller's next commit publishes it
+                    log.exception("lexical commit at the end of a bulk load failed; retried in the background")
+                finally:
+                    self._lock.release()
 
     def merge_segments(self) -> tuple[int, int]:
         """Rewrite the index from SQLite in one commit, so that a search scores few segments (one
         unless the merge heap fills); (segments before, after). Searches go on meanwhile, on the
-        segments before; writes wait for it. Only the process owning the writer can merge:
+        segments before, and so do writes: SQLite takes them, and the merge applies what they logged
+        before its commit (after it, at its end). Caveat: what they change is searchable only once
+        the merge ends, in this process too. Only the process owning the writer can merge:
         LexicalWriterBusy otherwise. Killed midway, the index is left as it was."""
         with self._lock:
             if self._index is None:
@@ -584,18 +605,27 @@ class TantivyLexicalIndex:
             before = int(self._index.searcher().num_segments)
             if before <= 1:
                 return before, before
-            self._writer.wait_merging_threads()  # tantivy allows one writer: this one goes first
-            self._writer = self._index.writer(heap_size=max(MERGE_HEAP_BYTES, self._writer_heap), num_threads=1)
+            self._merging = True
             try:
-                self._sync(self._store_generation(), rebuild=True)
-                self._commit(force=True)
+                self._writer.wait_merging_threads()  # tantivy allows one writer: this one goes first
+                self._writer = self._index.writer(heap_size=max(MERGE_HEAP_BYTES, self._writer_heap), num_threads=1)
+                try:
+                    self._sync(self._store_generation(), rebuild=True)
+                    # what writes logged during the rewrite: deleted and added again within the same commit
+                    self._sync(self._store_generation())
+                    self._commit(force=True)
+                finally:
+                    writer, self._writer = self._writer, None
+                    with contextlib.suppress(Exception):
+                        writer.rollback()  # nothing is pending after a commit; after a failure, the rebuild goes
+                    writer.wait_merging_threads()
+                    self._writer = self._index.writer(heap_size=self._writer_heap, num_threads=self._writer_threads)
             finally:
-                writer, self._writer = self._writer, None
-                with contextlib.suppress(Exception):
-                    writer.rollback()  # nothing is pending after a commit; after a failure, the rebuild goes
-                writer.wait_merging_threads()
-                self._writer = self._index.writer(heap_size=self._writer_heap, num_threads=self._writer_threads)
-            return before, int(self._index.searcher().num_segments)
+                self._merging = False
+            after = int(self._index.searcher().num_segments)
+            # writes since the commit: applied now, so this process's next search finds them
+            self._sync(self._store_generation())
+            return before, after
 
     def _document(self, row: TextRow) -> tantivy.Document:
         doc = tantivy.Document()
@@ -783,7 +813,7 @@ class TantivyLexicalIndex:
         return hits[:n]
 
     def _searcher(self) -> tantivy.Searcher:
-        if self._writer is not None and self._applied != self.generation and not self._bulk_loads:
+        if self._writer is not None and self._applied != self.generation and not self._bulk_loads and not self._merging:
             with self._lock:  # this process's own writes are searchable once they return
                 if self._writer is not None:
                     self._commit()
