@@ -32,6 +32,7 @@ from __future__ import annotations
 import fcntl
 import gc
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -40,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -501,6 +503,7 @@ def index_throughput(rows_path: Path, store: Path, n: int, queries: Sequence[str
     from loaders.sources import read_rows
     from loaders.validate import DeadLetters
     from middleware.backends.embedded import EmbeddedBackend
+    from middleware.products import SignalUpdate
 
     start = time.perf_counter()
     backend = EmbeddedBackend(store, dim=None)
@@ -517,8 +520,22 @@ def index_throughput(rows_path: Path, store: Path, n: int, queries: Sequence[str
         as_loaded = measure(bm25, len(queries), sizes.warmup, sizes.cap_s)
         _line("indexing run's store, as loaded", "none", as_loaded)
         merge_start = time.perf_counter()
-        before, after = backend.force_merge()  # timed apart: `--force-merge` is the user's choice
+        # timed apart: `--force-merge` is the user's choice; meanwhile one-product writes, as a serving
+        # process makes them (they must not wait for the merge)
+        merged_to: list[tuple[int, int]] = []
+        merging = threading.Thread(target=lambda: merged_to.append(backend.force_merge()))
+        merging.start()
+        writes_ms: list[float] = []
+        ids = list(itertools.islice(backend.iter_ids(), 0, None, max(1, n // 50)))
+        while merging.is_alive() and ids:
+            product = backend.get([ids[len(writes_ms) % len(ids)]])[0]
+            t0 = time.perf_counter()
+            backend.update_signals([SignalUpdate(id=product.id, sales=product.sales)])
+            writes_ms.append((time.perf_counter() - t0) * 1000.0)
+            time.sleep(0.05)
+        merging.join()
         merge_s = time.perf_counter() - merge_start
+        before, after = merged_to[0]
         merged = measure(bm25, len(queries), sizes.warmup, sizes.cap_s)
         _line("indexing run's store, merged", "none", merged)
     finally:
@@ -531,7 +548,14 @@ def index_throughput(rows_path: Path, store: Path, n: int, queries: Sequence[str
         "target_docs_per_s": TARGET_INDEX_DOCS_PER_S,
         "pass": summary.read / wall >= TARGET_INDEX_DOCS_PER_S,
         "lexical_segments": segments,
-        "force_merge": {"segments_before": before, "segments_after": after, "seconds": round(merge_s, 2)},
+        "force_merge": {
+            "segments_before": before,
+            "segments_after": after,
+            "seconds": round(merge_s, 2),
+            "writes_during": len(writes_ms),
+            "write_ms_p50": round(float(np.percentile(writes_ms, 50)), 2) if writes_ms else None,
+            "write_ms_max": round(max(writes_ms), 2) if writes_ms else None,
+        },
         "docs_per_s_with_force_merge": round(summary.read / (wall + merge_s), 1),
         "bm25_as_loaded": as_loaded,
         "bm25_merged": merged,
@@ -1033,6 +1057,13 @@ def speed_section(results: dict[str, Any]) -> str:
             f"{idx['bm25_as_loaded']['p99_ms']} ms ({idx['force_merge']['segments_before']} segments); merged: "
             f"{idx['bm25_merged']['p50_ms']} / {idx['bm25_merged']['p99_ms']} ms "
             f"({idx['force_merge']['segments_after']})."
+            + (
+                f" One-product signal writes during the merge (one per 50 ms, as a serving process makes "
+                f"them): {idx['force_merge']['writes_during']}, p50 {idx['force_merge']['write_ms_p50']} ms, "
+                f"max {idx['force_merge']['write_ms_max']} ms."
+                if idx["force_merge"].get("writes_during")
+                else ""
+            )
             if idx.get("force_merge")
             else "."
         ),
