@@ -15,6 +15,7 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import opensearchpy
 import pytest
@@ -607,3 +608,40 @@ class TestTerms:
         assert backend.fuzzy_terms("sneakrs", 1, 0) == []
         with pytest.raises(ValueError, match="max_edits"):
             backend.fuzzy_terms("sneakrs", 3, 5)
+
+
+@pytest.fixture(params=["embedded", "opensearch"])
+def empty_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "embedded":
+        from middleware.backends.embedded import EmbeddedBackend
+
+        with EmbeddedBackend(tmp_path / "data") as embedded:
+            yield embedded
+        return
+    if not OPENSEARCH_URL:
+        pytest.skip(SKIP_REASON)
+    from middleware.backends.opensearch import OpenSearchBackend
+    from tests.test_opensearch_osmem import make_settings
+
+    prefix = f"shopsearch-test-{uuid.uuid4().hex[:8]}"
+    remote = OpenSearchBackend.from_settings(make_settings(OPENSEARCH_URL, index_prefix=prefix, shards=SHARDS))
+    try:
+        yield remote
+    finally:
+        remote.close()
+        client = opensearchpy.OpenSearch(hosts=[OPENSEARCH_URL])
+        client.indices.delete(index=f"{prefix}-v*", ignore=[404])
+        client.close()
+
+
+def test_typo_lookup_follows_writes(empty_backend: Backend) -> None:
+    """A word written after a lookup is found by the next one; a word whose last product is deleted is not."""
+    backend = empty_backend
+    backend.upsert([Product(id="a", title="leather sandals"), Product(id="b", title="wool socks")], None)
+    assert [t.term for t in backend.fuzzy_terms("sandels", 1, 5)] == ["sandals"]
+    assert backend.fuzzy_terms("scarff", 1, 5) == []
+    backend.upsert([Product(id="c", title="silk scarf"), Product(id="d", title="cotton sandals")], None)
+    assert backend.fuzzy_terms("scarff", 1, 5) == [TermCount("scarf", 1, "term")]
+    assert backend.fuzzy_terms("sandels", 1, 5) == [TermCount("sandals", 2, "term")]
+    backend.delete(["c"])
+    assert backend.fuzzy_terms("scarff", 1, 5) == []

@@ -667,6 +667,7 @@ class EmbeddedBackend:
         """Title words within `max_edits` edits (a swap of two letters is one), the word itself at 0.
         Candidates share the word's first character (as Lucene's fuzzy `prefix_length` 1): first-letter
         typos are rare, and only one letter's part of the term dictionary is walked."""
+        from rapidfuzz import process
         from rapidfuzz.distance import OSA
 
         self._check_open()
@@ -677,12 +678,11 @@ class EmbeddedBackend:
         folded = normalize(word).strip().casefold()
         if not folded or len(folded) > MAX_TERM_CHARS:
             return []
-        # walk the letter's terms by their dictionary frequencies (cheap), count the few near ones exactly
-        near = []
-        for term, _ in self.lexical.terms_with_prefix(SUGGEST_FIELD, folded[0], None, exact=False):
-            distance = OSA.distance(folded, term, score_cutoff=max_edits)
-            if distance <= max_edits:
-                near.append((distance, term))
+        # the letter's terms (kept until the next commit), their distances in one rapidfuzz call, then the
+        # few near ones counted exactly
+        terms = self.lexical.terms_starting(SUGGEST_FIELD, folded[0])
+        found = process.extract(folded, terms, scorer=OSA.distance, score_cutoff=max_edits, limit=None)
+        near = [(int(distance), term) for term, distance, _ in found]
         scored = sorted(
             (distance, -count, term)
             for distance, term in near

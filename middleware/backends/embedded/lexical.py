@@ -79,6 +79,7 @@ POST_FILTER_MIN_SHARE = 0.3
 POST_FILTER_MARGIN = 1.5  # collect this many times the hits the filter's share predicts, plus a few
 _SHARE_TTL_S = 30.0  # a filter's share of the products is an estimate: counted again after this long
 _SHARES_KEPT = 256
+_PREFIX_TERMS_KEPT = 64  # (field, first letter) term lists: a few MB at most
 
 
 class LexicalWriterBusy(RuntimeError):
@@ -337,6 +338,9 @@ class TantivyLexicalIndex:
         self._poller: threading.Thread | None = None
         self._shares: OrderedDict[str, tuple[float, float]] = OrderedDict()  # filters -> (share, when counted)
         self._shares_lock = threading.Lock()
+        # (field, prefix) -> (committed generation, terms): the term dictionary changes only with a commit
+        self._prefix_terms: OrderedDict[tuple[str, str], tuple[int, list[str]]] = OrderedDict()
+        self._prefix_terms_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -890,6 +894,28 @@ class TantivyLexicalIndex:
                     kth = counted[-1][1]
         counted.sort(key=lambda tc: (-tc[1], tc[0]))
         return counted if limit is None else counted[:limit]
+
+    def terms_starting(self, field: str, prefix: str) -> list[str]:
+        """Every term of `field` starting with `prefix`, in no order, kept until the next commit; terms
+        only deleted documents hold are in it until their segment merges (count them with
+        `live_doc_freq`)."""
+        searcher = self._searcher()
+        generation = self.generation
+        key = (field, prefix)
+        with self._prefix_terms_lock:
+            kept = self._prefix_terms.get(key)
+            if kept is not None and kept[0] == generation:
+                self._prefix_terms.move_to_end(key)
+                return kept[1]
+        terms = [str(t) for t, c in searcher.terms_with_prefix(field, prefix) if c > 0]
+        if self.generation != generation:  # a commit or reload since the searcher: maybe not its terms
+            return terms
+        with self._prefix_terms_lock:
+            self._prefix_terms[key] = (generation, terms)
+            self._prefix_terms.move_to_end(key)
+            while len(self._prefix_terms) > _PREFIX_TERMS_KEPT:
+                self._prefix_terms.popitem(last=False)
+        return terms
 
     def _holds_deleted(self, searcher: tantivy.Searcher) -> bool:
         """Whether the searcher's segments hold deleted documents: every document has exactly one
