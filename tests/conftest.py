@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from middleware.backends.base import Backend
 
 # Tests never download: a hub id that is not local fails at once with ModelLoadError.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,3 +50,21 @@ def tiny_reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ONNX export cache shared by the session's tests (each model is exported once)."""
     return tmp_path_factory.mktemp("model-cache")
+
+
+# ------------------------------------------------------------------------------------------ stores
+
+
+@pytest.fixture(params=["embedded", "opensearch"])
+def empty_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """An empty store on each backend; the OpenSearch one (two shards) is skipped without a node."""
+    if request.param == "embedded":
+        from middleware.backends.embedded import EmbeddedBackend
+
+        with EmbeddedBackend(tmp_path / "data") as embedded:
+            yield embedded
+        return
+    from tests.support.stores import SHARDS, throwaway_opensearch
+
+    with throwaway_opensearch(shards=SHARDS) as remote:
+        yield remote

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import re
-import uuid
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
-import opensearchpy
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,13 +29,9 @@ from middleware.backends.base import (
     TermCount,
 )
 from middleware.products import Filters, Product
+from tests.support.stores import SHARDS, throwaway_opensearch
 
-OPENSEARCH_URL = os.environ.get("OPENSEARCH_URL")
-SKIP_REASON = os.environ.get("SHOPSEARCH_TEST_OPENSEARCH_UNAVAILABLE") or (
-    "OPENSEARCH_URL is not set: run through tests/opensearch/with-node, or point it at a cluster"
-)
 SMALL_RESULT_WINDOW = 100  # opensearch: listings past it walk pages with search_after
-SHARDS = 2  # opensearch: counts, terms and pages must come out exact across shards, not just on one
 
 N_GENERATED = 600
 COLORS = ("red", "blue", "green", "black", "white")
@@ -153,25 +145,13 @@ def _embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
 
 
 def _opensearch() -> Iterator[Backend]:
-    if not OPENSEARCH_URL:
-        pytest.skip(SKIP_REASON)
-    from middleware.backends.opensearch import OpenSearchBackend
-    from tests.test_opensearch_osmem import make_settings
-
-    prefix = f"shopsearch-test-{uuid.uuid4().hex[:8]}"
-    backend = OpenSearchBackend.from_settings(make_settings(OPENSEARCH_URL, index_prefix=prefix, shards=SHARDS))
-    try:
+    with throwaway_opensearch(shards=SHARDS) as backend:
         backend.upsert(CATALOG, None)
         backend.client.indices.put_settings(
             index=backend.read_alias, body={"index": {"max_result_window": SMALL_RESULT_WINDOW}}
         )
         backend.refresh()
         yield backend
-    finally:
-        backend.close()
-        client = opensearchpy.OpenSearch(hosts=[OPENSEARCH_URL])
-        client.indices.delete(index=f"{prefix}-v*", ignore=[404])
-        client.close()
 
 
 @pytest.fixture(scope="module", params=["embedded", "opensearch"])
@@ -610,34 +590,10 @@ class TestTerms:
             backend.fuzzy_terms("sneakrs", 3, 5)
 
 
-@pytest.fixture(params=["embedded", "opensearch"])
-def empty_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    if request.param == "embedded":
-        from middleware.backends.embedded import EmbeddedBackend
-
-        with EmbeddedBackend(tmp_path / "data") as embedded:
-            yield embedded
-        return
-    if not OPENSEARCH_URL:
-        pytest.skip(SKIP_REASON)
-    from middleware.backends.opensearch import OpenSearchBackend
-    from tests.test_opensearch_osmem import make_settings
-
-    prefix = f"shopsearch-test-{uuid.uuid4().hex[:8]}"
-    remote = OpenSearchBackend.from_settings(make_settings(OPENSEARCH_URL, index_prefix=prefix, shards=SHARDS))
-    try:
-        yield remote
-    finally:
-        remote.close()
-        client = opensearchpy.OpenSearch(hosts=[OPENSEARCH_URL])
-        client.indices.delete(index=f"{prefix}-v*", ignore=[404])
-        client.close()
-
-
-def test_typo_lookup_follows_writes(empty_backend: Backend) -> None:
+def test_typo_lookup_follows_writes(empty_store: Backend) -> None:
     """A word written after a lookup is found by the next one; on the embedded store, a word whose last
     product is deleted is not."""
-    backend = empty_backend
+    backend = empty_store
     backend.upsert([Product(id="a", title="leather sandals"), Product(id="b", title="wool socks")], None)
     assert [t.term for t in backend.fuzzy_terms("sandels", 1, 5)] == ["sandals"]
     assert backend.fuzzy_terms("scarff", 1, 5) == []

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 import threading
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import opensearchpy
 import pytest
 
 from middleware.backends import BackendError
 from middleware.backends.base import Backend, FacetSpec, MatchSet
 from middleware.backends.embedded import EmbeddedBackend
 from middleware.products import Filters, Product, SignalUpdate
+from tests.support.stores import SHARDS
 
-OPENSEARCH_URL = os.environ.get("OPENSEARCH_URL")
-SKIP_REASON = os.environ.get("SHOPSEARCH_TEST_OPENSEARCH_UNAVAILABLE") or (
-    "OPENSEARCH_URL is not set: run through tests/opensearch/with-node, or point it at a cluster"
-)
-SHARDS = 2
 REPO = Path(__file__).resolve().parents[1]
 BATCHES = 4  # each written and searched on its own: one lexical commit, so one segment, each
 
@@ -42,29 +34,6 @@ def product(i: int) -> Product:
         stock=i % 4,
         sales=i,
     )
-
-
-@pytest.fixture(params=["embedded", "opensearch"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    if request.param == "embedded":
-        embedded = EmbeddedBackend(tmp_path / "data")
-        yield embedded
-        embedded.close()
-        return
-    if not OPENSEARCH_URL:
-        pytest.skip(SKIP_REASON)
-    from middleware.backends.opensearch import OpenSearchBackend
-    from tests.test_opensearch_osmem import make_settings
-
-    prefix = f"shopsearch-test-{uuid.uuid4().hex[:8]}"
-    remote = OpenSearchBackend.from_settings(make_settings(OPENSEARCH_URL, index_prefix=prefix, shards=SHARDS))
-    try:
-        yield remote
-    finally:
-        remote.close()
-        client = opensearchpy.OpenSearch(hosts=[OPENSEARCH_URL])
-        client.indices.delete(index=f"{prefix}-v*", ignore=[404])
-        client.close()
 
 
 def load_in_batches(backend: Backend, n: int = 120) -> None:
@@ -89,28 +58,28 @@ def answers(backend: Backend) -> list[object]:
     return out
 
 
-def test_a_merge_keeps_every_answer_and_leaves_fewer_segments(backend: Backend) -> None:
-    load_in_batches(backend)
-    before_answers = answers(backend)
-    before, after = backend.force_merge()
+def test_a_merge_keeps_every_answer_and_leaves_fewer_segments(empty_store: Backend) -> None:
+    load_in_batches(empty_store)
+    before_answers = answers(empty_store)
+    before, after = empty_store.force_merge()
     assert after <= before
     assert after <= SHARDS  # one segment (per shard), or none on an empty shard
-    assert answers(backend) == before_answers
-    assert backend.force_merge()[1] == after  # a second merge has nothing to do
+    assert answers(empty_store) == before_answers
+    assert empty_store.force_merge()[1] == after  # a second merge has nothing to do
 
 
-def test_writes_after_a_merge_are_searchable(backend: Backend) -> None:
-    load_in_batches(backend)
-    backend.force_merge()
-    backend.upsert([Product(id="new", title="珐琅 手表 礼物", brand="Acme", price=99.0)], None)
-    backend.delete(["p001"])
-    assert [c.id for c in backend.bm25("珐琅", None, 5)] == ["new"]
-    assert "p001" not in {c.id for c in backend.bm25(product(1).title, None, 200)}
-    assert backend.get(["new", "p001"])[0].id == "new"
+def test_writes_after_a_merge_are_searchable(empty_store: Backend) -> None:
+    load_in_batches(empty_store)
+    empty_store.force_merge()
+    empty_store.upsert([Product(id="new", title="珐琅 手表 礼物", brand="Acme", price=99.0)], None)
+    empty_store.delete(["p001"])
+    assert [c.id for c in empty_store.bm25("珐琅", None, 5)] == ["new"]
+    assert "p001" not in {c.id for c in empty_store.bm25(product(1).title, None, 200)}
+    assert empty_store.get(["new", "p001"])[0].id == "new"
 
 
-def test_an_empty_store_merges_to_nothing(backend: Backend) -> None:
-    before, after = backend.force_merge()
+def test_an_empty_store_merges_to_nothing(empty_store: Backend) -> None:
+    before, after = empty_store.force_merge()
     assert after <= before <= 1
 
 

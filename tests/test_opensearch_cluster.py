@@ -27,13 +27,13 @@ from middleware.backends.opensearch import OpenSearchBackend
 from middleware.config import Settings
 from middleware.products import Filters, Product, SignalUpdate
 from tests import test_opensearch_osmem as osmem_suite
+from tests.support.stores import opensearch_settings
 from tests.test_opensearch_osmem import (
     BRANDS,
     Target,
     TestReads,
     TestSetup,
     TestWrites,
-    make_settings,
 )
 from tests.test_opensearch_osmem import TestReindex as _OsmemReindex
 from tests.test_opensearch_osmem import TestVectors as _OsmemVectors
@@ -92,7 +92,7 @@ def os_url(prefix: str) -> str:
 @pytest.fixture
 def settings(os_url: str, prefix: str) -> Settings:
     # lucene: the test node's k-NN zip (from Maven Central) has no faiss natives
-    return make_settings(os_url, index_prefix=prefix, search_pipeline=f"{prefix}-hybrid", knn_engine=KNN_ENGINE)
+    return opensearch_settings(os_url, index_prefix=prefix, search_pipeline=f"{prefix}-hybrid", knn_engine=KNN_ENGINE)
 
 
 # ------------------------------------------------------------------ what only a real engine can show
@@ -258,7 +258,7 @@ class TestHybridAgainstClientFusion:
         score at every rank, and every hit carrying its client-side score. Only the order inside a tie
         differs (the middleware breaks ties by id, OpenSearch by internal doc id)."""
         base, _products, _vectors = wide
-        cfg = make_settings(
+        cfg = opensearch_settings(
             os_url,
             index_prefix=prefix,
             knn_engine=KNN_ENGINE,

@@ -21,6 +21,7 @@ from middleware.backends.base import Backend, BackendError, EmbedderBinding, Emb
 from middleware.backends.opensearch import OpenSearchBackend
 from middleware.config import Settings
 from middleware.products import Filters, Product, SignalUpdate
+from tests.support.stores import opensearch_settings
 
 DIM = 4
 BRANDS = ["Acme", "Zeta", "Omega"]
@@ -49,11 +50,6 @@ def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def make_settings(url: str, **opensearch: object) -> Settings:
-    cfg = {"url": url, "write_refresh": "true", "replicas": 0, **opensearch}
-    return Settings(_env_file=None, backend="opensearch", embedder="none", opensearch=cfg)
-
-
 class Target:
     """Where the suite runs: osmem here, a real cluster in test_opensearch_cluster.py."""
 
@@ -75,7 +71,7 @@ def os_url(osmem_clone) -> str:
 
 @pytest.fixture
 def settings(os_url: str) -> Settings:
-    return make_settings(os_url)
+    return opensearch_settings(os_url)
 
 
 @pytest.fixture
@@ -132,7 +128,7 @@ class TestSetup:
         assert f"alias {backend.read_alias} missing" in text
 
     def test_word_analyzer_not_installed_is_a_clear_error(self, os_url: str, target) -> None:
-        b = OpenSearchBackend.from_settings(make_settings(os_url, word_analyzer="ik_smart"), dim=DIM)
+        b = OpenSearchBackend.from_settings(opensearch_settings(os_url, word_analyzer="ik_smart"), dim=DIM)
         if b.analyzer_available("ik_smart"):
             pytest.skip("this cluster has analysis-ik installed")
         with pytest.raises(BackendError, match="install the analysis-ik plugin"):
@@ -439,7 +435,7 @@ class TestReindex:
         assert "aliases now: products -> products-v2, products-write -> products-v2" in out
         assert "kept old: products-v1" in out
         assert "2 rows rejected; first: line 6: invalid JSON" in err
-        b = OpenSearchBackend.from_settings(make_settings(os_url))
+        b = OpenSearchBackend.from_settings(opensearch_settings(os_url))
         assert b.count() == 5 and b.stats().dim is None and b.stats().vectors == 0
         assert (
             main(["opensearch", "reindex", str(tmp_path / "missing.jsonl"), "--url", os_url, "--embedder", "none"]) == 2
@@ -448,7 +444,7 @@ class TestReindex:
 
 class TestErrors:
     def test_unreachable_cluster_is_one_clear_error_without_secrets(self) -> None:
-        s = make_settings("http://127.0.0.1:9", username="u", password="hunter2", max_retries=0, timeout_s=2)
+        s = opensearch_settings("http://127.0.0.1:9", username="u", password="hunter2", max_retries=0, timeout_s=2)
         b = OpenSearchBackend.from_settings(s, dim=DIM)
         with pytest.raises(BackendError, match="unreachable") as err:
             b.count()
@@ -468,7 +464,7 @@ class TestErrors:
 
 def test_client_errors_are_translated(osmem_clone) -> None:
     client = opensearchpy.OpenSearch(hosts=[osmem_clone.url])
-    b = OpenSearchBackend(client, make_settings(osmem_clone.url).opensearch, dim=DIM)
+    b = OpenSearchBackend(client, opensearch_settings(osmem_clone.url).opensearch, dim=DIM)
     b.ensure_index()
     with pytest.raises(BackendError, match=r"failed \(400\)"):
         b._search({"query": {"no_such_query": {}}}, "bad search")

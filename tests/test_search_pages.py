@@ -8,11 +8,9 @@ embedder, so the kNN floor is checked by its rule (each vector-only hit at or ab
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Iterator
 
 import numpy as np
-import opensearchpy
 import pytest
 from fastapi.testclient import TestClient
 
@@ -24,12 +22,11 @@ from middleware.paging import InvalidRequest
 from middleware.pipeline import Pipeline
 from middleware.products import Filters
 from middleware.schema import SearchRequest, SearchResponse
+from tests.support.stores import OPENSEARCH_URL, throwaway_opensearch
 from tests.test_backend_primitives import (
     ACME,
     BY_ID,
     CATALOG,
-    OPENSEARCH_URL,
-    SKIP_REASON,
     expected_order,
     expected_set,
 )
@@ -60,23 +57,10 @@ def _embedded(tmp_path_factory, dim: int, vectors: np.ndarray) -> Iterator[Backe
 
 
 def _opensearch(dim: int, vectors: np.ndarray) -> Iterator[Backend]:
-    if not OPENSEARCH_URL:
-        pytest.skip(SKIP_REASON)
-    from middleware.backends.opensearch import OpenSearchBackend
-    from tests.test_opensearch_osmem import make_settings
-
-    prefix = f"shopsearch-test-{uuid.uuid4().hex[:8]}"
-    settings = make_settings(OPENSEARCH_URL, index_prefix=prefix, shards=2, knn_engine="lucene")
-    backend = OpenSearchBackend.from_settings(settings, dim=dim)
-    try:
+    with throwaway_opensearch(dim, shards=2, knn_engine="lucene") as backend:
         backend.upsert(CATALOG, vectors)
         backend.refresh()
         yield backend
-    finally:
-        backend.close()
-        client = opensearchpy.OpenSearch(hosts=[OPENSEARCH_URL])
-        client.indices.delete(index=f"{prefix}-v*", ignore=[404])
-        client.close()
 
 
 @pytest.fixture(scope="module", params=["embedded", "opensearch"])

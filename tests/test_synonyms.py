@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from middleware.query_expansion import (
 )
 from middleware.schema import SearchRequest
 from middleware.server.app import create_app
+from tests.support.stores import throwaway_opensearch
 
 PRODUCTS = [
     Product(id="sneak", title="Running Sneakers for men", category="shoes"),
@@ -44,7 +44,6 @@ PRODUCTS = [
 ]
 
 
-OPENSEARCH_URL = os.environ.get("OPENSEARCH_URL")
 NO_PLUGIN = (
     "OpenSearch analysis has no pinyin or traditional/simplified folding without the analysis-pinyin and"
     " analysis-stconvert plugins, which are not available here: embedded store only"
@@ -67,24 +66,10 @@ def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backen
         yield backend
         backend.close()
         return
-    if not OPENSEARCH_URL:
-        pytest.skip("OPENSEARCH_URL is not set: run through tests/opensearch/with-node")
-    import opensearchpy
-
-    from middleware.backends.opensearch import OpenSearchBackend
-    from tests.test_opensearch_osmem import make_settings
-
-    prefix = f"shopsearch-test-{uuid.uuid4().hex[:8]}"
-    backend = OpenSearchBackend.from_settings(make_settings(OPENSEARCH_URL, index_prefix=prefix))
-    try:
+    with throwaway_opensearch() as backend:
         backend.upsert(PRODUCTS, None)
         backend.refresh()
         yield backend
-    finally:
-        backend.close()
-        client = opensearchpy.OpenSearch(hosts=[OPENSEARCH_URL])
-        client.indices.delete(index=f"{prefix}-v*", ignore=[404])
-        client.close()
 
 
 def _embedded_only(backend: Backend) -> None:
