@@ -787,7 +787,17 @@ def run(quick: bool, output_dir: Path) -> dict[str, Any]:
                     lambda i: len(expander.expand(queries[i])) - len(queries[i]), nq, sizes.warmup, sizes.cap_s
                 )
             }
+            # a search box's suggestions as the shopper types: the first 1, 2 or 3 characters of each query
+            engines["suggestions (prefix terms)"] = {
+                "none": measure(
+                    lambda i: len(typo_backend.prefix_terms(queries[i].strip()[: 1 + i % 3], 10)),
+                    nq,
+                    sizes.warmup,
+                    sizes.cap_s,
+                )
+            }
         _line("typo expansion alone", "none", engines["typo expansion alone"]["none"])
+        _line("suggestions (prefix terms)", "none", engines["suggestions (prefix terms)"]["none"])
 
         engines["bm25s same tokens"] = peer_bm25s(tokens, qtokens, sizes)
         # bm25s as `bm25s.BM25()` comes: context for the ratio, which moves with the peer's backend
@@ -1029,6 +1039,9 @@ def speed_section(results: dict[str, Any]) -> str:
         "- `typo expansion alone` is `QueryExpander.expand` (the pipeline's step before BM25, typo tolerance on): "
         "a fuzzy term lookup per Latin word of 5+ letters that no title word equals; its `mean hits` is the "
         "characters it adds. It is not in the `shopsearch embedded` rows.",
+        "- `suggestions (prefix terms)` is `prefix_terms(prefix, 10)` on the first 1, 2 or 3 characters of each "
+        "query (a search box's suggestions as the shopper types); a one-character prefix's term list is kept "
+        "until the next commit, so after the warm-up those read a kept list.",
         "- `embedded: query + search, no row fetch` times the tantivy engine's query building and search alone; "
         "the `shopsearch embedded` rows add reading the top rows from SQLite and parsing them into `Product`s.",
         f"- hybrid queries with a stage past the pipeline's deadline ({results['hybrid']['deadline_ms']} ms, "

@@ -603,3 +603,19 @@ def test_typo_lookup_follows_writes(empty_store: Backend) -> None:
     backend.delete(["c"])
     if not hasattr(backend, "client"):  # OpenSearch's term lookups count deleted documents until a merge
         assert backend.fuzzy_terms("scarff", 1, 5) == []
+
+
+def test_first_letter_suggestions_follow_writes_and_deletes(empty_store: Backend) -> None:
+    """A search box's first keystroke: the one-letter suggestions change with every write."""
+    backend = empty_store
+    backend.upsert([Product(id="a", title="silk scarf")], None)
+    assert backend.prefix_terms("s", 5) == [TermCount("scarf", 1, "term"), TermCount("silk", 1, "term")]
+    backend.upsert([Product(id="b", title="silk socks"), Product(id="c", title="sandals")], None)
+    assert [(t.term, t.doc_freq) for t in backend.prefix_terms("s", 5)] == [
+        ("silk", 2),
+        ("sandals", 1),
+        ("scarf", 1),
+        ("socks", 1),
+    ]
+    backend.delete(["a"])
+    assert [(t.term, t.doc_freq) for t in backend.prefix_terms("s", 5)] == [("sandals", 1), ("silk", 1), ("socks", 1)]

@@ -339,7 +339,8 @@ class TantivyLexicalIndex:
         self._shares: OrderedDict[str, tuple[float, float]] = OrderedDict()  # filters -> (share, when counted)
         self._shares_lock = threading.Lock()
         # (field, prefix) -> (committed generation, terms): the term dictionary changes only with a commit
-        self._prefix_terms: OrderedDict[tuple[str, str], tuple[int, list[str]]] = OrderedDict()
+        # (field, one character) -> (generation, its terms by count, the same terms as strings)
+        self._prefix_terms: OrderedDict[tuple[str, str], tuple[int, list[tuple[str, int]], list[str]]] = OrderedDict()
         self._prefix_terms_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
@@ -875,11 +876,10 @@ class TantivyLexicalIndex:
         pass over every document per call). The dictionary's frequencies are exact when the index
         holds no deleted document; otherwise they are upper bounds, and the terms are counted exactly
         in their order until no uncounted term can reach the `limit` best counted ones."""
+        found, _ = self._dictionary(field, prefix)
         searcher = self._searcher()
-        found = sorted(((str(t), int(c)) for t, c in searcher.terms_with_prefix(field, prefix) if c > 0),
-                       key=lambda tc: (-tc[1], tc[0]))  # fmt: skip
         if not exact or not found or not self._holds_deleted(searcher):
-            return found if limit is None else found[:limit]
+            return list(found) if limit is None else found[:limit]  # a copy: `found` may be the kept list
         counted: list[tuple[str, int]] = []
         kth = 0  # the limit-th best exact count so far (0 until there are limit of them)
         for term, upper in found:
@@ -896,26 +896,35 @@ class TantivyLexicalIndex:
         return counted if limit is None else counted[:limit]
 
     def terms_starting(self, field: str, prefix: str) -> list[str]:
-        """Every term of `field` starting with `prefix`, in no order, kept until the next commit; terms
-        only deleted documents hold are in it until their segment merges (count them with
-        `live_doc_freq`)."""
+        """Every term of `field` starting with `prefix`, most frequent first; terms only deleted documents
+        hold are in it until their segment merges (count them with `live_doc_freq`). Not to be modified:
+        a one-character prefix's list is shared until the next commit."""
+        return self._dictionary(field, prefix)[1]
+
+    def _dictionary(self, field: str, prefix: str) -> tuple[list[tuple[str, int]], list[str]]:
+        """The terms of `field` starting with `prefix`: (term, dictionary count) most frequent first, ties
+        by term, and the terms alone. A one-character prefix walks a large part of the dictionary (every
+        first keystroke of a search box, every typo lookup), so those are kept until the next commit."""
+        self._searcher()  # commits this process's own writes first
+        generation = self.generation  # read before the searcher: a newer searcher is only re-read later
         searcher = self._searcher()
-        generation = self.generation
         key = (field, prefix)
-        with self._prefix_terms_lock:
-            kept = self._prefix_terms.get(key)
-            if kept is not None and kept[0] == generation:
+        if len(prefix) == 1:
+            with self._prefix_terms_lock:
+                kept = self._prefix_terms.get(key)
+                if kept is not None and kept[0] == generation:
+                    self._prefix_terms.move_to_end(key)
+                    return kept[1], kept[2]
+        found = sorted(((str(t), int(c)) for t, c in searcher.terms_with_prefix(field, prefix) if c > 0),
+                       key=lambda tc: (-tc[1], tc[0]))  # fmt: skip
+        terms = [t for t, _ in found]
+        if len(prefix) == 1:
+            with self._prefix_terms_lock:
+                self._prefix_terms[key] = (generation, found, terms)
                 self._prefix_terms.move_to_end(key)
-                return kept[1]
-        terms = [str(t) for t, c in searcher.terms_with_prefix(field, prefix) if c > 0]
-        if self.generation != generation:  # a commit or reload since the searcher: maybe not its terms
-            return terms
-        with self._prefix_terms_lock:
-            self._prefix_terms[key] = (generation, terms)
-            self._prefix_terms.move_to_end(key)
-            while len(self._prefix_terms) > _PREFIX_TERMS_KEPT:
-                self._prefix_terms.popitem(last=False)
-        return terms
+                while len(self._prefix_terms) > _PREFIX_TERMS_KEPT:
+                    self._prefix_terms.popitem(last=False)
+        return found, terms
 
     def _holds_deleted(self, searcher: tantivy.Searcher) -> bool:
         """Whether the searcher's segments hold deleted documents: every document has exactly one
