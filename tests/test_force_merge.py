@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from middleware.backends import BackendError
-from middleware.backends.base import Backend, FacetSpec, MatchSet
-from middleware.backends.embedded import EmbeddedBackend
+from middleware.backends.base import Backend, FacetSpec, MatchSet, WriterBusy
+from middleware.backends.embedded import EmbeddedBackend, lexical
 from middleware.products import Filters, Product, SignalUpdate
 from tests.support.stores import SHARDS
 
@@ -114,16 +118,91 @@ def test_after_a_merge_deleted_products_no_longer_weigh_in_the_scores(tmp_path: 
         assert answers(store) == want
 
 
-def test_embedded_merge_is_refused_by_a_process_not_owning_the_writer(tmp_path: Path) -> None:
-    from middleware.backends.embedded import EmbeddedBackend
+_WRITER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from middleware.backends.embedded import EmbeddedBackend
+from tests.test_force_merge import load_in_batches
 
-    with EmbeddedBackend(tmp_path / "data") as owner:
-        load_in_batches(owner)
-        with EmbeddedBackend(tmp_path / "data") as other:
+with EmbeddedBackend(sys.argv[2]) as store:
+    if sys.argv[3] == "load":
+        load_in_batches(store)
+    print(store.lexical.owns_writer, store.lexical._searcher().num_segments, flush=True)
+    sys.stdin.readline()  # holds the writer until told
+    print(store.lexical._searcher().num_segments, flush=True)
+"""
+
+
+@contextlib.contextmanager
+def writer_process(data_dir: Path, *, load: bool = True) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Another process owning the store's writer (as `shopsearch serve` does), loaded in several
+    lexical commits when `load`; (the process, its segment count)."""
+    args = [sys.executable, "-c", _WRITER, str(REPO), str(data_dir), "load" if load else "hold"]
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        owns, segments = proc.stdout.readline().split()
+        assert owns == "True"
+        yield proc, int(segments)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+        proc.wait(30)
+
+
+def finish(proc: subprocess.Popen[str]) -> int:
+    """Let a `writer_process` end; the segment count it saw last."""
+    out, _ = proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0
+    return int(out.split()[-1])
+
+
+def test_embedded_merge_asked_in_a_process_without_the_writer_is_run_by_the_writer(tmp_path: Path) -> None:
+    """`shopsearch force-merge` (or a second server worker) while `shopsearch serve` writes the store:
+    the serving process merges, and the asking one gets its figures and sees the merged index."""
+    with writer_process(tmp_path) as (writer, segments):
+        assert segments >= 2
+        with EmbeddedBackend(tmp_path) as other:
             assert not other.lexical.owns_writer
-            with pytest.raises(BackendError, match="another process writes the lexical index"):
-                other.force_merge()
-        assert owner.force_merge()[1] == 1
+            before_answers = answers(other)
+            assert other.force_merge() == (segments, 1)
+            assert other.lexical._searcher().num_segments == 1  # reloaded before returning
+            assert answers(other) == before_answers
+            assert not any((tmp_path / lexical.MERGE_HANDOFF_DIR / "done").iterdir())  # the answer was collected
+        assert finish(writer) == 1
+
+
+def test_embedded_merge_asked_of_a_stopped_writer_is_refused_by_name_and_withdrawn(tmp_path: Path) -> None:
+    with writer_process(tmp_path) as (writer, segments):
+        os.kill(writer.pid, signal.SIGSTOP)
+        with (
+            EmbeddedBackend(tmp_path, merge_take_s=0.3) as other,
+            pytest.raises(WriterBusy, match=r"did not start the merge within 0.3 s"),
+        ):
+            other.force_merge()
+        assert not any((tmp_path / lexical.MERGE_HANDOFF_DIR / "pending").iterdir())
+        os.kill(writer.pid, signal.SIGCONT)
+        time.sleep(0.5)  # ten of its poller's rounds: a request left behind would be merged by now
+        assert finish(writer) == segments
+
+
+def test_a_merge_asked_of_a_writer_that_dies_is_run_by_the_next_writer(tmp_path: Path) -> None:
+    """The writer is killed before it takes the request: the asking process takes the writer over
+    (the flock dies with its holder) and runs the merge it asked for."""
+    with writer_process(tmp_path) as (writer, _):
+        os.kill(writer.pid, signal.SIGSTOP)
+        with EmbeddedBackend(tmp_path, merge_take_s=60) as other:
+            merged: list[tuple[int, int]] = []
+            asking = threading.Thread(target=lambda: merged.append(other.force_merge()))
+            asking.start()
+            time.sleep(0.2)
+            assert asking.is_alive() and not merged
+            writer.kill()
+            writer.wait(30)
+            asking.join(60)
+            assert merged and merged[0][1] == 1 and other.lexical.owns_writer
+            assert other.count() == 120
 
 
 def test_embedded_merge_is_durable_across_a_reopen(tmp_path: Path) -> None:

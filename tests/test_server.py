@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import time
 from urllib.parse import quote
 
@@ -197,14 +199,31 @@ def test_force_merge_endpoint(server_models, tmp_path):
             assert r.json()["segments_before"] >= 2 and r.json()["segments_after"] == 1
             hits = c.post("/v1/search", json={"query": "珐琅彩", "size": 50}).json()["hits"]
             assert {"n0", "n1", "n2"} <= {h["id"] for h in hits}
-            with EmbeddedBackend(store.data_dir) as other:  # a worker not holding the writer: 409, by name
+            for i in range(3, 5):
+                c.post("/v1/products", json={"products": [{"id": f"n{i}", "title": f"珐琅彩 茶具 {i}"}]})
+                assert c.post("/v1/search", json={"query": "珐琅彩", "size": 5}).json()["hits"]
+            with EmbeddedBackend(store.data_dir) as other:  # a worker not holding the writer: the writer merges
                 other_app = make_app(other, *server_models, enable_writes=True)
                 with TestClient(other_app) as o:
-                    busy = o.post("/v1/force-merge")
-                assert busy.status_code == 409, busy.text
-                assert "another process writes the lexical index" in busy.json()["message"]
+                    r = o.post("/v1/force-merge")
+                assert r.status_code == 200, r.text
+                assert r.json()["segments_before"] >= 2 and r.json()["segments_after"] == 1
     finally:
         store.close()
+
+
+def test_force_merge_endpoint_is_a_409_when_the_writer_does_not_take_it(server_models, tmp_path):
+    from tests.test_force_merge import writer_process
+
+    fill_store(tmp_path / "store", server_models[0]).close()
+    with writer_process(tmp_path / "store", load=False) as (writer, _):
+        os.kill(writer.pid, signal.SIGSTOP)  # the writing process hangs
+        other = EmbeddedBackend(tmp_path / "store", dim=server_models[0].dim, merge_take_s=0.3)
+        with other, TestClient(make_app(other, *server_models, enable_writes=True)) as c:
+            busy = c.post("/v1/force-merge")
+        assert busy.status_code == 409, busy.text
+        assert busy.headers["retry-after"] == "1"
+        assert "did not start the merge within 0.3 s" in busy.json()["message"]
 
 
 def test_ids_with_url_characters_are_reachable(server_models, tmp_path):

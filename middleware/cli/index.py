@@ -99,9 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Merge the lexical index's segments into one (OpenSearch: one per shard, `_forcemerge`). "
         "Each segment is searched on its own, so a store written in many commits searches slower. Searches "
         "and writes go on during the merge; what writes change is searchable once it ends. The embedded "
-        "store rewrites its lexical index from SQLite, about three seconds per 100,000 products, and only "
-        "the process that writes the store can do it: with `shopsearch serve` running on the data dir, use "
-        "its POST /v1/force-merge, or run this when the server is stopped.",
+        "store rewrites its lexical index from SQLite, about three seconds per 100,000 products. Only the "
+        "process that writes the store merges: with `shopsearch serve` running on the data dir, this asks "
+        "the server's process and waits for its merge (refused if it has not started within 10 s).",
         epilog="exit codes: 0 merged (or nothing to merge); 1 the backend failed or refused; 2 usage",
     )
     m.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -310,7 +310,7 @@ async def force_merge(request: Request) -> dict[str, Any]:
         started = time.monotonic()
         try:
             before, after = state.base.backend.force_merge()
-        except WriterBusy as err:  # another worker process holds the writer: it can merge, this one cannot
+        except WriterBusy as err:  # the worker holding the writer did not start the merge asked of it
             raise ApiError(409, str(err), os_type="illegal_state_exception", headers={"Retry-After": "1"}) from None
         return {"segments_before": before, "segments_after": after, "seconds": round(time.monotonic() - started, 2)}
 

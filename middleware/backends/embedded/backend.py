@@ -81,6 +81,7 @@ class EmbeddedBackend:
         durable: bool = True,
         save_interval_s: float = 30.0,
         save_every: int = 10_000,
+        merge_take_s: float = lexical.MERGE_TAKE_S,  # force merge: how long the writer's owner may take to start it
     ) -> None:
         if dim is not None and (not isinstance(dim, int) or dim <= 0):
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
@@ -96,6 +97,7 @@ class EmbeddedBackend:
             self.data_dir / DB_NAME, durable=durable, extra_schema=lexical.SCHEMA, migrate=self._migrate_lexical
         )
         self.lexical = TantivyLexicalIndex(self.data_dir, self.store.reader, field_boosts=field_boosts)
+        self._merge_take_s = merge_take_s
         self._writes = 0
         self._cache_lock = threading.Lock()
         # (filters as JSON, lexical generation) -> the pks they allow: every write bumps that generation
@@ -343,12 +345,15 @@ class EmbeddedBackend:
             yield
 
     def force_merge(self) -> tuple[int, int]:
-        """The lexical index rewritten as one segment from SQLite; (segments before, after)."""
+        """The lexical index rewritten as one segment from SQLite; (segments before, after). In a process
+        that does not write the store, the process that does is asked to merge, and this waits for it."""
         self._check_open()
         try:
-            return self.lexical.merge_segments()
+            return self.lexical.merge_segments(take_s=self._merge_take_s)
         except lexical.LexicalWriterBusy as exc:
             raise WriterBusy(f"force merge: {exc}") from exc
+        except RuntimeError as exc:  # the owner's merge failed: its error, by name
+            raise BackendError(f"force merge: {exc}") from exc
 
     def _tokens(self, products: Sequence[Product]) -> list[str]:
         """tokens_json of each product: prepared ones from `prepare`, the others analysed now."""

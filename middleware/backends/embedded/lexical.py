@@ -17,7 +17,8 @@ when the process dies) owns tantivy's IndexWriter. It applies its own writes bef
 (except during a force merge, which applies them when it ends), and other processes' writes within
 `poll_interval_s` (a background thread polls the store's lexical generation). Every process
 searches; a process that does not own the writer reloads its reader when the stamp moves, and takes
-the writer over when its owner is gone.
+the writer over when its owner is gone. A force merge asked in such a process is handed to the owner
+(`MergeHandoff`), whose poller runs it.
 
 Commits are coalesced: a tantivy commit fsyncs, a fixed cost per commit that would dominate bulk
 loads. Applied changes are committed when the writes pause (`idle_commit_s`, longer than the gap
@@ -48,6 +49,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -67,6 +69,9 @@ log = logging.getLogger(__name__)
 MAX_QUERY_TOKENS = 512
 INDEX_DIR = "lexical"
 STAMP_NAME = "STAMP"
+MERGE_HANDOFF_DIR = "lexical-merge"  # force merges asked of the writer's owner by other processes
+MERGE_TAKE_S = 10.0  # how long a process without the writer waits for the owner to start its merge
+_ANSWERS_KEPT_S = 24 * 3600.0  # answers nobody collected (their asker died) are swept after this
 SUGGEST_FIELD = "suggest"  # title words as typed (text.suggest_terms): completions and typo corrections
 KEY_SEPARATOR = "\x00"  # brand_key / category_key terms: casefolded value, separator, the value as stored
 SCHEMA_REVISION = 3  # of the tantivy schema below; a change rebuilds the index
@@ -286,6 +291,81 @@ class _Stamp:
             return -1
 
 
+class MergeHandoff:
+    """Force merges asked of the process owning the writer by processes that do not own it, through files
+    in `<data_dir>/lexical-merge/`: an asker writes `pending/<id>`; the owner moves it to `taken/<id>`
+    when its merge starts and answers in `done/<id>.json` (segments before and after, or the error).
+    Files, not SQLite, because the owner polls for them between its own writes. Caveat: a request whose
+    asker died before the owner took it is still merged once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.pending, self.taken, self.done = root / "pending", root / "taken", root / "done"
+
+    def ask(self) -> str:
+        request = f"{os.getpid()}-{uuid.uuid4().hex}"
+        for folder in (self.pending, self.taken, self.done):
+            folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{request}.tmp"
+        tmp.write_bytes(b"")
+        os.replace(tmp, self.pending / request)  # whole or absent: the owner never sees half a request
+        return request
+
+    def is_pending(self, request: str) -> bool:
+        return (self.pending / request).exists()
+
+    def withdraw(self, request: str) -> bool:
+        """Take back a request the owner has not taken; False when it already has."""
+        try:
+            (self.pending / request).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def collect(self, request: str) -> dict[str, Any] | None:
+        """The owner's answer to `request` (removed once read), or None while there is none."""
+        path = self.done / f"{request}.json"
+        try:
+            answer = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        path.unlink(missing_ok=True)
+        return answer if isinstance(answer, dict) else {"error": f"unreadable answer {answer!r}"}
+
+    def take(self) -> list[str]:
+        """(The owner, between its merges.) Every request not yet answered: the pending ones, and those
+        a previous owner took but did not answer (it died merging)."""
+        try:
+            pending = [entry.name for entry in os.scandir(self.pending)]
+        except FileNotFoundError:
+            return []
+        stale = [entry.name for entry in os.scandir(self.taken)] if self.taken.exists() else []
+        taken = list(stale)
+        for request in pending:
+            try:
+                os.replace(self.pending / request, self.taken / request)
+                taken.append(request)
+            except FileNotFoundError:  # withdrawn meanwhile
+                pass
+        if taken:
+            self._sweep()
+        return taken
+
+    def answer(self, requests: Sequence[str], answer: dict[str, Any]) -> None:
+        for request in requests:
+            tmp = self.done / f".{request}.tmp"
+            tmp.write_text(json.dumps(answer), encoding="utf-8")
+            os.replace(tmp, self.done / f"{request}.json")
+            (self.taken / request).unlink(missing_ok=True)
+
+    def _sweep(self) -> None:
+        cutoff = time.time() - _ANSWERS_KEPT_S
+        for entry in os.scandir(self.done):
+            with contextlib.suppress(OSError):
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+
+
 class TantivyLexicalIndex:
     """BM25 over the lexical fields of `middleware.text`, boosted per field, filters inside the query."""
 
@@ -325,6 +405,7 @@ class TantivyLexicalIndex:
         self._writer_threads = writer_threads
         self._schema = _schema()
         self._stamp = _Stamp(self.dir / STAMP_NAME)
+        self._handoff = MergeHandoff(data_dir / MERGE_HANDOFF_DIR)
         self._lock = threading.RLock()  # writer, stamp and reload, within this process
         self._writer: tantivy.IndexWriter | None = None
         self._lock_fd: int | None = None
@@ -338,7 +419,6 @@ class TantivyLexicalIndex:
         self._poller: threading.Thread | None = None
         self._shares: OrderedDict[str, tuple[float, float]] = OrderedDict()  # filters -> (share, when counted)
         self._shares_lock = threading.Lock()
-        # (field, prefix) -> (committed generation, terms): the term dictionary changes only with a commit
         # (field, one character) -> (generation, its terms by count, the same terms as strings)
         self._prefix_terms: OrderedDict[tuple[str, str], tuple[int, list[tuple[str, int]], list[str]]] = OrderedDict()
         self._prefix_terms_lock = threading.Lock()
@@ -433,6 +513,7 @@ class TantivyLexicalIndex:
                     return
                 try:
                     index.refresh()
+                    index.serve_merge_requests()
                 except Exception:  # a failed round is retried on the next one
                     log.exception("lexical index refresh failed")
                 del index
@@ -589,22 +670,63 @@ class TantivyLexicalIndex:
                 finally:
                     self._lock.release()
 
-    def merge_segments(self) -> tuple[int, int]:
+    def merge_segments(self, *, take_s: float = MERGE_TAKE_S) -> tuple[int, int]:
         """Rewrite the index from SQLite in one commit, so that a search scores few segments (one
         unless the merge heap fills); (segments before, after). Searches go on meanwhile, on the
         segments before, and so do writes: SQLite takes them, and the merge applies what they logged
         before its commit (after it, at its end). Caveat: what they change is searchable only once
-        the merge ends, in this process too. Only the process owning the writer can merge:
-        LexicalWriterBusy otherwise. Killed midway, the index is left as it was."""
+        the merge ends, in this process too. Killed midway, the index is left as it was.
+
+        Only the writer's owner merges. Another process asks it (`MergeHandoff`) and waits for its
+        answer; LexicalWriterBusy when the owner has not started the merge within `take_s` (it is
+        stopped, or busy), the request then withdrawn."""
         with self._lock:
             if self._index is None:
                 raise RuntimeError("the lexical index is closed")
-            if not self._try_own():
+            if self._try_own():
+                return self._merge_owned()
+        return self._merge_by_owner(take_s)
+
+    def serve_merge_requests(self) -> None:
+        """(The writer's owner; its poller calls this.) Merge once for every request other processes
+        have made since the last time, and answer them."""
+        if self._writer is None or self._closed.is_set():
+            return
+        requests = self._handoff.take()
+        if not requests:
+            return
+        try:
+            before, after = self.merge_segments()
+            answer: dict[str, Any] = {"segments_before": before, "segments_after": after}
+        except Exception as exc:  # the askers get the error; this process goes on
+            log.exception("force merge asked by another process failed")
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        self._handoff.answer(requests, answer)
+
+    def _merge_by_owner(self, take_s: float) -> tuple[int, int]:
+        request = self._handoff.ask()
+        give_up = time.monotonic() + take_s
+        while True:
+            answer = self._handoff.collect(request)
+            if answer is not None:
+                if "error" in answer:
+                    failed = answer["error"]
+                    raise RuntimeError(f"the force merge failed in the process writing the lexical index: {failed}")
+                self.refresh()  # reload now: the merged segments, not the poller's next round
+                return int(answer["segments_before"]), int(answer["segments_after"])
+            closed = self._closed.is_set()
+            if (closed or time.monotonic() > give_up) and self._handoff.withdraw(request):
+                if closed:
+                    raise RuntimeError("the lexical index is closed")
                 raise LexicalWriterBusy(
-                    f"another process writes the lexical index of {self.dir.parent} "
-                    "(a running `shopsearch serve`?): merge from that process, or when it has stopped"
+                    f"another process writes the lexical index of {self.dir.parent} (a running `shopsearch "
+                    f"serve`?) and did not start the merge within {take_s:g} s (stopped, or busy): try again"
                 )
-            assert self._writer is not None
+            self._closed.wait(0.02)  # taken: the merge runs, however long; its answer comes
+
+    def _merge_owned(self) -> tuple[int, int]:
+        with self._lock:
+            assert self._index is not None and self._writer is not None
             self._sync(self._store_generation())
             self._commit()
             before = int(self._index.searcher().num_segments)
