@@ -295,8 +295,8 @@ class MergeHandoff:
     """Force merges asked of the process owning the writer by processes that do not own it, through files
     in `<data_dir>/lexical-merge/`: an asker writes `pending/<id>`; the owner moves it to `taken/<id>`
     when its merge starts and answers in `done/<id>.json` (segments before and after, or the error).
-    Files, not SQLite, because the owner polls for them between its own writes. Caveat: a request whose
-    asker died before the owner took it is still merged once."""
+    Files beside the store, not rows in it: a request is not catalog data, and the owner's poll then costs
+    a directory listing. Caveat: a request whose asker died before the owner took it is still merged once."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
