@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from middleware.backends.base import Backend, FacetSpec, MatchSet, WriterBusy
+from middleware.backends.base import Backend, BackendError, FacetSpec, MatchSet, WriterBusy
 from middleware.backends.embedded import EmbeddedBackend, lexical
 from middleware.products import Filters, Product, SignalUpdate
 from tests.support.stores import SHARDS
@@ -185,6 +185,14 @@ def test_embedded_merge_asked_of_a_stopped_writer_is_refused_by_name_and_withdra
         os.kill(writer.pid, signal.SIGCONT)
         time.sleep(0.5)  # ten of its poller's rounds: a request left behind would be merged by now
         assert finish(writer) == segments
+
+
+def test_a_merge_that_cannot_be_asked_is_an_error_by_name(tmp_path: Path) -> None:
+    with writer_process(tmp_path, load=False) as (writer, _):
+        (tmp_path / lexical.MERGE_HANDOFF_DIR).write_text("not a folder")  # the request cannot be written
+        with EmbeddedBackend(tmp_path) as other, pytest.raises(BackendError, match="cannot ask the process writing"):
+            other.force_merge()
+        assert finish(writer) == 0  # an empty store: no segment, nothing merged
 
 
 def test_a_merge_asked_of_a_writer_that_dies_is_run_by_the_next_writer(tmp_path: Path) -> None:

@@ -704,7 +704,10 @@ class TantivyLexicalIndex:
         self._handoff.answer(requests, answer)
 
     def _merge_by_owner(self, take_s: float) -> tuple[int, int]:
-        request = self._handoff.ask()
+        try:
+            request = self._handoff.ask()
+        except OSError as exc:
+            raise RuntimeError(f"cannot ask the process writing the lexical index to merge: {exc}") from exc
         give_up = time.monotonic() + take_s
         while True:
             answer = self._handoff.collect(request)
