@@ -311,9 +311,6 @@ class MergeHandoff:
         os.replace(tmp, self.pending / request)  # whole or absent: the owner never sees half a request
         return request
 
-    def is_pending(self, request: str) -> bool:
-        return (self.pending / request).exists()
-
     def withdraw(self, request: str) -> bool:
         """Take back a request the owner has not taken; False when it already has."""
         try:
