@@ -725,34 +725,34 @@ class TantivyLexicalIndex:
             self._closed.wait(0.02)  # taken: the merge runs, however long; its answer comes
 
     def _merge_owned(self) -> tuple[int, int]:
-        with self._lock:
-            assert self._index is not None and self._writer is not None
-            self._sync(self._store_generation())
-            self._commit()
-            before = int(self._index.searcher().num_segments)
-            if before <= 1:
-                return before, before
-            self._merging = True
+        """The merge itself (the caller holds `_lock` and the writer)."""
+        assert self._index is not None and self._writer is not None
+        self._sync(self._store_generation())
+        self._commit()
+        before = int(self._index.searcher().num_segments)
+        if before <= 1:
+            return before, before
+        self._merging = True
+        try:
+            self._writer.wait_merging_threads()  # tantivy allows one writer: this one goes first
+            self._writer = self._index.writer(heap_size=max(MERGE_HEAP_BYTES, self._writer_heap), num_threads=1)
             try:
-                self._writer.wait_merging_threads()  # tantivy allows one writer: this one goes first
-                self._writer = self._index.writer(heap_size=max(MERGE_HEAP_BYTES, self._writer_heap), num_threads=1)
-                try:
-                    self._sync(self._store_generation(), rebuild=True)
-                    # what writes logged during the rewrite: deleted and added again within the same commit
-                    self._sync(self._store_generation())
-                    self._commit(force=True)
-                finally:
-                    writer, self._writer = self._writer, None
-                    with contextlib.suppress(Exception):
-                        writer.rollback()  # nothing is pending after a commit; after a failure, the rebuild goes
-                    writer.wait_merging_threads()
-                    self._writer = self._index.writer(heap_size=self._writer_heap, num_threads=self._writer_threads)
+                self._sync(self._store_generation(), rebuild=True)
+                # what writes logged during the rewrite: deleted and added again within the same commit
+                self._sync(self._store_generation())
+                self._commit(force=True)
             finally:
-                self._merging = False
-            after = int(self._index.searcher().num_segments)
-            # writes since the commit: applied now, so this process's next search finds them
-            self._sync(self._store_generation())
-            return before, after
+                writer, self._writer = self._writer, None
+                with contextlib.suppress(Exception):
+                    writer.rollback()  # nothing is pending after a commit; after a failure, the rebuild goes
+                writer.wait_merging_threads()
+                self._writer = self._index.writer(heap_size=self._writer_heap, num_threads=self._writer_threads)
+        finally:
+            self._merging = False
+        after = int(self._index.searcher().num_segments)
+        # writes since the commit: applied now, so this process's next search finds them
+        self._sync(self._store_generation())
+        return before, after
 
     def _document(self, row: TextRow) -> tantivy.Document:
         doc = tantivy.Document()
